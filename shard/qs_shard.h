@@ -1,0 +1,146 @@
+/* qs_shard.h: the public header of shard/: model presets and configurations,
+ * the memory planner and the tensor-parallel divisibility rules (qs_plan),
+ * and later the loaders and the forward pass on one rank's shard.
+ */
+#ifndef QS_SHARD_H
+#define QS_SHARD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "qs_kernels.h" /* qs_err, qs_errmsg() */
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- Model configuration ------------------------------------------------ */
+
+typedef enum qs_arch { QS_ARCH_OPT, QS_ARCH_LLAMA } qs_arch;
+typedef enum qs_norm { QS_NORM_LAYER, QS_NORM_RMS } qs_norm;
+
+/* The shapes of a decoder-only transformer, as published in its config.json.
+ * OPT: LayerNorm with bias, biases on every linear layer, fc1/fc2 FFN, learned
+ * positions (max_pos + 2 rows: OPT offsets positions by 2), tied LM head;
+ * opt-350m alone projects embeddings from embed_dim to hidden.
+ * Llama: RMSNorm, no biases, gated FFN (gate, up, down), RoPE, grouped-query
+ * attention when kv_heads < heads. */
+typedef struct qs_model_config {
+    char name[64];
+    qs_arch arch;
+    qs_norm norm;
+    uint32_t layers;
+    uint32_t hidden;
+    uint32_t heads;
+    uint32_t kv_heads;
+    uint32_t head_dim;  /* hidden / heads for every preset */
+    uint32_t ffn;       /* intermediate size */
+    uint32_t vocab;
+    uint32_t max_pos;   /* context length */
+    uint32_t embed_dim; /* word-embedding width; == hidden except opt-350m */
+    int tied_embeddings;
+    int gated_ffn;     /* 1: gate, up, down (Llama); 0: fc1, fc2 (OPT) */
+    int linear_bias;   /* 1: every linear layer has a bias (OPT) */
+    int learned_pos;   /* 1: a learned position table (OPT); 0: RoPE */
+    int final_norm;    /* 1: a norm after the last layer */
+} qs_model_config;
+
+/* The presets, in a fixed order; qs_preset_find matches the name exactly,
+ * ignoring case. NULL (and qs_errmsg() listing the known names) if unknown. */
+size_t qs_preset_count(void);
+const qs_model_config *qs_preset_at(size_t i);
+const qs_model_config *qs_preset_find(const char *name);
+
+/* ---- Quantization scheme ------------------------------------------------ */
+
+typedef enum qs_scheme {
+    QS_SCHEME_FP16, /* no quantization */
+    QS_SCHEME_W8A8, /* SmoothQuant: int8 weights per output channel, int8 activations */
+    QS_SCHEME_BCQ,  /* non-uniform binary-coding quantization (LUT-GEMM), q bits */
+    QS_SCHEME_RTN   /* uniform round-to-nearest q bits, stored as BCQ */
+} qs_scheme;
+
+/* group_size: input columns that share one alpha per plane and one offset;
+ * a multiple of 32, or 0 for the whole row. Only BCQ and RTN use bits and
+ * group_size; fp16 has bits 16, w8a8 bits 8. */
+typedef struct qs_quant {
+    qs_scheme scheme;
+    int bits;
+    uint32_t group_size;
+} qs_quant;
+
+const char *qs_scheme_name(qs_scheme s);
+/* Parses "fp16", "w8a8", "bcq", "rtn". */
+int qs_scheme_parse(const char *s, qs_scheme *out);
+/* Fills in defaults and checks bits and group size against the scheme:
+ * bits 0 means the scheme's default (fp16: 16, w8a8: 8, bcq/rtn: 4). */
+int qs_quant_check(qs_quant *q);
+
+/* ---- Tensor-parallel rules ---------------------------------------------- */
+
+/* The one place that says whether a model can be split tp ways with a
+ * quantization: heads by tp; KV heads by tp, or tp by KV heads (replicated);
+ * FFN by tp; every shard's input width by the group size. On failure the
+ * message names the valid degrees up to 64. */
+int qs_tp_check(const qs_model_config *m, const qs_quant *q, uint32_t tp);
+
+/* ---- Memory plan -------------------------------------------------------- */
+
+typedef struct qs_workload {
+    uint32_t batch;   /* sequences decoded together */
+    uint32_t seq;     /* tokens of KV cache per sequence */
+    uint64_t reserve; /* per-device bytes for the runtime: context, cuBLAS, NCCL */
+} qs_workload;
+
+#define QS_PLAN_DEFAULT_SEQ     512u
+#define QS_PLAN_DEFAULT_RESERVE (1ull << 30)
+#define QS_PLAN_PREFILL_CHUNK   512u
+
+/* Bytes one rank holds; rank 0 holds the largest share (vocabulary rows are
+ * split by ceiling division). */
+typedef struct qs_rank_bytes {
+    uint64_t linear;    /* quantized linear layers: packed weights, alphas, offsets, scales */
+    uint64_t fp16;      /* kept in fp16: embeddings, LM head, norms, biases */
+    uint64_t kv_cache;  /* K and V for batch x seq tokens, fp16 */
+    uint64_t workspace; /* activations of one prefill chunk and the logits */
+    uint64_t reserve;   /* runtime context */
+    uint64_t total;
+} qs_rank_bytes;
+
+typedef struct qs_plan {
+    qs_quant quant;
+    uint32_t tp;
+    uint64_t weight_bytes; /* all ranks together, without replication: the model's size */
+    uint64_t linear_params;
+    qs_rank_bytes rank;    /* rank 0, the largest */
+} qs_plan;
+
+/* Plans model m with quantization q on tp ranks for a workload. Validates q
+ * and the workload; does not require tp to be a valid split (see
+ * qs_tp_check), so that "GPUs by memory alone" can be computed. */
+int qs_plan_make(const qs_model_config *m, const qs_quant *q, uint32_t tp,
+                 const qs_workload *w, qs_plan *out);
+
+/* The fewest GPUs of device_mem bytes: by memory alone (any tp) and as the
+ * smallest valid tp degree (qs_tp_check) that fits. 0 when none up to
+ * max_tp does. */
+typedef struct qs_min_gpus {
+    uint32_t by_memory;
+    uint32_t valid_tp;
+} qs_min_gpus;
+int qs_plan_min_gpus(const qs_model_config *m, const qs_quant *q, const qs_workload *w,
+                     uint64_t device_mem, uint32_t max_tp, qs_min_gpus *out);
+
+/* The default group size for a model at tp 1: 128 where it divides every
+ * input width, else the largest multiple of 32 below it that does, else 0. */
+uint32_t qs_default_group(const qs_model_config *m);
+
+/* Parses a byte size: a plain integer, or a number with a binary unit
+ * (KiB, MiB, GiB, TiB), e.g. "80GiB", "79.5GiB". Decimal units (GB) are
+ * refused as ambiguous. */
+int qs_parse_bytes(const char *s, uint64_t *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* QS_SHARD_H */
