@@ -1,1 +1,348 @@
-int qs_ctl_plan(int argc, char **argv) { (void)argc; (void)argv; return 0; }
+/* `qctl plan`: the memory planner on this machine, no daemon needed.
+ *
+ *   qctl plan MODEL                      the comparison table: fp16, w8a8, 4-bit, 3-bit
+ *   qctl plan MODEL --bits 3 --gpus 1    one scheme in detail, and whether it fits
+ */
+#include "qs_shard.h"
+
+#include <cjson/cJSON.h>
+#include <errno.h>
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define EXIT_USAGE 2
+#define MAX_TP     1024u
+
+static const char usage[] =
+    "usage: qctl plan MODEL [--scheme fp16|w8a8|bcq|rtn] [--bits N] [--group G] [--gpus N]\n"
+    "                       [--device-memory SIZE] [--batch B] [--seq S] [--reserve SIZE] "
+    "[--json]\n"
+    "\n"
+    "Plans the memory of MODEL per GPU, with no daemon. Without --scheme or --bits it\n"
+    "compares fp16, W8A8 (SmoothQuant), 4-bit and 3-bit BCQ (LUT-GEMM): weight bytes,\n"
+    "bytes per GPU and the GPUs needed. With one, it details that scheme per GPU.\n"
+    "\n"
+    "  --scheme S          fp16, w8a8, bcq (non-uniform BCQ) or rtn (uniform, stored as BCQ)\n"
+    "  --bits N            16 (fp16), 8 (w8a8), or 1..8 for bcq/rtn (alone it means bcq)\n"
+    "  --group G           input columns per BCQ group: a multiple of 32 that divides the\n"
+    "                      shard widths, or 0 for one group per row (default 128 where valid)\n"
+    "  --gpus N            tensor-parallel degree to check: says whether it fits, and if not\n"
+    "                      what does\n"
+    "  --device-memory S   memory of one GPU, e.g. 80GiB (default), 40GiB, 141GiB\n"
+    "  --batch B           sequences decoded together (default 1)\n"
+    "  --seq S             tokens of KV cache per sequence (default 512, at most the model's\n"
+    "                      context)\n"
+    "  --reserve S         per-GPU runtime reserve: CUDA context, cuBLAS, NCCL (default 1GiB)\n"
+    "  --json              print one JSON object\n"
+    "\n"
+    "Models: run `qctl plan --list`.\n";
+
+static int usage_error(const char *fmt, const char *arg)
+{
+    fprintf(stderr, "qctl plan: ");
+    fprintf(stderr, fmt, arg);
+    fprintf(stderr, "\nRun `qctl plan --help` for the options.\n");
+    return EXIT_USAGE;
+}
+
+/* A whole unsigned decimal number in [lo, hi]; no sign, no trailing text. */
+static int parse_u32(const char *s, uint32_t lo, uint32_t hi, uint32_t *out)
+{
+    if (!s || *s < '0' || *s > '9')
+        return -1;
+    errno = 0;
+    char *end;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (errno || *end || v < lo || v > hi)
+        return -1;
+    *out = (uint32_t)v;
+    return 0;
+}
+
+static double gib(uint64_t b)
+{
+    return (double)b / (double)(1ull << 30);
+}
+
+typedef struct plan_row {
+    qs_plan plan;     /* at the degree shown */
+    qs_min_gpus need; /* fewest GPUs */
+    int fits;         /* at the degree shown */
+} plan_row;
+
+/* Plans one scheme: at `gpus` if given, else at the fewest valid GPUs. */
+static int plan_row_make(const qs_model_config *m, const qs_quant *q, const qs_workload *w,
+                         uint64_t dev, uint32_t gpus, plan_row *r)
+{
+    int err = qs_plan_min_gpus(m, q, w, dev, MAX_TP, &r->need);
+    if (err)
+        return err;
+    uint32_t tp = gpus ? gpus : (r->need.valid_tp ? r->need.valid_tp : 1);
+    if ((err = qs_plan_make(m, q, tp, w, &r->plan)))
+        return err;
+    r->fits = r->plan.rank.total <= dev;
+    return QS_OK;
+}
+
+static const char *quant_label(const qs_quant *q, char *buf, size_t n)
+{
+    if (q->scheme == QS_SCHEME_BCQ || q->scheme == QS_SCHEME_RTN) {
+        if (q->group_size)
+            snprintf(buf, n, "%s %d-bit g%u", qs_scheme_name(q->scheme), q->bits, q->group_size);
+        else
+            snprintf(buf, n, "%s %d-bit row-wise", qs_scheme_name(q->scheme), q->bits);
+    } else {
+        snprintf(buf, n, "%s", qs_scheme_name(q->scheme));
+    }
+    return buf;
+}
+
+static cJSON *row_json(const plan_row *r, uint64_t dev)
+{
+    const qs_plan *p = &r->plan;
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "scheme", qs_scheme_name(p->quant.scheme));
+    cJSON_AddNumberToObject(o, "bits", p->quant.bits);
+    cJSON_AddNumberToObject(o, "group_size", p->quant.group_size);
+    cJSON_AddNumberToObject(o, "weight_bytes", (double)p->weight_bytes);
+    cJSON_AddNumberToObject(o, "linear_params", (double)p->linear_params);
+    cJSON_AddNumberToObject(o, "tp", p->tp);
+    cJSON_AddNumberToObject(o, "bytes_per_gpu", (double)p->rank.total);
+    cJSON_AddBoolToObject(o, "fits", r->fits);
+    cJSON_AddNumberToObject(o, "free_bytes_per_gpu", r->fits ? (double)(dev - p->rank.total) : 0.0);
+    cJSON_AddNumberToObject(o, "min_gpus", r->need.valid_tp);
+    cJSON_AddNumberToObject(o, "min_gpus_memory", r->need.by_memory);
+    cJSON *pr = cJSON_AddObjectToObject(o, "per_gpu");
+    cJSON_AddNumberToObject(pr, "quantized_linear", (double)p->rank.linear);
+    cJSON_AddNumberToObject(pr, "fp16", (double)p->rank.fp16);
+    cJSON_AddNumberToObject(pr, "kv_cache", (double)p->rank.kv_cache);
+    cJSON_AddNumberToObject(pr, "workspace", (double)p->rank.workspace);
+    cJSON_AddNumberToObject(pr, "reserve", (double)p->rank.reserve);
+    cJSON_AddNumberToObject(pr, "total", (double)p->rank.total);
+    return o;
+}
+
+static void print_header(const qs_model_config *m, const qs_workload *w, uint64_t dev)
+{
+    printf("%s: %s, %u layers, hidden %u, %u heads (%u KV), FFN %u, vocab %u, context %u\n",
+           m->name, m->arch == QS_ARCH_OPT ? "OPT" : "Llama", m->layers, m->hidden, m->heads,
+           m->kv_heads, m->ffn, m->vocab, m->max_pos);
+    printf("device %.2f GiB, %.2f GiB reserved per GPU; KV cache for batch %u x %u tokens "
+           "(fp16)\n\n",
+           gib(dev), gib(w->reserve), w->batch, w->seq);
+}
+
+static void print_need(const qs_min_gpus *n)
+{
+    if (n->valid_tp)
+        printf("fewest GPUs: %u by memory alone, %u as a valid tensor-parallel degree\n",
+               n->by_memory, n->valid_tp);
+    else if (n->by_memory)
+        printf("fewest GPUs: %u by memory alone, but no valid tensor-parallel degree up to %u "
+               "fits\n",
+               n->by_memory, MAX_TP);
+    else
+        printf("no split up to %u GPUs fits\n", MAX_TP);
+}
+
+static void print_detail(const plan_row *r, uint64_t dev, const qs_workload *w)
+{
+    const qs_rank_bytes *b = &r->plan.rank;
+    char label[64];
+    printf("%s on %u GPU%s (per GPU):\n", quant_label(&r->plan.quant, label, sizeof label),
+           r->plan.tp, r->plan.tp == 1 ? "" : "s");
+    printf("  %-44s %10.2f GiB\n", "quantized linear layers", gib(b->linear));
+    printf("  %-44s %10.2f GiB\n", "fp16: embeddings, LM head, norms, biases", gib(b->fp16));
+    char kv[64];
+    snprintf(kv, sizeof kv, "KV cache (batch %u x %u tokens)", w->batch, w->seq);
+    printf("  %-44s %10.2f GiB\n", kv, gib(b->kv_cache));
+    printf("  %-44s %10.2f GiB\n", "workspace (prefill chunk, logits)", gib(b->workspace));
+    printf("  %-44s %10.2f GiB\n", "runtime reserve", gib(b->reserve));
+    printf("  %-44s %10.2f GiB of %.2f GiB: %s\n", "total", gib(b->total), gib(dev),
+           r->fits ? "fits" : "DOES NOT FIT");
+    printf("model weights, all GPUs: %.2f GiB\n", gib(r->plan.weight_bytes));
+    print_need(&r->need);
+}
+
+int qs_ctl_plan(int argc, char **argv)
+{
+    static const struct option opts[] = {{"scheme", required_argument, 0, 's'},
+                                         {"bits", required_argument, 0, 'b'},
+                                         {"group", required_argument, 0, 'g'},
+                                         {"gpus", required_argument, 0, 'n'},
+                                         {"device-memory", required_argument, 0, 'm'},
+                                         {"batch", required_argument, 0, 'B'},
+                                         {"seq", required_argument, 0, 'S'},
+                                         {"reserve", required_argument, 0, 'r'},
+                                         {"json", no_argument, 0, 'j'},
+                                         {"list", no_argument, 0, 'l'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
+    qs_quant q = {QS_SCHEME_BCQ, 0, 0};
+    int have_scheme = 0, have_bits = 0, have_group = 0, json = 0;
+    uint32_t gpus = 0, bits = 0, group = 0;
+    uint64_t dev = 80ull << 30;
+    qs_workload w = {1, 0, QS_PLAN_DEFAULT_RESERVE};
+
+    optind = 1;
+    opterr = 0;
+    int c;
+    while ((c = getopt_long(argc, argv, ":", opts, NULL)) != -1) {
+        switch (c) {
+        case 's':
+            if (qs_scheme_parse(optarg, &q.scheme))
+                return usage_error("%s", qs_errmsg());
+            have_scheme = 1;
+            break;
+        case 'b':
+            if (parse_u32(optarg, 1, 16, &bits) || (bits > 8 && bits != 16))
+                return usage_error("--bits '%s' is out of range: use 1 to 8, or 16 for fp16",
+                                   optarg);
+            have_bits = 1;
+            break;
+        case 'g':
+            if (parse_u32(optarg, 0, 65536, &group) || group % 32)
+                return usage_error("--group '%s' is not a multiple of 32 (or 0 for one group "
+                                   "per row)",
+                                   optarg);
+            have_group = 1;
+            break;
+        case 'n':
+            if (parse_u32(optarg, 1, 4096, &gpus))
+                return usage_error("--gpus '%s' is out of range: use 1 to 4096", optarg);
+            break;
+        case 'm':
+            if (qs_parse_bytes(optarg, &dev))
+                return usage_error("--device-memory: %s", qs_errmsg());
+            break;
+        case 'r':
+            if (qs_parse_bytes(optarg, &w.reserve))
+                return usage_error("--reserve: %s", qs_errmsg());
+            break;
+        case 'B':
+            if (parse_u32(optarg, 1, 4096, &w.batch))
+                return usage_error("--batch '%s' is out of range: use 1 to 4096", optarg);
+            break;
+        case 'S':
+            if (parse_u32(optarg, 1, 1u << 20, &w.seq))
+                return usage_error("--seq '%s' is out of range: use 1 to the model's context",
+                                   optarg);
+            break;
+        case 'j':
+            json = 1;
+            break;
+        case 'l':
+            for (size_t i = 0; i < qs_preset_count(); i++)
+                printf("%s\n", qs_preset_at(i)->name);
+            return 0;
+        case 'h':
+            fputs(usage, stdout);
+            return 0;
+        case ':':
+            return usage_error("%s needs a value", argv[optind - 1]);
+        default:
+            return usage_error("unknown option '%s'", argv[optind - 1]);
+        }
+    }
+    if (optind >= argc)
+        return usage_error("%s", "name a model, e.g. `qctl plan opt-175b`");
+    if (optind + 1 < argc)
+        return usage_error("unexpected argument '%s': plan takes one model", argv[optind + 1]);
+    const qs_model_config *m = qs_preset_find(argv[optind]);
+    if (!m)
+        return usage_error("%s", qs_errmsg());
+    if (w.seq == 0)
+        w.seq = m->max_pos < QS_PLAN_DEFAULT_SEQ ? m->max_pos : QS_PLAN_DEFAULT_SEQ;
+    if (w.seq > m->max_pos) {
+        fprintf(stderr, "qctl plan: --seq %u is longer than %s's context of %u tokens\n", w.seq,
+                m->name, m->max_pos);
+        return EXIT_USAGE;
+    }
+    if (!have_group)
+        group = qs_default_group(m);
+
+    /* One scheme in detail, or the comparison table. */
+    qs_quant rows[4];
+    size_t nrows = 0;
+    if (have_scheme || have_bits) {
+        if (!have_scheme)
+            q.scheme = bits == 16 ? QS_SCHEME_FP16 : QS_SCHEME_BCQ;
+        q.bits = (int)bits;
+        q.group_size = group;
+        if (have_group && (q.scheme == QS_SCHEME_FP16 || q.scheme == QS_SCHEME_W8A8) && group)
+            return usage_error("--group applies to bcq and rtn only, not %s",
+                               qs_scheme_name(q.scheme));
+        if (qs_quant_check(&q))
+            return usage_error("%s", qs_errmsg());
+        rows[nrows++] = q;
+    } else {
+        rows[nrows++] = (qs_quant){QS_SCHEME_FP16, 16, 0};
+        rows[nrows++] = (qs_quant){QS_SCHEME_W8A8, 8, 0};
+        rows[nrows++] = (qs_quant){QS_SCHEME_BCQ, 4, group};
+        rows[nrows++] = (qs_quant){QS_SCHEME_BCQ, 3, group};
+    }
+    /* An invalid split is the user's to fix: name the valid ones. */
+    for (size_t i = 0; i < nrows; i++) {
+        if (qs_tp_check(m, &rows[i], 1) != QS_OK || (gpus && qs_tp_check(m, &rows[i], gpus))) {
+            return usage_error("%s", qs_errmsg());
+        }
+    }
+
+    plan_row r[4];
+    for (size_t i = 0; i < nrows; i++) {
+        if (plan_row_make(m, &rows[i], &w, dev, gpus, &r[i]))
+            return usage_error("%s", qs_errmsg());
+    }
+
+    if (json) {
+        cJSON *o = cJSON_CreateObject();
+        cJSON *mo = cJSON_AddObjectToObject(o, "model");
+        cJSON_AddStringToObject(mo, "name", m->name);
+        cJSON_AddStringToObject(mo, "arch", m->arch == QS_ARCH_OPT ? "opt" : "llama");
+        cJSON_AddNumberToObject(mo, "layers", m->layers);
+        cJSON_AddNumberToObject(mo, "hidden", m->hidden);
+        cJSON_AddNumberToObject(mo, "heads", m->heads);
+        cJSON_AddNumberToObject(mo, "kv_heads", m->kv_heads);
+        cJSON_AddNumberToObject(mo, "ffn", m->ffn);
+        cJSON_AddNumberToObject(mo, "vocab", m->vocab);
+        cJSON_AddNumberToObject(mo, "max_pos", m->max_pos);
+        cJSON_AddNumberToObject(o, "device_memory", (double)dev);
+        cJSON_AddNumberToObject(o, "batch", w.batch);
+        cJSON_AddNumberToObject(o, "seq", w.seq);
+        cJSON_AddNumberToObject(o, "reserve", (double)w.reserve);
+        if (gpus)
+            cJSON_AddNumberToObject(o, "gpus", gpus);
+        else
+            cJSON_AddNullToObject(o, "gpus");
+        cJSON *arr = cJSON_AddArrayToObject(o, "schemes");
+        for (size_t i = 0; i < nrows; i++)
+            cJSON_AddItemToArray(arr, row_json(&r[i], dev));
+        char *s = cJSON_Print(o);
+        puts(s);
+        cJSON_free(s);
+        cJSON_Delete(o);
+        return 0;
+    }
+
+    print_header(m, &w, dev);
+    if (nrows == 1) {
+        print_detail(&r[0], dev, &w);
+        if (!r[0].fits && r[0].need.valid_tp)
+            printf("to fit: --gpus %u, or fewer bits per weight\n", r[0].need.valid_tp);
+        return 0;
+    }
+    printf("%-22s %12s %12s %8s %16s %16s\n", "scheme", "weights", "per GPU", "on GPUs",
+           "GPUs by memory", "GPUs (valid TP)");
+    for (size_t i = 0; i < nrows; i++) {
+        char label[64], on[32];
+        snprintf(on, sizeof on, "%u%s", r[i].plan.tp, r[i].fits ? "" : " (no)");
+        printf("%-22s %8.2f GiB %8.2f GiB %8s %16u %16u\n",
+               quant_label(&r[i].plan.quant, label, sizeof label), gib(r[i].plan.weight_bytes),
+               gib(r[i].plan.rank.total), on, r[i].need.by_memory, r[i].need.valid_tp);
+    }
+    printf("\nper GPU: weights + KV cache + workspace + reserve at the degree in 'on GPUs'%s.\n",
+           gpus ? "" : " (the fewest valid)");
+    return 0;
+}

@@ -9,21 +9,36 @@ static _Thread_local char errmsg[512];
 const char *qs_strerror(int err)
 {
     switch (err) {
-    case QS_OK: return "success";
-    case QS_EINVAL: return "invalid argument";
-    case QS_ENOMEM: return "out of memory";
-    case QS_EIO: return "input/output error";
-    case QS_EFORMAT: return "malformed data";
-    case QS_EOVERFLOW: return "size overflow";
-    case QS_ENOTSUP: return "not supported";
-    case QS_ENODEV: return "no device";
-    case QS_ECOMM: return "communication failure";
-    case QS_ENOTFOUND: return "not found";
-    case QS_EEXIST: return "already exists";
-    case QS_ENOFIT: return "does not fit";
-    case QS_EBUSY: return "busy";
-    case QS_EINTERNAL: return "internal error";
-    default: return "unknown error";
+    case QS_OK:
+        return "success";
+    case QS_EINVAL:
+        return "invalid argument";
+    case QS_ENOMEM:
+        return "out of memory";
+    case QS_EIO:
+        return "input/output error";
+    case QS_EFORMAT:
+        return "malformed data";
+    case QS_EOVERFLOW:
+        return "size overflow";
+    case QS_ENOTSUP:
+        return "not supported";
+    case QS_ENODEV:
+        return "no device";
+    case QS_ECOMM:
+        return "communication failure";
+    case QS_ENOTFOUND:
+        return "not found";
+    case QS_EEXIST:
+        return "already exists";
+    case QS_ENOFIT:
+        return "does not fit";
+    case QS_EBUSY:
+        return "busy";
+    case QS_EINTERNAL:
+        return "internal error";
+    default:
+        return "unknown error";
     }
 }
 

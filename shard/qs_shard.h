@@ -33,16 +33,16 @@ typedef struct qs_model_config {
     uint32_t hidden;
     uint32_t heads;
     uint32_t kv_heads;
-    uint32_t head_dim;  /* hidden / heads for every preset */
-    uint32_t ffn;       /* intermediate size */
+    uint32_t head_dim; /* hidden / heads for every preset */
+    uint32_t ffn;      /* intermediate size */
     uint32_t vocab;
     uint32_t max_pos;   /* context length */
     uint32_t embed_dim; /* word-embedding width; == hidden except opt-350m */
     int tied_embeddings;
-    int gated_ffn;     /* 1: gate, up, down (Llama); 0: fc1, fc2 (OPT) */
-    int linear_bias;   /* 1: every linear layer has a bias (OPT) */
-    int learned_pos;   /* 1: a learned position table (OPT); 0: RoPE */
-    int final_norm;    /* 1: a norm after the last layer */
+    int gated_ffn;   /* 1: gate, up, down (Llama); 0: fc1, fc2 (OPT) */
+    int linear_bias; /* 1: every linear layer has a bias (OPT) */
+    int learned_pos; /* 1: a learned position table (OPT); 0: RoPE */
+    int final_norm;  /* 1: a norm after the last layer */
 } qs_model_config;
 
 /* The presets, in a fixed order; qs_preset_find matches the name exactly,
@@ -112,14 +112,14 @@ typedef struct qs_plan {
     uint32_t tp;
     uint64_t weight_bytes; /* all ranks together, without replication: the model's size */
     uint64_t linear_params;
-    qs_rank_bytes rank;    /* rank 0, the largest */
+    qs_rank_bytes rank; /* rank 0, the largest */
 } qs_plan;
 
 /* Plans model m with quantization q on tp ranks for a workload. Validates q
  * and the workload; does not require tp to be a valid split (see
  * qs_tp_check), so that "GPUs by memory alone" can be computed. */
-int qs_plan_make(const qs_model_config *m, const qs_quant *q, uint32_t tp,
-                 const qs_workload *w, qs_plan *out);
+int qs_plan_make(const qs_model_config *m, const qs_quant *q, uint32_t tp, const qs_workload *w,
+                 qs_plan *out);
 
 /* The fewest GPUs of device_mem bytes: by memory alone (any tp) and as the
  * smallest valid tp degree (qs_tp_check) that fits. 0 when none up to
