@@ -166,6 +166,32 @@ static void print_detail(const plan_row *r, uint64_t dev, const qs_workload *w)
     print_need(&r->need);
 }
 
+/* For a plan that does not fit: more GPUs, or fewer bits on the same GPUs. */
+static void suggest(const qs_model_config *m, const qs_workload *w, uint64_t dev, uint32_t tp,
+                    const plan_row *r)
+{
+    if (r->need.valid_tp)
+        printf("to fit: --gpus %u", r->need.valid_tp);
+    else
+        printf("to fit: no degree up to %u", MAX_TP);
+    uint32_t g = qs_default_group(m);
+    const qs_quant alts[] = {{QS_SCHEME_W8A8, 8, 0},
+                             {QS_SCHEME_BCQ, 4, g},
+                             {QS_SCHEME_BCQ, 3, g},
+                             {QS_SCHEME_BCQ, 2, g}};
+    for (size_t i = 0; i < sizeof alts / sizeof alts[0]; i++) {
+        qs_plan p;
+        char label[64];
+        if (alts[i].bits >= r->plan.quant.bits || qs_tp_check(m, &alts[i], tp) ||
+            qs_plan_make(m, &alts[i], tp, w, &p) || p.rank.total > dev)
+            continue;
+        printf(", or %s on %u (%.2f GiB per GPU)", quant_label(&alts[i], label, sizeof label), tp,
+               gib(p.rank.total));
+        break;
+    }
+    printf("\n");
+}
+
 int qs_ctl_plan(int argc, char **argv)
 {
     static const struct option opts[] = {{"scheme", required_argument, 0, 's'},
@@ -329,8 +355,8 @@ int qs_ctl_plan(int argc, char **argv)
     print_header(m, &w, dev);
     if (nrows == 1) {
         print_detail(&r[0], dev, &w);
-        if (!r[0].fits && r[0].need.valid_tp)
-            printf("to fit: --gpus %u, or fewer bits per weight\n", r[0].need.valid_tp);
+        if (!r[0].fits)
+            suggest(m, &w, dev, r[0].plan.tp, &r[0]);
         return 0;
     }
     printf("%-22s %12s %12s %8s %16s %16s\n", "scheme", "weights", "per GPU", "on GPUs",

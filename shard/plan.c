@@ -144,11 +144,19 @@ int qs_tp_check(const qs_model_config *m, const qs_quant *q, uint32_t tp)
     for (uint32_t t = 1; t <= MAX_TP_LISTED && off < sizeof valid; t++)
         if (tp_valid(m, q, t, NULL, 0))
             off += (size_t)snprintf(valid + off, sizeof valid - off, "%s%u", off ? ", " : "", t);
-    if (off == 0)
+    if (off == 0) {
+        /* No degree works: the group size is the problem; name the ones that do. */
+        char groups[256] = "";
+        qs_quant g = *q;
+        off = 0;
+        for (g.group_size = 32; g.group_size <= m->hidden && off < sizeof groups;
+             g.group_size += 32)
+            if (tp_valid(m, &g, tp, NULL, 0))
+                off += (size_t)snprintf(groups + off, sizeof groups - off, "%u, ", g.group_size);
         return qs_seterr(QS_EINVAL,
-                         "%s cannot be split %u ways (%s), and no degree up to %u "
-                         "works with this group size: choose another --group",
-                         m->name, tp, why, MAX_TP_LISTED);
+                         "%s on %u GPU(s): %s; valid group sizes: %s0 (one group per row)", m->name,
+                         tp, why, groups);
+    }
     return qs_seterr(QS_EINVAL, "%s cannot be split %u ways: %s; valid degrees: %s", m->name, tp,
                      why, valid);
 }
