@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what is missing, builds,
+# runs ctest; then rebuilds the host code with AddressSanitizer and
+# UndefinedBehaviorSanitizer and runs the unit and integration tests again.
+#
+#   deploy/test.sh              everything (what CI runs)
+#   deploy/test.sh --no-sanitize   skip the sanitizer pass
+#   deploy/test.sh --sanitize-only only the sanitizer pass
+# GPU tests skip, saying why, on machines without a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+plain=1 sanitize=1
+case "${1:-}" in
+    --no-sanitize) sanitize=0 ;;
+    --sanitize-only) plain=0 ;;
+    "") ;;
+    *) echo "usage: deploy/test.sh [--no-sanitize|--sanitize-only]" >&2; exit 2 ;;
+esac
+
+bash deploy/setup.sh
+jobs=$(nproc)
+# Open MPI refuses root unless told; CI and containers run as root.
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+
+if [ $plain = 1 ]; then
+    cmake -S . -B build -DQS_WERROR=ON
+    cmake --build build -j "$jobs"
+    ctest --test-dir build --output-on-failure -j "$jobs"
+fi
+
+if [ $sanitize = 1 ]; then
+    # Host code only: nvcc does not take the sanitizer flags, and the CUDA
+    # path has its own checker (compute-sanitizer) on a GPU machine.
+    cmake -S . -B build-sanitize -DQS_WERROR=ON -DQS_WITH_CUDA=OFF \
+        -DQS_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=Debug
+    cmake --build build-sanitize -j "$jobs"
+    export ASAN_OPTIONS=abort_on_error=1:detect_leaks=1
+    export LSAN_OPTIONS=suppressions=$PWD/tests/lsan.supp:print_suppressions=0
+    export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+    ctest --test-dir build-sanitize --output-on-failure -j "$jobs" -L 'unit|integration'
+fi
