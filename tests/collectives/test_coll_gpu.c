@@ -17,13 +17,15 @@
 static int failures;
 static int world_rank;
 
+/* One line per failure (ranks interleave), with the library's last message. */
 #define CHECK(cond, ...)                                                                           \
     do {                                                                                           \
         if (!(cond)) {                                                                             \
+            char what_[512];                                                                       \
+            snprintf(what_, sizeof what_, __VA_ARGS__);                                            \
             failures++;                                                                            \
-            fprintf(stderr, "rank %d: FAIL %s:%d: ", world_rank, __FILE__, __LINE__);              \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fprintf(stderr, " [%s]\n", qs_errmsg());                                               \
+            fprintf(stderr, "rank %d: FAIL %s:%d: %s [last error: %s]\n", world_rank, __FILE__,    \
+                    __LINE__, what_, qs_errmsg());                                                 \
         }                                                                                          \
     } while (0)
 

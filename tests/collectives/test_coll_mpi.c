@@ -12,14 +12,16 @@ static int failures;
 static int checks;
 static int world_rank;
 
+/* One line per failure (ranks interleave), with the library's last message. */
 #define CHECK(cond, ...)                                                                           \
     do {                                                                                           \
         checks++;                                                                                  \
         if (!(cond)) {                                                                             \
+            char what_[512];                                                                       \
+            snprintf(what_, sizeof what_, __VA_ARGS__);                                            \
             failures++;                                                                            \
-            fprintf(stderr, "rank %d: FAIL %s:%d: ", world_rank, __FILE__, __LINE__);              \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fprintf(stderr, " [%s]\n", qs_errmsg());                                               \
+            fprintf(stderr, "rank %d: FAIL %s:%d: %s [last error: %s]\n", world_rank, __FILE__,    \
+                    __LINE__, what_, qs_errmsg());                                                 \
         }                                                                                          \
     } while (0)
 
@@ -35,6 +37,7 @@ static void *xmalloc(size_t n)
 
 static void check_allreduce(qs_comm *c, const char *tag, qs_coll_dtype dt, size_t n)
 {
+    qs_clearerr();
     int rank = qs_comm_rank(c), size = qs_comm_size(c);
     size_t es = qs_coll_dtype_size(dt);
     char *in = xmalloc(n * es), *out = xmalloc(n * es), *ref = xmalloc(n * es);
@@ -64,6 +67,7 @@ static void check_allreduce(qs_comm *c, const char *tag, qs_coll_dtype dt, size_
 
 static void check_allgather(qs_comm *c, const char *tag, qs_coll_dtype dt, size_t n)
 {
+    qs_clearerr();
     int rank = qs_comm_rank(c), size = qs_comm_size(c);
     size_t es = qs_coll_dtype_size(dt), total = n * (size_t)size;
     char *in = xmalloc(n * es), *out = xmalloc(total * es), *ref = xmalloc(total * es);
@@ -89,6 +93,7 @@ static void check_allgather(qs_comm *c, const char *tag, qs_coll_dtype dt, size_
 
 static void check_bcast(qs_comm *c, const char *tag, qs_coll_dtype dt, size_t n, int root)
 {
+    qs_clearerr();
     int rank = qs_comm_rank(c);
     size_t es = qs_coll_dtype_size(dt);
     char *buf = xmalloc(n * es), *ref = xmalloc(n * es);
@@ -209,6 +214,21 @@ int main(int argc, char **argv)
     int len;
     MPI_Error_string(rc, s, &len);
     CHECK(strstr(qs_errmsg(), s) != NULL, "message holds MPI's error string '%s'", s);
+
+    /* A device that one rank cannot open fails every rank, without a hang:
+     * rank 0 asks for device 1000, the others for their current one. */
+    int derr = qs_comm_enable_device(world, world_rank == 0 ? 1000 : -1, NULL);
+#ifdef QS_HAVE_CUDA
+    CHECK(world_rank == 0
+              ? derr == QS_ENODEV
+              : derr == QS_ENODEV || (derr == QS_ECOMM && strstr(qs_errmsg(), "rank 0")),
+          "enable_device with a missing device on rank 0: %d", derr);
+#else
+    CHECK(derr == QS_ENOTSUP, "enable_device without CUDA: %d", derr);
+#endif
+    CHECK(qs_comm_device(world) == -1 && qs_comm_stream(world) == NULL, "no device after failure");
+    if (world_rank == 0)
+        printf("enable_device(1000) on rank 0 (expected to fail): %s\n", qs_errmsg());
 
     errors(world);
     suite(world, "world");
