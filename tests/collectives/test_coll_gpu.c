@@ -14,8 +14,10 @@
 #include <cuda_runtime_api.h>
 #endif
 
-static int failures;
 static int world_rank;
+
+#ifdef QS_HAVE_CUDA
+static int failures;
 
 /* One line per failure (ranks interleave), with the library's last message. */
 #define CHECK(cond, ...)                                                                           \
@@ -28,6 +30,7 @@ static int world_rank;
                     __LINE__, what_, qs_errmsg());                                                 \
         }                                                                                          \
     } while (0)
+#endif
 
 /* Every rank skips together, so mpirun reports 77. */
 static int skip(const char *why)
