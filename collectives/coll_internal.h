@@ -36,6 +36,11 @@ struct qs_comm {
 float qs_coll_f16_to_f32(uint16_t h);
 uint16_t qs_coll_f32_to_f16(float f);
 
+/* Collective over mpi: QS_OK if every rank's local_err is QS_OK, else an
+ * error on every rank (this rank's own, or QS_ECOMM naming the first rank
+ * that failed). Constructors call it so they fail everywhere or nowhere. */
+int qs_coll_agree(MPI_Comm mpi, int rank, int local_err, const char *what);
+
 /* MPI back end (mpi.c): host buffers, arguments already checked, count > 0. */
 int qs_coll_mpi_error(int rc, const char *what);
 int qs_coll_mpi_allreduce(qs_comm *c, const void *in, void *out, size_t count, qs_coll_dtype dt);

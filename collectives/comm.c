@@ -52,7 +52,7 @@ int qs_comm_init_single(qs_comm **out)
 /* A collective constructor must fail on every rank or on none: otherwise the
  * ranks that succeeded wait forever in the next collective. Each rank says
  * whether it is ready and all take the verdict of the first that is not. */
-static int agree(MPI_Comm mpi, int rank, int local_err, const char *what)
+int qs_coll_agree(MPI_Comm mpi, int rank, int local_err, const char *what)
 {
     int mine = local_err == QS_OK ? INT_MAX : rank, first_bad = INT_MAX;
     int rc = MPI_Allreduce(&mine, &first_bad, 1, MPI_INT, MPI_MIN, mpi);
@@ -110,7 +110,7 @@ int qs_comm_init_mpi(MPI_Comm mpi_comm, qs_comm **out)
         err = adopt_mpi(c, dup);
     int rank = 0;
     MPI_Comm_rank(dup, &rank);
-    err = agree(dup, rank, err, "qs_comm_init_mpi");
+    err = qs_coll_agree(dup, rank, err, "qs_comm_init_mpi");
     if (err != QS_OK) {
         if (c)
             free_comm(c); /* frees dup */
@@ -147,7 +147,7 @@ int qs_comm_split(qs_comm *parent, int color, int key, qs_comm **child)
             c = comm_alloc(QS_COMM_MPI);
             err = c ? adopt_mpi(c, sub) : qs_seterr(QS_ENOMEM, "qs_comm_split: out of memory");
         }
-        err = agree(parent->mpi, parent->rank, err, "qs_comm_split");
+        err = qs_coll_agree(parent->mpi, parent->rank, err, "qs_comm_split");
         if (err != QS_OK) {
             if (c)
                 free_comm(c);

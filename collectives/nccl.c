@@ -13,7 +13,7 @@
 
 static int cuda_error(cudaError_t e, int code, const char *what)
 {
-    cudaGetLastError(); /* clear the sticky-free error so later calls start clean */
+    cudaGetLastError(); /* reset the last-error state so the next call starts clean */
     return qs_seterr(code, "%s failed: CUDA error %d (%s)", what, (int)e, cudaGetErrorString(e));
 }
 
@@ -37,20 +37,6 @@ static ncclDataType_t nccl_type(qs_coll_dtype dt)
         return ncclUint8;
     }
     return ncclUint8;
-}
-
-/* The same MPI verdict as comm.c's agree(): every rank fails, or none. */
-static int agree(qs_comm *c, int local_err, const char *what)
-{
-    int mine = local_err == QS_OK ? INT_MAX : c->rank, first_bad = INT_MAX;
-    int rc = MPI_Allreduce(&mine, &first_bad, 1, MPI_INT, MPI_MIN, c->mpi);
-    if (rc != MPI_SUCCESS)
-        return qs_coll_mpi_error(rc, what);
-    if (first_bad == INT_MAX)
-        return QS_OK;
-    if (local_err != QS_OK)
-        return local_err;
-    return qs_seterr(QS_ECOMM, "%s failed on rank %d (see that rank's message)", what, first_bad);
 }
 
 /* Picks the device and the stream on this rank only. */
@@ -90,7 +76,7 @@ int qs_coll_dev_enable(qs_comm *c, int device, void *stream)
     if (c->kind == QS_COMM_MPI) {
         /* NCCL init blocks until every rank joins, so agree first: a rank
          * without a GPU then fails all ranks instead of hanging them. */
-        err = agree(c, err, "qs_comm_enable_device (CUDA device set-up)");
+        err = qs_coll_agree(c->mpi, c->rank, err, "qs_comm_enable_device (CUDA device set-up)");
         if (err != QS_OK)
             goto fail;
 
@@ -115,7 +101,7 @@ int qs_coll_dev_enable(qs_comm *c, int device, void *stream)
                                : nccl_error(r, NULL, "qs_comm_enable_device: ncclCommInitRank");
         if (r != ncclSuccess)
             nc = NULL;
-        err = agree(c, err, "qs_comm_enable_device (ncclCommInitRank)");
+        err = qs_coll_agree(c->mpi, c->rank, err, "qs_comm_enable_device (ncclCommInitRank)");
         if (err != QS_OK)
             goto fail;
     } else if (err != QS_OK) {

@@ -22,6 +22,10 @@
  * communicator, in the same order, with the same count, dtype and root.
  * A count of 0 is a valid no-op (buffers may then be NULL).
  *
+ * The location is trusted, not probed: a device pointer passed as
+ * QS_COLL_HOST reaches MPI and crashes there. A communicator is used by one
+ * thread at a time (like an MPI communicator without MPI_THREAD_MULTIPLE).
+ *
  * fp16 sums on the host are computed in fp32 (each chunk converted, reduced
  * with MPI_FLOAT/MPI_SUM, rounded back to fp16 once, round-to-nearest-even);
  * on the device NCCL reduces fp16 natively (ncclFloat16, ncclSum).
@@ -75,8 +79,10 @@ int qs_comm_init_single(qs_comm **out);
  * ranks passing the same color >= 0 form one child, ordered by key, then by
  * parent rank. A rank passing a negative color joins no group and gets
  * *child = NULL with QS_OK. If the parent has a device enabled, each child
- * enables the same device and stream (so the split is also collective over
- * each child's NCCL initialization). */
+ * enables the same device (so the split is also collective over each child's
+ * NCCL initialization) and the same stream if the caller supplied it; where
+ * the parent owns its stream, the child creates and owns its own, so parent
+ * and child may be closed in any order. */
 int qs_comm_split(qs_comm *parent, int color, int key, qs_comm **child);
 
 /* Frees the communicator (NCCL comm, owned stream, MPI duplicate). Not
