@@ -55,6 +55,162 @@ void qs_clearerr(void);
  * has no GPU (then qs_errmsg() says why, e.g. CUDA error 100). */
 int qs_cuda_device_count(void);
 
+/* ---- fp16 ----------------------------------------------------------------
+ * IEEE binary16 stored as uint16_t bits, round to nearest even, subnormals
+ * and Inf/NaN kept. The formats below store scales this way so that the CPU
+ * and CUDA code read the same bytes. */
+uint16_t qs_fp32_to_fp16(float f);
+float qs_fp16_to_fp32(uint16_t h);
+
+/* ---- BCQ with offset (LUT-GEMM) ------------------------------------------
+ * A weight matrix W of N rows (outputs) by K columns (inputs) is stored as
+ *     W[n,k] ~= sum_{i=1..q} alpha[i,n,G(k)] * B_i[n,k] + z[n,G(k)],  B_i = +-1,
+ * q = 1..8 bit-planes, G(k) = k / g the group of column k; g is a multiple of
+ * 32 that divides K, or 0 for one group spanning the whole row (then K is
+ * free). ngroups = K / g (1 when g == 0), nw = ceil(K / 32).
+ *
+ * Sizes, exact (the memory planner counts on them; see qs_bcq_sizes):
+ *     bits   q * N * nw * 4 bytes    alpha  q * N * ngroups * 2 bytes
+ *     z          N * ngroups * 2 bytes
+ *
+ * bits: one 32-bit word holds 32 consecutive columns of one row of one
+ * plane: bit j of word w is column 32*w + j, 1 means +1 and 0 means -1; the
+ * columns past K in the last word are 0. Word order: rows are cut in tiles
+ * of 32 (the last tile holds the N % 32 rest); a tile's words are contiguous,
+ * ordered [w][plane][slot]. In a full tile row r sits at slot
+ *     ((r >> 1) & 3) << 3 | (r >> 4) << 2 | (r & 1) << 1 | (r >> 3) & 1
+ * and in the last, partial tile at slot r. Why: the AVX2 kernel loads the 32
+ * words of one (w, plane) as four 256-bit vectors, transposes them to bytes
+ * with one shuffle and two unpacks per vector and looks each 4-bit nibble up
+ * in a 16-entry table with vpshufb; this slot order makes the 32 results
+ * come out in row order after its even/odd byte split, so no permute is left
+ * in the inner loop or the epilogue. qs_bcq_word_index() computes it.
+ *
+ * alpha: fp16, ordered [group][plane][row]; z: fp16, ordered [group][row].
+ * Rows are innermost so that the kernel epilogue reads 32 rows at once. */
+typedef struct qs_bcq {
+    size_t N, K;     /* rows (outputs), columns (inputs) */
+    unsigned q;      /* bit-planes, 1..8 */
+    size_t g;        /* group size in columns; 0 = the whole row */
+    uint32_t *bits;  /* q * N * nw words, order above */
+    uint16_t *alpha; /* fp16 [ngroups][q][N] */
+    uint16_t *z;     /* fp16 [ngroups][N] */
+} qs_bcq;
+
+#define QS_BCQ_TILE 32 /* rows per tile in the word order */
+
+/* Checks a shape and returns QS_OK or QS_EINVAL/QS_EOVERFLOW with a message. */
+int qs_bcq_check(size_t N, size_t K, unsigned q, size_t g);
+/* Byte sizes of the three arrays (any pointer may be NULL). */
+int qs_bcq_sizes(size_t N, size_t K, unsigned q, size_t g, size_t *bits_bytes, size_t *alpha_bytes,
+                 size_t *z_bytes);
+/* Number of groups: K / g, or 1 when g == 0. */
+size_t qs_bcq_ngroups(size_t K, size_t g);
+/* Allocates the arrays (bits zeroed, alpha and z zero); qs_bcq_close frees
+ * them and is safe on a zeroed or closed struct. */
+int qs_bcq_init(qs_bcq *w, size_t N, size_t K, unsigned q, size_t g);
+void qs_bcq_close(qs_bcq *w);
+/* Index into w->bits of the word of plane i (0-based), row n, word wi. */
+size_t qs_bcq_word_index(const qs_bcq *w, unsigned i, size_t n, size_t wi);
+/* Dequantizes to a row-major N x K matrix (fp32 or fp64). */
+int qs_bcq_dequant(const qs_bcq *w, float *W);
+int qs_bcq_dequant_f64(const qs_bcq *w, double *W);
+
+/* ---- Uniform RTN ----------------------------------------------------------
+ * Asymmetric round-to-nearest per row and group of g columns (g as above):
+ *     s = (max - min) / (2^q - 1), zp = round(-min / s),
+ *     c = clamp(round(w / s) + zp, 0, 2^q - 1),  w^ = s * (c - zp).
+ * Stored as BCQ exactly: with c = sum_i 2^(i-1) c_i and B_i = 2 c_i - 1,
+ *     w^ = sum_i (s 2^(i-1) / 2) B_i + s ((2^q - 1) / 2 - zp),
+ * so alpha_i = s 2^(i-1) / 2 and z = s ((2^q - 1) / 2 - zp), one kernel for
+ * both; only the fp16 rounding of alpha and z differs from plain RTN. */
+typedef struct qs_rtn {
+    size_t N, K;
+    unsigned q;
+    size_t g;
+    uint8_t *codes; /* N x K codes in 0..2^q-1 */
+    float *scale;   /* [N][ngroups] */
+    float *zero;    /* [N][ngroups] zero points zp (integers stored as float) */
+} qs_rtn;
+
+int qs_rtn_quantize(qs_rtn *out, const float *W, size_t N, size_t K, unsigned q, size_t g);
+void qs_rtn_close(qs_rtn *r);
+int qs_rtn_dequant(const qs_rtn *r, float *W);
+/* RTN-quantizes W and writes it into out (initialized here) as BCQ. */
+int qs_bcq_from_rtn(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q, size_t g);
+
+/* Non-uniform BCQ: per row and group, greedy init (residual sign, alpha =
+ * mean |r|), then alternating refinement: least-squares alpha and z for the
+ * bits, then the best of the 2^q levels per weight for alpha and z, until the
+ * error stops falling or max_iters (0: default 20). The RTN point is refined
+ * the same way and the better of the two kept, so the result is never worse
+ * than RTN. out is initialized here. */
+int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q, size_t g,
+                    unsigned max_iters);
+
+/* ---- SmoothQuant ----------------------------------------------------------
+ * s_j = max|X_j|^a / max|W_j|^(1-a), clamped to [1e-5, 1e5], from the
+ * per-input-channel activation abs-max act_absmax[K] and the weights W[l]
+ * (N[l] x K, row-major) of the nlin linears fed by the same norm. A channel
+ * with no activation or no weight gets s_j = 1. */
+int qs_smooth_scales(const float *act_absmax, size_t K, const float *const *W, const size_t *N,
+                     size_t nlin, float a, float *s);
+/* Folds s: norm_weight[j] and norm_bias[j] (bias may be NULL) divided by
+ * s_j, column j of every W[l] multiplied by s_j; fp32 outputs are unchanged
+ * up to rounding. */
+int qs_smooth_fold(float *norm_weight, float *norm_bias, size_t K, float *const *W, const size_t *N,
+                   size_t nlin, const float *s);
+
+/* ---- W8A8 -----------------------------------------------------------------
+ * INT8 weights per output channel (symmetric, fp32 scale, codes -127..127),
+ * INT8 activations per token (dynamic) or per tensor (static), int32 sums:
+ *     Y[m,n] = sx[m] * sw[n] * sum_k xq[m,k] wq[n,k].
+ * Weight order: rows in tiles of 8; a full tile is [k/4][row][k%4] (8 rows x
+ * 4 bytes = one 256-bit vector per 4 columns, what vpdpbusd/vpmaddubsw want),
+ * the last N % 8 rows row-major; K is padded with zeros to Kp = 4*ceil(K/4).
+ * Bytes: N * Kp (codes) + N * 4 (scales) + N * 4 (row sums, for the u8
+ * offset trick of VNNI). */
+typedef struct qs_w8 {
+    size_t N, K, Kp;
+    int8_t *w;    /* N * Kp codes, order above */
+    float *scale; /* [N] */
+    int32_t *sum; /* [N] sum_k wq[n,k] */
+} qs_w8;
+
+int qs_w8_quantize(qs_w8 *out, const float *W, size_t N, size_t K);
+void qs_w8_close(qs_w8 *w);
+size_t qs_w8_bytes(size_t N, size_t K);
+int qs_w8_dequant(const qs_w8 *w, float *W);
+/* Activation quantization, row-major M x K -> int8 M x K: per token
+ * (sx[m] = max|X[m,:]| / 127) or per tensor with a given static scale
+ * (values clamped to +-127). */
+int qs_quant_act_token(const float *X, size_t M, size_t K, int8_t *xq, float *sx);
+int qs_quant_act_static(const float *X, size_t M, size_t K, float scale, int8_t *xq);
+
+/* ---- Kernels (CPU, fp32 activations; OpenMP over output rows) -------------
+ * All GEMMs: X is M x K row-major, Y is M x N row-major, Y = X W^T. */
+
+/* LUT-GEMM over BCQ weights, M = 1..64 (larger M runs in chunks of 64). */
+int qs_lutgemm(const qs_bcq *w, const float *X, size_t M, float *Y);
+/* Its float64 reference: the dequantized weights times X in double. */
+int qs_lutgemm_ref_f64(const qs_bcq *w, const float *X, size_t M, double *Y);
+/* Per-output bound on |qs_lutgemm - reference| from the int8 tables (one
+ * entry per element of E, M x N): sum_i sum_blocks |alpha| * nl * s / 2,
+ * with nl look-ups per block and s the block's table scale. */
+int qs_lutgemm_err_bound(const qs_bcq *w, const float *X, size_t M, double *E);
+
+/* W8A8 GEMM with the activation quantization fused: act_scale <= 0 means
+ * dynamic per token, > 0 the static per-tensor scale. */
+int qs_w8a8_gemm(const qs_w8 *w, const float *X, size_t M, float act_scale, float *Y);
+/* Its float64 reference: the same activation codes, exact integer dot
+ * products, the scales applied in double. */
+int qs_w8a8_gemm_ref_f64(const qs_w8 *w, const float *X, size_t M, float act_scale, double *Y);
+
+/* Which SIMD path the kernels take: "avxvnni", "avx2" or "scalar". force:
+ * NULL = best available, else one of those names (for tests and qbench). */
+const char *qs_cpu_path(void);
+int qs_cpu_force_path(const char *force);
+
 #ifdef __cplusplus
 }
 #endif

@@ -1,0 +1,319 @@
+/* lutgemm.c: LUT-GEMM over BCQ weights, Y[M x N] = X[M x K] W^T, never
+ * dequantizing W:
+ *     y[m,n] = sum_i alpha[i,n,G] (B_i[n,:] . x[m,:]) + sum_G z[n,G] sum_{k in G} x[m,k].
+ *
+ *   X  M x K fp32 row-major, Y M x N fp32 row-major, W  qs_bcq (qs_kernels.h)
+ *
+ * B_i . x is read from look-up tables: for every run of mu = 4 inputs the 16
+ * signed sums +-x0 +-x1 +-x2 +-x3 are computed once per token, and every
+ * 4-bit nibble of a bit-plane word becomes one table read.
+ *
+ * Why mu = 4 and int8 tables (T-MAC's AVX2 design, not the paper's mu = 8 fp
+ * tables): a 16-entry int8 table fits one 128-bit lane, so vpshufb does 32
+ * look-ups (32 rows) per instruction; fp tables need a scalar load per
+ * look-up. At batch 1 the fp path is compute bound far above the DRAM floor
+ * (docs/benchmarks.md, "CPU kernels", has the measurements).
+ *
+ * Table quantization and its error bound: the tables of one block of kb
+ * columns (kb = 256, or the largest of 256/128/64/32 dividing g) share one
+ * scale s = max|T| / 127 and hold round(T / s), so each read is off by at
+ * most s / 2 and
+ *     |y - y_exact| <= sum_i sum_blocks |alpha| * nl * s / 2,
+ * nl = look-ups per row in the block (kb / 4). qs_lutgemm_err_bound returns
+ * it and the tests check it. Sums stay in int16: nl <= 64 reads of at most
+ * 255 (the tables are stored as u8 = T + 128) give 16320 < 32768.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu.h"
+
+#define MAX_M 64 /* tokens per table pass: 64 x K/4 x 16 bytes of tables */
+
+/* Per-token look-up tables and sums for one batch chunk. */
+typedef struct luts {
+    size_t nk4, nb, kb, ng, gs; /* runs of 4, table blocks, block cols, groups, group cols */
+    uint8_t *t;                 /* [M][nk4][16], u8 = round(T / s) + 128 */
+    float *s;                   /* [M][nb] block scales (NaN if the block held NaN/Inf) */
+    float *xsum;                /* [M][ng] sum of x per group, for z */
+} luts;
+
+static size_t table_block(size_t g)
+{
+    size_t kb = 256;
+    while (g && g % kb)
+        kb /= 2;
+    return kb;
+}
+
+static void luts_free(luts *L)
+{
+    free(L->t);
+    free(L->s);
+    free(L->xsum);
+}
+
+/* Builds the tables of M tokens. Scalar: it is K/4 x 16 entries per token
+ * against N x K/4 x q reads in the GEMM, well under 1% of the work. */
+static int luts_make(const qs_bcq *w, const float *X, size_t M, luts *L)
+{
+    size_t K = w->K, nw = (K + 31) / 32;
+    L->nk4 = nw * 8, L->kb = table_block(w->g), L->nb = (nw * 32 + L->kb - 1) / L->kb;
+    L->ng = qs_bcq_ngroups(K, w->g), L->gs = w->g ? w->g : K;
+    L->t = aligned_alloc(64, (M * L->nk4 * 16 + 63) / 64 * 64);
+    L->s = malloc(M * L->nb * sizeof(float));
+    L->xsum = malloc(M * L->ng * sizeof(float));
+    if (!L->t || !L->s || !L->xsum) {
+        luts_free(L);
+        return qs_seterr(QS_ENOMEM, "out of memory for LUT-GEMM tables of %zu tokens", M);
+    }
+    for (size_t m = 0; m < M; m++) {
+        const float *x = X + m * K;
+        for (size_t gi = 0; gi < L->ng; gi++) {
+            float s = 0;
+            for (size_t k = gi * L->gs; k < (gi + 1) * L->gs; k++)
+                s += x[k];
+            L->xsum[m * L->ng + gi] = s;
+        }
+        for (size_t b = 0; b < L->nb; b++) {
+            size_t r0 = b * L->kb / 4, r1 = r0 + L->kb / 4;
+            r1 = r1 < L->nk4 ? r1 : L->nk4;
+            float f[64][16], mx = 0;
+            int bad = 0;
+            for (size_t r = r0; r < r1; r++) {
+                float v[4], *T = f[r - r0];
+                for (int j = 0; j < 4; j++) /* columns past K read as 0 */
+                    v[j] = 4 * r + j < K ? x[4 * r + j] : 0;
+                T[0] = -(v[0] + v[1] + v[2] + v[3]);
+                for (int j = 0; j < 4; j++) /* setting bit j flips -x_j to +x_j */
+                    for (int p = 0; p < (1 << j); p++)
+                        T[p | 1 << j] = T[p] + 2 * v[j];
+                for (int p = 0; p < 16; p++) {
+                    bad |= !isfinite(T[p]);
+                    mx = fmaxf(mx, fabsf(T[p]));
+                }
+            }
+            float inv = mx > 0 ? 127.0f / mx : 0;
+            L->s[m * L->nb + b] = bad ? NAN : mx / 127.0f;
+            for (size_t r = r0; r < r1; r++)
+                for (int p = 0; p < 16; p++) {
+                    float c = nearbyintf(f[r - r0][p] * inv);
+                    c = !(c >= -127) ? -127 : (c > 127 ? 127 : c); /* NaN lands at -127 */
+                    L->t[(m * L->nk4 + r) * 16 + p] = (uint8_t)(int)(c + 128);
+                }
+        }
+    }
+    return QS_OK;
+}
+
+static int lut_args(const qs_bcq *w, const float *X, size_t M, const void *Y)
+{
+    if (!w || !X || !Y || !w->bits || !w->alpha || !w->z)
+        return qs_seterr(QS_EINVAL, "LUT-GEMM got a NULL pointer: initialize the weights with "
+                                    "qs_bcq_init or a quantizer and pass M x K inputs and M x N "
+                                    "outputs");
+    int err = qs_bcq_check(w->N, w->K, w->q, w->g);
+    return err ? err : qs_gemm_dims_ok(M, w->K, w->N);
+}
+
+/* ---- float64 reference ------------------------------------------------------ */
+
+int qs_lutgemm_ref_f64(const qs_bcq *w, const float *X, size_t M, double *Y)
+{
+    int err = lut_args(w, X, M, Y);
+    if (err)
+        return err;
+    double *W = malloc(w->N * w->K * sizeof(double));
+    if (!W)
+        return qs_seterr(QS_ENOMEM, "out of memory for the %zu x %zu reference matrix", w->N, w->K);
+    qs_bcq_dequant_f64(w, W);
+    for (size_t m = 0; m < M; m++)
+        for (size_t n = 0; n < w->N; n++) {
+            double acc = 0;
+            for (size_t k = 0; k < w->K; k++)
+                acc += W[n * w->K + k] * (double)X[m * w->K + k];
+            Y[m * w->N + n] = acc;
+        }
+    free(W);
+    return QS_OK;
+}
+
+int qs_lutgemm_err_bound(const qs_bcq *w, const float *X, size_t M, double *E)
+{
+    int err = lut_args(w, X, M, E);
+    luts L;
+    if (err || (err = luts_make(w, X, M, &L)))
+        return err;
+    size_t nw = (w->K + 31) / 32;
+    for (size_t m = 0; m < M; m++)
+        for (size_t n = 0; n < w->N; n++) {
+            double e = 0;
+            for (size_t b = 0; b < L.nb; b++) {
+                size_t w0 = b * L.kb / 32, w1 = w0 + L.kb / 32, gi = w0 * 32 / L.gs;
+                double nl = 8.0 * (double)((w1 < nw ? w1 : nw) - w0);
+                for (unsigned i = 0; i < w->q; i++)
+                    e += fabs(qs_fp16_to_fp32(w->alpha[(gi * w->q + i) * w->N + n])) * nl *
+                         L.s[m * L.nb + b] / 2;
+            }
+            E[m * w->N + n] = e;
+        }
+    luts_free(&L);
+    return QS_OK;
+}
+
+/* ---- scalar: rows [n0, n1), any tile (the fallback and the ragged tail) ------ */
+
+static void rows_scalar(const qs_bcq *w, const luts *L, size_t M, size_t n0, size_t n1, float *Y)
+{
+    size_t nw = (w->K + 31) / 32;
+    for (size_t n = n0; n < n1; n++)
+        for (size_t m = 0; m < M; m++) {
+            float acc = 0;
+            for (size_t gi = 0; gi < L->ng; gi++)
+                acc += qs_fp16_to_fp32(w->z[gi * w->N + n]) * L->xsum[m * L->ng + gi];
+            for (size_t b = 0; b < L->nb; b++) {
+                size_t w0 = b * L->kb / 32, w1 = w0 + L->kb / 32, gi = w0 * 32 / L->gs;
+                w1 = w1 < nw ? w1 : nw;
+                for (unsigned i = 0; i < w->q; i++) {
+                    int32_t sum = 0;
+                    for (size_t wi = w0; wi < w1; wi++) {
+                        uint32_t word = w->bits[qs_bcq_word_index(w, i, n, wi)];
+                        const uint8_t *t = L->t + (m * L->nk4 + wi * 8) * 16;
+                        for (int j = 0; j < 8; j++)
+                            sum += t[j * 16 + (word >> (4 * j) & 15u)] - 128;
+                    }
+                    float a = qs_fp16_to_fp32(w->alpha[(gi * w->q + i) * w->N + n]);
+                    acc += a * L->s[m * L->nb + b] * (float)sum;
+                }
+            }
+            Y[m * w->N + n] = acc;
+        }
+}
+
+/* ---- AVX2: one full tile of 32 rows, TT = 1 or 2 tokens ----------------------
+ * Per (word index, plane) the tile's 32 words are four vectors; a byte
+ * shuffle and two unpack levels turn them into four vectors V_b holding
+ * byte b of all 32 words (slot order, qs_kernels.h), whose low and high
+ * nibbles index the tables of runs 8*wi + 2b and 8*wi + 2b + 1. A look-up
+ * result r (32 u8) is summed as raw 16-bit lanes into E (low byte plus 256 x
+ * high byte, mod 2^16) and its high bytes alone into O; the low-byte sums
+ * are then E - 256 O, exact because they stay below 2^16. That costs one
+ * shift and two adds per 32 look-ups instead of a mask, a shift and two adds. */
+
+#define ATTR_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+static inline __attribute__((always_inline)) ATTR_AVX2 void
+tile_avx2(const qs_bcq *w, const luts *L, size_t tile, size_t m0, int TT, float *Y)
+{
+    const size_t N = w->N, q = w->q, nw = (w->K + 31) / 32, n0 = tile * 32;
+    const uint32_t *bits = w->bits + tile * 32 * q * nw;
+    const __m256i byte_t = _mm256_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15, 0,
+                                            4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const __m256i lo4 = _mm256_set1_epi8(0x0f);
+    __m256 acc[2][4];
+    for (int t = 0; t < TT; t++)
+        for (int j = 0; j < 4; j++)
+            acc[t][j] = _mm256_setzero_ps();
+    for (size_t b = 0; b < L->nb; b++) {
+        size_t w0 = b * L->kb / 32, w1 = w0 + L->kb / 32, gi = w0 * 32 / L->gs;
+        w1 = w1 < nw ? w1 : nw;
+        for (size_t i = 0; i < q; i++) {
+            __m256i E[2], O[2];
+            for (int t = 0; t < TT; t++)
+                E[t] = O[t] = _mm256_setzero_si256();
+            for (size_t wi = w0; wi < w1; wi++) {
+                const __m256i *p = (const __m256i *)(bits + (wi * q + i) * 32);
+                __m256i A = _mm256_shuffle_epi8(_mm256_loadu_si256(p + 0), byte_t);
+                __m256i B = _mm256_shuffle_epi8(_mm256_loadu_si256(p + 1), byte_t);
+                __m256i C = _mm256_shuffle_epi8(_mm256_loadu_si256(p + 2), byte_t);
+                __m256i D = _mm256_shuffle_epi8(_mm256_loadu_si256(p + 3), byte_t);
+                __m256i ABl = _mm256_unpacklo_epi32(A, B), ABh = _mm256_unpackhi_epi32(A, B);
+                __m256i CDl = _mm256_unpacklo_epi32(C, D), CDh = _mm256_unpackhi_epi32(C, D);
+                __m256i V[4] = {_mm256_unpacklo_epi64(ABl, CDl), _mm256_unpackhi_epi64(ABl, CDl),
+                                _mm256_unpacklo_epi64(ABh, CDh), _mm256_unpackhi_epi64(ABh, CDh)};
+                for (int bb = 0; bb < 4; bb++) {
+                    __m256i lo = _mm256_and_si256(V[bb], lo4);
+                    __m256i hi = _mm256_and_si256(_mm256_srli_epi16(V[bb], 4), lo4);
+                    for (int t = 0; t < TT; t++) {
+                        const uint8_t *tb = L->t + ((m0 + t) * L->nk4 + wi * 8 + 2 * bb) * 16;
+                        __m256i tl = _mm256_broadcastsi128_si256(_mm_load_si128((const void *)tb));
+                        __m256i th =
+                            _mm256_broadcastsi128_si256(_mm_load_si128((const void *)(tb + 16)));
+                        __m256i r1 = _mm256_shuffle_epi8(tl, lo), r2 = _mm256_shuffle_epi8(th, hi);
+                        E[t] = _mm256_add_epi16(E[t], _mm256_add_epi16(r1, r2));
+                        O[t] = _mm256_add_epi16(O[t], _mm256_add_epi16(_mm256_srli_epi16(r1, 8),
+                                                                       _mm256_srli_epi16(r2, 8)));
+                    }
+                }
+            }
+            /* Epilogue: remove the +128 of every read, widen in row order,
+             * scale by alpha (fp16, 32 rows contiguous) times the table scale. */
+            const __m256i off = _mm256_set1_epi16((short)(128 * 8 * (w1 - w0)));
+            const uint16_t *al = w->alpha + (gi * q + i) * N + n0;
+            for (int t = 0; t < TT; t++) {
+                __m256i e =
+                    _mm256_sub_epi16(_mm256_sub_epi16(E[t], _mm256_slli_epi16(O[t], 8)), off);
+                __m256i o = _mm256_sub_epi16(O[t], off);
+                __m128i h[4] = {_mm256_castsi256_si128(e), _mm256_castsi256_si128(o),
+                                _mm256_extracti128_si256(e, 1), _mm256_extracti128_si256(o, 1)};
+                __m256 s = _mm256_set1_ps(L->s[(m0 + t) * L->nb + b]);
+                for (int j = 0; j < 4; j++) {
+                    __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(al + 8 * j)));
+                    __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(h[j]));
+                    acc[t][j] = _mm256_fmadd_ps(_mm256_mul_ps(a, s), v, acc[t][j]);
+                }
+            }
+        }
+    }
+    for (int t = 0; t < TT; t++) {
+        for (size_t gi = 0; gi < L->ng; gi++) {
+            __m256 xs = _mm256_set1_ps(L->xsum[(m0 + t) * L->ng + gi]);
+            for (int j = 0; j < 4; j++) {
+                __m256 z =
+                    _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w->z + gi * N + n0 + 8 * j)));
+                acc[t][j] = _mm256_fmadd_ps(z, xs, acc[t][j]);
+            }
+        }
+        for (int j = 0; j < 4; j++)
+            _mm256_storeu_ps(Y + (m0 + t) * N + n0 + 8 * j, acc[t][j]);
+    }
+}
+
+static ATTR_AVX2 void tile_avx2_all(const qs_bcq *w, const luts *L, size_t tile, size_t M, float *Y)
+{
+    size_t m = 0;
+    for (; m + 2 <= M; m += 2)
+        tile_avx2(w, L, tile, m, 2, Y);
+    if (m < M)
+        tile_avx2(w, L, tile, m, 1, Y);
+}
+
+int qs_lutgemm(const qs_bcq *w, const float *X, size_t M, float *Y)
+{
+    int err = lut_args(w, X, M, Y);
+    if (err)
+        return err;
+    int path = qs_cpu_path_id();
+    size_t ntiles = w->N / 32;
+    for (size_t m0 = 0; m0 < M; m0 += MAX_M) {
+        size_t mc = M - m0 < MAX_M ? M - m0 : MAX_M;
+        luts L;
+        if ((err = luts_make(w, X + m0 * w->K, mc, &L)))
+            return err;
+        /* The chunk's outputs are rows m0.. of Y: shift Y, keep stride N. */
+        float *Yc = Y + m0 * w->N;
+#pragma omp parallel for schedule(static)
+        for (size_t t = 0; t <= ntiles; t++) {
+            if (t == ntiles)
+                rows_scalar(w, &L, mc, ntiles * 32, w->N, Yc);
+            else if (path == QS_PATH_SCALAR)
+                rows_scalar(w, &L, mc, t * 32, t * 32 + 32, Yc);
+            else
+                tile_avx2_all(w, &L, t, mc, Yc);
+        }
+        luts_free(&L);
+    }
+    return QS_OK;
+}

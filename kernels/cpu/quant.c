@@ -1,0 +1,407 @@
+/* quant.c: the quantizers. RTN (uniform, asymmetric per group) and its exact
+ * BCQ form, non-uniform BCQ by greedy init plus alternating least squares,
+ * and SmoothQuant's scale migration. All run once per model load, so they
+ * favour clarity and double precision over speed. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qs_kernels.h"
+
+static int check_weights(const float *W, size_t N, size_t K)
+{
+    for (size_t i = 0, n = N * K; i < n; i++)
+        if (!isfinite(W[i]))
+            return qs_seterr(QS_EINVAL,
+                             "weight [%zu, %zu] is not finite (%g): fix the checkpoint before "
+                             "quantizing it",
+                             i / K, i % K, (double)W[i]);
+    return QS_OK;
+}
+
+/* ---- RTN ---------------------------------------------------------------- */
+
+/* Scale and zero point of one group; a constant group keeps its value exact. */
+static void rtn_params(const float *w, size_t G, unsigned q, float *s, float *zp)
+{
+    float mn = w[0], mx = w[0];
+    for (size_t k = 1; k < G; k++) {
+        mn = w[k] < mn ? w[k] : mn;
+        mx = w[k] > mx ? w[k] : mx;
+    }
+    float levels = (float)((1u << q) - 1);
+    if (mx > mn)
+        *s = (mx - mn) / levels;
+    else
+        *s = mn != 0 ? fabsf(mn) : 1.0f;
+    *zp = nearbyintf(-mn / *s);
+}
+
+static uint8_t rtn_code(float w, float s, float zp, unsigned q)
+{
+    float c = nearbyintf(w / s) + zp, top = (float)((1u << q) - 1);
+    c = c < 0 ? 0 : (c > top ? top : c);
+    return (uint8_t)c;
+}
+
+int qs_rtn_quantize(qs_rtn *out, const float *W, size_t N, size_t K, unsigned q, size_t g)
+{
+    if (!out || !W)
+        return qs_seterr(QS_EINVAL, "qs_rtn_quantize got a NULL pointer: pass the output "
+                                    "struct and the N x K weights");
+    memset(out, 0, sizeof(*out));
+    int err = qs_bcq_check(N, K, q, g);
+    if (err || (err = check_weights(W, N, K)))
+        return err;
+    size_t ng = qs_bcq_ngroups(K, g), gs = g ? g : K;
+    out->codes = malloc(N * K);
+    out->scale = malloc(N * ng * sizeof(float));
+    out->zero = malloc(N * ng * sizeof(float));
+    if (!out->codes || !out->scale || !out->zero) {
+        qs_rtn_close(out);
+        return qs_seterr(QS_ENOMEM, "out of memory for RTN codes of a %zu x %zu matrix", N, K);
+    }
+    out->N = N, out->K = K, out->q = q, out->g = g;
+#pragma omp parallel for schedule(static)
+    for (size_t n = 0; n < N; n++)
+        for (size_t gi = 0; gi < ng; gi++) {
+            const float *w = W + n * K + gi * gs;
+            float s, zp;
+            rtn_params(w, gs, q, &s, &zp);
+            out->scale[n * ng + gi] = s;
+            out->zero[n * ng + gi] = zp;
+            for (size_t k = 0; k < gs; k++)
+                out->codes[n * K + gi * gs + k] = rtn_code(w[k], s, zp, q);
+        }
+    return QS_OK;
+}
+
+void qs_rtn_close(qs_rtn *r)
+{
+    if (!r)
+        return;
+    free(r->codes);
+    free(r->scale);
+    free(r->zero);
+    memset(r, 0, sizeof(*r));
+}
+
+int qs_rtn_dequant(const qs_rtn *r, float *W)
+{
+    if (!r || !W || !r->codes || !r->scale || !r->zero)
+        return qs_seterr(QS_EINVAL, "qs_rtn_dequant got a NULL pointer: quantize first and "
+                                    "pass an N x K buffer");
+    size_t ng = qs_bcq_ngroups(r->K, r->g), gs = r->g ? r->g : r->K;
+    for (size_t n = 0; n < r->N; n++)
+        for (size_t k = 0; k < r->K; k++) {
+            size_t p = n * ng + k / gs;
+            W[n * r->K + k] = r->scale[p] * ((float)r->codes[n * r->K + k] - r->zero[p]);
+        }
+    return QS_OK;
+}
+
+/* Writes per-element codes (bit i = plane i, 1 = +1) of rows [0, N) into the
+ * bit-planes of w in its word order. */
+static void pack_codes(qs_bcq *w, const uint8_t *codes)
+{
+    size_t nw = (w->K + 31) / 32;
+#pragma omp parallel for schedule(static)
+    for (size_t n = 0; n < w->N; n++)
+        for (unsigned i = 0; i < w->q; i++)
+            for (size_t wi = 0; wi < nw; wi++) {
+                uint32_t word = 0;
+                for (size_t j = 0; j < 32 && wi * 32 + j < w->K; j++)
+                    word |= (uint32_t)((codes[n * w->K + wi * 32 + j] >> i) & 1u) << j;
+                w->bits[qs_bcq_word_index(w, i, n, wi)] = word;
+            }
+}
+
+int qs_bcq_from_rtn(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q, size_t g)
+{
+    if (!out)
+        return qs_seterr(QS_EINVAL, "qs_bcq_from_rtn got a NULL output: pass a qs_bcq to fill");
+    qs_rtn r;
+    int err = qs_rtn_quantize(&r, W, N, K, q, g);
+    if (err)
+        return err;
+    if ((err = qs_bcq_init(out, N, K, q, g))) {
+        qs_rtn_close(&r);
+        return err;
+    }
+    size_t ng = qs_bcq_ngroups(K, g);
+    for (size_t n = 0; n < N; n++)
+        for (size_t gi = 0; gi < ng; gi++) {
+            float s = r.scale[n * ng + gi], zp = r.zero[n * ng + gi];
+            for (unsigned i = 0; i < q; i++)
+                out->alpha[(gi * q + i) * N + n] = qs_fp32_to_fp16(s * (float)(1u << i) * 0.5f);
+            out->z[gi * N + n] = qs_fp32_to_fp16(s * ((float)((1u << q) - 1) * 0.5f - zp));
+        }
+    pack_codes(out, r.codes);
+    qs_rtn_close(&r);
+    return QS_OK;
+}
+
+/* ---- Non-uniform BCQ ---------------------------------------------------- */
+
+/* Level of code c: z + sum_i (+-alpha_i). */
+static double level(const double *a, double z, unsigned q, unsigned c)
+{
+    double v = z;
+    for (unsigned i = 0; i < q; i++)
+        v += (c >> i & 1u) ? a[i] : -a[i];
+    return v;
+}
+
+typedef struct lvl {
+    double v;
+    unsigned c;
+} lvl;
+
+static int lvl_cmp(const void *x, const void *y)
+{
+    double a = ((const lvl *)x)->v, b = ((const lvl *)y)->v;
+    return (a > b) - (a < b);
+}
+
+/* Best bits for fixed alpha and z: the nearest of the 2^q sorted levels,
+ * found by bisection over the midpoints. Returns the squared error. */
+static double assign_codes(const double *w, size_t G, const double *a, double z, unsigned q,
+                           uint8_t *codes, lvl *L)
+{
+    unsigned nl = 1u << q;
+    for (unsigned c = 0; c < nl; c++)
+        L[c].v = level(a, z, q, c), L[c].c = c;
+    qsort(L, nl, sizeof(lvl), lvl_cmp);
+    double err = 0;
+    for (size_t k = 0; k < G; k++) {
+        unsigned lo = 0, hi = nl - 1;
+        while (lo < hi) {
+            unsigned mid = (lo + hi) / 2;
+            if (w[k] > 0.5 * (L[mid].v + L[mid + 1].v))
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        codes[k] = (uint8_t)L[lo].c;
+        double d = w[k] - L[lo].v;
+        err += d * d;
+    }
+    return err;
+}
+
+/* Least-squares alpha (q values) and z for fixed bits. The normal equations
+ * depend on the bits only through the code histogram, so they cost
+ * O(G + 2^q q^2). A tiny ridge keeps them solvable when a plane is constant
+ * (then it is collinear with z). */
+static void ls_alpha_z(const double *w, size_t G, const uint8_t *codes, unsigned q, double *a,
+                       double *z)
+{
+    unsigned nl = 1u << q, d = q + 1;
+    double cnt[256] = {0}, sw[256] = {0}, A[9][10] = {{0}};
+    for (size_t k = 0; k < G; k++)
+        cnt[codes[k]] += 1, sw[codes[k]] += w[k];
+    for (unsigned c = 0; c < nl; c++) {
+        if (cnt[c] == 0)
+            continue;
+        double v[9];
+        for (unsigned i = 0; i < q; i++)
+            v[i] = (c >> i & 1u) ? 1 : -1;
+        v[q] = 1;
+        for (unsigned i = 0; i < d; i++) {
+            for (unsigned j = 0; j < d; j++)
+                A[i][j] += cnt[c] * v[i] * v[j];
+            A[i][d] += sw[c] * v[i];
+        }
+    }
+    double tr = 0;
+    for (unsigned i = 0; i < d; i++)
+        tr += A[i][i];
+    for (unsigned i = 0; i < d; i++)
+        A[i][i] += 1e-12 * tr + 1e-300;
+    /* Gaussian elimination with partial pivoting on the augmented matrix. */
+    for (unsigned col = 0; col < d; col++) {
+        unsigned p = col;
+        for (unsigned r = col + 1; r < d; r++)
+            if (fabs(A[r][col]) > fabs(A[p][col]))
+                p = r;
+        for (unsigned j = 0; j <= d; j++) {
+            double t = A[col][j];
+            A[col][j] = A[p][j], A[p][j] = t;
+        }
+        for (unsigned r = col + 1; r < d; r++) {
+            double f = A[r][col] / A[col][col];
+            for (unsigned j = col; j <= d; j++)
+                A[r][j] -= f * A[col][j];
+        }
+    }
+    double x[9];
+    for (int r = (int)d - 1; r >= 0; r--) {
+        double t = A[r][d];
+        for (unsigned j = (unsigned)r + 1; j < d; j++)
+            t -= A[r][j] * x[j];
+        x[r] = t / A[r][r];
+    }
+    for (unsigned i = 0; i < q; i++)
+        a[i] = x[i];
+    *z = x[q];
+}
+
+/* Alternating refinement from the given codes; returns the error of the
+ * fp16-rounded result, which is what gets stored. */
+static double refine(const double *w, size_t G, unsigned q, unsigned iters, uint8_t *codes,
+                     double *a, double *z, lvl *L)
+{
+    double best = INFINITY;
+    for (unsigned it = 0; it < iters; it++) {
+        ls_alpha_z(w, G, codes, q, a, z);
+        double err = assign_codes(w, G, a, *z, q, codes, L);
+        if (!(err < best * (1 - 1e-9))) /* stopped falling */
+            break;
+        best = err;
+    }
+    ls_alpha_z(w, G, codes, q, a, z); /* the least-squares scales of the final bits */
+    for (unsigned i = 0; i < q; i++)
+        a[i] = qs_fp16_to_fp32(qs_fp32_to_fp16((float)a[i]));
+    *z = qs_fp16_to_fp32(qs_fp32_to_fp16((float)*z));
+    return assign_codes(w, G, a, *z, q, codes, L);
+}
+
+int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q, size_t g,
+                    unsigned max_iters)
+{
+    if (!out || !W)
+        return qs_seterr(QS_EINVAL, "qs_bcq_quantize got a NULL pointer: pass the output "
+                                    "struct and the N x K weights");
+    memset(out, 0, sizeof(*out));
+    int err = qs_bcq_check(N, K, q, g);
+    if (err || (err = check_weights(W, N, K)))
+        return err;
+    if (max_iters == 0)
+        max_iters = 20;
+    size_t ng = qs_bcq_ngroups(K, g), gs = g ? g : K;
+    uint8_t *codes = malloc(N * K);
+    if (!codes)
+        return qs_seterr(QS_ENOMEM, "out of memory for BCQ codes of a %zu x %zu matrix", N, K);
+    if ((err = qs_bcq_init(out, N, K, q, g))) {
+        free(codes);
+        return err;
+    }
+    int nomem = 0;
+#pragma omp parallel reduction(| : nomem)
+    {
+        double *w = malloc(gs * sizeof(double));
+        uint8_t *c2 = malloc(gs);
+        lvl *L = malloc(256 * sizeof(lvl));
+        nomem = !w || !c2 || !L;
+#pragma omp for schedule(dynamic, 4)
+        for (size_t t = 0; t < N * ng; t++) {
+            if (nomem)
+                continue;
+            size_t n = t / ng, gi = t % ng;
+            uint8_t *c1 = codes + n * K + gi * gs;
+            double a1[8], z1, a2[8], z2;
+            for (size_t k = 0; k < gs; k++)
+                w[k] = W[n * K + gi * gs + k];
+            /* Greedy: z = mean, then each plane takes the sign of the
+             * residual and its mean magnitude. */
+            double mean = 0;
+            for (size_t k = 0; k < gs; k++)
+                mean += w[k];
+            mean /= (double)gs;
+            memset(c1, 0, gs);
+            for (unsigned i = 0; i < q; i++) {
+                double m = 0;
+                for (size_t k = 0; k < gs; k++) {
+                    double r = w[k] - level(a1, mean, i, c1[k]);
+                    m += fabs(r);
+                    if (r >= 0)
+                        c1[k] |= (uint8_t)(1u << i);
+                }
+                a1[i] = m / (double)gs;
+            }
+            double e1 = refine(w, gs, q, max_iters, c1, a1, &z1, L);
+            /* RTN seed: its levels are a BCQ point too; refining it makes
+             * the result never worse than RTN (ALS only finds a local
+             * optimum, and for large q the uniform grid is often near one). */
+            float s, zp;
+            rtn_params(W + n * K + gi * gs, gs, q, &s, &zp);
+            for (size_t k = 0; k < gs; k++)
+                c2[k] = rtn_code(W[n * K + gi * gs + k], s, zp, q);
+            double e2 = refine(w, gs, q, max_iters, c2, a2, &z2, L);
+            if (e2 < e1) {
+                memcpy(c1, c2, gs);
+                memcpy(a1, a2, sizeof(a1));
+                z1 = z2;
+            }
+            for (unsigned i = 0; i < q; i++)
+                out->alpha[(gi * q + i) * N + n] = qs_fp32_to_fp16((float)a1[i]);
+            out->z[gi * N + n] = qs_fp32_to_fp16((float)z1);
+        }
+        free(w);
+        free(c2);
+        free(L);
+    }
+    if (nomem) {
+        free(codes);
+        qs_bcq_close(out);
+        return qs_seterr(QS_ENOMEM, "out of memory for BCQ quantizer scratch");
+    }
+    pack_codes(out, codes);
+    free(codes);
+    return QS_OK;
+}
+
+/* ---- SmoothQuant -------------------------------------------------------- */
+
+int qs_smooth_scales(const float *act_absmax, size_t K, const float *const *W, const size_t *N,
+                     size_t nlin, float a, float *s)
+{
+    if (!act_absmax || !W || !N || !s || nlin == 0 || K == 0)
+        return qs_seterr(QS_EINVAL, "qs_smooth_scales needs the K activation maxima, at least "
+                                    "one linear with its row count, and an output of K scales");
+    if (!(a >= 0 && a <= 1))
+        return qs_seterr(QS_EINVAL, "SmoothQuant migration strength a=%g must be in [0, 1]",
+                         (double)a);
+    for (size_t l = 0; l < nlin; l++)
+        if (!W[l] || N[l] == 0)
+            return qs_seterr(QS_EINVAL, "linear %zu has no weights: pass N[l] >= 1 rows", l);
+    for (size_t j = 0; j < K; j++) {
+        double wmax = 0;
+        for (size_t l = 0; l < nlin; l++)
+            for (size_t n = 0; n < N[l]; n++)
+                wmax = fmax(wmax, fabs(W[l][n * K + j]));
+        double xmax = fabs(act_absmax[j]);
+        double v = 1;
+        if (xmax > 0 && wmax > 0 && isfinite(xmax) && isfinite(wmax))
+            v = pow(xmax, a) / pow(wmax, 1 - a);
+        s[j] = (float)fmin(fmax(v, 1e-5), 1e5);
+    }
+    return QS_OK;
+}
+
+int qs_smooth_fold(float *norm_weight, float *norm_bias, size_t K, float *const *W, const size_t *N,
+                   size_t nlin, const float *s)
+{
+    if (!norm_weight || !W || !N || !s || K == 0)
+        return qs_seterr(QS_EINVAL, "qs_smooth_fold needs the norm weight, the linears and the "
+                                    "K scales from qs_smooth_scales");
+    for (size_t j = 0; j < K; j++)
+        if (!(s[j] > 0) || !isfinite(s[j]))
+            return qs_seterr(QS_EINVAL,
+                             "smoothing scale %zu is %g: scales must be finite and "
+                             "positive",
+                             j, (double)s[j]);
+    for (size_t l = 0; l < nlin; l++)
+        if (!W[l])
+            return qs_seterr(QS_EINVAL, "linear %zu has no weights", l);
+    for (size_t j = 0; j < K; j++) {
+        norm_weight[j] /= s[j];
+        if (norm_bias)
+            norm_bias[j] /= s[j];
+    }
+    for (size_t l = 0; l < nlin; l++)
+        for (size_t n = 0; n < N[l]; n++)
+            for (size_t j = 0; j < K; j++)
+                W[l][n * K + j] *= s[j];
+    return QS_OK;
+}

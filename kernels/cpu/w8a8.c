@@ -1,0 +1,232 @@
+/* w8a8.c: SmoothQuant W8A8 GEMM, Y[M x N] = X[M x K] W^T, int8 x int8 -> int32.
+ *
+ *   X  M x K fp32, quantized here per token (dynamic) or per tensor (static)
+ *   W  N x K int8 codes in the tiled order of qs_w8 (8 rows x 4 columns per
+ *      256-bit vector), fp32 scale per row
+ *   Y  M x N fp32 = sx[m] * sw[n] * sum_k xq[m,k] wq[n,k]
+ *
+ * Three paths, chosen at run time (qs_cpu_path): scalar; AVX2, where
+ * vpmaddubsw multiplies |w| (u8) by x with w's sign (s8) so that a pair sum
+ * is at most 2*127*127 = 32258 and never saturates int16 (the weights and
+ * activations stop at +-127 for this reason), then vpmaddwd widens to int32;
+ * AVX-VNNI, where vpdpbusd does u8 x s8 -> int32 in one instruction without
+ * the int16 step, fed with x + 128 as u8 and corrected by 128 * sum_k w[n,k]
+ * (kept in qs_w8.sum). Each 256-bit weight vector holds 8 rows x 4 columns,
+ * so one broadcast of 4 activation bytes serves 8 rows and the int32 lanes
+ * come out as 8 finished row sums: no horizontal reduction anywhere.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cpu.h"
+#include "w8.h"
+
+/* Quantized activations, padded to Kp with zeros, in the form each path reads. */
+typedef struct acts {
+    int8_t *xq;  /* M x Kp codes */
+    uint8_t *xa; /* AVX2: |xq|; VNNI: xq + 128 */
+    float *sx;   /* per-token scale, NaN where the token held NaN/Inf */
+} acts;
+
+static void acts_free(acts *a)
+{
+    free(a->xq);
+    free(a->xa);
+    free(a->sx);
+}
+
+static int acts_make(const qs_w8 *w, const float *X, size_t M, float act_scale, int path, acts *a)
+{
+    size_t K = w->K, Kp = w->Kp;
+    a->xq = calloc(M, Kp);
+    a->xa = calloc(M, Kp);
+    a->sx = malloc(M * sizeof(float));
+    if (!a->xq || !a->xa || !a->sx) {
+        acts_free(a);
+        return qs_seterr(QS_ENOMEM, "out of memory for %zu quantized activation rows", M);
+    }
+    for (size_t m = 0; m < M; m++) {
+        const float *x = X + m * K;
+        float s = act_scale, inv;
+        if (act_scale > 0) {
+            inv = 1.0f / act_scale;
+        } else {
+            float mx = qs_act_absmax(x, K);
+            s = mx / 127.0f;
+            inv = mx > 0 ? 127.0f / mx : 0;
+        }
+        int8_t *q = a->xq + m * Kp;
+        a->sx[m] = qs_act_row(x, K, inv, q) ? NAN : s;
+        for (size_t k = 0; k < Kp; k++)
+            a->xa[m * Kp + k] = path == QS_PATH_AVXVNNI ? (uint8_t)(q[k] + 128)
+                                                        : (uint8_t)(q[k] < 0 ? -q[k] : q[k]);
+    }
+    return QS_OK;
+}
+
+static int w8a8_args(const qs_w8 *w, const float *X, size_t M, float act_scale, const void *Y)
+{
+    if (!w || !X || !Y || !w->w || !w->scale || !w->sum)
+        return qs_seterr(QS_EINVAL, "W8A8 GEMM got a NULL pointer: quantize the weights with "
+                                    "qs_w8_quantize and pass M x K inputs and M x N outputs");
+    if (isnan(act_scale) || isinf(act_scale))
+        return qs_seterr(QS_EINVAL,
+                         "static activation scale is %g: pass a finite scale > 0, "
+                         "or <= 0 for per-token scales",
+                         (double)act_scale);
+    return qs_gemm_dims_ok(M, w->K, w->N);
+}
+
+/* ---- float64 reference ---------------------------------------------------- */
+
+int qs_w8a8_gemm_ref_f64(const qs_w8 *w, const float *X, size_t M, float act_scale, double *Y)
+{
+    int err = w8a8_args(w, X, M, act_scale, Y);
+    acts a;
+    if (err || (err = acts_make(w, X, M, act_scale, QS_PATH_SCALAR, &a)))
+        return err;
+    for (size_t m = 0; m < M; m++)
+        for (size_t n = 0; n < w->N; n++) {
+            int64_t acc = 0;
+            for (size_t k = 0; k < w->K; k++)
+                acc += (int64_t)a.xq[m * w->Kp + k] * w->w[qs_w8_index(w->N, w->Kp, n, k)];
+            Y[m * w->N + n] = (double)a.sx[m] * (double)w->scale[n] * (double)acc;
+        }
+    acts_free(&a);
+    return QS_OK;
+}
+
+/* ---- scalar: rows [n0, n1), any layout -------------------------------------- */
+
+static void rows_scalar(const qs_w8 *w, const acts *a, size_t M, size_t n0, size_t n1, float *Y)
+{
+    for (size_t n = n0; n < n1; n++)
+        for (size_t m = 0; m < M; m++) {
+            int32_t acc = 0;
+            const int8_t *x = a->xq + m * w->Kp;
+            for (size_t k = 0; k < w->Kp; k++)
+                acc += (int32_t)x[k] * w->w[qs_w8_index(w->N, w->Kp, n, k)];
+            Y[m * w->N + n] = a->sx[m] * w->scale[n] * (float)acc;
+        }
+}
+
+/* ---- AVX2 and AVX-VNNI micro-kernels -----------------------------------------
+ * RT tiles of 8 rows by TT tokens; acc[r][t] holds 8 row sums. Instantiated
+ * with constant RT and TT so that the accumulators live in registers. */
+
+#define ATTR_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define ATTR_VNNI __attribute__((target("avx2,fma,f16c,avxvnni")))
+#define INLINE    static inline __attribute__((always_inline))
+
+INLINE ATTR_AVX2 void epilogue(const qs_w8 *w, const acts *a, size_t n, size_t m, __m256i acc,
+                               int vnni, float *Y)
+{
+    if (vnni) /* undo the +128 on the activations */
+        acc = _mm256_sub_epi32(
+            acc, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(w->sum + n)), 7));
+    __m256 s = _mm256_mul_ps(_mm256_loadu_ps(w->scale + n), _mm256_set1_ps(a->sx[m]));
+    _mm256_storeu_ps(Y + m * w->N + n, _mm256_mul_ps(s, _mm256_cvtepi32_ps(acc)));
+}
+
+static inline int32_t load4(const uint8_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+INLINE ATTR_AVX2 void mk_avx2(const qs_w8 *w, const acts *a, size_t tile, size_t m0, int RT, int TT,
+                              float *Y)
+{
+    const size_t Kp = w->Kp;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[2][4];
+    for (int r = 0; r < RT; r++)
+        for (int t = 0; t < TT; t++)
+            acc[r][t] = _mm256_setzero_si256();
+    const int8_t *wt = w->w + tile * 8 * Kp;
+    for (size_t k4 = 0; k4 < Kp / 4; k4++) {
+        __m256i wa[2], wv[2];
+        for (int r = 0; r < RT; r++) {
+            wv[r] = _mm256_loadu_si256((const __m256i *)(wt + r * 8 * Kp + k4 * 32));
+            wa[r] = _mm256_abs_epi8(wv[r]);
+        }
+        for (int t = 0; t < TT; t++) {
+            __m256i xb = _mm256_set1_epi32(load4((const uint8_t *)a->xq + (m0 + t) * Kp + 4 * k4));
+            for (int r = 0; r < RT; r++) {
+                /* |w| * (x with w's sign) = w * x, pairs summed in int16 */
+                __m256i p = _mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(xb, wv[r]));
+                acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(p, ones));
+            }
+        }
+    }
+    for (int r = 0; r < RT; r++)
+        for (int t = 0; t < TT; t++)
+            epilogue(w, a, (tile + r) * 8, m0 + t, acc[r][t], 0, Y);
+}
+
+INLINE ATTR_VNNI void mk_vnni(const qs_w8 *w, const acts *a, size_t tile, size_t m0, int RT, int TT,
+                              float *Y)
+{
+    const size_t Kp = w->Kp;
+    __m256i acc[2][4];
+    for (int r = 0; r < RT; r++)
+        for (int t = 0; t < TT; t++)
+            acc[r][t] = _mm256_setzero_si256();
+    const int8_t *wt = w->w + tile * 8 * Kp;
+    for (size_t k4 = 0; k4 < Kp / 4; k4++) {
+        __m256i wv[2];
+        for (int r = 0; r < RT; r++)
+            wv[r] = _mm256_loadu_si256((const __m256i *)(wt + r * 8 * Kp + k4 * 32));
+        for (int t = 0; t < TT; t++) {
+            __m256i xb = _mm256_set1_epi32(load4(a->xa + (m0 + t) * Kp + 4 * k4));
+            for (int r = 0; r < RT; r++)
+                acc[r][t] = _mm256_dpbusd_avx_epi32(acc[r][t], xb, wv[r]);
+        }
+    }
+    for (int r = 0; r < RT; r++)
+        for (int t = 0; t < TT; t++)
+            epilogue(w, a, (tile + r) * 8, m0 + t, acc[r][t], 1, Y);
+}
+
+/* One block of RT tiles against all M tokens, TT at a time. */
+#define TILE_BLOCK(NAME, MK, ATTR)                                                                 \
+    static ATTR void NAME(const qs_w8 *w, const acts *a, size_t tile, int RT, size_t M, float *Y)  \
+    {                                                                                              \
+        size_t m = 0;                                                                              \
+        for (; m + 4 <= M; m += 4)                                                                 \
+            RT == 2 ? MK(w, a, tile, m, 2, 4, Y) : MK(w, a, tile, m, 1, 4, Y);                     \
+        for (; m < M; m++)                                                                         \
+            RT == 2 ? MK(w, a, tile, m, 2, 1, Y) : MK(w, a, tile, m, 1, 1, Y);                     \
+    }
+TILE_BLOCK(block_avx2, mk_avx2, ATTR_AVX2)
+TILE_BLOCK(block_vnni, mk_vnni, ATTR_VNNI)
+
+int qs_w8a8_gemm(const qs_w8 *w, const float *X, size_t M, float act_scale, float *Y)
+{
+    int err = w8a8_args(w, X, M, act_scale, Y);
+    int path = qs_cpu_path_id();
+    acts a;
+    if (err || (err = acts_make(w, X, M, act_scale, path, &a)))
+        return err;
+    size_t ntiles = w->N / 8, nblk = (ntiles + 1) / 2;
+    if (path == QS_PATH_SCALAR) {
+#pragma omp parallel for schedule(static)
+        for (size_t b = 0; b < nblk; b++)
+            rows_scalar(w, &a, M, b * 16, b * 16 + (2 * b + 2 <= ntiles ? 16 : 8), Y);
+    } else {
+#pragma omp parallel for schedule(static)
+        for (size_t b = 0; b < nblk; b++) {
+            int RT = 2 * b + 2 <= ntiles ? 2 : 1;
+            if (path == QS_PATH_AVXVNNI)
+                block_vnni(w, &a, 2 * b, RT, M, Y);
+            else
+                block_avx2(w, &a, 2 * b, RT, M, Y);
+        }
+    }
+    rows_scalar(w, &a, M, ntiles * 8, w->N, Y); /* the N % 8 rest */
+    acts_free(&a);
+    return QS_OK;
+}
