@@ -16,7 +16,7 @@
     }
 
 /* Llama-2/3 and SmolLM2 (Llama architecture): RMSNorm, SwiGLU, RoPE. */
-#define LLAMA(n, l, h, nh, nkv, f, v, ctx, tied)                                                   \
+#define LLAMA(n, l, h, nh, nkv, f, v, ctx, tied, theta)                                            \
     {                                                                                              \
         .name = n, .arch = QS_ARCH_LLAMA, .norm = QS_NORM_RMS, .layers = l, .hidden = h,           \
         .heads = nh, .kv_heads = nkv, .head_dim = (h) / (nh), .ffn = f, .vocab = v,                \
@@ -43,7 +43,9 @@ static const qs_model_config presets[] = {
      .gated_ffn = 0,
      .linear_bias = 1,
      .learned_pos = 1,
-     .final_norm = 0},
+     .final_norm = 0,
+     .norm_eps = 1e-5f,
+     .rope_theta = 0},
     OPT("opt-1.3b", 24, 2048, 32),
     OPT("opt-2.7b", 32, 2560, 32),
     OPT("opt-6.7b", 32, 4096, 32),
@@ -51,12 +53,12 @@ static const qs_model_config presets[] = {
     OPT("opt-30b", 48, 7168, 56),
     OPT("opt-66b", 64, 9216, 72),
     OPT("opt-175b", 96, 12288, 96),
-    LLAMA("llama-2-7b", 32, 4096, 32, 32, 11008, 32000, 4096, 0),
-    LLAMA("llama-2-13b", 40, 5120, 40, 40, 13824, 32000, 4096, 0),
-    LLAMA("llama-2-70b", 80, 8192, 64, 8, 28672, 32000, 4096, 0),
-    LLAMA("llama-3-8b", 32, 4096, 32, 8, 14336, 128256, 8192, 0),
-    LLAMA("llama-3-70b", 80, 8192, 64, 8, 28672, 128256, 8192, 0),
-    LLAMA("smollm2-135m", 30, 576, 9, 3, 1536, 49152, 8192, 1),
+    LLAMA("llama-2-7b", 32, 4096, 32, 32, 11008, 32000, 4096, 0, 10000.0f),
+    LLAMA("llama-2-13b", 40, 5120, 40, 40, 13824, 32000, 4096, 0, 10000.0f),
+    LLAMA("llama-2-70b", 80, 8192, 64, 8, 28672, 32000, 4096, 0, 10000.0f),
+    LLAMA("llama-3-8b", 32, 4096, 32, 8, 14336, 128256, 8192, 0, 500000.0f),
+    LLAMA("llama-3-70b", 80, 8192, 64, 8, 28672, 128256, 8192, 0, 500000.0f),
+    LLAMA("smollm2-135m", 30, 576, 9, 3, 1536, 49152, 8192, 1, 100000.0f),
 };
 
 size_t qs_preset_count(void)

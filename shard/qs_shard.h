@@ -39,10 +39,12 @@ typedef struct qs_model_config {
     uint32_t max_pos;   /* context length */
     uint32_t embed_dim; /* word-embedding width; == hidden except opt-350m */
     int tied_embeddings;
-    int gated_ffn;   /* 1: gate, up, down (Llama); 0: fc1, fc2 (OPT) */
-    int linear_bias; /* 1: every linear layer has a bias (OPT) */
-    int learned_pos; /* 1: a learned position table (OPT); 0: RoPE */
-    int final_norm;  /* 1: a norm after the last layer */
+    int gated_ffn;    /* 1: gate, up, down (Llama); 0: fc1, fc2 (OPT) */
+    int linear_bias;  /* 1: every linear layer has a bias (OPT) */
+    int learned_pos;  /* 1: a learned position table (OPT); 0: RoPE */
+    int final_norm;   /* 1: a norm after the last layer */
+    float norm_eps;   /* LayerNorm / RMSNorm epsilon */
+    float rope_theta; /* RoPE base (Llama); 0 for learned positions */
 } qs_model_config;
 
 /* The presets, in a fixed order; qs_preset_find matches the name exactly,
@@ -50,6 +52,10 @@ typedef struct qs_model_config {
 size_t qs_preset_count(void);
 const qs_model_config *qs_preset_at(size_t i);
 const qs_model_config *qs_preset_find(const char *name);
+
+/* Checks a configuration read from a file: every count non-zero and within
+ * sane bounds, heads * head_dim == hidden, kv_heads dividing heads. */
+int qs_config_check(const qs_model_config *m);
 
 /* ---- Quantization scheme ------------------------------------------------ */
 
@@ -139,6 +145,82 @@ uint32_t qs_default_group(const qs_model_config *m);
  * (KiB, MiB, GiB, TiB), e.g. "80GiB", "79.5GiB". Decimal units (GB) are
  * refused as ambiguous. */
 int qs_parse_bytes(const char *s, uint64_t *out);
+
+/* ---- Weight files: GGUF and safetensors ---------------------------------
+ * A weight file is memory-mapped read-only; every header length, offset,
+ * shape and type is checked against the file size before use, and a failure
+ * names the file and the tensor. Tensors are read as fp32 slices, so a rank
+ * touches only the pages of its own shard.
+ */
+
+typedef enum qs_dtype {
+    QS_DTYPE_F32,
+    QS_DTYPE_F16,
+    QS_DTYPE_BF16,
+    QS_DTYPE_I8,
+    QS_DTYPE_I32,
+    QS_DTYPE_Q8_0, /* GGUF: blocks of 32, fp16 scale + 32 int8 */
+    QS_DTYPE_Q4_0, /* GGUF: blocks of 32, fp16 scale + 16 bytes of nibbles, x = (q - 8) d */
+    QS_DTYPE_Q4_1, /* GGUF: blocks of 32, fp16 scale and min + nibbles, x = q d + m */
+} qs_dtype;
+
+const char *qs_dtype_name(qs_dtype t);
+
+#define QS_MAX_DIMS 4
+
+/* shape[] is outermost first (PyTorch order): a linear weight is {out, in}. */
+typedef struct qs_tensor_info {
+    const char *name;
+    qs_dtype dtype;
+    uint32_t ndim;
+    uint64_t shape[QS_MAX_DIMS];
+    uint64_t nbytes;
+    const uint8_t *data; /* inside the mapping */
+    const char *file;    /* the file it lives in */
+} qs_tensor_info;
+
+typedef struct qs_weights qs_weights;
+
+/* Opens a GGUF file, a .safetensors file, a sharded safetensors index
+ * (model.safetensors.index.json) or a directory holding one of those. */
+int qs_weights_open(const char *path, qs_weights **out);
+void qs_weights_close(qs_weights *w);
+
+size_t qs_weights_count(const qs_weights *w);
+const qs_tensor_info *qs_weights_at(const qs_weights *w, size_t i);
+/* NULL (and a message) if absent. */
+const qs_tensor_info *qs_weights_find(const qs_weights *w, const char *name);
+
+/* Reads rows [row0, row0 + nrows) and columns [col0, col0 + ncols) of a 1-D
+ * or 2-D tensor (1-D: one row) as fp32 into dst (nrows x ncols, row-major).
+ * Quantized GGUF blocks are dequantized; NaN or Inf in the values is an
+ * error naming the tensor. */
+int qs_weights_read_f32(const qs_weights *w, const qs_tensor_info *t, uint64_t row0, uint64_t nrows,
+                        uint64_t col0, uint64_t ncols, float *dst);
+
+/* GGUF metadata (QS_ENOTFOUND if absent, QS_EFORMAT if of another type;
+ * integers of any width convert when they fit). Strings are not
+ * NUL-terminated inside the file: they come with their length. */
+int qs_weights_meta_u64(const qs_weights *w, const char *key, uint64_t *out);
+int qs_weights_meta_f32(const qs_weights *w, const char *key, float *out);
+int qs_weights_meta_str(const qs_weights *w, const char *key, const char **s, size_t *len);
+/* An array: its element type (the GGUF type number) and count, and a cursor
+ * to read elements with qs_weights_meta_array_str / _i64 / _f32. */
+typedef struct qs_meta_array {
+    uint32_t type;
+    uint64_t count;
+    const uint8_t *p, *end; /* private */
+} qs_meta_array;
+int qs_weights_meta_array(const qs_weights *w, const char *key, qs_meta_array *a);
+/* Next element; QS_EFORMAT if the array holds another type or is exhausted. */
+int qs_meta_array_next_str(qs_meta_array *a, const char **s, size_t *len);
+int qs_meta_array_next_f64(qs_meta_array *a, double *v);
+
+/* A model configuration from GGUF metadata (llama architecture keys) or a
+ * Hugging Face config.json (OPT and Llama keys); checked with
+ * qs_config_check. */
+int qs_config_from_gguf(const qs_weights *w, qs_model_config *out);
+int qs_config_from_json(const char *path, qs_model_config *out);
 
 #ifdef __cplusplus
 }
