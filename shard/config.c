@@ -12,38 +12,6 @@
 
 #define MAX_CONFIG_BYTES (1u << 20)
 
-int qs_config_check(const qs_model_config *m)
-{
-    /* Generous bounds: well above any published model, low enough that the
-     * planner's 64-bit byte counts cannot overflow. */
-    const struct {
-        const char *what;
-        uint32_t v, max;
-    } f[] = {{"layers", m->layers, 1024},
-             {"hidden size", m->hidden, 1u << 17},
-             {"attention heads", m->heads, 1024},
-             {"KV heads", m->kv_heads, 1024},
-             {"head size", m->head_dim, 1024},
-             {"FFN size", m->ffn, 1u << 19},
-             {"vocabulary", m->vocab, 1u << 22},
-             {"context", m->max_pos, 1u << 21},
-             {"embedding width", m->embed_dim, 1u << 17}};
-    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
-        if (f[i].v == 0 || f[i].v > f[i].max)
-            return qs_seterr(QS_EFORMAT, "model '%s': %s %u is outside 1..%u", m->name, f[i].what,
-                             f[i].v, f[i].max);
-    if ((uint64_t)m->heads * m->head_dim != m->hidden)
-        return qs_seterr(QS_EFORMAT, "model '%s': %u heads of %u do not make the hidden size %u",
-                         m->name, m->heads, m->head_dim, m->hidden);
-    if (m->heads % m->kv_heads)
-        return qs_seterr(QS_EFORMAT, "model '%s': %u KV heads do not divide %u attention heads",
-                         m->name, m->kv_heads, m->heads);
-    if (!(m->norm_eps > 0 && m->norm_eps < 1) || !isfinite(m->rope_theta) || m->rope_theta < 0)
-        return qs_seterr(QS_EFORMAT, "model '%s': norm epsilon %g or RoPE base %g is invalid",
-                         m->name, m->norm_eps, m->rope_theta);
-    return QS_OK;
-}
-
 static int get_u32(const cJSON *o, const char *key, int required, uint32_t dflt, uint32_t *out,
                    const char *path)
 {

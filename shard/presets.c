@@ -1,6 +1,7 @@
 /* Architecture presets: the shapes published in each model's config.json. */
 #include "qs_shard.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 #include <strings.h>
@@ -12,7 +13,7 @@
         .name = n, .arch = QS_ARCH_OPT, .norm = QS_NORM_LAYER, .layers = l, .hidden = h,           \
         .heads = nh, .kv_heads = nh, .head_dim = (h) / (nh), .ffn = 4 * (h), .vocab = 50272,       \
         .max_pos = 2048, .embed_dim = h, .tied_embeddings = 1, .gated_ffn = 0, .linear_bias = 1,   \
-        .learned_pos = 1, .final_norm = 1                                                          \
+        .learned_pos = 1, .final_norm = 1, .norm_eps = 1e-5f                                       \
     }
 
 /* Llama-2/3 and SmolLM2 (Llama architecture): RMSNorm, SwiGLU, RoPE. */
@@ -21,7 +22,7 @@
         .name = n, .arch = QS_ARCH_LLAMA, .norm = QS_NORM_RMS, .layers = l, .hidden = h,           \
         .heads = nh, .kv_heads = nkv, .head_dim = (h) / (nh), .ffn = f, .vocab = v,                \
         .max_pos = ctx, .embed_dim = h, .tied_embeddings = tied, .gated_ffn = 1, .linear_bias = 0, \
-        .learned_pos = 0, .final_norm = 1                                                          \
+        .learned_pos = 0, .final_norm = 1, .norm_eps = 1e-5f, .rope_theta = theta                  \
     }
 
 static const qs_model_config presets[] = {
@@ -85,4 +86,37 @@ const qs_model_config *qs_preset_find(const char *name)
                                 presets[i].name);
     qs_seterr(QS_ENOTFOUND, "unknown model '%s': choose one of %s", name ? name : "(null)", known);
     return NULL;
+}
+
+/* Every configuration, preset or read from a file, passes this before use. */
+int qs_config_check(const qs_model_config *m)
+{
+    /* Generous bounds: well above any published model, low enough that the
+     * planner's 64-bit byte counts cannot overflow. */
+    const struct {
+        const char *what;
+        uint32_t v, max;
+    } f[] = {{"layers", m->layers, 1024},
+             {"hidden size", m->hidden, 1u << 17},
+             {"attention heads", m->heads, 1024},
+             {"KV heads", m->kv_heads, 1024},
+             {"head size", m->head_dim, 1024},
+             {"FFN size", m->ffn, 1u << 19},
+             {"vocabulary", m->vocab, 1u << 22},
+             {"context", m->max_pos, 1u << 21},
+             {"embedding width", m->embed_dim, 1u << 17}};
+    for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
+        if (f[i].v == 0 || f[i].v > f[i].max)
+            return qs_seterr(QS_EFORMAT, "model '%s': %s %u is outside 1..%u", m->name, f[i].what,
+                             f[i].v, f[i].max);
+    if ((uint64_t)m->heads * m->head_dim != m->hidden)
+        return qs_seterr(QS_EFORMAT, "model '%s': %u heads of %u do not make the hidden size %u",
+                         m->name, m->heads, m->head_dim, m->hidden);
+    if (m->heads % m->kv_heads)
+        return qs_seterr(QS_EFORMAT, "model '%s': %u KV heads do not divide %u attention heads",
+                         m->name, m->kv_heads, m->heads);
+    if (!(m->norm_eps > 0 && m->norm_eps < 1) || !isfinite(m->rope_theta) || m->rope_theta < 0)
+        return qs_seterr(QS_EFORMAT, "model '%s': norm epsilon %g or RoPE base %g is invalid",
+                         m->name, m->norm_eps, m->rope_theta);
+    return QS_OK;
 }

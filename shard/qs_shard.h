@@ -222,6 +222,60 @@ int qs_meta_array_next_f64(qs_meta_array *a, double *v);
 int qs_config_from_gguf(const qs_weights *w, qs_model_config *out);
 int qs_config_from_json(const char *path, qs_model_config *out);
 
+/* ---- One rank's shard of a model: load and forward ----------------------
+ * A model is split Megatron-style over the ranks of a communicator (see
+ * shard/plan.c for the split). Every rank loads or generates only its own
+ * slice, quantizes it with the chosen scheme and runs the forward pass on
+ * it; the all-reduces after the row-parallel layers and the all-gather of
+ * the logits go through collectives/.
+ *
+ * On CPU ranks, activations, the KV cache and the parts kept in fp16 on a
+ * GPU (embeddings, norms, biases, the fp16 scheme's weights) are held in
+ * fp32: the CPU has no fp16 arithmetic worth using. Quantized weights are
+ * held in their packed formats (kernels/qs_kernels.h). */
+
+typedef struct qs_comm qs_comm; /* collectives/qs_collectives.h */
+typedef struct qs_model qs_model;
+
+typedef struct qs_model_opts {
+    qs_quant quant;            /* scheme; bits 0 = the scheme's default */
+    const char *weights;       /* GGUF or safetensors path; NULL = synthetic */
+    uint64_t seed;             /* synthetic weights: same seed, same model on any split */
+    uint32_t outlier_channels; /* synthetic: hidden channels with 20x activations */
+    uint32_t max_slots;        /* sequences the KV cache holds at once (default 1) */
+    uint32_t max_seq;          /* tokens per sequence (default min(context, 2048)) */
+    unsigned bcq_iters;        /* BCQ refinement iterations (0: the quantizer's default) */
+} qs_model_opts;
+
+/* Loads this rank's shard (collective over tp: every rank of the group calls
+ * it). The configuration is checked against the file and against the split
+ * (qs_tp_check). */
+int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm *tp,
+                  qs_model **out);
+void qs_model_close(qs_model *m);
+const qs_model_config *qs_model_cfg(const qs_model *m);
+/* Bytes this rank actually allocated, by part. */
+void qs_model_bytes(const qs_model *m, qs_rank_bytes *out);
+
+/* Runs n tokens (collective over tp). Token i goes to KV slot slot[i] at
+ * position pos[i]; the earlier positions of that slot must already be in the
+ * cache, from earlier calls or from earlier tokens of this call. Logits of
+ * tokens [first_logit, n) are written to logits ((n - first_logit) x vocab,
+ * identical on every rank); first_logit == n computes none. */
+int qs_model_forward(qs_model *m, size_t n, const int32_t *tokens, const uint32_t *slot,
+                     const uint32_t *pos, size_t first_logit, float *logits);
+
+/* ---- Sampling ------------------------------------------------------------ */
+typedef struct qs_sampler {
+    float temperature; /* 0: greedy */
+    float top_p;       /* 1: off */
+    uint64_t state;    /* RNG state, from the seed */
+} qs_sampler;
+void qs_sampler_init(qs_sampler *s, float temperature, float top_p, uint64_t seed);
+/* Picks a token from vocab logits; deterministic for a seed, so every rank
+ * holding the same logits picks the same token. */
+int32_t qs_sample(qs_sampler *s, const float *logits, size_t vocab);
+
 #ifdef __cplusplus
 }
 #endif

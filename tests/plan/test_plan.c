@@ -34,8 +34,8 @@ static void test_fp16_matches_published_parameter_counts(void **state)
         const char *name;
         uint64_t params;
     } cards[] = {
-        {"opt-125m", 125239296ull},    {"opt-1.3b", 1315758080ull},
-        {"llama-2-7b", 6738415616ull}, {"llama-3-8b", 8030261248ull},
+        {"opt-125m", 125239296ull},     {"opt-1.3b", 1315758080ull},
+        {"llama-2-7b", 6738415616ull},  {"llama-3-8b", 8030261248ull},
         {"smollm2-135m", 134515008ull},
     };
     for (size_t i = 0; i < sizeof cards / sizeof cards[0]; i++) {
@@ -200,6 +200,22 @@ static void test_quant_and_workload_validation(void **state)
     assert_non_null(qs_preset_find("OPT-175B"));
 }
 
+static void test_presets_are_valid_configs(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < qs_preset_count(); i++) {
+        const qs_model_config *m = qs_preset_at(i);
+        if (qs_config_check(m) != QS_OK)
+            fail_msg("%s: %s", m->name, qs_errmsg());
+    }
+    qs_model_config bad = *qs_preset_find("llama-2-7b");
+    bad.kv_heads = 5;
+    assert_int_equal(qs_config_check(&bad), QS_EFORMAT);
+    bad = *qs_preset_find("llama-2-7b");
+    bad.head_dim = 100;
+    assert_int_equal(qs_config_check(&bad), QS_EFORMAT);
+}
+
 static void test_parse_bytes(void **state)
 {
     (void)state;
@@ -210,8 +226,9 @@ static void test_parse_bytes(void **state)
     assert_int_equal(v, 3 * 512 * 1024);
     assert_int_equal(qs_parse_bytes("4096", &v), QS_OK);
     assert_int_equal(v, 4096);
-    const char *bad[] = {"80GB", "80 GiB", "abc", "-1", "", "1e30GiB", "0", "12XiB",
-                         "99999999999999999999999999", "nan", "inf", "0.1"};
+    const char *bad[] = {
+        "80GB", "80 GiB", "abc", "-1", "", "1e30GiB", "0", "12XiB", "99999999999999999999999999",
+        "nan",  "inf",    "0.1"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         assert_int_equal(qs_parse_bytes(bad[i], &v), QS_EINVAL);
         assert_true(strlen(qs_errmsg()) > 10);
@@ -228,6 +245,7 @@ int main(void)
         cmocka_unit_test(test_opt175b_gpu_counts_on_80gib),
         cmocka_unit_test(test_tp_rules_name_the_valid_degrees),
         cmocka_unit_test(test_quant_and_workload_validation),
+        cmocka_unit_test(test_presets_are_valid_configs),
         cmocka_unit_test(test_parse_bytes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

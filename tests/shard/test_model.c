@@ -1,0 +1,513 @@
+/* The forward pass on every split, against a float64 reference written here.
+ * Run under mpirun with 1, 2 or 4 ranks. For a tiny Llama (RoPE, GQA, SwiGLU,
+ * untied head, odd vocabulary) and a tiny OPT (biases, LayerNorm, learned
+ * positions, tied head), rank 0 writes random weights as a safetensors file
+ * and a config.json; every rank loads its shard through the real loader and
+ * the logits must match the reference computed in double from the same
+ * arrays. Then: prefill equals token-by-token decode (KV cache), quantized
+ * schemes stay close to the reference of their own dequantized weights, and
+ * synthetic weights give the same logits on 1 rank as on all of them. */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "qs_collectives.h"
+#include "qs_shard.h"
+
+static int rank, world, failures;
+
+#define CHECK(cond, ...)                                                                           \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            printf("rank %d FAIL %s:%d: ", rank, __FILE__, __LINE__);                              \
+            printf(__VA_ARGS__);                                                                   \
+            printf(" [%s]\n", qs_errmsg());                                                        \
+            failures++;                                                                            \
+        }                                                                                          \
+    } while (0)
+
+/* ---- Random weights, identical on every rank ---------------------------- */
+
+static uint64_t rng = 1;
+static double urand(void)
+{
+    rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+    return (double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0;
+}
+
+typedef struct tensor {
+    char name[96];
+    size_t rows, cols;
+    float *v;
+} tensor;
+
+static tensor ts[256];
+static size_t nts;
+
+static float *add(const char *name, size_t rows, size_t cols, double scale, double offset)
+{
+    tensor *t = &ts[nts++];
+    snprintf(t->name, sizeof t->name, "%s", name);
+    t->rows = rows, t->cols = cols;
+    t->v = malloc(rows * cols * sizeof(float));
+    for (size_t i = 0; i < rows * cols; i++)
+        t->v[i] = (float)(offset + scale * urand());
+    return t->v;
+}
+
+static const float *get(const char *fmt, int l)
+{
+    char name[96];
+    snprintf(name, sizeof name, fmt, l);
+    for (size_t i = 0; i < nts; i++)
+        if (strcmp(ts[i].name, name) == 0)
+            return ts[i].v;
+    return NULL;
+}
+
+static void free_tensors(void)
+{
+    for (size_t i = 0; i < nts; i++)
+        free(ts[i].v);
+    nts = 0;
+}
+
+static void write_safetensors(const char *path)
+{
+    char *hdr = malloc(65536);
+    size_t off = 0, at = 0;
+    at += (size_t)sprintf(hdr + at, "{");
+    for (size_t i = 0; i < nts; i++) {
+        size_t bytes = ts[i].rows * ts[i].cols * 4;
+        if (ts[i].rows == 1)
+            at += (size_t)sprintf(hdr + at,
+                                  "%s\"%s\":{\"dtype\":\"F32\",\"shape\":[%zu],"
+                                  "\"data_offsets\":[%zu,%zu]}",
+                                  i ? "," : "", ts[i].name, ts[i].cols, off, off + bytes);
+        else
+            at +=
+                (size_t)sprintf(hdr + at,
+                                "%s\"%s\":{\"dtype\":\"F32\",\"shape\":[%zu,%zu],"
+                                "\"data_offsets\":[%zu,%zu]}",
+                                i ? "," : "", ts[i].name, ts[i].rows, ts[i].cols, off, off + bytes);
+        off += bytes;
+    }
+    at += (size_t)sprintf(hdr + at, "}");
+    FILE *f = fopen(path, "wb");
+    uint64_t n = at;
+    fwrite(&n, 8, 1, f);
+    fwrite(hdr, 1, at, f);
+    for (size_t i = 0; i < nts; i++)
+        fwrite(ts[i].v, 4, ts[i].rows * ts[i].cols, f);
+    fclose(f);
+    free(hdr);
+}
+
+/* ---- The reference: one sequence, positions 0..n-1, in double ----------- */
+
+static void ref_norm(const double *x, size_t H, const float *w, const float *b, double eps,
+                     double *y)
+{
+    double mean = 0, var = 0;
+    if (b) {
+        for (size_t j = 0; j < H; j++)
+            mean += x[j];
+        mean /= H;
+    }
+    for (size_t j = 0; j < H; j++)
+        var += (x[j] - mean) * (x[j] - mean);
+    double inv = 1.0 / sqrt(var / H + eps);
+    for (size_t j = 0; j < H; j++)
+        y[j] = (x[j] - mean) * inv * w[j] + (b ? b[j] : 0);
+}
+
+/* y[N] = W[N x K] x[K] + b */
+static void ref_linear(const float *W, const float *b, const double *x, size_t N, size_t K,
+                       double *y)
+{
+    for (size_t n = 0; n < N; n++) {
+        double s = b ? b[n] : 0;
+        for (size_t k = 0; k < K; k++)
+            s += (double)W[n * K + k] * x[k];
+        y[n] = s;
+    }
+}
+
+static void ref_forward(const qs_model_config *c, const int32_t *tok, size_t n, double *logits)
+{
+    size_t H = c->hidden, hd = c->head_dim, nh = c->heads, nkv = c->kv_heads, F = c->ffn;
+    size_t V = c->vocab, L = c->layers;
+    int opt = c->arch == QS_ARCH_OPT;
+    double *x = calloc(n * H, sizeof *x), *h = malloc(H * sizeof *h);
+    double *q = malloc(n * nh * hd * sizeof *q), *k = malloc(L * n * nkv * hd * sizeof *k);
+    double *v = malloc(L * n * nkv * hd * sizeof *v), *a = malloc(nh * hd * sizeof *a);
+    double *t = malloc((H > F ? H : F) * 2 * sizeof *t), *g = malloc(F * sizeof *g);
+    const char *pfx = opt ? "model.decoder." : "model.";
+    char nm[96];
+    snprintf(nm, sizeof nm, "%sembed_tokens.weight", pfx);
+    const float *E = get(nm, 0);
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < H; j++)
+            x[i * H + j] =
+                E[(size_t)tok[i] * H + j] +
+                (opt ? get("model.decoder.embed_positions.weight", 0)[(i + 2) * H + j] : 0);
+    for (size_t l = 0; l < L; l++) {
+        const char *lp = opt ? "model.decoder.layers.%d." : "model.layers.%d.";
+#define W(s) (snprintf(nm, sizeof nm, "%s%s", lp, s), get(nm, (int)l))
+        for (size_t i = 0; i < n; i++) {
+            ref_norm(x + i * H, H,
+                     W(opt ? "self_attn_layer_norm.weight" : "input_layernorm.weight"),
+                     opt ? W("self_attn_layer_norm.bias") : NULL, c->norm_eps, h);
+            double *kk = k + (l * n + i) * nkv * hd, *vv = v + (l * n + i) * nkv * hd;
+            ref_linear(W("self_attn.q_proj.weight"), opt ? W("self_attn.q_proj.bias") : NULL, h,
+                       nh * hd, H, q + i * nh * hd);
+            ref_linear(W("self_attn.k_proj.weight"), opt ? W("self_attn.k_proj.bias") : NULL, h,
+                       nkv * hd, H, kk);
+            ref_linear(W("self_attn.v_proj.weight"), opt ? W("self_attn.v_proj.bias") : NULL, h,
+                       nkv * hd, H, vv);
+            if (!opt) { /* RoPE, Hugging Face layout: rotate halves */
+                double *vecs[2] = {q + i * nh * hd, kk};
+                size_t heads[2] = {nh, nkv};
+                for (int w = 0; w < 2; w++)
+                    for (size_t hh = 0; hh < heads[w]; hh++)
+                        for (size_t j = 0; j < hd / 2; j++) {
+                            double f = i * pow(c->rope_theta, -2.0 * j / hd);
+                            double *p = vecs[w] + hh * hd, x0 = p[j], x1 = p[j + hd / 2];
+                            p[j] = x0 * cos(f) - x1 * sin(f);
+                            p[j + hd / 2] = x0 * sin(f) + x1 * cos(f);
+                        }
+            }
+        }
+        for (size_t i = 0; i < n; i++) {
+            for (size_t hh = 0; hh < nh; hh++) {
+                size_t kvh = hh / (nh / nkv);
+                double s[64], mx = -1e300, sum = 0;
+                for (size_t p = 0; p <= i; p++) {
+                    s[p] = 0;
+                    for (size_t j = 0; j < hd; j++)
+                        s[p] += q[(i * nh + hh) * hd + j] * k[((l * n + p) * nkv + kvh) * hd + j];
+                    s[p] /= sqrt((double)hd);
+                    mx = s[p] > mx ? s[p] : mx;
+                }
+                for (size_t p = 0; p <= i; p++)
+                    sum += s[p] = exp(s[p] - mx);
+                for (size_t j = 0; j < hd; j++) {
+                    double o = 0;
+                    for (size_t p = 0; p <= i; p++)
+                        o += s[p] / sum * v[((l * n + p) * nkv + kvh) * hd + j];
+                    a[hh * hd + j] = o;
+                }
+            }
+            ref_linear(W(opt ? "self_attn.out_proj.weight" : "self_attn.o_proj.weight"),
+                       opt ? W("self_attn.out_proj.bias") : NULL, a, H, nh * hd, t);
+            for (size_t j = 0; j < H; j++)
+                x[i * H + j] += t[j];
+        }
+        for (size_t i = 0; i < n; i++) {
+            ref_norm(x + i * H, H,
+                     W(opt ? "final_layer_norm.weight" : "post_attention_layernorm.weight"),
+                     opt ? W("final_layer_norm.bias") : NULL, c->norm_eps, h);
+            if (opt) {
+                ref_linear(W("fc1.weight"), W("fc1.bias"), h, F, H, g);
+                for (size_t j = 0; j < F; j++)
+                    g[j] = g[j] > 0 ? g[j] : 0;
+                ref_linear(W("fc2.weight"), W("fc2.bias"), g, H, F, t);
+            } else {
+                ref_linear(W("mlp.gate_proj.weight"), NULL, h, F, H, g);
+                ref_linear(W("mlp.up_proj.weight"), NULL, h, F, H, t);
+                for (size_t j = 0; j < F; j++)
+                    g[j] = g[j] / (1 + exp(-g[j])) * t[j];
+                ref_linear(W("mlp.down_proj.weight"), NULL, g, H, F, t);
+            }
+            for (size_t j = 0; j < H; j++)
+                x[i * H + j] += t[j];
+        }
+#undef W
+    }
+    snprintf(nm, sizeof nm, "%s%s", pfx, opt ? "final_layer_norm.weight" : "norm.weight");
+    const float *fw = get(nm, 0);
+    const float *fb = opt ? get("model.decoder.final_layer_norm.bias", 0) : NULL;
+    const float *head = opt ? E : get("lm_head.weight", 0);
+    for (size_t i = 0; i < n; i++) {
+        ref_norm(x + i * H, H, fw, fb, c->norm_eps, h);
+        ref_linear(head, NULL, h, V, H, logits + i * V);
+    }
+    free(x), free(h), free(q), free(k), free(v), free(a), free(t), free(g);
+}
+
+/* ---- Tiny models -------------------------------------------------------- */
+
+static void make_llama(qs_model_config *c)
+{
+    *c = (qs_model_config){.name = "tiny-llama",
+                           .arch = QS_ARCH_LLAMA,
+                           .norm = QS_NORM_RMS,
+                           .layers = 2,
+                           .hidden = 128,
+                           .heads = 4,
+                           .kv_heads = 2,
+                           .head_dim = 32,
+                           .ffn = 256,
+                           .vocab = 97,
+                           .max_pos = 64,
+                           .embed_dim = 128,
+                           .gated_ffn = 1,
+                           .final_norm = 1,
+                           .norm_eps = 1e-5f,
+                           .rope_theta = 10000.0f};
+    char nm[96];
+    for (int l = 0; l < 2; l++) {
+#define A(s, r, c, sc, o)                                                                          \
+    (snprintf(nm, sizeof nm, "model.layers.%d.%s", l, s), add(nm, r, c, sc, o))
+        A("input_layernorm.weight", 1, 128, 0.2, 1.0);
+        A("post_attention_layernorm.weight", 1, 128, 0.2, 1.0);
+        A("self_attn.q_proj.weight", 128, 128, 0.15, 0);
+        A("self_attn.k_proj.weight", 64, 128, 0.15, 0);
+        A("self_attn.v_proj.weight", 64, 128, 0.15, 0);
+        A("self_attn.o_proj.weight", 128, 128, 0.1, 0);
+        A("mlp.gate_proj.weight", 256, 128, 0.15, 0);
+        A("mlp.up_proj.weight", 256, 128, 0.15, 0);
+        A("mlp.down_proj.weight", 128, 256, 0.1, 0);
+#undef A
+    }
+    add("model.embed_tokens.weight", 97, 128, 1.0, 0);
+    add("model.norm.weight", 1, 128, 0.2, 1.0);
+    add("lm_head.weight", 97, 128, 0.2, 0);
+}
+
+static void make_opt(qs_model_config *c)
+{
+    *c = (qs_model_config){.name = "tiny-opt",
+                           .arch = QS_ARCH_OPT,
+                           .norm = QS_NORM_LAYER,
+                           .layers = 2,
+                           .hidden = 128,
+                           .heads = 4,
+                           .kv_heads = 4,
+                           .head_dim = 32,
+                           .ffn = 512,
+                           .vocab = 101,
+                           .max_pos = 60,
+                           .embed_dim = 128,
+                           .tied_embeddings = 1,
+                           .linear_bias = 1,
+                           .learned_pos = 1,
+                           .final_norm = 1,
+                           .norm_eps = 1e-5f};
+    char nm[96];
+    for (int l = 0; l < 2; l++) {
+#define A(s, r, c, sc, o)                                                                          \
+    (snprintf(nm, sizeof nm, "model.decoder.layers.%d.%s", l, s), add(nm, r, c, sc, o))
+        A("self_attn_layer_norm.weight", 1, 128, 0.2, 1.0);
+        A("self_attn_layer_norm.bias", 1, 128, 0.1, 0);
+        A("final_layer_norm.weight", 1, 128, 0.2, 1.0);
+        A("final_layer_norm.bias", 1, 128, 0.1, 0);
+        const char *p[] = {"q_proj", "k_proj", "v_proj", "out_proj"};
+        for (int i = 0; i < 4; i++) {
+            char s[64];
+            snprintf(s, sizeof s, "self_attn.%s.weight", p[i]);
+            A(s, 128, 128, 0.15, 0);
+            snprintf(s, sizeof s, "self_attn.%s.bias", p[i]);
+            A(s, 1, 128, 0.1, 0);
+        }
+        A("fc1.weight", 512, 128, 0.15, 0);
+        A("fc1.bias", 1, 512, 0.1, 0);
+        A("fc2.weight", 128, 512, 0.07, 0);
+        A("fc2.bias", 1, 128, 0.1, 0);
+#undef A
+    }
+    add("model.decoder.embed_tokens.weight", 101, 128, 1.0, 0);
+    add("model.decoder.embed_positions.weight", 62, 128, 0.3, 0);
+    add("model.decoder.final_layer_norm.weight", 1, 128, 0.2, 1.0);
+    add("model.decoder.final_layer_norm.bias", 1, 128, 0.1, 0);
+}
+
+/* Relative L2 distance of float logits from double ones. */
+static double rel_l2(const float *a, const double *b, size_t n)
+{
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        num += (a[i] - b[i]) * (a[i] - b[i]);
+        den += b[i] * b[i];
+    }
+    return sqrt(num / (den > 0 ? den : 1));
+}
+
+enum { NTOK = 12 };
+
+static void run_model(qs_comm *comm, const char *dir, int opt)
+{
+    qs_model_config c;
+    rng = opt ? 7 : 3;
+    if (opt)
+        make_opt(&c);
+    else
+        make_llama(&c);
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s.safetensors", dir, c.name);
+    if (rank == 0)
+        write_safetensors(path);
+    MPI_Barrier(MPI_COMM_WORLD);
+
+    int32_t tok[NTOK];
+    uint32_t slot[NTOK] = {0}, pos[NTOK];
+    for (int i = 0; i < NTOK; i++)
+        tok[i] = (int32_t)((i * 37 + 5) % c.vocab), pos[i] = (uint32_t)i;
+    size_t V = c.vocab;
+    double *ref = malloc(NTOK * V * sizeof *ref);
+    ref_forward(&c, tok, NTOK, ref);
+    float *out = malloc(NTOK * V * sizeof *out);
+
+    /* fp16 scheme (fp32 on the CPU): all logits of a prefill. */
+    qs_model_opts o = {
+        .quant = {QS_SCHEME_FP16, 16, 0}, .weights = path, .max_slots = 2, .max_seq = 32};
+    qs_model *m = NULL;
+    int err = qs_model_init(&c, &o, comm, &m);
+    CHECK(err == QS_OK, "%s: init", c.name);
+    if (err)
+        goto out;
+    err = qs_model_forward(m, NTOK, tok, slot, pos, 0, out);
+    CHECK(err == QS_OK, "%s: forward", c.name);
+    double e = rel_l2(out, ref, NTOK * V);
+    CHECK(e < 1e-5, "%s fp16 on %d ranks: relative L2 %.3g vs reference", c.name, world, e);
+
+    /* The same sequence one token at a time in slot 1: the KV cache must
+     * give the prefill's logits at every step. */
+    double worst = 0;
+    for (int i = 0; i < NTOK && !err; i++) {
+        uint32_t s1 = 1;
+        err = qs_model_forward(m, 1, &tok[i], &s1, &pos[i], 0, out);
+        double d = rel_l2(out, ref + (size_t)i * V, V);
+        worst = d > worst ? d : worst;
+    }
+    CHECK(!err && worst < 1e-5, "%s: decode step by step, worst relative L2 %.3g", c.name, worst);
+
+    /* Bad input: a token outside the vocabulary, a position past the cache. */
+    int32_t bad = (int32_t)V;
+    uint32_t p0 = 0, far = 40;
+    CHECK(qs_model_forward(m, 1, &bad, slot, &p0, 0, out) == QS_EINVAL, "bad token accepted");
+    CHECK(qs_model_forward(m, 1, tok, slot, &far, 0, out) == QS_EINVAL, "bad position accepted");
+    qs_rank_bytes b;
+    qs_model_bytes(m, &b);
+    CHECK(b.linear > 0 &&
+              b.kv_cache == 2ull * c.layers * 2 * 32 *
+                                (c.kv_heads >= (uint32_t)world ? c.kv_heads / world : 1) *
+                                c.head_dim * 4,
+          "%s: KV bytes %llu", c.name, (unsigned long long)b.kv_cache);
+    qs_model_close(m);
+
+    /* Quantized: RTN 4-bit g32 and BCQ 3-bit g32 must stay near the fp
+     * reference (quantization error), W8A8 too; every rank agrees. */
+    const struct {
+        qs_quant q;
+        double tol;
+    } schemes[] = {{{QS_SCHEME_RTN, 4, 32}, 0.25},
+                   {{QS_SCHEME_BCQ, 3, 32}, 0.35},
+                   {{QS_SCHEME_W8A8, 8, 0}, 0.05}};
+    for (size_t i = 0; i < 3; i++) {
+        o.quant = schemes[i].q;
+        err = qs_model_init(&c, &o, comm, &m);
+        CHECK(err == QS_OK, "%s: init %s", c.name, qs_scheme_name(o.quant.scheme));
+        if (err)
+            continue;
+        err = qs_model_forward(m, NTOK, tok, slot, pos, NTOK - 1, out);
+        e = rel_l2(out, ref + (NTOK - 1) * V, V);
+        CHECK(!err && e < schemes[i].tol, "%s %s %d-bit on %d ranks: relative L2 %.3g (bound %g)",
+              c.name, qs_scheme_name(o.quant.scheme), o.quant.bits, world, e, schemes[i].tol);
+        if (rank == 0)
+            printf("%s %s %d-bit g%u on %d ranks: last-token logits relative L2 %.4f\n", c.name,
+                   qs_scheme_name(o.quant.scheme), o.quant.bits, o.quant.group_size, world, e);
+        qs_model_close(m);
+    }
+out:
+    if (rank == 0)
+        unlink(path);
+    free(ref);
+    free(out);
+    free_tensors();
+}
+
+/* Synthetic weights: rank 0 alone (a one-rank group) and all ranks together
+ * must produce the same logits, since every value depends only on its place. */
+static void run_synthetic(qs_comm *all)
+{
+    qs_model_config c = *qs_preset_find("smollm2-135m");
+    c.layers = 2; /* the real widths, fewer layers: a quick run */
+    qs_comm *solo = NULL;
+    int err = qs_comm_split(all, rank == 0 ? 0 : -1, 0, &solo);
+    CHECK(err == QS_OK, "split");
+    qs_model_opts o = {
+        .quant = {QS_SCHEME_RTN, 4, 64}, .seed = 42, .outlier_channels = 4, .max_seq = 16};
+    int32_t tok[4] = {1, 500, 20000, 49151};
+    uint32_t slot[4] = {0}, pos[4] = {0, 1, 2, 3};
+    float *a = malloc(c.vocab * sizeof *a), *b = malloc(c.vocab * sizeof *b);
+    qs_model *m;
+    if (world == 1 || world == 3) {
+        /* tp must divide 9 heads and 3 KV heads: 1 or 3 ranks */
+        err = qs_model_init(&c, &o, all, &m);
+        CHECK(err == QS_OK, "synthetic init on %d", world);
+        err = qs_model_forward(m, 4, tok, slot, pos, 3, a);
+        CHECK(err == QS_OK, "synthetic forward");
+        qs_model_close(m);
+    } else {
+        /* 2 or 4 ranks cannot split smollm2: the check must say so. */
+        err = qs_model_init(&c, &o, all, &m);
+        CHECK(err == QS_EINVAL && strstr(qs_errmsg(), "valid degrees"), "invalid split accepted");
+        c = *qs_preset_find("opt-125m");
+        c.layers = 2;
+        a = realloc(a, c.vocab * sizeof *a), b = realloc(b, c.vocab * sizeof *b);
+        err = qs_model_init(&c, &o, all, &m);
+        CHECK(err == QS_OK, "synthetic opt init on %d", world);
+        err = qs_model_forward(m, 4, tok, slot, pos, 3, a);
+        CHECK(err == QS_OK, "synthetic opt forward");
+        qs_model_close(m);
+    }
+    if (solo) {
+        err = qs_model_init(&c, &o, solo, &m);
+        CHECK(err == QS_OK, "synthetic init on 1");
+        err = qs_model_forward(m, 4, tok, slot, pos, 3, b);
+        double num = 0, den = 0;
+        for (size_t i = 0; i < c.vocab; i++)
+            num += (a[i] - b[i]) * (a[i] - b[i]), den += (double)b[i] * b[i];
+        CHECK(!err && den > 0 && sqrt(num / den) < 1e-4,
+              "%s synthetic: 1 rank vs %d ranks differ, relative L2 %.3g", c.name, world,
+              sqrt(num / den));
+        qs_model_close(m);
+        qs_comm_close(solo);
+    }
+    free(a), free(b);
+}
+
+int main(int argc, char **argv)
+{
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &world);
+    qs_comm *comm;
+    if (qs_comm_init_mpi(MPI_COMM_WORLD, &comm)) {
+        printf("rank %d: %s\n", rank, qs_errmsg());
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    char dir[64] = "/tmp/qs_model_XXXXXX";
+    if (rank == 0 && !mkdtemp(dir))
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    MPI_Bcast(dir, sizeof dir, MPI_CHAR, 0, MPI_COMM_WORLD);
+
+    run_model(comm, dir, 0);
+    run_model(comm, dir, 1);
+    run_synthetic(comm);
+
+    int total = 0;
+    MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    if (rank == 0) {
+        rmdir(dir);
+        printf("test_model on %d ranks: %s (%d failures)\n", world, total ? "FAILED" : "ok", total);
+    }
+    qs_comm_close(comm);
+    MPI_Finalize();
+    return total ? 1 : 0;
+}
