@@ -15,7 +15,7 @@ pkgs=(
     libcjson-dev libcmocka-dev                          # JSON output, unit tests
 )
 if [ "${1:-}" = "--slurm" ]; then
-    pkgs+=(slurm-wlm munge)
+    pkgs+=(slurm-wlm munge procps)   # procps: pgrep in tests/slurm
 fi
 
 missing=()

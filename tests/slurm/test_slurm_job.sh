@@ -49,8 +49,12 @@ cleanup() {
     if [ -f "$tmp/slurm.conf" ]; then
         SLURM_CONF=$tmp/slurm.conf timeout 10 scancel --full --signal=KILL --partition=qstest >/dev/null 2>&1 || true
     fi
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    for p in "${pids[@]}"; do
+    # slurmd, slurmctld, munged: the reverse of the start order, so each
+    # still has what it needs (munge) while it shuts down.
+    local i
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+        p=${pids[i]}
+        kill -TERM "$p" 2>/dev/null || true
         for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
         kill -KILL "$p" 2>/dev/null || true
         wait "$p" 2>/dev/null || true
@@ -67,7 +71,7 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 1' INT TERM
-mkdir -p "$tmp"/{munge,state,spool,log,dev,bin,job}
+mkdir -p "$tmp"/{munge,state,spool,log,dev,bin,job,tmpfs}
 
 # --- munge: our own key and socket, independent of any system munged --------
 dd if=/dev/urandom of="$tmp/munge/munge.key" bs=1024 count=1 status=none
@@ -115,6 +119,11 @@ SlurmctldPidFile=$tmp/slurmctld.pid
 SlurmdPidFile=$tmp/slurmd.pid
 SlurmctldLogFile=$tmp/log/slurmctld.log
 SlurmdLogFile=$tmp/log/slurmd.log
+# Private TmpFS and job ids: the PMIx plugin names its directories
+# TmpFS/spmix_appdir_<uid>_<jobid>.<step>, which must not collide with
+# another copy of this test running at the same time.
+TmpFS=$tmp/tmpfs
+FirstJobId=$((1000 + RANDOM))
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -242,7 +251,7 @@ for s in load generate eval; do
     else
         check "$rc" = 1
         check -s "$out/$s.log"
-        note "$s: not working yet (exit $rc): $(tail -n 1 "$out/$s.log")"
+        note "$s: not working yet (exit $rc): $(head -n 1 "$out/$s.log")"
     fi
 done
 
