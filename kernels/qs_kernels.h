@@ -86,15 +86,20 @@ float qs_fp16_to_fp32(uint16_t h);
  * come out in row order after its even/odd byte split, so no permute is left
  * in the inner loop or the epilogue. qs_bcq_word_index() computes it.
  *
- * alpha: fp16, ordered [group][plane][row]; z: fp16, ordered [group][row].
- * Rows are innermost so that the kernel epilogue reads 32 rows at once. */
+ * alpha and z: fp16, tile by tile like the bits (32 rows, the last tile the
+ * rest), within a tile alpha ordered [group][plane][row] and z [group][row].
+ * Why: a tile's scales then stream contiguously next to its bits (ordered
+ * [group][plane][row] over the whole matrix they were 384 scattered cache
+ * misses per 32-row tile at 12288 x 12288 and halved the kernel's speed),
+ * and the epilogue reads the 32 rows of one (group, plane) as one 64-byte
+ * line. qs_bcq_alpha_index() and qs_bcq_z_index() compute the positions. */
 typedef struct qs_bcq {
     size_t N, K;     /* rows (outputs), columns (inputs) */
     unsigned q;      /* bit-planes, 1..8 */
     size_t g;        /* group size in columns; 0 = the whole row */
     uint32_t *bits;  /* q * N * nw words, order above */
-    uint16_t *alpha; /* fp16 [ngroups][q][N] */
-    uint16_t *z;     /* fp16 [ngroups][N] */
+    uint16_t *alpha; /* fp16, q * N * ngroups, order above */
+    uint16_t *z;     /* fp16, N * ngroups, order above */
 } qs_bcq;
 
 #define QS_BCQ_TILE 32 /* rows per tile in the word order */
@@ -112,6 +117,9 @@ int qs_bcq_init(qs_bcq *w, size_t N, size_t K, unsigned q, size_t g);
 void qs_bcq_close(qs_bcq *w);
 /* Index into w->bits of the word of plane i (0-based), row n, word wi. */
 size_t qs_bcq_word_index(const qs_bcq *w, unsigned i, size_t n, size_t wi);
+/* Index into w->alpha of plane i, row n, group gi; into w->z of row n, group gi. */
+size_t qs_bcq_alpha_index(const qs_bcq *w, unsigned i, size_t n, size_t gi);
+size_t qs_bcq_z_index(const qs_bcq *w, size_t n, size_t gi);
 /* Dequantizes to a row-major N x K matrix (fp32 or fp64). */
 int qs_bcq_dequant(const qs_bcq *w, float *W);
 int qs_bcq_dequant_f64(const qs_bcq *w, double *W);

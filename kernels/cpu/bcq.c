@@ -105,6 +105,20 @@ static int bcq_valid(const qs_bcq *w, const void *out)
     return qs_bcq_check(w->N, w->K, w->q, w->g);
 }
 
+size_t qs_bcq_alpha_index(const qs_bcq *w, unsigned i, size_t n, size_t gi)
+{
+    size_t ng = qs_bcq_ngroups(w->K, w->g), tile = n / QS_BCQ_TILE;
+    size_t rows = tile < w->N / QS_BCQ_TILE ? QS_BCQ_TILE : w->N - tile * QS_BCQ_TILE;
+    return tile * QS_BCQ_TILE * w->q * ng + (gi * w->q + i) * rows + n % QS_BCQ_TILE;
+}
+
+size_t qs_bcq_z_index(const qs_bcq *w, size_t n, size_t gi)
+{
+    size_t ng = qs_bcq_ngroups(w->K, w->g), tile = n / QS_BCQ_TILE;
+    size_t rows = tile < w->N / QS_BCQ_TILE ? QS_BCQ_TILE : w->N - tile * QS_BCQ_TILE;
+    return tile * QS_BCQ_TILE * ng + gi * rows + n % QS_BCQ_TILE;
+}
+
 /* One dequantizer for both precisions (the fp16 scales are exact in both);
  * the sum runs in double and is rounded once for fp32. */
 static int bcq_dequant(const qs_bcq *w, float *Wf, double *Wd)
@@ -116,9 +130,9 @@ static int bcq_dequant(const qs_bcq *w, float *Wf, double *Wd)
     for (size_t n = 0; n < w->N; n++)
         for (size_t k = 0; k < w->K; k++) {
             size_t gi = k / gs;
-            double v = qs_fp16_to_fp32(w->z[gi * w->N + n]);
+            double v = qs_fp16_to_fp32(w->z[qs_bcq_z_index(w, n, gi)]);
             for (unsigned i = 0; i < w->q; i++) {
-                double a = qs_fp16_to_fp32(w->alpha[(gi * w->q + i) * w->N + n]);
+                double a = qs_fp16_to_fp32(w->alpha[qs_bcq_alpha_index(w, i, n, gi)]);
                 uint32_t word = w->bits[qs_bcq_word_index(w, i, n, k / 32)];
                 v += (word >> (k % 32) & 1u) ? a : -a;
             }

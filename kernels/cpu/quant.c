@@ -133,8 +133,10 @@ int qs_bcq_from_rtn(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q,
         for (size_t gi = 0; gi < ng; gi++) {
             float s = r.scale[n * ng + gi], zp = r.zero[n * ng + gi];
             for (unsigned i = 0; i < q; i++)
-                out->alpha[(gi * q + i) * N + n] = qs_fp32_to_fp16(s * (float)(1u << i) * 0.5f);
-            out->z[gi * N + n] = qs_fp32_to_fp16(s * ((float)((1u << q) - 1) * 0.5f - zp));
+                out->alpha[qs_bcq_alpha_index(out, i, n, gi)] =
+                    qs_fp32_to_fp16(s * (float)(1u << i) * 0.5f);
+            out->z[qs_bcq_z_index(out, n, gi)] =
+                qs_fp32_to_fp16(s * ((float)((1u << q) - 1) * 0.5f - zp));
         }
     pack_codes(out, r.codes);
     qs_rtn_close(&r);
@@ -334,8 +336,8 @@ int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q,
                 z1 = z2;
             }
             for (unsigned i = 0; i < q; i++)
-                out->alpha[(gi * q + i) * N + n] = qs_fp32_to_fp16((float)a1[i]);
-            out->z[gi * N + n] = qs_fp32_to_fp16((float)z1);
+                out->alpha[qs_bcq_alpha_index(out, i, n, gi)] = qs_fp32_to_fp16((float)a1[i]);
+            out->z[qs_bcq_z_index(out, n, gi)] = qs_fp32_to_fp16((float)z1);
         }
         free(w);
         free(c2);

@@ -33,9 +33,9 @@ static void random_bcq(qs_bcq *w, size_t N, size_t K, unsigned q, size_t g)
     for (size_t gi = 0; gi < ng; gi++)
         for (size_t n = 0; n < N; n++) {
             for (unsigned i = 0; i < q; i++)
-                w->alpha[(gi * q + i) * N + n] =
+                w->alpha[qs_bcq_alpha_index(w, i, n, gi)] =
                     qs_fp32_to_fp16((float)(0.02 * (0.5 + tu_unif()) / (1u << (q - 1 - i))));
-            w->z[gi * N + n] = qs_fp32_to_fp16((float)(0.01 * tu_gauss()));
+            w->z[qs_bcq_z_index(w, n, gi)] = qs_fp32_to_fp16((float)(0.01 * tu_gauss()));
         }
 }
 

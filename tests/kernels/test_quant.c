@@ -32,9 +32,9 @@ static void test_rtn_as_bcq(void **state)
             for (size_t n = 0; n < N; n++)
                 for (size_t k = 0; k < K; k++) {
                     size_t gi = k / gs;
-                    float sa = fabsf(qs_fp16_to_fp32(b.z[gi * N + n]));
+                    float sa = fabsf(qs_fp16_to_fp32(b.z[qs_bcq_z_index(&b, n, gi)]));
                     for (unsigned i = 0; i < q; i++)
-                        sa += fabsf(qs_fp16_to_fp32(b.alpha[(gi * q + i) * N + n]));
+                        sa += fabsf(qs_fp16_to_fp32(b.alpha[qs_bcq_alpha_index(&b, i, n, gi)]));
                     float tol = sa * (1.0f / 2048) * 1.001f + 1e-7f;
                     assert_true(fabsf(A[n * K + k] - B[n * K + k]) <= tol);
                     /* and RTN itself is within half a step of W */

@@ -1,0 +1,327 @@
+/* qbench: times the CPU kernels against OpenBLAS fp32 on DRAM-resident weights.
+ *
+ *   qbench [--quick] [--json] [--threads N] [--path scalar|avx2|avxvnni]
+ *
+ * It first measures this machine's memory read bandwidth (OpenMP sum over a
+ * 1 GiB buffer, median of 5), then for each shape, scheme and batch prints
+ * the median time over repeats, the effective weight bandwidth, the speed-up
+ * over OpenBLAS fp32 (cblas_sgemv at batch 1, cblas_sgemm above) at the same
+ * shape, batch and thread count, and the bandwidth floor fraction: (packed
+ * weight bytes / measured bandwidth) / time, 1.0 meaning the kernel streams
+ * its weights as fast as the machine can read. Each repeat uses the next of
+ * several weight copies totalling more than twice the LLC, so the weights
+ * come from DRAM, not cache. */
+#include <cblas.h>
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "qs_kernels.h"
+
+#define ROTATE_BYTES (640ull << 20) /* > 2 x this machine's 260 MiB LLC */
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static int cmp_d(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof(double), cmp_d);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static uint64_t rng = 88172645463325252ull;
+static void fill_rand(void *p, size_t bytes)
+{
+    uint64_t *u = p;
+    size_t n = bytes / 8;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        uint64_t z = rng + i * 0x9e3779b97f4a7c15ull;
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        u[i] = z ^ (z >> 31);
+    }
+    for (size_t i = n * 8; i < bytes; i++)
+        ((uint8_t *)p)[i] = (uint8_t)i;
+    rng += n * 0x9e3779b97f4a7c15ull;
+}
+
+static void fill_floats(float *p, size_t n, float sd)
+{
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        uint64_t z = (rng + i) * 0x9e3779b97f4a7c15ull;
+        z ^= z >> 29;
+        p[i] = sd * ((float)(z & 0xffff) / 32768.0f - 1.0f);
+    }
+    rng += n;
+}
+
+/* ---- memory bandwidth ---------------------------------------------------- */
+
+/* Four independent vector sums so that the add latency never limits the
+ * read rate (one chain of 8-wide adds tops out near 20 GB/s per core). */
+__attribute__((target("avx2"))) static double sum_avx2(const float *p, size_t n)
+{
+    __m256 a = _mm256_setzero_ps(), b = a, c = a, d = a;
+    for (size_t i = 0; i + 32 <= n; i += 32) {
+        a = _mm256_add_ps(a, _mm256_load_ps(p + i));
+        b = _mm256_add_ps(b, _mm256_load_ps(p + i + 8));
+        c = _mm256_add_ps(c, _mm256_load_ps(p + i + 16));
+        d = _mm256_add_ps(d, _mm256_load_ps(p + i + 24));
+    }
+    float s[8];
+    _mm256_storeu_ps(s, _mm256_add_ps(_mm256_add_ps(a, b), _mm256_add_ps(c, d)));
+    return s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
+}
+
+static double measure_bw(void)
+{
+    size_t bytes = 1ull << 30, n = bytes / 4;
+    float *buf = aligned_alloc(64, bytes);
+    if (!buf)
+        return 0;
+    fill_floats(buf, n, 1);
+    double t[5], sink = 0;
+    for (int r = 0; r < 5; r++) {
+        double t0 = now(), s = 0;
+#pragma omp parallel reduction(+ : s)
+        {
+            int id = omp_get_thread_num(), nt = omp_get_num_threads();
+            size_t chunk = n / (size_t)nt / 32 * 32, b = (size_t)id * chunk;
+            s += sum_avx2(buf + b, id == nt - 1 ? n - b : chunk);
+        }
+        t[r] = now() - t0;
+        sink += s;
+    }
+    free(buf);
+    if (sink == 12345) /* keep the sums alive */
+        puts("");
+    return (double)bytes / median(t, 5) / 1e9;
+}
+
+/* ---- one benchmark row ---------------------------------------------------- */
+
+typedef struct row {
+    size_t N, K, M;
+    const char *scheme;
+    double ms, wbytes, gbs, speedup, floor;
+} row;
+
+typedef struct bench {
+    int json, quick, threads;
+    double bw;
+    row rows[64];
+    int nrows;
+} bench;
+
+enum { S_FP32, S_BCQ3, S_BCQ4, S_W8A8 };
+static const char *scheme_name[] = {"fp32-openblas", "bcq3-g128", "bcq4-g128", "w8a8"};
+
+/* Weight copies of one scheme: enough to exceed ROTATE_BYTES. */
+typedef struct copies {
+    int n;
+    size_t bytes; /* packed weight bytes of one copy */
+    float *f[64];
+    qs_bcq b[128];
+    qs_w8 w[64];
+} copies;
+
+static int make_copies(copies *c, int scheme, size_t N, size_t K)
+{
+    memset(c, 0, sizeof(*c));
+    size_t ba = 0, bz = 0;
+    if (scheme == S_FP32)
+        c->bytes = N * K * 4;
+    else if (scheme == S_W8A8)
+        c->bytes = qs_w8_bytes(N, K);
+    else {
+        qs_bcq_sizes(N, K, scheme == S_BCQ3 ? 3 : 4, 128, &c->bytes, &ba, &bz);
+        c->bytes += ba + bz;
+    }
+    c->n = (int)((ROTATE_BYTES + c->bytes - 1) / c->bytes);
+    int cap = scheme == S_FP32 || scheme == S_W8A8 ? 64 : 128;
+    c->n = c->n < 2 ? 2 : (c->n > cap ? cap : c->n);
+    for (int i = 0; i < c->n; i++) {
+        if (scheme == S_FP32) {
+            if (!(c->f[i] = malloc(N * K * 4)))
+                return QS_ENOMEM;
+            fill_floats(c->f[i], N * K, 0.02f);
+        } else if (scheme == S_W8A8) {
+            /* Timing does not depend on the values: random codes and scales. */
+            float tiny = 0;
+            if (qs_w8_quantize(&c->w[i], &tiny, 1, 1))
+                return QS_ENOMEM;
+            qs_w8 *w = &c->w[i];
+            free(w->w), free(w->scale), free(w->sum);
+            w->N = N, w->K = K, w->Kp = (K + 3) / 4 * 4;
+            w->w = malloc(N * w->Kp), w->scale = malloc(N * 4), w->sum = malloc(N * 4);
+            if (!w->w || !w->scale || !w->sum)
+                return QS_ENOMEM;
+            fill_rand(w->w, N * w->Kp);
+            for (size_t n = 0; n < N; n++) {
+                w->w[n] = (int8_t)(w->w[n] == -128 ? 0 : w->w[n]);
+                w->scale[n] = 1e-3f, w->sum[n] = 0;
+            }
+            for (size_t k = 0; k < N * w->Kp; k++)
+                if (w->w[k] == -128)
+                    w->w[k] = 127;
+        } else {
+            qs_bcq *b = &c->b[i];
+            if (qs_bcq_init(b, N, K, scheme == S_BCQ3 ? 3 : 4, 128))
+                return QS_ENOMEM;
+            fill_rand(b->bits, c->bytes - ba - bz);
+            size_t na = ba / 2, nz = bz / 2;
+            for (size_t j = 0; j < na; j++)
+                b->alpha[j] = qs_fp32_to_fp16(0.01f / (float)(1 + j % 4));
+            for (size_t j = 0; j < nz; j++)
+                b->z[j] = qs_fp32_to_fp16(0.001f);
+        }
+    }
+    return QS_OK;
+}
+
+static void free_copies(copies *c, int scheme)
+{
+    for (int i = 0; i < c->n; i++) {
+        if (scheme == S_FP32)
+            free(c->f[i]);
+        else if (scheme == S_W8A8)
+            qs_w8_close(&c->w[i]);
+        else
+            qs_bcq_close(&c->b[i]);
+    }
+}
+
+static int run_once(copies *c, int scheme, int i, size_t N, size_t K, size_t M, const float *X,
+                    float *Y)
+{
+    switch (scheme) {
+    case S_FP32:
+        if (M == 1)
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)N, (int)K, 1.0f, c->f[i], (int)K, X, 1,
+                        0.0f, Y, 1);
+        else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)N, (int)K, 1.0f, X,
+                        (int)K, c->f[i], (int)K, 0.0f, Y, (int)N);
+        return QS_OK;
+    case S_W8A8:
+        return qs_w8a8_gemm(&c->w[i], X, M, 0, Y);
+    default:
+        return qs_lutgemm(&c->b[i], X, M, Y);
+    }
+}
+
+static int bench_shape(bench *B, size_t N, size_t K, const size_t *batches, int nb)
+{
+    size_t Mmax = batches[nb - 1];
+    float *X = malloc(Mmax * K * 4), *Y = malloc(Mmax * N * 4);
+    if (!X || !Y)
+        return QS_ENOMEM;
+    fill_floats(X, Mmax * K, 1);
+    double base[8] = {0};
+    for (int s = S_FP32; s <= S_W8A8; s++) {
+        copies *c = malloc(sizeof(copies));
+        if (!c || make_copies(c, s, N, K)) {
+            fprintf(stderr, "qbench: out of memory for %s copies of %zux%zu\n", scheme_name[s], N,
+                    K);
+            return QS_ENOMEM;
+        }
+        for (int bi = 0; bi < nb; bi++) {
+            size_t M = batches[bi];
+            /* Enough repeats for a stable median, bounded by ~2.5 s of work. */
+            double t[32];
+            int reps = 0, idx = 0;
+            run_once(c, s, idx++ % c->n, N, K, M, X, Y); /* warm-up: page faults, threads */
+            double start = now();
+            while (reps < (B->quick ? 5 : 11) && (reps < 3 || now() - start < 2.5)) {
+                double t0 = now();
+                if (run_once(c, s, idx++ % c->n, N, K, M, X, Y))
+                    return fprintf(stderr, "qbench: %s\n", qs_errmsg()), QS_EINTERNAL;
+                t[reps++] = now() - t0;
+            }
+            row *r = &B->rows[B->nrows++];
+            r->N = N, r->K = K, r->M = M, r->scheme = scheme_name[s];
+            r->ms = median(t, reps) * 1e3;
+            r->wbytes = (double)c->bytes;
+            r->gbs = r->wbytes / (r->ms * 1e-3) / 1e9;
+            if (s == S_FP32)
+                base[bi] = r->ms;
+            r->speedup = base[bi] / r->ms;
+            r->floor = (r->wbytes / (B->bw * 1e9)) / (r->ms * 1e-3);
+            if (!B->json)
+                printf("%5zux%-5zu  %-14s %5zu  %10.3f  %8.2f  %8.2fx  %6.2f\n", N, K, r->scheme, M,
+                       r->ms, r->gbs, r->speedup, r->floor);
+            fflush(stdout);
+        }
+        free_copies(c, s);
+        free(c);
+    }
+    free(X), free(Y);
+    return QS_OK;
+}
+
+int main(int argc, char **argv)
+{
+    bench B = {0};
+    B.threads = omp_get_max_threads();
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--json"))
+            B.json = 1;
+        else if (!strcmp(argv[i], "--quick"))
+            B.quick = 1;
+        else if (!strcmp(argv[i], "--threads") && i + 1 < argc)
+            B.threads = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--path") && i + 1 < argc) {
+            if (qs_cpu_force_path(argv[++i]))
+                return fprintf(stderr, "qbench: %s\n", qs_errmsg()), 2;
+        } else {
+            fprintf(stderr, "usage: qbench [--quick] [--json] [--threads N] "
+                            "[--path scalar|avx2|avxvnni]\n");
+            return 2;
+        }
+    }
+    if (B.threads < 1)
+        B.threads = 1;
+    omp_set_num_threads(B.threads);
+    openblas_set_num_threads(B.threads);
+    B.bw = measure_bw();
+    if (!B.json) {
+        printf("qbench: %d threads, kernel path %s, OpenBLAS %s\n", B.threads, qs_cpu_path(),
+               openblas_get_config());
+        printf("memory read bandwidth (1 GiB OpenMP sum, median of 5): %.2f GB/s\n\n", B.bw);
+        printf("%-11s  %-14s %5s  %10s  %8s  %9s  %6s\n", "shape NxK", "scheme", "batch",
+               "median ms", "GB/s", "vs fp32", "floor");
+    }
+    const size_t all[] = {1, 32, 128}, one[] = {1};
+    if (bench_shape(&B, 4096, 4096, all, B.quick ? 2 : 3) ||
+        bench_shape(&B, 12288, 12288, B.quick ? one : all, B.quick ? 1 : 3))
+        return 1;
+    if (B.json) {
+        printf("{\"threads\": %d, \"path\": \"%s\", \"bandwidth_gbs\": %.3f, \"rows\": [\n",
+               B.threads, qs_cpu_path(), B.bw);
+        for (int i = 0; i < B.nrows; i++) {
+            row *r = &B.rows[i];
+            printf("  {\"N\": %zu, \"K\": %zu, \"scheme\": \"%s\", \"batch\": %zu, \"median_ms\": "
+                   "%.4f, \"weight_bytes\": %.0f, \"gbs\": %.3f, \"speedup_vs_fp32\": %.3f, "
+                   "\"floor_fraction\": %.3f}%s\n",
+                   r->N, r->K, r->scheme, r->M, r->ms, r->wbytes, r->gbs, r->speedup, r->floor,
+                   i + 1 < B.nrows ? "," : "");
+        }
+        printf("]}\n");
+    }
+    return 0;
+}
