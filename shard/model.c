@@ -839,3 +839,47 @@ out:
     scratch_free(&s);
     return err;
 }
+
+int qs_model_score(qs_model *m, const int32_t *tokens, size_t n, size_t first, uint32_t slot,
+                   double *nll, size_t *count)
+{
+    if (!m || !tokens || !nll || !count || n < 2 || first >= n - 1)
+        return qs_seterr(QS_EINVAL,
+                         "qs_model_score: a window of n >= 2 tokens with first < n - 1 "
+                         "is required (n %zu, first %zu)",
+                         n, first);
+    if (n > m->max_seq)
+        return qs_seterr(QS_EINVAL,
+                         "a window of %zu tokens exceeds the KV cache of %u: lower "
+                         "--ctx or load with a longer --max-seq",
+                         n, m->max_seq);
+    size_t V = m->cfg.vocab, nl = n - 1 - first;
+    uint32_t *slots = malloc(n * sizeof *slots), *pos = malloc(n * sizeof *pos);
+    float *logits = malloc((nl + 1) * V * sizeof *logits);
+    int err = QS_OK;
+    if (!slots || !pos || !logits) {
+        err = qs_seterr(QS_ENOMEM, "out of memory for the logits of a %zu-token window", n);
+        goto out;
+    }
+    for (size_t i = 0; i < n; i++)
+        slots[i] = slot, pos[i] = (uint32_t)i;
+    /* Logits of positions first .. n-1; the last one predicts nothing scored. */
+    if ((err = qs_model_forward(m, n, tokens, slots, pos, first, logits)))
+        goto out;
+    for (size_t j = 0; j < nl; j++) {
+        const float *l = logits + j * V;
+        float mx = l[0];
+        for (size_t v = 1; v < V; v++)
+            mx = l[v] > mx ? l[v] : mx;
+        double sum = 0;
+        for (size_t v = 0; v < V; v++)
+            sum += exp((double)l[v] - mx);
+        *nll += log(sum) + mx - l[tokens[first + j + 1]];
+    }
+    *count += nl;
+out:
+    free(slots);
+    free(pos);
+    free(logits);
+    return err;
+}

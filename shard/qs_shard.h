@@ -265,6 +265,14 @@ void qs_model_bytes(const qs_model *m, qs_rank_bytes *out);
 int qs_model_forward(qs_model *m, size_t n, const int32_t *tokens, const uint32_t *slot,
                      const uint32_t *pos, size_t first_logit, float *logits);
 
+/* Perplexity scoring of one window, as llama.cpp's perplexity tool does:
+ * tokens [0, n) run in KV slot `slot` from position 0, and the log-likelihood
+ * of each token after position `first` given those before it is summed:
+ * *nll += -log p(tokens[j + 1] | tokens[..j]) for j in [first, n - 1), and
+ * *count += n - 1 - first. Collective over tp. */
+int qs_model_score(qs_model *m, const int32_t *tokens, size_t n, size_t first, uint32_t slot,
+                   double *nll, size_t *count);
+
 /* ---- Sampling ------------------------------------------------------------ */
 typedef struct qs_sampler {
     float temperature; /* 0: greedy */

@@ -386,6 +386,24 @@ static void run_model(qs_comm *comm, const char *dir, int opt)
     }
     CHECK(!err && worst < 1e-5, "%s: decode step by step, worst relative L2 %.3g", c.name, worst);
 
+    /* Perplexity scoring of the second half against the reference's
+     * log-softmax. */
+    double nll = 0, want = 0;
+    size_t count = 0;
+    err = qs_model_score(m, tok, NTOK, NTOK / 2, 0, &nll, &count);
+    for (size_t j = NTOK / 2; j + 1 < NTOK; j++) {
+        const double *l = ref + j * V;
+        double mx = l[0], sum = 0;
+        for (size_t v = 1; v < V; v++)
+            mx = l[v] > mx ? l[v] : mx;
+        for (size_t v = 0; v < V; v++)
+            sum += exp(l[v] - mx);
+        want += log(sum) + mx - l[tok[j + 1]];
+    }
+    CHECK(!err && count == NTOK - 1 - NTOK / 2 && fabs(nll - want) < 1e-4 * fabs(want),
+          "%s: score nll %.6f over %zu, reference %.6f", c.name, nll, count, want);
+    CHECK(qs_model_score(m, tok, 1, 0, 0, &nll, &count) == QS_EINVAL, "1-token window accepted");
+
     /* Bad input: a token outside the vocabulary, a position past the cache. */
     int32_t bad = (int32_t)V;
     uint32_t p0 = 0, far = 40;
