@@ -143,6 +143,11 @@ const qs_model_config *qs_model_cfg(const qs_model *m)
     return &m->cfg;
 }
 
+qs_comm *qs_model_comm(const qs_model *m)
+{
+    return m->tp;
+}
+
 void qs_model_bytes(const qs_model *m, qs_rank_bytes *out)
 {
     *out = m->bytes;

@@ -254,6 +254,8 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
                   qs_model **out);
 void qs_model_close(qs_model *m);
 const qs_model_config *qs_model_cfg(const qs_model *m);
+/* The tensor-parallel group the model was loaded on. */
+qs_comm *qs_model_comm(const qs_model *m);
 /* Bytes this rank actually allocated, by part. */
 void qs_model_bytes(const qs_model *m, qs_rank_bytes *out);
 
@@ -273,12 +275,46 @@ int qs_model_forward(qs_model *m, size_t n, const int32_t *tokens, const uint32_
 int qs_model_score(qs_model *m, const int32_t *tokens, size_t n, size_t first, uint32_t slot,
                    double *nll, size_t *count);
 
+/* ---- Generation and perplexity (collective over the model's group) ------ */
+
+/* Called for each generated token on every rank; rank 0's return value
+ * decides for all: non-zero stops (a cancelled client, say). */
+typedef int (*qs_token_cb)(void *ctx, int32_t token);
+
+typedef struct qs_gen_stats {
+    size_t prompt_tokens, new_tokens;
+    double prefill_ms, decode_ms;
+    double *token_ms; /* optional: per decode step, up to token_ms_cap */
+    size_t token_ms_cap;
+} qs_gen_stats;
+
+typedef struct qs_sampler qs_sampler;
+
+/* Runs the prompt in KV slot `slot` from position 0, then samples up to
+ * max_new tokens, stopping early at eos (pass -1 for none). */
+int qs_model_generate(qs_model *m, uint32_t slot, const int32_t *prompt, size_t n, size_t max_new,
+                      qs_sampler *s, int32_t eos, qs_token_cb cb, void *ctx, qs_gen_stats *st);
+
+typedef struct qs_ppl {
+    double nll;    /* summed negative log-likelihood, nats */
+    size_t count;  /* tokens scored */
+    size_t chunks; /* windows done */
+} qs_ppl;
+/* Progress after each window; rank 0's non-zero return stops all ranks. */
+typedef int (*qs_ppl_cb)(void *ctx, const qs_ppl *sofar);
+
+/* Perplexity = exp(nll / count) over non-overlapping windows of ctx tokens
+ * of ids (at most max_chunks, 0 = all), each scored on its second half, the
+ * first token replaced by bos (-1: kept), as llama.cpp's perplexity tool. */
+int qs_model_perplexity(qs_model *m, const int32_t *ids, size_t n, size_t ctx, size_t max_chunks,
+                        int32_t bos, qs_ppl_cb cb, void *cb_ctx, qs_ppl *out);
+
 /* ---- Sampling ------------------------------------------------------------ */
-typedef struct qs_sampler {
+struct qs_sampler {
     float temperature; /* 0: greedy */
     float top_p;       /* 1: off */
     uint64_t state;    /* RNG state, from the seed */
-} qs_sampler;
+};
 void qs_sampler_init(qs_sampler *s, float temperature, float top_p, uint64_t seed);
 /* Picks a token from vocab logits; deterministic for a seed, so every rank
  * holding the same logits picks the same token. */

@@ -339,6 +339,18 @@ static double rel_l2(const float *a, const double *b, size_t n)
 
 enum { NTOK = 12 };
 
+static int32_t gen_tokens[16];
+static int gen_seen, gen_stop_at;
+
+static int on_token(void *ctx, int32_t t)
+{
+    (void)ctx;
+    if (gen_seen < 16)
+        gen_tokens[gen_seen] = t;
+    gen_seen++;
+    return gen_stop_at && gen_seen >= gen_stop_at;
+}
+
 static void run_model(qs_comm *comm, const char *dir, int opt)
 {
     qs_model_config c;
@@ -403,6 +415,37 @@ static void run_model(qs_comm *comm, const char *dir, int opt)
     CHECK(!err && count == NTOK - 1 - NTOK / 2 && fabs(nll - want) < 1e-4 * fabs(want),
           "%s: score nll %.6f over %zu, reference %.6f", c.name, nll, count, want);
     CHECK(qs_model_score(m, tok, 1, 0, 0, &nll, &count) == QS_EINVAL, "1-token window accepted");
+
+    /* Greedy generation equals the reference's greedy continuation; rank 0
+     * stopping early stops every rank at the same step. */
+    {
+        int32_t seq[NTOK];
+        memcpy(seq, tok, 6 * sizeof *seq);
+        double *rl = malloc(NTOK * V * sizeof *rl);
+        for (size_t k = 6; k < 10; k++) {
+            ref_forward(&c, seq, k, rl);
+            size_t best = 0;
+            for (size_t v = 1; v < V; v++)
+                best = rl[(k - 1) * V + v] > rl[(k - 1) * V + best] ? v : best;
+            seq[k] = (int32_t)best;
+        }
+        free(rl);
+        gen_seen = 0;
+        gen_stop_at = 0;
+        qs_sampler smp;
+        qs_sampler_init(&smp, 0, 1, 1);
+        qs_gen_stats st = {0};
+        err = qs_model_generate(m, 1, tok, 6, 4, &smp, -1, on_token, NULL, &st);
+        CHECK(!err && st.new_tokens == 4 && gen_seen == 4 &&
+                  memcmp(gen_tokens, seq + 6, 4 * sizeof *seq) == 0,
+              "%s: greedy generation %d %d %d %d, reference %d %d %d %d", c.name, gen_tokens[0],
+              gen_tokens[1], gen_tokens[2], gen_tokens[3], seq[6], seq[7], seq[8], seq[9]);
+        gen_seen = 0;
+        gen_stop_at = rank == 0 ? 2 : 0;
+        err = qs_model_generate(m, 1, tok, 6, 8, &smp, -1, on_token, NULL, &st);
+        CHECK(!err && st.new_tokens == 2, "%s: rank 0 stopped at 2, this rank made %zu", c.name,
+              st.new_tokens);
+    }
 
     /* Bad input: a token outside the vocabulary, a position past the cache. */
     int32_t bad = (int32_t)V;
