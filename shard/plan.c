@@ -186,7 +186,9 @@ static uint64_t linear_bytes(const qs_quant *q, uint64_t n, uint64_t k)
     case QS_SCHEME_FP16:
         return n * k * FP16;
     case QS_SCHEME_W8A8:
-        return n * k + n * FP32; /* int8 + fp32 scale per output channel */
+        /* int8 codes (k padded to 4 for the 4-byte dot products), an fp32
+         * scale and an int32 code sum per output channel: kernels/ qs_w8. */
+        return n * (cdiv(k, 4) * 4) + n * FP32 + n * 4;
     case QS_SCHEME_BCQ:
     case QS_SCHEME_RTN: {
         /* Packed planes: 32 signs per word along k. fp16 alpha per plane per
