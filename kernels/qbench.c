@@ -145,8 +145,9 @@ typedef struct bench {
     int nrows;
 } bench;
 
-enum { S_FP32, S_BCQ3, S_BCQ4, S_W8A8 };
-static const char *scheme_name[] = {"fp32-openblas", "bcq3-g128", "bcq4-g128", "w8a8"};
+enum { S_FP32, S_BCQ3, S_BCQ4, S_W8A8, S_BCQ3F };
+static const char *scheme_name[] = {"fp32-openblas", "bcq3-g128", "bcq4-g128", "w8a8",
+                                    "bcq3-g128-f32lut8"};
 
 /* Weight copies of one scheme: enough to exceed ROTATE_BYTES. */
 typedef struct copies {
@@ -166,7 +167,7 @@ static int make_copies(copies *c, int scheme, size_t N, size_t K)
     else if (scheme == S_W8A8)
         c->bytes = qs_w8_bytes(N, K);
     else {
-        qs_bcq_sizes(N, K, scheme == S_BCQ3 ? 3 : 4, 128, &c->bytes, &ba, &bz);
+        qs_bcq_sizes(N, K, scheme == S_BCQ4 ? 4 : 3, 128, &c->bytes, &ba, &bz);
         c->bytes += ba + bz;
     }
     c->n = (int)((ROTATE_BYTES + c->bytes - 1) / c->bytes);
@@ -198,7 +199,7 @@ static int make_copies(copies *c, int scheme, size_t N, size_t K)
                     w->w[k] = 127;
         } else {
             qs_bcq *b = &c->b[i];
-            if (qs_bcq_init(b, N, K, scheme == S_BCQ3 ? 3 : 4, 128))
+            if (qs_bcq_init(b, N, K, scheme == S_BCQ4 ? 4 : 3, 128))
                 return QS_ENOMEM;
             fill_rand(b->bits, c->bytes - ba - bz);
             size_t na = ba / 2, nz = bz / 2;
@@ -237,6 +238,8 @@ static int run_once(copies *c, int scheme, int i, size_t N, size_t K, size_t M, 
         return QS_OK;
     case S_W8A8:
         return qs_w8a8_gemm(&c->w[i], X, M, 0, Y);
+    case S_BCQ3F:
+        return qs_lutgemm_f32(&c->b[i], X, M, Y);
     default:
         return qs_lutgemm(&c->b[i], X, M, Y);
     }
@@ -250,7 +253,7 @@ static int bench_shape(bench *B, size_t N, size_t K, const size_t *batches, int 
         return QS_ENOMEM;
     fill_floats(X, Mmax * K, 1);
     double base[8] = {0};
-    for (int s = S_FP32; s <= S_W8A8; s++) {
+    for (int s = S_FP32; s <= S_BCQ3F; s++) {
         copies *c = malloc(sizeof(copies));
         if (!c || make_copies(c, s, N, K)) {
             fprintf(stderr, "qbench: out of memory for %s copies of %zux%zu\n", scheme_name[s], N,
@@ -259,6 +262,8 @@ static int bench_shape(bench *B, size_t N, size_t K, const size_t *batches, int 
         }
         for (int bi = 0; bi < nb; bi++) {
             size_t M = batches[bi];
+            if (s == S_BCQ3F && M > 1) /* token by token: batch 1 says it all */
+                continue;
             settle();
             /* Enough repeats for a stable median, bounded by ~2.5 s of work. */
             double t[32];

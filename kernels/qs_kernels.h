@@ -200,6 +200,9 @@ int qs_quant_act_static(const float *X, size_t M, size_t K, float scale, int8_t 
 
 /* LUT-GEMM over BCQ weights, M = 1..64 (larger M runs in chunks of 64). */
 int qs_lutgemm(const qs_bcq *w, const float *X, size_t M, float *Y);
+/* The paper's variant: mu = 8 fp32 tables, no table quantization (fp32
+ * rounding only), scalar reads; slower, the accuracy-first choice. */
+int qs_lutgemm_f32(const qs_bcq *w, const float *X, size_t M, float *Y);
 /* Its float64 reference: the dequantized weights times X in double. */
 int qs_lutgemm_ref_f64(const qs_bcq *w, const float *X, size_t M, double *Y);
 /* Per-output bound on |qs_lutgemm - reference| from the int8 tables (one

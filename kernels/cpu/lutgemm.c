@@ -381,7 +381,9 @@ int qs_lutgemm(const qs_bcq *w, const float *X, size_t M, float *Y)
             return err;
         /* The chunk's outputs are rows m0.. of Y: shift Y, keep stride N. */
         float *Yc = Y + m0 * w->N;
-#pragma omp parallel for schedule(static)
+        /* Dynamic chunks of 4 tiles: on a shared machine a core that loses
+         * its time slice would otherwise hold up the whole call. */
+#pragma omp parallel for schedule(dynamic, 4)
         for (size_t t = 0; t <= ntiles; t++) {
             if (t == ntiles)
                 rows_scalar(w, &L, mc, ntiles * 32, w->N, Yc);
@@ -392,5 +394,84 @@ int qs_lutgemm(const qs_bcq *w, const float *X, size_t M, float *Y)
         }
         luts_free(&L);
     }
+    return QS_OK;
+}
+
+/* ---- The paper's variant: mu = 8, fp32 tables -----------------------------
+ * Same formula, but one 256-entry fp32 table per run of 8 inputs, read with
+ * one scalar load per byte of a bit-plane word: no table quantization error
+ * (only fp32 rounding), 2x fewer reads than mu = 4, but no SIMD for the
+ * reads. Kept as the accuracy-first kernel and as the measured alternative
+ * that the int8 vpshufb design is chosen over (docs/benchmarks.md). Tables
+ * are per token (K/8 x 1 KiB), so a batch runs token by token. */
+
+static void table8(const float *x, size_t K, size_t r, float *T)
+{
+    float v[8], s = 0;
+    for (int j = 0; j < 8; j++)
+        v[j] = 8 * r + j < K ? x[8 * r + j] : 0, s += v[j];
+    T[0] = -s;
+    for (int j = 0; j < 8; j++) /* setting bit j flips -x_j to +x_j */
+        for (int p = 0; p < (1 << j); p++)
+            T[p | 1 << j] = T[p] + 2 * v[j];
+}
+
+int qs_lutgemm_f32(const qs_bcq *w, const float *X, size_t M, float *Y)
+{
+    int err = lut_args(w, X, M, Y);
+    if (err)
+        return err;
+    size_t K = w->K, N = w->N, q = w->q, nw = (K + 31) / 32, nr = nw * 4;
+    size_t ng = qs_bcq_ngroups(K, w->g), gs = w->g ? w->g : nw * 32, ntiles = (N + 31) / 32;
+    float *T = malloc(nr * 256 * sizeof(float));
+    if (!T)
+        return qs_seterr(QS_ENOMEM, "out of memory for %zu fp32 look-up tables", nr);
+    for (size_t m = 0; m < M; m++) {
+        const float *x = X + m * K;
+        float *y = Y + m * N;
+#pragma omp parallel
+        {
+#pragma omp for schedule(static)
+            for (size_t r = 0; r < nr; r++)
+                table8(x, K, r, T + r * 256);
+#pragma omp for schedule(dynamic, 4)
+            for (size_t t = 0; t < ntiles; t++) {
+                size_t n0 = t * 32, R = N - n0 < 32 ? N - n0 : 32;
+                float acc[32] = {0}, part[32];
+                for (size_t gi = 0; gi < ng; gi++) {
+                    size_t w0 = gi * gs / 32, w1 = (gi + 1) * gs / 32;
+                    w1 = w1 < nw ? w1 : nw;
+                    float xs = 0;
+                    for (size_t k = gi * gs; k < (gi + 1) * gs && k < K; k++)
+                        xs += x[k];
+                    for (size_t r = 0; r < R; r++)
+                        acc[r] += qs_fp16_to_fp32(w->z[qs_bcq_z_index(w, n0 + r, gi)]) * xs;
+                    for (unsigned i = 0; i < q; i++) {
+                        for (size_t r = 0; r < R; r++)
+                            part[r] = 0;
+                        for (size_t wi = w0; wi < w1; wi++) {
+                            const float *Tw = T + wi * 4 * 256;
+                            /* the tile's 32 words of (wi, i) are contiguous */
+                            const uint32_t *p = w->bits + qs_bcq_word_index(w, i, n0, wi);
+                            for (size_t r = 0; r < R; r++) {
+                                uint32_t word = R == 32 ? p[((r >> 1) & 3) << 3 | (r >> 4) << 2 |
+                                                            (r & 1) << 1 | ((r >> 3) & 1)]
+                                                        : p[r];
+                                part[r] += (Tw[word & 255] + Tw[256 + (word >> 8 & 255)]) +
+                                           (Tw[512 + (word >> 16 & 255)] + Tw[768 + (word >> 24)]);
+                            }
+                        }
+                        for (size_t r = 0; r < R; r++)
+                            acc[r] +=
+                                qs_fp16_to_fp32(w->alpha[qs_bcq_alpha_index(w, i, n0 + r, gi)]) *
+                                part[r];
+                    }
+                }
+                for (size_t r = 0; r < R; r++)
+                    y[n0 + r] = acc[r];
+            }
+        }
+    }
+    free(T);
     return QS_OK;
 }

@@ -239,7 +239,8 @@ int qs_w8a8_gemm(const qs_w8 *w, const float *X, size_t M, float act_scale, floa
         for (size_t b = 0; b < nblk; b++)
             rows_scalar(w, &a, M, b * 16, b * 16 + (2 * b + 2 <= ntiles ? 16 : 8), Y);
     } else {
-#pragma omp parallel for schedule(static)
+        /* Dynamic: a core that loses its time slice must not hold up the call. */
+#pragma omp parallel for schedule(dynamic, 2)
         for (size_t b = 0; b < nblk; b++) {
             int RT = 2 * b + 2 <= ntiles ? 2 : 1;
             if (path == QS_PATH_AVXVNNI)

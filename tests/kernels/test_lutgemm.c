@@ -65,6 +65,13 @@ static void check(const qs_bcq *w, size_t M, const char *path)
             fail_msg("%s N=%zu K=%zu q=%u g=%zu M=%zu: out %zu off by %g > bound %g", path, N, K,
                      w->q, w->g, M, i, d, lim);
     }
+    /* The mu = 8 fp32-table variant: fp32 rounding only. */
+    assert_int_equal(qs_lutgemm_f32(w, X, M, Y), QS_OK);
+    for (size_t i = 0; i < M * N; i++)
+        if (!(fabs(Y[i] - R[i]) <= 1e-5 * A[i]))
+            fail_msg("f32 N=%zu K=%zu q=%u g=%zu M=%zu: out %zu off by %g > %g", N, K, w->q, w->g,
+                     M, i, fabs(Y[i] - R[i]), 1e-5 * A[i]);
+    assert_int_equal(qs_lutgemm(w, X, M, Y), QS_OK);
     double rel = tu_rel_l2(Y, R, M * N);
     worst_rel = rel > worst_rel ? rel : worst_rel;
     if (!(rel < 0.02))
@@ -131,13 +138,16 @@ static void test_lutgemm_nonfinite(void **state)
         tu_fill_gauss(X, M * K, 1);
         X[1 * K + 17] = NAN;
         X[2 * K + 200] = INFINITY;
-        assert_int_equal(qs_lutgemm(&w, X, M, Y), QS_OK);
         assert_int_equal(qs_lutgemm_ref_f64(&w, X, M, R), QS_OK);
-        for (size_t n = 0; n < N; n++) {
-            assert_false(isfinite(Y[1 * N + n]));
-            assert_false(isfinite(Y[2 * N + n]));
-            for (size_t m = 0; m < M; m += 3) /* tokens 0 and 3 are untouched */
-                assert_true(fabs(Y[m * N + n] - R[m * N + n]) < 0.05 * (1 + fabs(R[m * N + n])));
+        for (int f32 = 0; f32 < 2; f32++) {
+            assert_int_equal((f32 ? qs_lutgemm_f32 : qs_lutgemm)(&w, X, M, Y), QS_OK);
+            for (size_t n = 0; n < N; n++) {
+                assert_false(isfinite(Y[1 * N + n]));
+                assert_false(isfinite(Y[2 * N + n]));
+                for (size_t m = 0; m < M; m += 3) /* tokens 0 and 3 are untouched */
+                    assert_true(fabs(Y[m * N + n] - R[m * N + n]) <
+                                0.05 * (1 + fabs(R[m * N + n])));
+            }
         }
     }
     qs_cpu_force_path(NULL);
