@@ -135,6 +135,7 @@ struct qs_model {
     norm final_norm;
     uint32_t max_slots, max_seq;
     float *kcache, *vcache; /* [layer][slot][pos][hkv * hd] */
+    qs_calib *record;       /* SmoothQuant statistics being collected, or NULL */
     qs_rank_bytes bytes;
 };
 
@@ -322,28 +323,34 @@ static int source_read(const source *s, role r, int l, int bias, uint64_t rows, 
 
 /* ---- Loading ------------------------------------------------------------ */
 
-static int load_linear(qs_model *m, const source *s, role r, int l, linear *lin, uint64_t rows,
+/* Reads one linear layer's slice (fp32) and its bias; the weights are
+ * quantized later by finish_linear, after any smoothing is folded in. */
+static int read_linear(qs_model *m, const source *s, role r, int l, linear *lin, uint64_t rows,
                        uint64_t cols, uint64_t r0, uint64_t nr, uint64_t c0, uint64_t nc,
-                       int row_parallel, unsigned iters)
+                       int row_parallel, float **W)
 {
-    float *W, *b;
-    int err = source_read(s, r, l, 0, rows, cols, r0, nr, c0, nc, &W);
+    int err = source_read(s, r, l, 0, rows, cols, r0, nr, c0, nc, W);
     if (err)
         return err;
-    if ((err = linear_set(lin, W, nr, nc, &m->quant, iters)))
-        return err;
-    m->bytes.linear += linear_bytes(lin);
+    lin->N = nr, lin->K = nc;
     if (!m->cfg.linear_bias)
         return QS_OK;
     /* A row-parallel bias is whole on every rank and added once, after the
      * all-reduce, by rank 0's partial sum. */
-    if ((err = source_read(s, r, l, 1, 1, rows, 0, 1, r0, nr, &b)))
+    if ((err = source_read(s, r, l, 1, 1, rows, 0, 1, r0, nr, &lin->bias)))
         return err;
-    lin->bias = b;
     lin->add_bias = !row_parallel || m->rank == 0;
-    if (b)
+    if (lin->bias)
         m->bytes.fp16 += nr * sizeof(float);
     return QS_OK;
+}
+
+static int finish_linear(qs_model *m, linear *lin, float *W, unsigned iters)
+{
+    int err = linear_set(lin, W, lin->N, lin->K, &m->quant, iters);
+    if (!err)
+        m->bytes.linear += linear_bytes(lin);
+    return err;
 }
 
 static int load_norm(qs_model *m, const source *s, role r, int l, norm *nm)
@@ -369,31 +376,87 @@ static void norm_close(norm *n)
     free(n->b);
 }
 
-static int load_layer(qs_model *m, const source *s, int l, unsigned iters)
+/* SmoothQuant at one norm-fed input: s_j from the calibration abs-max of
+ * the norm's output and the column abs-max of every weight it feeds, over
+ * the whole model (a column's rows are spread over the ranks, so the maxima
+ * are all-gathered), then 1/s folded into the norm and s into the columns. */
+static int smooth_site(qs_model *m, const float *act, norm *nm, float **W, const size_t *N,
+                       size_t nlin, float alpha)
+{
+    size_t K = m->cfg.hidden, P = (size_t)m->size;
+    float *wmax = calloc(K * (P + 1), sizeof *wmax), *s = malloc(K * sizeof *s);
+    int err = QS_OK;
+    if (!wmax || !s) {
+        err = qs_seterr(QS_ENOMEM, "out of memory for SmoothQuant factors");
+        goto out;
+    }
+    float *all = wmax + K;
+    for (size_t l = 0; l < nlin; l++)
+        for (size_t n = 0; n < N[l]; n++)
+            for (size_t j = 0; j < K; j++)
+                wmax[j] = fmaxf(wmax[j], fabsf(W[l][n * K + j]));
+    if ((err = qs_comm_allgather(m->tp, wmax, all, K, QS_COLL_F32, QS_COLL_HOST)))
+        goto out;
+    for (size_t r = 0; r < P; r++)
+        for (size_t j = 0; j < K; j++)
+            wmax[j] = fmaxf(wmax[j], all[r * K + j]);
+    /* The global maxima as a one-row matrix: the kernels' formula does the rest. */
+    const float *one[1] = {wmax};
+    size_t n1 = 1;
+    if ((err = qs_smooth_scales(act, K, one, &n1, 1, alpha, s)) ||
+        (err = qs_smooth_fold(nm->w, nm->b, K, W, N, nlin, s)))
+        goto out;
+out:
+    free(wmax);
+    free(s);
+    return err;
+}
+
+static int load_layer(qs_model *m, const source *s, int l, const qs_model_opts *o)
 {
     const qs_model_config *c = &m->cfg;
     layer *L = &m->layers[l];
     uint64_t H = c->hidden, hd = c->head_dim, qd = (uint64_t)c->heads * hd;
-    uint64_t kvd = (uint64_t)c->kv_heads * hd, F = c->ffn;
+    uint64_t kvd = (uint64_t)c->kv_heads * hd, F = c->ffn, f0 = (uint64_t)m->rank * m->fr;
+    float *Wq = NULL, *Wk = NULL, *Wv = NULL, *Wo = NULL, *Wu = NULL, *Wg = NULL, *Wd = NULL;
     int err;
     if ((err = load_norm(m, s, R_ATTN_NORM, l, &L->attn_norm)) ||
         (err = load_norm(m, s, R_FFN_NORM, l, &L->ffn_norm)) ||
-        (err = load_linear(m, s, R_Q, l, &L->q, qd, H, m->q_first * hd, m->hq * hd, 0, H, 0,
-                           iters)) ||
-        (err = load_linear(m, s, R_K, l, &L->k, kvd, H, m->kv_first * hd, m->hkv * hd, 0, H, 0,
-                           iters)) ||
-        (err = load_linear(m, s, R_V, l, &L->v, kvd, H, m->kv_first * hd, m->hkv * hd, 0, H, 0,
-                           iters)) ||
-        (err = load_linear(m, s, R_O, l, &L->o, H, qd, 0, H, m->q_first * hd, m->hq * hd, 1,
-                           iters)) ||
-        (err = load_linear(m, s, R_UP, l, &L->up, F, H, (uint64_t)m->rank * m->fr, m->fr, 0, H, 0,
-                           iters)) ||
-        (err = load_linear(m, s, R_DOWN, l, &L->down, H, F, 0, H, (uint64_t)m->rank * m->fr, m->fr,
-                           1, iters)))
-        return err;
-    if (c->gated_ffn)
-        err = load_linear(m, s, R_GATE, l, &L->gate, F, H, (uint64_t)m->rank * m->fr, m->fr, 0, H,
-                          0, iters);
+        (err =
+             read_linear(m, s, R_Q, l, &L->q, qd, H, m->q_first * hd, m->hq * hd, 0, H, 0, &Wq)) ||
+        (err = read_linear(m, s, R_K, l, &L->k, kvd, H, m->kv_first * hd, m->hkv * hd, 0, H, 0,
+                           &Wk)) ||
+        (err = read_linear(m, s, R_V, l, &L->v, kvd, H, m->kv_first * hd, m->hkv * hd, 0, H, 0,
+                           &Wv)) ||
+        (err =
+             read_linear(m, s, R_O, l, &L->o, H, qd, 0, H, m->q_first * hd, m->hq * hd, 1, &Wo)) ||
+        (err = read_linear(m, s, R_UP, l, &L->up, F, H, f0, m->fr, 0, H, 0, &Wu)) ||
+        (err = read_linear(m, s, R_DOWN, l, &L->down, H, F, 0, H, f0, m->fr, 1, &Wd)) ||
+        (c->gated_ffn &&
+         (err = read_linear(m, s, R_GATE, l, &L->gate, F, H, f0, m->fr, 0, H, 0, &Wg))))
+        goto out;
+    /* W8A8 with calibration: smooth the two norm-fed inputs (q/k/v and the
+     * FFN's first layer), as SmoothQuant's reference code does. Post-LN OPT
+     * has no norm in front of them to fold into. */
+    if (m->quant.scheme == QS_SCHEME_W8A8 && o->calib && c->final_norm) {
+        float alpha = o->smooth_alpha > 0 ? o->smooth_alpha : 0.5f;
+        const float *act = o->calib->absmax + (size_t)l * 2 * H;
+        float *qkv[3] = {Wq, Wk, Wv}, *ffn[2] = {Wu, Wg};
+        size_t nqkv[3] = {L->q.N, L->k.N, L->v.N}, nffn[2] = {L->up.N, L->gate.N};
+        if ((err = smooth_site(m, act, &L->attn_norm, qkv, nqkv, 3, alpha)) ||
+            (err = smooth_site(m, act + H, &L->ffn_norm, ffn, nffn, Wg ? 2 : 1, alpha)))
+            goto out;
+    }
+    /* Quantize; finish_linear takes ownership of each array. */
+    linear *lins[] = {&L->q, &L->k, &L->v, &L->o, &L->up, &L->down, &L->gate};
+    float **ws[] = {&Wq, &Wk, &Wv, &Wo, &Wu, &Wd, &Wg};
+    for (size_t i = 0; i < sizeof lins / sizeof lins[0] && !err; i++) {
+        if (*ws[i])
+            err = finish_linear(m, lins[i], *ws[i], o->bcq_iters);
+        *ws[i] = NULL;
+    }
+out:
+    free(Wq), free(Wk), free(Wv), free(Wo), free(Wu), free(Wg), free(Wd);
     return err;
 }
 
@@ -492,7 +555,7 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
         goto fail;
     }
     for (uint32_t l = 0; l < cfg->layers; l++)
-        if ((err = load_layer(m, &s, (int)l, opts->bcq_iters)))
+        if ((err = load_layer(m, &s, (int)l, opts)))
             goto fail;
     if ((err = load_vocab_rows(m, &s, R_EMBED, E, &m->embed)))
         goto fail;
@@ -676,6 +739,18 @@ static int reduce(qs_model *m, float *y, size_t count)
     return qs_comm_allreduce_sum(m->tp, y, y, count, QS_COLL_F32, QS_COLL_HOST);
 }
 
+/* SmoothQuant calibration: the per-channel abs-max of a norm's output. */
+static void record_absmax(qs_model *m, uint32_t l, int site, const float *h, size_t n)
+{
+    if (!m->record)
+        return;
+    size_t H = m->cfg.hidden;
+    float *mx = m->record->absmax + ((size_t)l * 2 + site) * H;
+    for (size_t i = 0; i < n; i++)
+        for (size_t j = 0; j < H; j++)
+            mx[j] = fmaxf(mx[j], fabsf(h[i * H + j]));
+}
+
 static int layer_forward(qs_model *m, uint32_t l, size_t n, const uint32_t *slot,
                          const uint32_t *pos, scratch *s)
 {
@@ -690,6 +765,7 @@ static int layer_forward(qs_model *m, uint32_t l, size_t n, const uint32_t *slot
     if (pre) {
         norm_forward(&L->attn_norm, s->x, n, H, c->norm_eps, s->h);
         in = s->h;
+        record_absmax(m, l, 0, s->h, n);
     }
     if ((err = linear_forward(&L->q, in, n, s->q)) || (err = linear_forward(&L->k, in, n, s->k)) ||
         (err = linear_forward(&L->v, in, n, s->v)))
@@ -718,6 +794,7 @@ static int layer_forward(qs_model *m, uint32_t l, size_t n, const uint32_t *slot
     if (pre) {
         norm_forward(&L->ffn_norm, s->x, n, H, c->norm_eps, s->h);
         in = s->h;
+        record_absmax(m, l, 1, s->h, n);
     }
     if ((err = linear_forward(&L->up, in, n, s->ff1)))
         return err;
@@ -887,4 +964,27 @@ out:
     free(pos);
     free(logits);
     return err;
+}
+
+int qs_calib_init(qs_calib *c, const qs_model_config *cfg)
+{
+    c->layers = cfg->layers;
+    c->hidden = cfg->hidden;
+    c->absmax = calloc((size_t)cfg->layers * 2 * cfg->hidden, sizeof(float));
+    return c->absmax ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory for calibration statistics");
+}
+
+void qs_calib_close(qs_calib *c)
+{
+    free(c->absmax);
+    c->absmax = NULL;
+}
+
+int qs_model_record(qs_model *m, qs_calib *c)
+{
+    if (c && (c->layers != m->cfg.layers || c->hidden != m->cfg.hidden))
+        return qs_seterr(QS_EINVAL, "calibration statistics for %u layers x %u do not fit %s",
+                         c->layers, c->hidden, m->cfg.name);
+    m->record = c;
+    return QS_OK;
 }

@@ -216,12 +216,10 @@ static void rank_bytes(const qs_model_config *m, const qs_quant *q, uint32_t tp,
                    linear_bytes(q, h, attn_in);
     lin += m->gated_ffn ? 2 * linear_bytes(q, ffn, h) + linear_bytes(q, h, ffn)
                         : linear_bytes(q, ffn, h) + linear_bytes(q, h, ffn);
-    if (q->scheme == QS_SCHEME_W8A8) {
-        /* SmoothQuant factors of the two inputs no norm feeds (attention
-         * output, FFN down) are applied when the activations are quantized:
-         * fp16 each. One fp32 static activation scale per input (4 inputs). */
-        lin += (attn_in + ffn) * FP16 + 4 * FP32;
-    }
+    /* W8A8: SmoothQuant's factors are folded into the norms and weights
+     * (no bytes of their own); one fp32 static activation scale per input. */
+    if (q->scheme == QS_SCHEME_W8A8)
+        lin += 4 * FP32;
     r->linear = lin * m->layers;
 
     /* fp16 parts. */

@@ -237,6 +237,16 @@ int qs_config_from_json(const char *path, qs_model_config *out);
 typedef struct qs_comm qs_comm; /* collectives/qs_collectives.h */
 typedef struct qs_model qs_model;
 
+/* SmoothQuant calibration statistics: per layer, the per-channel abs-max of
+ * the two norm outputs that feed linear layers (q/k/v, and the FFN's first
+ * layer), [layer][2][hidden]. They are the same on every rank of a split. */
+typedef struct qs_calib {
+    uint32_t layers, hidden;
+    float *absmax;
+} qs_calib;
+int qs_calib_init(qs_calib *c, const qs_model_config *cfg);
+void qs_calib_close(qs_calib *c);
+
 typedef struct qs_model_opts {
     qs_quant quant;            /* scheme; bits 0 = the scheme's default */
     const char *weights;       /* GGUF or safetensors path; NULL = synthetic */
@@ -245,6 +255,8 @@ typedef struct qs_model_opts {
     uint32_t max_slots;        /* sequences the KV cache holds at once (default 1) */
     uint32_t max_seq;          /* tokens per sequence (default min(context, 2048)) */
     unsigned bcq_iters;        /* BCQ refinement iterations (0: the quantizer's default) */
+    const qs_calib *calib;     /* W8A8: smooth with these statistics (NULL: no smoothing) */
+    float smooth_alpha;        /* SmoothQuant migration strength (0: 0.5) */
 } qs_model_opts;
 
 /* Loads this rank's shard (collective over tp: every rank of the group calls
@@ -256,6 +268,10 @@ void qs_model_close(qs_model *m);
 const qs_model_config *qs_model_cfg(const qs_model *m);
 /* The tensor-parallel group the model was loaded on. */
 qs_comm *qs_model_comm(const qs_model *m);
+/* While c is set (NULL stops), forward passes accumulate SmoothQuant
+ * statistics into it: run a calibration text through an fp16 model, then
+ * load the W8A8 model with opts.calib = c. */
+int qs_model_record(qs_model *m, qs_calib *c);
 /* Bytes this rank actually allocated, by part. */
 void qs_model_bytes(const qs_model *m, qs_rank_bytes *out);
 

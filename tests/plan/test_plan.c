@@ -78,11 +78,10 @@ static void test_opt175b_bytes_from_shapes(void **state)
     p = plan("opt-175b", QS_SCHEME_RTN, 3, 0, 1, &default_w);
     assert_int_equal(p.rank.linear, lin * 3 / 8 + rows * (3 + 1) * 2);
 
-    /* W8A8: a byte per weight, an fp32 scale and an int32 sum per output row, fp16 smoothing
-     * factors for the attention-output and FFN-down inputs, four fp32 static
-     * activation scales per layer. */
+    /* W8A8: a byte per weight, an fp32 scale and an int32 sum per output row,
+     * four fp32 static activation scales per layer (smoothing is folded). */
     p = plan("opt-175b", QS_SCHEME_W8A8, 8, 0, 1, &default_w);
-    assert_int_equal(p.rank.linear, lin + rows * 8 + L * ((H + F) * 2 + 16));
+    assert_int_equal(p.rank.linear, lin + rows * 8 + L * 16);
 }
 
 static void test_opt175b_split_and_kv_cache(void **state)
