@@ -213,7 +213,10 @@ cat "$tmp/job/ge-$id.out"
 
 check() { [ "$@" ] || { show_job "$id" "ge-$id.out" "$out"; fail "check failed: [ $* ]"; }; }
 step_rc() { awk -F'\t' -v s="$1" '$1 == s { print $2 }' "$out/steps.tsv"; }
-for f in qdaemon.addr daemon.log health.txt stats.json steps.tsv summary.txt; do check -s "$out/$f"; done
+for f in daemon.log health.txt stats.json steps.tsv summary.txt; do check -s "$out/$f"; done
+# Rank 0 removes its address file as it exits: gone means a clean exit.
+check ! -e "$out/qdaemon.addr"
+grep -q '^job=.* addr=[^ ]*:[0-9][0-9]* ' "$out/summary.txt" || fail "summary.txt has no daemon address"
 check "$(step_rc health)" = 0
 check "$(step_rc stats)" = 0
 check "$(step_rc shutdown)" = 0
