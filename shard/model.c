@@ -9,7 +9,7 @@
  *   embedding: vr x E rows [rank*vr, ...); logits all-gathered to n x vocab
  */
 #define _POSIX_C_SOURCE 200809L
-#include "qs_shard.h"
+#include "model_internal.h"
 
 #include "qs_collectives.h"
 #include "qs_kernels.h"
@@ -20,19 +20,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* ---- Linear layers in any scheme ---------------------------------------- */
-
-typedef struct linear {
-    size_t N, K;
-    qs_scheme scheme;
-    float *w32;   /* fp16 scheme: fp32 on the CPU, N x K */
-    qs_bcq bcq;   /* bcq, rtn */
-    qs_w8 w8;     /* w8a8 */
-    float *bias;  /* N, or NULL */
-    int add_bias; /* 0 for row-parallel layers on ranks > 0: added once */
-} linear;
-
-static uint64_t linear_bytes(const linear *l)
+uint64_t qs_linear_bytes(const linear *l)
 {
     size_t a = 0, b = 0, c = 0;
     switch (l->scheme) {
@@ -105,39 +93,6 @@ static int linear_forward(const linear *l, const float *X, size_t M, float *Y)
                 Y[m * l->N + n] += l->bias[n];
     return err;
 }
-
-/* ---- The shard ---------------------------------------------------------- */
-
-typedef struct norm {
-    float *w, *b; /* b NULL for RMSNorm */
-} norm;
-
-typedef struct layer {
-    norm attn_norm, ffn_norm;
-    linear q, k, v, o;
-    linear up, gate, down; /* OPT: up = fc1, down = fc2, no gate */
-} layer;
-
-struct qs_model {
-    qs_model_config cfg;
-    qs_quant quant;
-    qs_comm *tp;
-    int rank, size;
-    uint32_t hq, hkv, hd, fr, vr; /* local sizes */
-    uint32_t q_first, kv_first;   /* first global head of this rank */
-    uint32_t v_first;             /* first vocabulary row */
-    int rope_adjacent;            /* GGUF Llama: rotate adjacent pairs; HF: halves */
-    layer *layers;
-    float *embed;              /* vr x E */
-    float *lm_head;            /* vr x H, or NULL when tied */
-    float *pos;                /* OPT: (max_pos + 2) x H */
-    float *proj_in, *proj_out; /* opt-350m: H x E, E x H */
-    norm final_norm;
-    uint32_t max_slots, max_seq;
-    float *kcache, *vcache; /* [layer][slot][pos][hkv * hd] */
-    qs_calib *record;       /* SmoothQuant statistics being collected, or NULL */
-    qs_rank_bytes bytes;
-};
 
 const qs_model_config *qs_model_cfg(const qs_model *m)
 {
@@ -349,7 +304,7 @@ static int finish_linear(qs_model *m, linear *lin, float *W, unsigned iters)
 {
     int err = linear_set(lin, W, lin->N, lin->K, &m->quant, iters);
     if (!err)
-        m->bytes.linear += linear_bytes(lin);
+        m->bytes.linear += qs_linear_bytes(lin);
     return err;
 }
 
@@ -440,6 +395,7 @@ static int load_layer(qs_model *m, const source *s, int l, const qs_model_opts *
      * has no norm in front of them to fold into. */
     if (m->quant.scheme == QS_SCHEME_W8A8 && o->calib && c->final_norm) {
         float alpha = o->smooth_alpha > 0 ? o->smooth_alpha : 0.5f;
+        m->smooth_alpha = alpha;
         const float *act = o->calib->absmax + (size_t)l * 2 * H;
         float *qkv[3] = {Wq, Wk, Wv}, *ffn[2] = {Wu, Wg};
         size_t nqkv[3] = {L->q.N, L->k.N, L->v.N}, nffn[2] = {L->up.N, L->gate.N};
@@ -536,7 +492,7 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
 
     qs_weights *file = NULL;
     source s = {.seed = opts->seed, .outliers = opts->outlier_channels, .cfg = &m->cfg};
-    if (opts->weights) {
+    if (opts->weights && !qs_is_checkpoint(opts->weights)) {
         if ((err = qs_weights_open(opts->weights, &file)))
             goto fail;
         s.w = file;
@@ -553,6 +509,11 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
     if (!m->layers) {
         err = qs_seterr(QS_ENOMEM, "out of memory");
         goto fail;
+    }
+    if (opts->weights && qs_is_checkpoint(opts->weights)) {
+        if ((err = qs_checkpoint_load(m, opts->weights)))
+            goto fail;
+        goto cache;
     }
     for (uint32_t l = 0; l < cfg->layers; l++)
         if ((err = load_layer(m, &s, (int)l, opts)))
@@ -576,6 +537,7 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
         m->bytes.fp16 += 2 * H * E * sizeof(float);
     }
 
+cache:;
     size_t kv = (size_t)cfg->layers * m->max_slots * m->max_seq * m->hkv * m->hd;
     m->kcache = calloc(kv, sizeof(float));
     m->vcache = calloc(kv, sizeof(float));

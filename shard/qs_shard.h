@@ -272,6 +272,16 @@ qs_comm *qs_model_comm(const qs_model *m);
  * statistics into it: run a calibration text through an fp16 model, then
  * load the W8A8 model with opts.calib = c. */
 int qs_model_record(qs_model *m, qs_calib *c);
+/* Saves this rank's quantized shard (collective: every rank writes its own
+ * DIR/rank-RRRRR-of-PPPPP.safetensors, with the scheme, bits, group size,
+ * smoothing and configuration in its metadata). A model loaded from DIR
+ * (opts.weights = DIR) skips quantization and calibration; it must be
+ * loaded on as many ranks as it was saved from. */
+int qs_model_save(const qs_model *m, const char *dir);
+/* Reads a checkpoint's configuration, scheme and split (from rank 0's file). */
+int qs_checkpoint_info(const char *dir, qs_model_config *cfg, qs_quant *q, uint32_t *tp);
+/* 1 when dir holds a qshard checkpoint. */
+int qs_is_checkpoint(const char *dir);
 /* Bytes this rank actually allocated, by part. */
 void qs_model_bytes(const qs_model *m, qs_rank_bytes *out);
 

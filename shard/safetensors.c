@@ -99,6 +99,41 @@ static int parse_entry(qs_weights *w, const cJSON *e, const char *file, const ui
     return qs_add_tensor(w, &t);
 }
 
+/* "__metadata__" holds string pairs; they are kept in GGUF's string encoding
+ * (u64 length, bytes) so that qs_weights_meta_str reads both formats. */
+static int keep_metadata(qs_weights *w, const cJSON *md, const char *file)
+{
+    if (!cJSON_IsObject(md))
+        return qs_seterr(QS_EFORMAT, "%s: __metadata__ is not an object", file);
+    size_t n = (size_t)cJSON_GetArraySize(md);
+    qs_meta *meta = realloc(w->meta, (w->nmeta + n + 1) * sizeof *meta);
+    if (!meta)
+        return qs_seterr(QS_ENOMEM, "out of memory reading %s", file);
+    w->meta = meta;
+    for (const cJSON *e = md->child; e; e = e->next) {
+        if (!cJSON_IsString(e))
+            return qs_seterr(QS_EFORMAT, "%s: __metadata__ value '%s' is not a string", file,
+                             e->string);
+        uint64_t len = strlen(e->valuestring);
+        char *tmp = malloc(8 + len);
+        char *enc = NULL;
+        if (tmp) {
+            memcpy(tmp, &len, 8);
+            memcpy(tmp + 8, e->valuestring, len);
+            enc = qs_weights_strdup(w, tmp, 8 + len);
+            free(tmp);
+        }
+        qs_meta *m = &w->meta[w->nmeta];
+        if (!enc || !(m->key = qs_weights_strdup(w, e->string, strlen(e->string))))
+            return qs_seterr(QS_ENOMEM, "out of memory reading %s", file);
+        m->type = GGUF_STRING;
+        m->val = (const uint8_t *)enc;
+        m->end = m->val + 8 + len;
+        w->nmeta++;
+    }
+    return QS_OK;
+}
+
 int qs_safetensors_parse(qs_weights *w, const uint8_t *base, size_t size)
 {
     const char *file = qs_map_path(w);
@@ -119,8 +154,9 @@ int qs_safetensors_parse(qs_weights *w, const uint8_t *base, size_t size)
     size_t first = w->ntensors;
     for (const cJSON *e = h->child; e && !err; e = e->next) {
         if (strcmp(e->string, "__metadata__") == 0)
-            continue;
-        err = parse_entry(w, e, file, base + 8 + n, size - 8 - n);
+            err = keep_metadata(w, e, file);
+        else
+            err = parse_entry(w, e, file, base + 8 + n, size - 8 - n);
     }
     cJSON_Delete(h);
     /* Duplicate names would make look-ups ambiguous. */

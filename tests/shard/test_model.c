@@ -339,6 +339,54 @@ static double rel_l2(const float *a, const double *b, size_t n)
 
 enum { NTOK = 12 };
 
+/* A saved checkpoint reloads to the very same logits, on the same split;
+ * on another split it is refused with a sentence. */
+static void check_checkpoint(qs_comm *comm, const qs_model *m, const qs_model_config *c,
+                             const qs_model_opts *o, const char *dir, const int32_t *tok,
+                             const uint32_t *slot, const uint32_t *pos, const float *want)
+{
+    char ck[600];
+    snprintf(ck, sizeof ck, "%s/ckpt-%s-%s", dir, c->name, qs_scheme_name(o->quant.scheme));
+    int err = qs_model_save(m, ck);
+    CHECK(err == QS_OK, "%s: save", ck);
+    qs_model_config cc;
+    qs_quant q;
+    uint32_t tp = 0;
+    err = qs_checkpoint_info(ck, &cc, &q, &tp);
+    CHECK(!err && tp == (uint32_t)world && q.scheme == o->quant.scheme && q.bits == o->quant.bits &&
+              cc.layers == c->layers && cc.vocab == c->vocab,
+          "%s: info", ck);
+    qs_model_opts lo = *o;
+    lo.weights = ck;
+    qs_model *r;
+    err = qs_model_init(&cc, &lo, comm, &r);
+    CHECK(err == QS_OK, "%s: reload", ck);
+    if (!err) {
+        float *got = malloc(c->vocab * sizeof *got);
+        err = qs_model_forward(r, NTOK, tok, slot, pos, NTOK - 1, got);
+        CHECK(!err && memcmp(got, want, c->vocab * sizeof *got) == 0, "%s: reloaded logits differ",
+              ck);
+        free(got);
+        qs_model_close(r);
+    }
+    if (world > 1) {
+        qs_comm *solo = NULL;
+        qs_comm_split(comm, rank == 0 ? 0 : -1, 0, &solo);
+        if (solo) {
+            err = qs_model_init(&cc, &lo, solo, &r);
+            CHECK(err != QS_OK && strstr(qs_errmsg(), "ranks"), "%s: loaded on 1 rank", ck);
+            qs_comm_close(solo);
+        }
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    if (rank == 0) {
+        char cmd[700];
+        snprintf(cmd, sizeof cmd, "rm -rf '%s'", ck);
+        if (system(cmd) != 0)
+            printf("could not remove %s\n", ck);
+    }
+}
+
 static int32_t gen_tokens[16];
 static int gen_seen, gen_stop_at;
 
@@ -482,6 +530,7 @@ static void run_model(qs_comm *comm, const char *dir, int opt)
         if (rank == 0)
             printf("%s %s %d-bit g%u on %d ranks: last-token logits relative L2 %.4f\n", c.name,
                    qs_scheme_name(o.quant.scheme), o.quant.bits, o.quant.group_size, world, e);
+        check_checkpoint(comm, m, &c, &o, dir, tok, slot, pos, out);
         qs_model_close(m);
     }
 out:
