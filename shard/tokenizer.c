@@ -18,7 +18,7 @@
  * Everything is read once at init, so the tokenizer is immutable afterwards
  * and safe to share between threads (hence no shared cache of words).
  */
-#include "tokenizer.h"
+#include "qs_shard.h"
 #include "weights_internal.h"
 
 #include <stdlib.h>

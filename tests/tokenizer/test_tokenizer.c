@@ -15,7 +15,7 @@
 
 #include <cmocka.h>
 
-#include "tokenizer.h"
+#include "qs_shard.h"
 
 static char tmpdir[256];
 
