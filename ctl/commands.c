@@ -1,0 +1,1115 @@
+/* The qctl commands that talk to qdaemon: parse options, make the call,
+ * print the answer (text, or JSON with --json). */
+#define _POSIX_C_SOURCE 200809L
+#include "qs_ctl.h"
+#include "qs_shard.h" /* qs_parse_bytes */
+
+#include <errno.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+/* ---- Option parsing ------------------------------------------------------- */
+
+typedef struct args {
+    const char *cmd;
+    const char *help;
+    int argc;
+    char **argv;
+    int i;
+    int err; /* an exit code once a usage error was printed */
+} args;
+
+static int usage_error(args *a, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+static int usage_error(args *a, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "qctl %s: ", a->cmd);
+    vfprintf(stderr, fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "\nrun 'qctl %s --help' for its options\n", a->cmd);
+    a->err = QS_EXIT_USAGE;
+    return QS_EXIT_USAGE;
+}
+
+/* Matches "--name VALUE" or "--name=VALUE" at argv[i]. */
+static int opt_val(args *a, const char *name, const char **val)
+{
+    const char *s = a->argv[a->i];
+    size_t n = strlen(name);
+    if (strncmp(s, name, n) != 0)
+        return 0;
+    if (s[n] == '=') {
+        *val = s + n + 1;
+        return 1;
+    }
+    if (s[n] != '\0')
+        return 0;
+    if (a->i + 1 >= a->argc) {
+        usage_error(a, "%s needs a value", name);
+        return 1;
+    }
+    *val = a->argv[++a->i];
+    return 1;
+}
+
+static int opt_flag(args *a, const char *name)
+{
+    return strcmp(a->argv[a->i], name) == 0;
+}
+
+static int parse_u64(args *a, const char *opt, const char *v, uint64_t max, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long x = strtoull(v, &end, 10);
+    if (a->err)
+        return -1;
+    if (!*v || *v == '-' || *end || errno || x > max) {
+        usage_error(a, "%s takes a whole number from 0 to %llu, got '%s'", opt,
+                    (unsigned long long)max, v);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+static int parse_u32(args *a, const char *opt, const char *v, uint32_t *out)
+{
+    uint64_t x;
+    if (parse_u64(a, opt, v, UINT32_MAX, &x))
+        return -1;
+    *out = (uint32_t)x;
+    return 0;
+}
+
+static int parse_double(args *a, const char *opt, const char *v, double *out)
+{
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    if (a->err)
+        return -1;
+    if (!*v || *end || errno || !isfinite(x)) {
+        usage_error(a, "%s takes a number, got '%s'", opt, v);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+static int parse_size(args *a, const char *opt, const char *v, uint64_t *out)
+{
+    if (a->err)
+        return -1;
+    if (qs_parse_bytes(v, out) != QS_OK) {
+        usage_error(a, "%s: %s", opt, qs_errmsg());
+        return -1;
+    }
+    return 0;
+}
+
+/* Options every command takes. 1: consumed (check a->err). */
+static int global_opt(qs_ctl_global *g, args *a)
+{
+    const char *v;
+    if (opt_flag(a, "--json")) {
+        g->json = 1;
+        return 1;
+    }
+    if (opt_val(a, "--addr", &v)) {
+        if (!a->err) {
+            if (!*v || strlen(v) >= sizeof g->addr)
+                usage_error(a, "--addr takes HOST:PORT, got '%s'", v);
+            else
+                snprintf(g->addr, sizeof g->addr, "%s", v);
+        }
+        return 1;
+    }
+    if (opt_val(a, "--timeout", &v)) {
+        if (!parse_double(a, "--timeout", v, &g->timeout) && g->timeout < 0)
+            usage_error(a, "--timeout takes seconds >= 0 (0: none), got '%s'", v);
+        return 1;
+    }
+    if (opt_val(a, "--connect-timeout", &v)) {
+        if (!parse_double(a, "--connect-timeout", v, &g->connect_timeout) &&
+            g->connect_timeout <= 0)
+            usage_error(a, "--connect-timeout takes seconds > 0, got '%s'", v);
+        return 1;
+    }
+    return 0;
+}
+
+static const char global_help[] =
+    "\ncommon options:\n"
+    "  --addr HOST:PORT          the daemon (default $QSHARD_ADDR or " QS_CTL_DEFAULT_ADDR ")\n"
+    "  --json                    print the answer as JSON\n"
+    "  --timeout SECS            give up on the answer after SECS (0: wait forever)\n"
+    "  --connect-timeout SECS    give up connecting after SECS (default 5)\n"
+    "  -h, --help                this help\n"
+    "\nexit codes: 0 ok, 1 the daemon refused (the reason is printed), 2 usage,\n"
+    "3 the daemon is unreachable\n";
+
+/* Loop head shared by the commands: help, global options, unknown options.
+ * Returns 1 when argv[a->i] is left for the command, 0 when handled (check
+ * a->err, and a->err == -1 for help). */
+static int next_arg(qs_ctl_global *g, args *a)
+{
+    const char *s = a->argv[a->i];
+    if (!strcmp(s, "-h") || !strcmp(s, "--help")) {
+        fputs(a->help, stdout);
+        fputs(global_help, stdout);
+        a->err = -1;
+        return 0;
+    }
+    if (global_opt(g, a))
+        return 0;
+    return 1;
+}
+
+static int unknown_arg(args *a)
+{
+    const char *s = a->argv[a->i];
+    if (s[0] == '-')
+        return usage_error(a, "unknown option '%s'", s);
+    return usage_error(a, "unexpected argument '%s'", s);
+}
+
+/* The end of a parse: 0 to go on, else the exit code. */
+static int parse_done(args *a)
+{
+    return a->err == -1 ? QS_EXIT_OK : a->err;
+}
+
+static double timeout_or(const qs_ctl_global *g, double dflt)
+{
+    return g->timeout >= 0 ? g->timeout : dflt;
+}
+
+/* Quantization options shared by plan, load and bench. */
+typedef struct quant_opts {
+    const char *scheme;
+    uint32_t bits;
+    int group_set;
+    uint32_t group;
+} quant_opts;
+
+static int quant_opt(args *a, quant_opts *q)
+{
+    const char *v;
+    if (opt_val(a, "--scheme", &v)) {
+        q->scheme = v;
+        return 1;
+    }
+    if (opt_val(a, "--bits", &v)) {
+        parse_u32(a, "--bits", v, &q->bits);
+        return 1;
+    }
+    if (opt_val(a, "--group", &v)) {
+        if (a->err)
+            return 1;
+        q->group_set = 1;
+        if (!strcmp(v, "row"))
+            q->group = 0;
+        else
+            parse_u32(a, "--group", v, &q->group);
+        return 1;
+    }
+    return 0;
+}
+
+static void quant_msg(const quant_opts *q, Qshard__V1__Quantization *m)
+{
+    m->scheme = (char *)(q->scheme ? q->scheme : "");
+    m->bits = q->bits;
+    if (q->group_set) {
+        m->group_case = QSHARD__V1__QUANTIZATION__GROUP_GROUP_SIZE;
+        m->group_size = q->group;
+    }
+}
+
+#define QUANT_HELP                                                                                 \
+    "  --scheme S        fp16, w8a8, bcq or rtn (default rtn)\n"                                   \
+    "  --bits Q          bits per weight, 1..8 for bcq/rtn (default 4)\n"                          \
+    "  --group G         input columns per scale, a multiple of 32, or 'row'\n"                    \
+    "                    (default: the model's, 128 where it divides)\n"
+
+/* ---- Output --------------------------------------------------------------- */
+
+static const char *fmt_bytes(uint64_t b, char *buf, size_t n)
+{
+    static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+    double x = (double)b;
+    int u = 0;
+    while (x >= 1024 && u < 5) {
+        x /= 1024;
+        u++;
+    }
+    if (u == 0)
+        snprintf(buf, n, "%llu B", (unsigned long long)b);
+    else
+        snprintf(buf, n, "%.2f %s", x, units[u]);
+    return buf;
+}
+
+static void print_json(cJSON *j)
+{
+    char *s = cJSON_Print(j);
+    if (s) {
+        puts(s);
+        free(s);
+    }
+    cJSON_Delete(j);
+}
+
+static void json_quant(cJSON *o, const char *key, const Qshard__V1__Quantization *q)
+{
+    cJSON *j = cJSON_AddObjectToObject(o, key);
+    if (!q)
+        return;
+    cJSON_AddStringToObject(j, "scheme", q->scheme);
+    cJSON_AddNumberToObject(j, "bits", q->bits);
+    if (q->group_case == QSHARD__V1__QUANTIZATION__GROUP_GROUP_SIZE)
+        cJSON_AddNumberToObject(j, "group_size", q->group_size);
+}
+
+static const char *group_text(const Qshard__V1__Quantization *q, char *buf, size_t n)
+{
+    if (q->group_case != QSHARD__V1__QUANTIZATION__GROUP_GROUP_SIZE)
+        snprintf(buf, n, "default");
+    else if (q->group_size == 0)
+        snprintf(buf, n, "row");
+    else
+        snprintf(buf, n, "%u", q->group_size);
+    return buf;
+}
+
+/* ---- Calls and their failures --------------------------------------------- */
+
+static int unreachable(const qs_ctl_global *g, const qs_rpc_status *st)
+{
+    fprintf(stderr,
+            "qctl: cannot reach qdaemon at %s: is it running? start it with mpirun -np 2 "
+            "qdaemon (%s)\n",
+            g->addr, st->details);
+    return QS_EXIT_UNREACHABLE;
+}
+
+static int refused(const qs_ctl_global *g, const char *cmd, const qs_rpc_status *st, double timeout)
+{
+    if (st->unreachable)
+        return unreachable(g, st);
+    if (st->code == GRPC_STATUS_DEADLINE_EXCEEDED && timeout > 0)
+        fprintf(stderr,
+                "qctl %s: the daemon did not answer within %g s (DEADLINE_EXCEEDED); raise "
+                "--timeout, or 0 to wait\n",
+                cmd, timeout);
+    else
+        fprintf(stderr, "qctl %s: %s (%s)\n", cmd, *st->details ? st->details : "no details",
+                qs_proto_status_name(st->code));
+    if (g->json) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON *e = cJSON_AddObjectToObject(j, "error");
+        cJSON_AddStringToObject(e, "code", qs_proto_status_name(st->code));
+        cJSON_AddStringToObject(e, "message", st->details);
+        print_json(j);
+    }
+    return QS_EXIT_REFUSED;
+}
+
+static qs_client *connect_to(const qs_ctl_global *g, int *rc)
+{
+    qs_rpc_status st;
+    qs_client *c = qs_client_open(g->addr, g->connect_timeout, &st);
+    if (!c)
+        *rc = unreachable(g, &st);
+    return c;
+}
+
+/* One unary call with the usual failure reporting; 0 or the exit code. */
+static int unary(const qs_ctl_global *g, const char *cmd, const char *method, const void *req,
+                 const ProtobufCMessageDescriptor *reply_desc, double timeout, void **reply)
+{
+    int rc = 0;
+    qs_client *c = connect_to(g, &rc);
+    if (!c)
+        return rc;
+    qs_rpc_status st;
+    ProtobufCMessage *r = NULL;
+    if (qs_client_unary(c, method, req, reply_desc, timeout, &r, &st) != 0)
+        rc = refused(g, cmd, &st, timeout);
+    qs_client_close(c);
+    *reply = r;
+    return rc;
+}
+
+/* ---- health --------------------------------------------------------------- */
+
+static const char health_help[] =
+    "usage: qctl health [options]\n"
+    "\nAsks the daemon whether it serves: the standard grpc.health.v1 check, then a\n"
+    "round trip through every rank. Exits 0 when serving, 1 when not.\n";
+
+int qs_ctl_health(qs_ctl_global *g, int argc, char **argv)
+{
+    args a = {.cmd = "health", .help = health_help, .argc = argc, .argv = argv};
+    for (a.i = 1; a.i < argc && !a.err; a.i++)
+        if (next_arg(g, &a))
+            unknown_arg(&a);
+    if (a.err)
+        return parse_done(&a);
+
+    double timeout = timeout_or(g, 10);
+    int rc = 0;
+    qs_client *c = connect_to(g, &rc);
+    if (!c)
+        return rc;
+    qs_rpc_status st;
+    Grpc__Health__V1__HealthCheckRequest creq = GRPC__HEALTH__V1__HEALTH_CHECK_REQUEST__INIT;
+    Grpc__Health__V1__HealthCheckResponse *check = NULL;
+    Qshard__V1__HealthRequest hreq = QSHARD__V1__HEALTH_REQUEST__INIT;
+    Qshard__V1__HealthReply *h = NULL;
+    if (qs_client_unary(c, QS_METHOD_HEALTH_CHECK, &creq.base,
+                        &grpc__health__v1__health_check_response__descriptor, timeout,
+                        (ProtobufCMessage **)&check, &st) != 0 ||
+        qs_client_unary(c, QS_METHOD_HEALTH, &hreq.base, &qshard__v1__health_reply__descriptor,
+                        timeout, (ProtobufCMessage **)&h, &st) != 0) {
+        rc = refused(g, "health", &st, timeout);
+        goto out;
+    }
+    const ProtobufCEnumValue *sv = protobuf_c_enum_descriptor_get_value(
+        &grpc__health__v1__health_check_response__serving_status__descriptor, (int)check->status);
+    const char *status = sv ? sv->name : "UNKNOWN";
+    int serving = h->serving &&
+                  check->status == GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
+    if (g->json) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddBoolToObject(j, "serving", serving);
+        cJSON_AddStringToObject(j, "status", status);
+        cJSON_AddNumberToObject(j, "world_size", h->world_size);
+        cJSON_AddStringToObject(j, "version", h->version);
+        cJSON_AddBoolToObject(j, "draining", h->draining);
+        cJSON_AddNumberToObject(j, "ranks_ok", h->ranks_ok);
+        cJSON_AddNumberToObject(j, "roundtrip_ms", h->roundtrip_ms);
+        cJSON_AddNumberToObject(j, "uptime_seconds", h->uptime_seconds);
+        cJSON_AddNumberToObject(j, "requests_served", (double)h->requests_served);
+        cJSON_AddStringToObject(j, "addr", g->addr);
+        print_json(j);
+    } else {
+        printf("qdaemon %s at %s: %s\n", h->version, g->addr, serving ? "serving" : "not serving");
+        printf("  grpc.health.v1   %s\n", status);
+        printf("  ranks            %u of %u answered in %.2f ms\n", h->ranks_ok, h->world_size,
+               h->roundtrip_ms);
+        printf("  uptime           %.1f s, %llu request(s) served\n", h->uptime_seconds,
+               (unsigned long long)h->requests_served);
+        if (h->draining)
+            printf("  draining         yes: it is shutting down\n");
+    }
+    if (!serving) {
+        fprintf(stderr, "qctl health: qdaemon at %s is not serving%s\n", g->addr,
+                h->draining ? ": it is shutting down" : "");
+        rc = QS_EXIT_REFUSED;
+    }
+out:
+    if (check)
+        protobuf_c_message_free_unpacked(&check->base, NULL);
+    if (h)
+        protobuf_c_message_free_unpacked(&h->base, NULL);
+    qs_client_close(c);
+    return rc;
+}
+
+/* ---- stats ---------------------------------------------------------------- */
+
+static const char stats_help[] = "usage: qctl stats [options]\n"
+                                 "\nEvery rank's device (memory total, free and budget) and the "
+                                 "loaded models.\n";
+
+static void json_model(cJSON *arr, const Qshard__V1__ModelInfo *m)
+{
+    cJSON *j = cJSON_CreateObject();
+    cJSON_AddStringToObject(j, "name", m->name);
+    cJSON_AddStringToObject(j, "source", m->source);
+    json_quant(j, "quant", m->quant);
+    cJSON_AddNumberToObject(j, "tp", m->tp);
+    cJSON *r = cJSON_AddArrayToObject(j, "ranks");
+    for (size_t i = 0; i < m->n_ranks; i++)
+        cJSON_AddItemToArray(r, cJSON_CreateNumber(m->ranks[i]));
+    cJSON_AddNumberToObject(j, "weight_bytes", (double)m->weight_bytes);
+    cJSON_AddNumberToObject(j, "rank_bytes", (double)m->rank_bytes);
+    cJSON_AddStringToObject(j, "weights", m->weights);
+    cJSON_AddItemToArray(arr, j);
+}
+
+int qs_ctl_stats(qs_ctl_global *g, int argc, char **argv)
+{
+    args a = {.cmd = "stats", .help = stats_help, .argc = argc, .argv = argv};
+    for (a.i = 1; a.i < argc && !a.err; a.i++)
+        if (next_arg(g, &a))
+            unknown_arg(&a);
+    if (a.err)
+        return parse_done(&a);
+    Qshard__V1__StatsRequest req = QSHARD__V1__STATS_REQUEST__INIT;
+    Qshard__V1__StatsReply *r = NULL;
+    double timeout = timeout_or(g, 30);
+    int rc = unary(g, "stats", QS_METHOD_STATS, &req, &qshard__v1__stats_reply__descriptor, timeout,
+                   (void **)&r);
+    if (rc)
+        return rc;
+    if (g->json) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddNumberToObject(j, "world_size", r->world_size);
+        cJSON_AddNumberToObject(j, "uptime_seconds", r->uptime_seconds);
+        cJSON_AddNumberToObject(j, "requests_served", (double)r->requests_served);
+        cJSON *devs = cJSON_AddArrayToObject(j, "devices");
+        for (size_t i = 0; i < r->n_devices; i++) {
+            const Qshard__V1__DeviceStats *d = r->devices[i];
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddNumberToObject(o, "rank", d->rank);
+            cJSON_AddStringToObject(o, "hostname", d->hostname);
+            cJSON_AddNumberToObject(o, "pid", d->pid);
+            cJSON_AddStringToObject(o, "kind", d->kind);
+            cJSON_AddStringToObject(o, "name", d->name);
+            cJSON_AddNumberToObject(o, "index", d->index);
+            cJSON_AddNumberToObject(o, "memory_total", (double)d->memory_total);
+            cJSON_AddNumberToObject(o, "memory_free", (double)d->memory_free);
+            cJSON_AddNumberToObject(o, "memory_budget", (double)d->memory_budget);
+            cJSON_AddNumberToObject(o, "memory_used", (double)d->memory_used);
+            cJSON_AddItemToArray(devs, o);
+        }
+        cJSON *models = cJSON_AddArrayToObject(j, "models");
+        for (size_t i = 0; i < r->n_models; i++)
+            json_model(models, r->models[i]);
+        print_json(j);
+    } else {
+        char t[32], f[32], b[32];
+        printf("%-5s %-16s %-8s %-5s %-24s %12s %12s %12s\n", "rank", "host", "pid", "kind",
+               "device", "total", "free", "budget");
+        for (size_t i = 0; i < r->n_devices; i++) {
+            const Qshard__V1__DeviceStats *d = r->devices[i];
+            printf("%-5u %-16.16s %-8u %-5s %-24.24s %12s %12s %12s\n", d->rank, d->hostname,
+                   d->pid, d->kind, d->name, fmt_bytes(d->memory_total, t, sizeof t),
+                   fmt_bytes(d->memory_free, f, sizeof f),
+                   fmt_bytes(d->memory_budget, b, sizeof b));
+        }
+        if (!r->n_models)
+            printf("models: none loaded\n");
+        for (size_t i = 0; i < r->n_models; i++) {
+            const Qshard__V1__ModelInfo *m = r->models[i];
+            char g1[16];
+            printf("model %s (%s): %s %u-bit group %s, tp %u, %s per rank\n", m->name, m->source,
+                   m->quant ? m->quant->scheme : "?", m->quant ? m->quant->bits : 0,
+                   m->quant ? group_text(m->quant, g1, sizeof g1) : "?", m->tp,
+                   fmt_bytes(m->rank_bytes, t, sizeof t));
+        }
+        printf("uptime %.1f s, %llu request(s) served\n", r->uptime_seconds,
+               (unsigned long long)r->requests_served);
+    }
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    return QS_EXIT_OK;
+}
+
+/* ---- plan --daemon -------------------------------------------------------- */
+
+static const char plan_help[] =
+    "usage: qctl plan --daemon MODEL [options]\n"
+    "\nPlans MODEL's memory on the daemon, against its own devices (the smallest\n"
+    "budget among its ranks). Without --daemon, `qctl plan` plans locally.\n"
+    "\noptions:\n"
+    "  --model NAME      a preset, e.g. opt-175b (or the first argument)\n" QUANT_HELP
+    "  --gpus N          tensor-parallel degree (default: the daemon's world size)\n"
+    "  --batch B         sequences decoded together (default 1)\n"
+    "  --seq S           KV-cache tokens per sequence (default 512)\n"
+    "  --reserve SIZE    per-device runtime bytes (default 1GiB)\n"
+    "  --device-memory SIZE  plan against SIZE instead of the daemon's devices\n";
+
+int qs_ctl_plan_daemon(qs_ctl_global *g, int argc, char **argv)
+{
+    args a = {.cmd = "plan", .help = plan_help, .argc = argc, .argv = argv};
+    Qshard__V1__PlanRequest req = QSHARD__V1__PLAN_REQUEST__INIT;
+    Qshard__V1__Quantization qm = QSHARD__V1__QUANTIZATION__INIT;
+    quant_opts q = {0};
+    const char *model = NULL, *v;
+    for (a.i = 1; a.i < argc && !a.err; a.i++) {
+        if (!next_arg(g, &a) || opt_flag(&a, "--daemon") || quant_opt(&a, &q))
+            continue;
+        if (opt_val(&a, "--model", &v))
+            model = v;
+        else if (opt_val(&a, "--gpus", &v))
+            parse_u32(&a, "--gpus", v, &req.gpus);
+        else if (opt_val(&a, "--batch", &v))
+            parse_u32(&a, "--batch", v, &req.batch);
+        else if (opt_val(&a, "--seq", &v))
+            parse_u32(&a, "--seq", v, &req.seq);
+        else if (opt_val(&a, "--reserve", &v))
+            parse_size(&a, "--reserve", v, &req.reserve);
+        else if (opt_val(&a, "--device-memory", &v))
+            parse_size(&a, "--device-memory", v, &req.device_memory);
+        else if (argv[a.i][0] != '-' && !model)
+            model = argv[a.i];
+        else
+            unknown_arg(&a);
+    }
+    if (!a.err && !model)
+        usage_error(&a, "name the model to plan, e.g. qctl plan --daemon opt-175b");
+    if (a.err)
+        return parse_done(&a);
+    req.model = (char *)model;
+    quant_msg(&q, &qm);
+    req.quant = &qm;
+    Qshard__V1__PlanReply *r = NULL;
+    int rc = unary(g, "plan", QS_METHOD_PLAN, &req, &qshard__v1__plan_reply__descriptor,
+                   timeout_or(g, 30), (void **)&r);
+    if (rc)
+        return rc;
+    const Qshard__V1__RankBytes *rb = r->rank;
+    if (g->json) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "model", r->model);
+        json_quant(j, "quant", r->quant);
+        cJSON_AddNumberToObject(j, "tp", r->tp);
+        cJSON_AddNumberToObject(j, "weight_bytes", (double)r->weight_bytes);
+        cJSON_AddNumberToObject(j, "linear_params", (double)r->linear_params);
+        cJSON *o = cJSON_AddObjectToObject(j, "rank_bytes");
+        if (rb) {
+            cJSON_AddNumberToObject(o, "linear", (double)rb->linear);
+            cJSON_AddNumberToObject(o, "fp16", (double)rb->fp16);
+            cJSON_AddNumberToObject(o, "kv_cache", (double)rb->kv_cache);
+            cJSON_AddNumberToObject(o, "workspace", (double)rb->workspace);
+            cJSON_AddNumberToObject(o, "reserve", (double)rb->reserve);
+            cJSON_AddNumberToObject(o, "total", (double)rb->total);
+        }
+        cJSON_AddNumberToObject(j, "device_memory", (double)r->device_memory);
+        cJSON_AddBoolToObject(j, "fits", r->fits);
+        cJSON_AddBoolToObject(j, "tp_valid", r->tp_valid);
+        if (*r->tp_problem)
+            cJSON_AddStringToObject(j, "tp_problem", r->tp_problem);
+        cJSON_AddNumberToObject(j, "min_gpus_by_memory", r->min_gpus_by_memory);
+        cJSON_AddNumberToObject(j, "min_gpus_valid", r->min_gpus_valid);
+        cJSON_AddNumberToObject(j, "world_size", r->world_size);
+        print_json(j);
+    } else {
+        char b1[32], b2[32], gt[16];
+        printf("%s, %s %u-bit, group %s, tp %u (daemon world %u)\n", r->model,
+               r->quant ? r->quant->scheme : "?", r->quant ? r->quant->bits : 0,
+               r->quant ? group_text(r->quant, gt, sizeof gt) : "?", r->tp, r->world_size);
+        printf("  weights          %s in all\n", fmt_bytes(r->weight_bytes, b1, sizeof b1));
+        if (rb) {
+            printf("  per rank         %s: linear %s", fmt_bytes(rb->total, b1, sizeof b1),
+                   fmt_bytes(rb->linear, b2, sizeof b2));
+            printf(", fp16 %s", fmt_bytes(rb->fp16, b2, sizeof b2));
+            printf(", KV %s", fmt_bytes(rb->kv_cache, b2, sizeof b2));
+            printf(", workspace %s", fmt_bytes(rb->workspace, b2, sizeof b2));
+            printf(", reserve %s\n", fmt_bytes(rb->reserve, b2, sizeof b2));
+        }
+        printf("  device memory    %s: %s\n", fmt_bytes(r->device_memory, b1, sizeof b1),
+               r->fits ? "fits" : "does NOT fit");
+        if (!r->tp_valid)
+            printf("  tp %u invalid     %s\n", r->tp, r->tp_problem);
+        printf("  fewest devices   %u by memory, %u as a valid split\n", r->min_gpus_by_memory,
+               r->min_gpus_valid);
+    }
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    return QS_EXIT_OK;
+}
+
+/* ---- load ----------------------------------------------------------------- */
+
+static const char load_help[] =
+    "usage: qctl load MODEL [options]\n"
+    "\nQuantizes MODEL and loads it across the daemon's ranks, printing progress.\n"
+    "\noptions:\n"
+    "  --model M         a preset (e.g. opt-125m), a safetensors directory or a GGUF\n"
+    "                    file on the daemon's host (or the first argument)\n" QUANT_HELP
+    "  --gpus N          ranks in the model's group (default: all)\n"
+    "  --weights W       'synthetic' (default) or a path on the daemon's host\n"
+    "  --save PATH       also write the quantized shards to PATH\n"
+    "  --name ID         serve it under ID (default: the model's name)\n"
+    "  --seed N          seed of synthetic weights\n";
+
+typedef struct load_ctx {
+    const qs_ctl_global *g;
+    Qshard__V1__LoadEvent *result;
+} load_ctx;
+
+static int load_on_msg(ProtobufCMessage *msg, void *ud)
+{
+    load_ctx *l = ud;
+    Qshard__V1__LoadEvent *ev = (Qshard__V1__LoadEvent *)msg;
+    if (ev->event_case == QSHARD__V1__LOAD_EVENT__EVENT_PROGRESS && ev->progress) {
+        const Qshard__V1__LoadProgress *p = ev->progress;
+        if (!l->g->json)
+            fprintf(stderr, "  %-14s layer %u/%u  %.1f s\n", p->stage, p->layer, p->layers,
+                    p->seconds);
+        protobuf_c_message_free_unpacked(msg, NULL);
+        return 0;
+    }
+    if (l->result)
+        protobuf_c_message_free_unpacked(&l->result->base, NULL);
+    l->result = ev;
+    return 0;
+}
+
+int qs_ctl_load(qs_ctl_global *g, int argc, char **argv)
+{
+    args a = {.cmd = "load", .help = load_help, .argc = argc, .argv = argv};
+    Qshard__V1__LoadRequest req = QSHARD__V1__LOAD_REQUEST__INIT;
+    Qshard__V1__Quantization qm = QSHARD__V1__QUANTIZATION__INIT;
+    quant_opts q = {0};
+    const char *model = NULL, *v;
+    for (a.i = 1; a.i < argc && !a.err; a.i++) {
+        if (!next_arg(g, &a) || quant_opt(&a, &q))
+            continue;
+        if (opt_val(&a, "--model", &v))
+            model = v;
+        else if (opt_val(&a, "--gpus", &v))
+            parse_u32(&a, "--gpus", v, &req.gpus);
+        else if (opt_val(&a, "--weights", &v))
+            req.weights = (char *)v;
+        else if (opt_val(&a, "--save", &v))
+            req.save_path = (char *)v;
+        else if (opt_val(&a, "--name", &v))
+            req.name = (char *)v;
+        else if (opt_val(&a, "--seed", &v))
+            parse_u64(&a, "--seed", v, UINT64_MAX, &req.seed);
+        else if (argv[a.i][0] != '-' && !model)
+            model = argv[a.i];
+        else
+            unknown_arg(&a);
+    }
+    if (!a.err && !model)
+        usage_error(&a, "name the model to load, e.g. qctl load opt-125m");
+    if (a.err)
+        return parse_done(&a);
+    req.model = (char *)model;
+    quant_msg(&q, &qm);
+    req.quant = &qm;
+
+    int rc = 0;
+    qs_client *c = connect_to(g, &rc);
+    if (!c)
+        return rc;
+    load_ctx l = {g, NULL};
+    qs_rpc_status st;
+    double timeout = timeout_or(g, 0);
+    if (qs_client_call(c, QS_METHOD_LOAD, &req.base, &qshard__v1__load_event__descriptor, timeout,
+                       load_on_msg, &l, &st) != 0) {
+        rc = refused(g, "load", &st, timeout);
+    } else if (!l.result || l.result->event_case != QSHARD__V1__LOAD_EVENT__EVENT_RESULT ||
+               !l.result->result || !l.result->result->model) {
+        fprintf(stderr, "qctl load: the daemon ended the load without a result\n");
+        rc = QS_EXIT_REFUSED;
+    } else {
+        const Qshard__V1__ModelInfo *m = l.result->result->model;
+        if (g->json) {
+            cJSON *j = cJSON_CreateObject();
+            cJSON *arr = cJSON_AddArrayToObject(j, "models");
+            json_model(arr, m);
+            cJSON_AddNumberToObject(j, "seconds", l.result->result->seconds);
+            print_json(j);
+        } else {
+            char b[32];
+            printf("loaded %s on %u rank(s) in %.1f s: %s per rank\n", m->name, m->tp,
+                   l.result->result->seconds, fmt_bytes(m->rank_bytes, b, sizeof b));
+        }
+    }
+    if (l.result)
+        protobuf_c_message_free_unpacked(&l.result->base, NULL);
+    qs_client_close(c);
+    return rc;
+}
+
+/* ---- unload --------------------------------------------------------------- */
+
+static const char unload_help[] = "usage: qctl unload NAME [options]\n"
+                                  "\nFrees a loaded model on every rank of its group.\n";
+
+int qs_ctl_unload(qs_ctl_global *g, int argc, char **argv)
+{
+    args a = {.cmd = "unload", .help = unload_help, .argc = argc, .argv = argv};
+    const char *name = NULL;
+    for (a.i = 1; a.i < argc && !a.err; a.i++) {
+        if (!next_arg(g, &a))
+            continue;
+        if (argv[a.i][0] != '-' && !name)
+            name = argv[a.i];
+        else
+            unknown_arg(&a);
+    }
+    if (!a.err && !name)
+        usage_error(&a, "name the model to unload (qctl stats lists them)");
+    if (a.err)
+        return parse_done(&a);
+    Qshard__V1__UnloadRequest req = QSHARD__V1__UNLOAD_REQUEST__INIT;
+    req.name = (char *)name;
+    Qshard__V1__UnloadReply *r = NULL;
+    int rc = unary(g, "unload", QS_METHOD_UNLOAD, &req, &qshard__v1__unload_reply__descriptor,
+                   timeout_or(g, 60), (void **)&r);
+    if (rc)
+        return rc;
+    if (g->json) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "name", name);
+        cJSON_AddNumberToObject(j, "freed_bytes", (double)r->freed_bytes);
+        print_json(j);
+    } else {
+        char b[32];
+        printf("unloaded %s: %s freed\n", name, fmt_bytes(r->freed_bytes, b, sizeof b));
+    }
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    return QS_EXIT_OK;
+}
+
+/* ---- generate ------------------------------------------------------------- */
+
+static const char generate_help[] =
+    "usage: qctl generate MODEL PROMPT [options]\n"
+    "\nStreams the continuation of PROMPT by a loaded model.\n"
+    "\noptions:\n"
+    "  --model NAME        a loaded model (or the first argument)\n"
+    "  --prompt TEXT       the prompt (or the second argument)\n"
+    "  --max-tokens N      tokens to generate (default 64)\n"
+    "  --temperature T     0 for greedy (default 0)\n"
+    "  --top-p P           nucleus cut in (0, 1] (default 1)\n"
+    "  --seed N            sampling seed (default: the daemon picks and reports one)\n";
+
+typedef struct gen_ctx {
+    const qs_ctl_global *g;
+    cJSON *tokens;
+    char *text;
+    size_t len;
+    Qshard__V1__GenerateDone *done;
+    ProtobufCMessage *done_msg;
+} gen_ctx;
+
+static int gen_on_msg(ProtobufCMessage *msg, void *ud)
+{
+    gen_ctx *x = ud;
+    Qshard__V1__GenerateEvent *ev = (Qshard__V1__GenerateEvent *)msg;
+    if (ev->event_case == QSHARD__V1__GENERATE_EVENT__EVENT_TOKEN && ev->token) {
+        const char *t = ev->token->text;
+        if (x->g->json) {
+            size_t n = strlen(t);
+            char *s = realloc(x->text, x->len + n + 1);
+            if (s) {
+                memcpy(s + x->len, t, n + 1);
+                x->text = s;
+                x->len += n;
+            }
+            cJSON_AddItemToArray(x->tokens, cJSON_CreateNumber(ev->token->token_id));
+        } else {
+            fputs(t, stdout);
+            fflush(stdout);
+        }
+        protobuf_c_message_free_unpacked(msg, NULL);
+        return 0;
+    }
+    if (ev->event_case == QSHARD__V1__GENERATE_EVENT__EVENT_DONE && ev->done) {
+        if (x->done_msg)
+            protobuf_c_message_free_unpacked(x->done_msg, NULL);
+        x->done_msg = msg;
+        x->done = ev->done;
+        return 0;
+    }
+    protobuf_c_message_free_unpacked(msg, NULL);
+    return 0;
+}
+
+int qs_ctl_generate(qs_ctl_global *g, int argc, char **argv)
+{
+    args a = {.cmd = "generate", .help = generate_help, .argc = argc, .argv = argv};
+    Qshard__V1__GenerateRequest req = QSHARD__V1__GENERATE_REQUEST__INIT;
+    const char *model = NULL, *prompt = NULL, *v;
+    double temp = 0, top_p = 0;
+    for (a.i = 1; a.i < argc && !a.err; a.i++) {
+        if (!next_arg(g, &a))
+            continue;
+        if (opt_val(&a, "--model", &v))
+            model = v;
+        else if (opt_val(&a, "--prompt", &v))
+            prompt = v;
+        else if (opt_val(&a, "--max-tokens", &v))
+            parse_u32(&a, "--max-tokens", v, &req.max_tokens);
+        else if (opt_val(&a, "--temperature", &v))
+            parse_double(&a, "--temperature", v, &temp);
+        else if (opt_val(&a, "--top-p", &v))
+            parse_double(&a, "--top-p", v, &top_p);
+        else if (opt_val(&a, "--seed", &v))
+            parse_u64(&a, "--seed", v, UINT64_MAX, &req.seed);
+        else if (argv[a.i][0] != '-' && !model)
+            model = argv[a.i];
+        else if (argv[a.i][0] != '-' && !prompt)
+            prompt = argv[a.i];
+        else
+            unknown_arg(&a);
+    }
+    if (!a.err && (!model || !prompt))
+        usage_error(&a, "give a model and a prompt, e.g. qctl generate opt-125m 'Hello'");
+    if (a.err)
+        return parse_done(&a);
+    req.model = (char *)model;
+    req.prompt = (char *)prompt;
+    req.temperature = (float)temp;
+    req.top_p = (float)top_p;
+
+    int rc = 0;
+    qs_client *c = connect_to(g, &rc);
+    if (!c)
+        return rc;
+    gen_ctx x = {.g = g, .tokens = cJSON_CreateArray()};
+    qs_rpc_status st;
+    double timeout = timeout_or(g, 0);
+    if (qs_client_call(c, QS_METHOD_GENERATE, &req.base, &qshard__v1__generate_event__descriptor,
+                       timeout, gen_on_msg, &x, &st) != 0) {
+        if (!g->json && x.len)
+            putchar('\n');
+        rc = refused(g, "generate", &st, timeout);
+    } else if (g->json) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "text", x.text ? x.text : "");
+        cJSON_AddItemToObject(j, "tokens", x.tokens);
+        x.tokens = NULL;
+        if (x.done) {
+            cJSON_AddNumberToObject(j, "prompt_tokens", x.done->prompt_tokens);
+            cJSON_AddNumberToObject(j, "generated_tokens", x.done->generated_tokens);
+            cJSON_AddStringToObject(j, "finish_reason", x.done->finish_reason);
+            cJSON_AddNumberToObject(j, "first_token_seconds", x.done->first_token_seconds);
+            cJSON_AddNumberToObject(j, "tokens_per_second", x.done->tokens_per_second);
+            cJSON_AddNumberToObject(j, "seed", (double)x.done->seed);
+        }
+        print_json(j);
+    } else {
+        putchar('\n');
+        if (x.done)
+            fprintf(stderr, "[%u tokens, %s; first token %.3f s, %.1f tokens/s, seed %llu]\n",
+                    x.done->generated_tokens, x.done->finish_reason, x.done->first_token_seconds,
+                    x.done->tokens_per_second, (unsigned long long)x.done->seed);
+    }
+    cJSON_Delete(x.tokens);
+    free(x.text);
+    if (x.done_msg)
+        protobuf_c_message_free_unpacked(x.done_msg, NULL);
+    qs_client_close(c);
+    return rc;
+}
+
+/* ---- eval ----------------------------------------------------------------- */
+
+static const char eval_help[] =
+    "usage: qctl eval MODEL (--text-file PATH | --text TEXT) [options]\n"
+    "\nPerplexity of a loaded model on a text.\n"
+    "\noptions:\n"
+    "  --model NAME        a loaded model (or the first argument)\n"
+    "  --text-file PATH    a UTF-8 text file on the daemon's host\n"
+    "  --text TEXT         the text itself\n"
+    "  --ctx N             tokens per chunk (default: the model's context, <= 2048)\n"
+    "  --max-chunks N      evaluate at most N chunks (default: all)\n";
+
+int qs_ctl_eval(qs_ctl_global *g, int argc, char **argv)
+{
+    args a = {.cmd = "eval", .help = eval_help, .argc = argc, .argv = argv};
+    Qshard__V1__EvalRequest req = QSHARD__V1__EVAL_REQUEST__INIT;
+    const char *model = NULL, *v;
+    for (a.i = 1; a.i < argc && !a.err; a.i++) {
+        if (!next_arg(g, &a))
+            continue;
+        if (opt_val(&a, "--model", &v)) {
+            model = v;
+        } else if (opt_val(&a, "--text-file", &v)) {
+            if (req.source_case)
+                usage_error(&a, "give --text-file or --text, not both");
+            req.source_case = QSHARD__V1__EVAL_REQUEST__SOURCE_TEXT_PATH;
+            req.text_path = (char *)v;
+        } else if (opt_val(&a, "--text", &v)) {
+            if (req.source_case)
+                usage_error(&a, "give --text-file or --text, not both");
+            req.source_case = QSHARD__V1__EVAL_REQUEST__SOURCE_TEXT;
+            req.text = (char *)v;
+        } else if (opt_val(&a, "--ctx", &v)) {
+            parse_u32(&a, "--ctx", v, &req.ctx);
+        } else if (opt_val(&a, "--max-chunks", &v)) {
+            parse_u32(&a, "--max-chunks", v, &req.max_chunks);
+        } else if (argv[a.i][0] != '-' && !model) {
+            model = argv[a.i];
+        } else {
+            unknown_arg(&a);
+        }
+    }
+    if (!a.err && !model)
+        usage_error(&a, "name the model to evaluate");
+    if (!a.err && !req.source_case)
+        usage_error(&a, "give the text: --text-file PATH or --text TEXT");
+    if (a.err)
+        return parse_done(&a);
+    req.model = (char *)model;
+    Qshard__V1__EvalReply *r = NULL;
+    int rc = unary(g, "eval", QS_METHOD_EVAL, &req, &qshard__v1__eval_reply__descriptor,
+                   timeout_or(g, 0), (void **)&r);
+    if (rc)
+        return rc;
+    if (g->json) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "model", model);
+        cJSON_AddNumberToObject(j, "perplexity", r->perplexity);
+        cJSON_AddNumberToObject(j, "mean_nll", r->mean_nll);
+        cJSON_AddNumberToObject(j, "tokens", (double)r->tokens);
+        cJSON_AddNumberToObject(j, "chunks", r->chunks);
+        cJSON_AddNumberToObject(j, "seconds", r->seconds);
+        print_json(j);
+    } else {
+        printf("%s: perplexity %.4f (mean NLL %.4f) over %llu tokens in %u chunk(s), %.1f s\n",
+               model, r->perplexity, r->mean_nll, (unsigned long long)r->tokens, r->chunks,
+               r->seconds);
+    }
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    return QS_EXIT_OK;
+}
+
+/* ---- bench ---------------------------------------------------------------- */
+
+static const char bench_help[] =
+    "usage: qctl bench [options]\n"
+    "\nTimes the quantized GEMM/GEMV kernels on the daemon's devices against fp16.\n"
+    "\noptions:\n"
+    "  --shape MxK[,MxK...]  output x input features; repeatable (default: OPT-175B's)\n"
+    "  --batch B             tokens per call, 1 for GEMV (default 1)\n" QUANT_HELP
+    "  --iterations N        timed calls per shape (default 100)\n"
+    "  --gpus N              ranks that time it (default: all)\n";
+
+#define MAX_CLI_SHAPES 64
+
+int qs_ctl_bench(qs_ctl_global *g, int argc, char **argv)
+{
+    args a = {.cmd = "bench", .help = bench_help, .argc = argc, .argv = argv};
+    Qshard__V1__BenchRequest req = QSHARD__V1__BENCH_REQUEST__INIT;
+    Qshard__V1__Quantization qm = QSHARD__V1__QUANTIZATION__INIT;
+    Qshard__V1__Shape shapes[MAX_CLI_SHAPES];
+    Qshard__V1__Shape *shape_ptrs[MAX_CLI_SHAPES];
+    size_t n_shapes = 0;
+    quant_opts q = {0};
+    const char *v;
+    for (a.i = 1; a.i < argc && !a.err; a.i++) {
+        if (!next_arg(g, &a) || quant_opt(&a, &q))
+            continue;
+        if (opt_val(&a, "--shape", &v)) {
+            if (a.err)
+                break;
+            const char *s = v;
+            while (*s && !a.err) {
+                unsigned m, k;
+                int used = 0;
+                if (sscanf(s, "%ux%u%n", &m, &k, &used) != 2 || (s[used] && s[used] != ',')) {
+                    usage_error(&a, "--shape takes MxK[,MxK...], e.g. 12288x12288, got '%s'", v);
+                    break;
+                }
+                if (n_shapes == MAX_CLI_SHAPES) {
+                    usage_error(&a, "at most %d shapes", MAX_CLI_SHAPES);
+                    break;
+                }
+                Qshard__V1__Shape sh = QSHARD__V1__SHAPE__INIT;
+                sh.m = m;
+                sh.k = k;
+                shapes[n_shapes] = sh;
+                shape_ptrs[n_shapes] = &shapes[n_shapes];
+                n_shapes++;
+                s += used + (s[used] == ',');
+            }
+        } else if (opt_val(&a, "--batch", &v)) {
+            parse_u32(&a, "--batch", v, &req.batch);
+        } else if (opt_val(&a, "--iterations", &v)) {
+            parse_u32(&a, "--iterations", v, &req.iterations);
+        } else if (opt_val(&a, "--gpus", &v)) {
+            parse_u32(&a, "--gpus", v, &req.gpus);
+        } else {
+            unknown_arg(&a);
+        }
+    }
+    if (a.err)
+        return parse_done(&a);
+    req.n_shapes = n_shapes;
+    req.shapes = shape_ptrs;
+    quant_msg(&q, &qm);
+    req.quant = &qm;
+    Qshard__V1__BenchReply *r = NULL;
+    int rc = unary(g, "bench", QS_METHOD_BENCH, &req, &qshard__v1__bench_reply__descriptor,
+                   timeout_or(g, 0), (void **)&r);
+    if (rc)
+        return rc;
+    if (g->json) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON *arr = cJSON_AddArrayToObject(j, "results");
+        for (size_t i = 0; i < r->n_results; i++) {
+            const Qshard__V1__BenchResult *b = r->results[i];
+            cJSON *o = cJSON_CreateObject();
+            cJSON_AddNumberToObject(o, "m", b->shape ? b->shape->m : 0);
+            cJSON_AddNumberToObject(o, "k", b->shape ? b->shape->k : 0);
+            cJSON_AddNumberToObject(o, "rank", b->rank);
+            cJSON_AddStringToObject(o, "device", b->device);
+            cJSON_AddStringToObject(o, "kernel", b->kernel);
+            cJSON_AddNumberToObject(o, "quant_us", b->quant_us);
+            cJSON_AddNumberToObject(o, "fp16_us", b->fp16_us);
+            cJSON_AddNumberToObject(o, "speedup", b->speedup);
+            cJSON_AddNumberToObject(o, "weight_bytes", (double)b->weight_bytes);
+            cJSON_AddItemToArray(arr, o);
+        }
+        print_json(j);
+    } else {
+        printf("%-5s %-14s %-20s %-16s %12s %12s %8s\n", "rank", "shape", "device", "kernel",
+               "quant us", "fp16 us", "speedup");
+        for (size_t i = 0; i < r->n_results; i++) {
+            const Qshard__V1__BenchResult *b = r->results[i];
+            char shape[32];
+            snprintf(shape, sizeof shape, "%ux%u", b->shape ? b->shape->m : 0,
+                     b->shape ? b->shape->k : 0);
+            printf("%-5u %-14s %-20.20s %-16.16s %12.2f %12.2f %7.2fx\n", b->rank, shape, b->device,
+                   b->kernel, b->quant_us, b->fp16_us, b->speedup);
+        }
+    }
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    return QS_EXIT_OK;
+}
+
+/* ---- shutdown ------------------------------------------------------------- */
+
+static const char shutdown_help[] =
+    "usage: qctl shutdown [options]\n"
+    "\nAsks the daemon to stop: it refuses new requests, finishes those in flight\n"
+    "within its --drain-timeout, and every rank exits 0.\n";
+
+int qs_ctl_shutdown(qs_ctl_global *g, int argc, char **argv)
+{
+    args a = {.cmd = "shutdown", .help = shutdown_help, .argc = argc, .argv = argv};
+    for (a.i = 1; a.i < argc && !a.err; a.i++)
+        if (next_arg(g, &a))
+            unknown_arg(&a);
+    if (a.err)
+        return parse_done(&a);
+    Qshard__V1__ShutdownRequest req = QSHARD__V1__SHUTDOWN_REQUEST__INIT;
+    Qshard__V1__ShutdownReply *r = NULL;
+    int rc = unary(g, "shutdown", QS_METHOD_SHUTDOWN, &req, &qshard__v1__shutdown_reply__descriptor,
+                   timeout_or(g, 30), (void **)&r);
+    if (rc)
+        return rc;
+    if (g->json) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddBoolToObject(j, "draining", 1);
+        cJSON_AddNumberToObject(j, "in_flight", r->in_flight);
+        cJSON_AddNumberToObject(j, "drain_timeout_seconds", r->drain_timeout_seconds);
+        print_json(j);
+    } else {
+        printf("qdaemon at %s is shutting down: %u other request(s) in flight, %g s to finish\n",
+               g->addr, r->in_flight, r->drain_timeout_seconds);
+    }
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    return QS_EXIT_OK;
+}

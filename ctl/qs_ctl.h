@@ -1,0 +1,75 @@
+/* qs_ctl.h: the header of ctl/, the qctl client: a small synchronous gRPC
+ * client over the C core (client.c) and the commands (commands.c). */
+#ifndef QS_CTL_H
+#define QS_CTL_H
+
+#include <stddef.h>
+
+#include "qs_proto.h"
+
+/* Exit codes of every qctl command. */
+enum {
+    QS_EXIT_OK = 0,
+    QS_EXIT_REFUSED = 1,    /* the daemon answered with an error status */
+    QS_EXIT_USAGE = 2,      /* bad command line */
+    QS_EXIT_UNREACHABLE = 3 /* no daemon at the address */
+};
+
+#define QS_CTL_DEFAULT_ADDR "127.0.0.1:50551"
+
+/* ---- Client (client.c) ---------------------------------------------------- */
+
+typedef struct qs_client qs_client;
+
+typedef struct qs_rpc_status {
+    grpc_status_code code;
+    int unreachable; /* the connection failed or was lost */
+    char details[1024];
+} qs_rpc_status;
+
+/* Connects to addr, waiting up to connect_timeout seconds. On failure returns
+ * NULL with st->unreachable set and the reason in st->details. */
+qs_client *qs_client_open(const char *addr, double connect_timeout, qs_rpc_status *st);
+void qs_client_close(qs_client *c);
+
+/* Called for each reply message (taken: free it with
+ * protobuf_c_message_free_unpacked); non-zero stops reading. */
+typedef int (*qs_client_on_msg)(ProtobufCMessage *msg, void *ud);
+
+/* Calls method with req and reads replies of type reply_desc until the
+ * server's status; timeout <= 0: no deadline. Returns 0 when the status is
+ * OK. A unary method calls on_msg once. */
+int qs_client_call(qs_client *c, const char *method, const ProtobufCMessage *req,
+                   const ProtobufCMessageDescriptor *reply_desc, double timeout,
+                   qs_client_on_msg on_msg, void *ud, qs_rpc_status *st);
+
+/* Unary convenience: *reply is the one message (NULL on error). */
+int qs_client_unary(qs_client *c, const char *method, const ProtobufCMessage *req,
+                    const ProtobufCMessageDescriptor *reply_desc, double timeout,
+                    ProtobufCMessage **reply, qs_rpc_status *st);
+
+/* ---- Commands (commands.c) ------------------------------------------------ */
+
+/* Options every command accepts, before or after its name. */
+typedef struct qs_ctl_global {
+    char addr[256];
+    int json;
+    double timeout;         /* seconds; < 0: the command's default */
+    double connect_timeout; /* seconds */
+} qs_ctl_global;
+
+/* Each takes argv[0] == its name and returns the exit code. */
+int qs_ctl_health(qs_ctl_global *g, int argc, char **argv);
+int qs_ctl_stats(qs_ctl_global *g, int argc, char **argv);
+int qs_ctl_plan_daemon(qs_ctl_global *g, int argc, char **argv);
+int qs_ctl_load(qs_ctl_global *g, int argc, char **argv);
+int qs_ctl_unload(qs_ctl_global *g, int argc, char **argv);
+int qs_ctl_generate(qs_ctl_global *g, int argc, char **argv);
+int qs_ctl_eval(qs_ctl_global *g, int argc, char **argv);
+int qs_ctl_bench(qs_ctl_global *g, int argc, char **argv);
+int qs_ctl_shutdown(qs_ctl_global *g, int argc, char **argv);
+
+/* `qctl plan` without --daemon: the planner, locally (plan_cmd.c). */
+int qs_ctl_plan(int argc, char **argv);
+
+#endif /* QS_CTL_H */

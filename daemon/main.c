@@ -1,0 +1,315 @@
+/* qdaemon: one MPI process per device; rank 0 also serves the gRPC API.
+ *
+ *   mpirun -np 2 qdaemon [--listen 127.0.0.1:50551] [--device-memory 16GiB]
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "qs_daemon.h"
+#include "qs_shard.h" /* qs_parse_bytes */
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <mpi.h>
+
+volatile sig_atomic_t qs_stop_signal;
+
+static void on_signal(int sig)
+{
+    qs_stop_signal = sig;
+}
+
+static const char usage_text[] =
+    "usage: mpirun -np N qdaemon [options]\n"
+    "\n"
+    "The qshard daemon: one MPI rank per device (local rank -> GPU, or a CPU device\n"
+    "where no GPU is usable); rank 0 serves the gRPC API that qctl talks to.\n"
+    "\n"
+    "options:\n"
+    "  --listen HOST:PORT     where rank 0 listens (default 127.0.0.1:50551; port 0\n"
+    "                         picks a free port, see --address-file)\n"
+    "  --allow-remote         allow a non-loopback --listen address (the API has no\n"
+    "                         authentication: put it behind a firewall or a proxy)\n"
+    "  --address-file PATH    write the bound HOST:PORT here once every rank is ready\n"
+    "  --device-memory SIZE   memory of each CPU device, and a cap on each GPU's\n"
+    "                         (binary units: 512MiB, 16GiB; default 16GiB)\n"
+    "  --drain-timeout SECS   on SIGTERM or Shutdown, how long requests in flight may\n"
+    "                         take to finish before they are cancelled (default 10)\n"
+    "  --heartbeat SECS       rank 0's heartbeat when idle; the other ranks abort the\n"
+    "                         job after 10 missed beats (default 1)\n"
+    "  --log-level LEVEL      error, warn, info (default) or debug\n"
+    "  --version              print the version and exit\n"
+    "  -h, --help             print this help and exit\n"
+    "\n"
+    "Stop it with `qctl shutdown` or SIGTERM to rank 0 (both drain, then every rank\n"
+    "exits 0). SIGTERM to mpirun also drains, but Open MPI kills the ranks after\n"
+    "odls_base_sigkill_timeout (1 s) and exits non-zero.\n";
+
+/* Rank from the launcher's environment, for messages printed before MPI_Init. */
+static int env_rank(void)
+{
+    const char *names[] = {"OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        const char *v = getenv(names[i]);
+        if (v)
+            return atoi(v);
+    }
+    return 0;
+}
+
+static int parse_seconds(const char *opt, const char *v, double lo, double *out)
+{
+    char *end;
+    errno = 0;
+    double x = strtod(v, &end);
+    if (errno || end == v || *end || x < lo || x > 86400)
+        return qs_seterr(QS_EINVAL, "%s takes seconds from %g to 86400, got '%s'", opt, lo, v);
+    *out = x;
+    return QS_OK;
+}
+
+/* Loopback only unless --allow-remote: the API can load models and shut the
+ * daemon down, and it has no authentication. */
+static int check_listen(const char *listen, int allow_remote)
+{
+    const char *colon = strrchr(listen, ':');
+    if (!colon || colon == listen || !colon[1])
+        return qs_seterr(QS_EINVAL, "--listen takes HOST:PORT, e.g. 127.0.0.1:50551, got '%s'",
+                         listen);
+    char *end;
+    long port = strtol(colon + 1, &end, 10);
+    if (*end || port < 0 || port > 65535)
+        return qs_seterr(QS_EINVAL, "--listen: '%s' is not a port (0..65535)", colon + 1);
+    char host[256];
+    size_t n = (size_t)(colon - listen);
+    if (n >= sizeof host)
+        return qs_seterr(QS_EINVAL, "--listen: the host name is too long");
+    memcpy(host, listen, n);
+    host[n] = '\0';
+    if (n >= 2 && host[0] == '[' && host[n - 1] == ']') {
+        memmove(host, host + 1, n - 2);
+        host[n - 2] = '\0';
+    }
+    unsigned char a[16];
+    int loopback = strcmp(host, "localhost") == 0 ||
+                   (inet_pton(AF_INET, host, a) == 1 && a[0] == 127) ||
+                   (inet_pton(AF_INET6, host, a) == 1 &&
+                    memcmp(a, "\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\1", 16) == 0);
+    if (!loopback && !allow_remote)
+        return qs_seterr(QS_EINVAL,
+                         "refusing to listen on '%s', which is not a loopback address: the API "
+                         "has no authentication; add --allow-remote if the network is trusted",
+                         listen);
+    return QS_OK;
+}
+
+/* 0: run; 1: exit 0 (help, version); 2: usage error (message printed). */
+static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
+{
+    memset(o, 0, sizeof *o);
+    snprintf(o->listen, sizeof o->listen, "127.0.0.1:50551");
+    o->device_memory = 16ull << 30;
+    o->drain_timeout = 10;
+    o->heartbeat = 1;
+    o->rank_timeout = 30;
+    o->log_level = QS_LOG_INFO;
+    for (int i = 1; i < argc; i++) {
+        char name[64];
+        const char *a = argv[i], *val = NULL;
+        const char *eq = strchr(a, '=');
+        if (strncmp(a, "--", 2) == 0 && eq && (size_t)(eq - a) < sizeof name) {
+            memcpy(name, a, (size_t)(eq - a));
+            name[eq - a] = '\0';
+            val = eq + 1;
+        } else {
+            snprintf(name, sizeof name, "%s", a);
+        }
+        if (!strcmp(name, "-h") || !strcmp(name, "--help")) {
+            if (print)
+                fputs(usage_text, stdout);
+            return 1;
+        }
+        if (!strcmp(name, "--version")) {
+            if (print)
+                printf("qdaemon %s\n", QS_DAEMON_VERSION);
+            return 1;
+        }
+        if (!strcmp(name, "--allow-remote")) {
+            o->allow_remote = 1;
+            continue;
+        }
+        static const char *const takes[] = {"--listen",        "--address-file", "--device-memory",
+                                            "--drain-timeout", "--heartbeat",    "--log-level"};
+        int known = 0;
+        for (size_t k = 0; k < sizeof takes / sizeof takes[0]; k++)
+            known |= !strcmp(name, takes[k]);
+        if (!known) {
+            if (print)
+                fprintf(stderr, "qdaemon: unknown option '%s'\n\n%s", a, usage_text);
+            return 2;
+        }
+        if (!val) {
+            if (i + 1 >= argc) {
+                if (print)
+                    fprintf(stderr, "qdaemon: %s needs a value (see --help)\n", name);
+                return 2;
+            }
+            val = argv[++i];
+        }
+        int err = QS_OK;
+        if (!strcmp(name, "--listen")) {
+            if (strlen(val) >= sizeof o->listen)
+                err = qs_seterr(QS_EINVAL, "--listen: the address is too long");
+            else
+                snprintf(o->listen, sizeof o->listen, "%s", val);
+        } else if (!strcmp(name, "--address-file")) {
+            if (strlen(val) >= sizeof o->address_file)
+                err = qs_seterr(QS_EINVAL, "--address-file: the path is too long");
+            else
+                snprintf(o->address_file, sizeof o->address_file, "%s", val);
+        } else if (!strcmp(name, "--device-memory")) {
+            err = qs_parse_bytes(val, &o->device_memory);
+            if (!err && o->device_memory < (1ull << 20))
+                err = qs_seterr(QS_EINVAL, "--device-memory %s is below 1MiB", val);
+            o->device_memory_given = 1;
+        } else if (!strcmp(name, "--drain-timeout")) {
+            err = parse_seconds(name, val, 0, &o->drain_timeout);
+        } else if (!strcmp(name, "--heartbeat")) {
+            err = parse_seconds(name, val, 0.01, &o->heartbeat);
+        } else {
+            err = qs_log_parse_level(val, &o->log_level);
+        }
+        if (err) {
+            if (print)
+                fprintf(stderr, "qdaemon: %s\n", qs_errmsg());
+            return 2;
+        }
+    }
+    if (check_listen(o->listen, o->allow_remote) != QS_OK) {
+        if (print)
+            fprintf(stderr, "qdaemon: %s\n", qs_errmsg());
+        return 2;
+    }
+    return 0;
+}
+
+/* Written under a temporary name and renamed, so that a reader never sees a
+ * half-written address. */
+static int write_address_file(const char *path, const char *addr)
+{
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp.%ld", path, (long)getpid());
+    FILE *f = fopen(tmp, "w");
+    if (!f)
+        return qs_seterr(QS_EIO, "cannot write the address file '%s': %s", tmp, strerror(errno));
+    int bad = fprintf(f, "%s\n", addr) < 0;
+    bad |= fclose(f) != 0;
+    if (bad || rename(tmp, path) != 0) {
+        int e = errno;
+        remove(tmp);
+        return qs_seterr(QS_EIO, "cannot write the address file '%s': %s", path, strerror(e));
+    }
+    return QS_OK;
+}
+
+int main(int argc, char **argv)
+{
+    qs_daemon d;
+    memset(&d, 0, sizeof d);
+    int pr = parse_args(argc, argv, &d.opts, env_rank() == 0);
+    if (pr)
+        return pr == 1 ? 0 : 2;
+
+    /* Only the main thread calls MPI; rank 0's gRPC thread hands it work
+     * through the job queue. FUNNELED keeps every MPI call in one thread, so
+     * the collectives are issued in the same order on every rank without
+     * locks, and avoids Open MPI's slower and less portable THREAD_MULTIPLE. */
+    int provided = 0;
+    if (MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS) {
+        fprintf(stderr, "qdaemon: MPI_Init_thread failed: start it with mpirun -np N qdaemon\n");
+        return 1;
+    }
+    MPI_Comm_rank(MPI_COMM_WORLD, &d.rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &d.world);
+    MPI_Comm node;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, d.rank, MPI_INFO_NULL, &node);
+    MPI_Comm_rank(node, &d.local_rank);
+    MPI_Comm_free(&node);
+    qs_log_init(d.opts.log_level, d.rank);
+    if (provided < MPI_THREAD_FUNNELED)
+        qs_log(QS_LOG_WARN, "MPI provides thread level %d, below FUNNELED", provided);
+    d.started = qs_now();
+    atomic_init(&d.served, 0);
+    pthread_mutex_init(&d.mu, NULL);
+    pthread_cond_init(&d.cv, NULL);
+
+    /* Every rank takes the signals; only rank 0 acts on them (mpirun forwards
+     * SIGTERM to all ranks, and the leader decides when they exit). */
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    /* Startup: every rank opens its device, rank 0 binds; then all agree. */
+    int ok = 1;
+    char why[600] = "";
+    if (qs_device_open(&d.dev, d.local_rank, &d.opts) != QS_OK) {
+        ok = 0;
+        snprintf(why, sizeof why, "%s", qs_errmsg());
+    } else {
+        qs_log(QS_LOG_INFO, "rank %d/%d on %s: %s %s, budget %.2f GiB", d.rank, d.world,
+               d.dev.hostname, d.dev.cuda ? "GPU" : "device", d.dev.name,
+               (double)d.dev.budget / (double)(1ull << 30));
+    }
+    char bound[300] = "";
+    if (ok && d.rank == 0) {
+        if (qs_server_start(&d, d.opts.listen, bound, sizeof bound, &d.server) != QS_OK) {
+            ok = 0;
+            snprintf(why, sizeof why, "%s", qs_errmsg());
+        }
+    }
+    int all_ok = 0;
+    MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    if (!all_ok) {
+        if (!ok)
+            qs_log(QS_LOG_ERROR, "cannot start: %s", why);
+        if (d.server) {
+            qs_server_drain(d.server);
+            qs_server_close(d.server);
+        }
+        MPI_Finalize();
+        return 1;
+    }
+
+    int rc = 0;
+    if (d.rank == 0) {
+        if (d.opts.address_file[0] && write_address_file(d.opts.address_file, bound) != QS_OK) {
+            qs_log(QS_LOG_ERROR, "%s", qs_errmsg());
+            qs_server_drain(d.server);
+            rc = 1;
+        } else {
+            qs_log(QS_LOG_INFO, "serving qshard.v1 on %s with %d rank(s)", bound, d.world);
+        }
+        qs_ranks_lead(&d);
+        /* The server thread ends once its last call is done; if it is wedged,
+         * exit without waiting for it. */
+        if (qs_server_wait(d.server, 5))
+            qs_server_close(d.server);
+        else
+            qs_log(QS_LOG_WARN, "the gRPC server did not stop in time");
+        if (d.opts.address_file[0])
+            remove(d.opts.address_file);
+        qs_log(QS_LOG_INFO, "stopped after %llu request(s)",
+               (unsigned long long)atomic_load(&d.served));
+    } else {
+        qs_ranks_follow(&d);
+    }
+    MPI_Finalize();
+    return rc;
+}

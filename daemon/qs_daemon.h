@@ -1,0 +1,217 @@
+/* qs_daemon.h: the header of daemon/, the qdaemon program.
+ *
+ * qdaemon runs as one MPI process per device. Rank 0 is the leader: a gRPC
+ * thread (server.c) receives and validates requests and queues them as jobs;
+ * rank 0's main thread, the only thread that calls MPI, broadcasts each job
+ * as a command (ranks.c) that every rank runs (commands.c) and gathers the
+ * replies, which rank 0 turns into the gRPC answer.
+ */
+#ifndef QS_DAEMON_H
+#define QS_DAEMON_H
+
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "qs_kernels.h" /* qs_err, qs_seterr, qs_errmsg */
+#include "qs_proto.h"
+
+#define QS_DAEMON_VERSION "0.1.0"
+
+/* ---- Logging (log.c) ------------------------------------------------------ */
+
+typedef enum qs_log_level { QS_LOG_ERROR, QS_LOG_WARN, QS_LOG_INFO, QS_LOG_DEBUG } qs_log_level;
+
+/* Parses "error", "warn", "info", "debug". */
+int qs_log_parse_level(const char *s, qs_log_level *out);
+/* Sets the threshold and the rank printed in every line. */
+void qs_log_init(qs_log_level level, int rank);
+int qs_log_enabled(qs_log_level level);
+void qs_log(qs_log_level level, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+/* Seconds on the monotonic clock. */
+double qs_now(void);
+
+/* ---- Options (main.c) ----------------------------------------------------- */
+
+typedef struct qs_daemon_opts {
+    char listen[256];        /* HOST:PORT for rank 0's gRPC server */
+    int allow_remote;        /* permit a non-loopback listen address */
+    char address_file[4096]; /* where to write the bound address; "" for none */
+    uint64_t device_memory;  /* CPU device budget; caps a GPU's when given */
+    int device_memory_given;
+    double drain_timeout; /* seconds to finish in-flight requests on shutdown */
+    double heartbeat;     /* seconds between rank 0's heartbeats when idle */
+    double rank_timeout;  /* seconds a short command may wait for a rank */
+    qs_log_level log_level;
+} qs_daemon_opts;
+
+/* ---- Devices (device.c) --------------------------------------------------- */
+
+typedef struct qs_device {
+    int cuda;       /* 1: a CUDA GPU; 0: a CPU device */
+    int index;      /* CUDA device index; -1 for CPU */
+    char name[256]; /* cudaDeviceProp.name is 256 */
+    char hostname[128];
+    uint64_t total;
+    uint64_t free;
+    uint64_t budget;
+    uint64_t used; /* bytes held by qshard's models (none yet) */
+} qs_device;
+
+/* Picks this rank's device: local_rank -> GPU when any is usable, else a CPU
+ * device with the --device-memory budget. */
+int qs_device_open(qs_device *dev, int local_rank, const qs_daemon_opts *o);
+/* Re-reads free memory. */
+int qs_device_refresh(qs_device *dev);
+
+/* ---- The daemon ----------------------------------------------------------- */
+
+typedef struct qs_daemon qs_daemon;
+typedef struct qs_server qs_server;
+typedef struct qs_call qs_call;
+typedef struct qs_command qs_command;
+
+/* A request waiting for rank 0's main thread (queued by the gRPC thread). */
+typedef struct qs_job {
+    const qs_command *command;
+    qs_call *call;
+    void *payload; /* the packed request, broadcast to every rank */
+    size_t len;
+    struct qs_job *next;
+} qs_job;
+
+struct qs_daemon {
+    qs_daemon_opts opts;
+    int rank, world, local_rank;
+    qs_device dev;
+    double started;
+    atomic_uint_fast64_t served; /* requests answered */
+    uint64_t seq;                /* commands broadcast so far */
+    qs_server *server;           /* rank 0 only */
+
+    /* The job queue between the gRPC thread and rank 0's main thread. */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    qs_job *head, *tail;
+    int queue_closed;
+};
+
+/* Queue a job for the main thread; QS_EBUSY once the queue is closed. */
+int qs_daemon_enqueue(qs_daemon *d, qs_job *job);
+void qs_job_free(qs_job *job);
+
+/* Set by the SIGTERM/SIGINT handler; rank 0's main thread polls it. */
+extern volatile sig_atomic_t qs_stop_signal;
+
+/* ---- Commands (commands.c) ------------------------------------------------ */
+
+/* Opcodes of the broadcast header. EXIT and HEARTBEAT carry no payload. */
+enum {
+    QS_OP_EXIT = 1,
+    QS_OP_HEARTBEAT,
+    QS_OP_PING,
+    QS_OP_STATS,
+    QS_OP_PLAN,
+    QS_OP_LOAD,
+    QS_OP_UNLOAD,
+    QS_OP_GENERATE,
+    QS_OP_EVAL,
+    QS_OP_BENCH
+};
+
+/* A command as every rank sees it. */
+typedef struct qs_cmd {
+    uint32_t op;
+    int32_t group; /* 0: the world; later a model's group */
+    uint64_t seq;
+    ProtobufCMessage *req; /* the request, unpacked on this rank */
+    qs_job *job;           /* rank 0 only: the call being served (streams) */
+} qs_cmd;
+
+/* A growable byte buffer: one rank's part of a reply. */
+typedef struct qs_buf {
+    void *data;
+    size_t len;
+} qs_buf;
+
+/* One rank's answer, as gathered on rank 0. */
+typedef struct qs_part {
+    int err;         /* qs_err of that rank's run */
+    const char *msg; /* err != 0: its sentence (NUL-terminated) */
+    const void *data;
+    size_t len;
+} qs_part;
+
+struct qs_command {
+    const char *method; /* full gRPC path */
+    uint32_t op;        /* 0: answered by rank 0's gRPC thread, no ranks involved */
+    const ProtobufCMessageDescriptor *request;
+    double timeout; /* seconds rank 0 waits for the ranks' replies; 0: no limit */
+    int drains;     /* answering it starts the drain (Shutdown) */
+    /* Rank 0, gRPC thread: refuses a bad request before any rank sees it. */
+    int (*validate)(qs_daemon *d, const ProtobufCMessage *req);
+    /* Rank 0, gRPC thread, op == 0 only: the whole answer. */
+    int (*answer)(qs_daemon *d, qs_call *call, const ProtobufCMessage *req,
+                  grpc_byte_buffer **reply);
+    /* Every rank: runs the command on this rank's device; fills out. */
+    int (*run)(qs_daemon *d, const qs_cmd *cmd, qs_buf *out);
+    /* Rank 0: builds the reply from every rank's part (parts[r] for rank r). */
+    int (*reply)(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
+                 grpc_byte_buffer **reply);
+};
+
+extern const qs_command qs_commands[];
+extern const size_t qs_command_count;
+const qs_command *qs_command_for_op(uint32_t op);
+
+/* Rank 0, gRPC thread: unpack, validate, then answer or queue a job. */
+void qs_dispatch(qs_daemon *d, qs_call *call, const qs_command *c, grpc_byte_buffer *bb);
+
+/* The gRPC status for a qs_err. */
+grpc_status_code qs_err_status(int err);
+
+/* ---- Rank coordination (ranks.c) ----------------------------------------- */
+
+/* Every rank: the loop of the non-zero ranks; returns at EXIT. */
+int qs_ranks_follow(qs_daemon *d);
+/* Rank 0, main thread: serves the job queue until drained, then broadcasts
+ * EXIT. */
+int qs_ranks_lead(qs_daemon *d);
+
+/* ---- gRPC server (server.c), rank 0 only ---------------------------------- */
+
+/* Binds (port 0: a free one), starts the completion-queue thread. *bound
+ * receives the address actually bound, e.g. "127.0.0.1:43121". */
+int qs_server_start(qs_daemon *d, const char *listen, char *bound, size_t bound_size,
+                    qs_server **out);
+/* Stops accepting; requests in flight go on. Idempotent, any thread. */
+void qs_server_drain(qs_server *s);
+int qs_server_draining(qs_server *s);
+/* Cancels every call still open (after the drain timeout). */
+void qs_server_cancel_all(qs_server *s);
+/* Calls started and not yet finished. */
+int qs_server_in_flight(qs_server *s);
+/* Waits up to timeout seconds for the server to finish its shutdown; 1 when it
+ * did. */
+int qs_server_wait(qs_server *s, double timeout);
+void qs_server_close(qs_server *s);
+
+/* Answers a call (any thread, once): status, details and an optional reply
+ * message (taken). */
+void qs_call_finish(qs_call *call, grpc_status_code code, const char *details,
+                    grpc_byte_buffer *reply);
+/* Streams one message (taken) on a server-streaming call and waits until it
+ * is written; QS_ECOMM when the client has gone. */
+int qs_call_write(qs_call *call, grpc_byte_buffer *msg);
+/* 1 once the client cancelled or the deadline passed. */
+int qs_call_cancelled(qs_call *call);
+const char *qs_call_peer(qs_call *call);
+
+#endif /* QS_DAEMON_H */
