@@ -25,6 +25,8 @@ note() { echo "test_slurm: $*"; }
 [ -f "${repo:-.}/deploy/slurm/generate-eval.sbatch" ] || { echo "usage: $0 QDAEMON QCTL REPO_ROOT" >&2; exit 2; }
 [ -x "${qdaemon:-/nonexistent}" ] || skip "qdaemon is not built (daemon/ has no qdaemon target yet)"
 [ -x "$qctl" ] || skip "qctl is not built: $qctl"
+# Absolute paths: the jobs run in another directory, through symlinks.
+qdaemon=$(readlink -f "$qdaemon") qctl=$(readlink -f "$qctl") repo=$(readlink -f "$repo")
 [ "$(id -u)" = 0 ] || skip "needs root: slurmd runs jobs as any user, and this cluster uses SlurmUser=root"
 
 need=(munged munge slurmctld slurmd sbatch squeue scontrol scancel sinfo)
@@ -198,14 +200,18 @@ if [ -r "$wiki" ]; then head -n 40 "$wiki" >"$tmp/job/eval.txt"
 else printf ' = Robert Boulter = \n Robert Boulter is an English film and television actor .\n' >"$tmp/job/eval.txt"; fi
 out=$tmp/job/out1
 # QSHARD_MODEL_STEPS_OPTIONAL: load/generate/eval answer "not implemented"
-# until the model code lands. TIGHTEN THEN: drop it, so a failed model step
-# fails the job, and make the checks on load/generate/eval below mandatory.
+# (UNIMPLEMENTED, exit 1) until the model code lands in the daemon. TIGHTEN
+# THEN: drop it, so a failed model step fails the job, and make the checks on
+# load/generate/eval below mandatory. opt-125m: 12 heads split 2 ways, small
+# enough for two CPU ranks; a short generation and one short eval chunk.
 t0=$SECONDS
 id=$(QSHARD_OUT=$out QSHARD_MODEL_STEPS_OPTIONAL=1 QSHARD_START_TIMEOUT=60 QSHARD_STOP_TIMEOUT=60 \
+     QSHARD_MODEL=opt-125m QSHARD_GENERATE_ARGS="--max-tokens 8" \
+     QSHARD_EVAL_ARGS="--ctx 128 --max-chunks 1" \
      sbatch "${job_opts[@]}" --output="$tmp/job/ge-%j.out" \
      "$repo/deploy/slurm/generate-eval.sbatch" "$prompts" "$tmp/job/eval.txt")
 note "submitted generate-eval.sbatch as job $id"
-st=$(wait_job "$id" 120)
+st=$(wait_job "$id" 150)
 rcx=$(job_exit "$id")
 note "job $id: $st, exit $rcx, $((SECONDS - t0)) s"
 [ "$st $rcx" = "COMPLETED 0:0" ] || { show_job "$id" "ge-$id.out" "$out"; fail "generate-eval job ended $st with exit $rcx (want COMPLETED, 0:0)"; }
@@ -236,6 +242,10 @@ def find(o, keys):
     return None
 ws = find(d, {"world_size", "ranks", "world"})
 assert ws in (None, 2), f"world size {ws}, want 2"
+# qctl stats --json as it is today: one entry per rank's device.
+devs = d.get("devices")
+if devs is not None:
+    assert sorted(x.get("rank") for x in devs) == [0, 1], f"devices: {devs!r}"
 print("test_slurm: stats.json keys:", ", ".join(sorted(d)))
 EOF
 # load/generate/eval: checked when they succeed; while they fail they must
