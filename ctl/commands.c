@@ -56,6 +56,7 @@ static int opt_val(args *a, const char *name, const char **val)
     if (s[n] != '\0')
         return 0;
     if (a->i + 1 >= a->argc) {
+        *val = "";
         usage_error(a, "%s needs a value", name);
         return 1;
     }
@@ -70,11 +71,11 @@ static int opt_flag(args *a, const char *name)
 
 static int parse_u64(args *a, const char *opt, const char *v, uint64_t max, uint64_t *out)
 {
+    if (a->err)
+        return -1;
     char *end;
     errno = 0;
     unsigned long long x = strtoull(v, &end, 10);
-    if (a->err)
-        return -1;
     if (!*v || *v == '-' || *end || errno || x > max) {
         usage_error(a, "%s takes a whole number from 0 to %llu, got '%s'", opt,
                     (unsigned long long)max, v);
@@ -95,11 +96,11 @@ static int parse_u32(args *a, const char *opt, const char *v, uint32_t *out)
 
 static int parse_double(args *a, const char *opt, const char *v, double *out)
 {
+    if (a->err)
+        return -1;
     char *end;
     errno = 0;
     double x = strtod(v, &end);
-    if (a->err)
-        return -1;
     if (!*v || *end || errno || !isfinite(x)) {
         usage_error(a, "%s takes a number, got '%s'", opt, v);
         return -1;

@@ -1,0 +1,306 @@
+#!/usr/bin/env bash
+# Integration tests of qdaemon + qctl under mpirun (ctest label integration).
+#   test_daemon.sh CASE QDAEMON QCTL MPIEXEC [MPI_FLAGS...]
+# Every case starts its own daemon on a free port (--listen 127.0.0.1:0) and
+# cleans up every process it started, whatever happens.
+set -u
+case_name=$1 qdaemon=$2 qctl=$3 mpiexec=$4
+shift 4
+mpi_flags=("$@")
+
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/qs-daemon-$case_name.XXXXXX")
+addr_file=$tmp/addr
+log=$tmp/daemon.log
+mpirun_pid=
+rank_pids=()
+
+note() { printf 'test_daemon[%s]: %s\n' "$case_name" "$*"; }
+fail() {
+    note "FAIL: $*"
+    if [ -s "$log" ]; then note "daemon log:"; sed 's/^/    /' "$log"; fi
+    exit 1
+}
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+cleanup() {
+    # Only what this script started: mpirun, then any rank it left behind.
+    if [ -n "$mpirun_pid" ] && kill -0 "$mpirun_pid" 2>/dev/null; then
+        kill -TERM "$mpirun_pid" 2>/dev/null
+        for _ in $(seq 30); do kill -0 "$mpirun_pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$mpirun_pid" 2>/dev/null
+    fi
+    for p in "${rank_pids[@]}"; do kill -KILL "$p" 2>/dev/null; done
+    rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'exit 1' INT TERM
+
+[ -x "$qdaemon" ] || fail "qdaemon is not built: $qdaemon"
+[ -x "$qctl" ] || fail "qctl is not built: $qctl"
+command -v python3 >/dev/null || { note "SKIP: python3 is needed to read JSON"; exit 77; }
+
+# start [qdaemon options...]: starts two ranks, waits for the address file.
+start() {
+    rm -f "$addr_file"
+    "$mpiexec" "${mpi_flags[@]}" -np 2 "$qdaemon" --listen 127.0.0.1:0 \
+        --address-file "$addr_file" --device-memory 2GiB --heartbeat 0.5 "$@" >"$log" 2>&1 &
+    mpirun_pid=$!
+    local t0
+    t0=$(now)
+    for _ in $(seq 200); do
+        [ -s "$addr_file" ] && break
+        kill -0 "$mpirun_pid" 2>/dev/null || fail "mpirun exited before the daemon was ready"
+        sleep 0.1
+    done
+    [ -s "$addr_file" ] || fail "no address file after 20 s"
+    addr=$(head -n 1 "$addr_file")
+    export QSHARD_ADDR=$addr
+    note "daemon ready at $addr after $(elapsed "$t0") s"
+    # The ranks' pids, for the kill tests and for cleanup.
+    mapfile -t rank_pids < <("$qctl" stats --json |
+        python3 -c 'import json,sys; [print(d["pid"]) for d in json.load(sys.stdin)["devices"]]')
+    [ "${#rank_pids[@]}" = 2 ] || fail "stats listed ${#rank_pids[@]} ranks, want 2"
+}
+
+# wait_exit SECS: waits for mpirun to exit; sets rc (124 if it did not).
+wait_exit() {
+    local limit=$1 t0
+    t0=$(now)
+    for _ in $(seq $((limit * 10))); do
+        kill -0 "$mpirun_pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$mpirun_pid" 2>/dev/null; then
+        rc=124
+        return
+    fi
+    wait "$mpirun_pid"
+    rc=$?
+    took=$(elapsed "$t0")
+    mpirun_pid=
+}
+
+# expect CODE CMD...: runs CMD, checks its exit code, keeps stdout/stderr.
+expect() {
+    local want=$1
+    shift
+    "$@" >"$tmp/out" 2>"$tmp/err"
+    local got=$?
+    [ "$got" = "$want" ] || fail "'$*' exited $got, want $want; stdout: $(cat "$tmp/out"); stderr: $(cat "$tmp/err")"
+}
+
+# A rank that exited but was reparented to a PID 1 that does not reap (some
+# containers) stays a zombie: gone all the same.
+alive() {
+    local st
+    st=$(awk '{ print $3 }' "/proc/$1/stat" 2>/dev/null) || return 1
+    [ -n "$st" ] && [ "$st" != Z ] && [ "$st" != X ]
+}
+
+no_ranks_left() {
+    sleep 0.5
+    for p in "${rank_pids[@]}"; do
+        alive "$p" && fail "rank pid $p is still running"
+    done
+    return 0
+}
+
+case $case_name in
+basic)
+    start
+    # health: the grpc.health.v1 check and the round trip through both ranks.
+    expect 0 "$qctl" health --json
+    python3 - "$tmp/out" <<'PY' || fail "health --json: $(cat "$tmp/out")"
+import json, sys
+d = json.load(open(sys.argv[1]))
+assert d["serving"] is True and d["status"] == "SERVING", d
+assert d["world_size"] == 2 and d["ranks_ok"] == 2, d
+PY
+    expect 0 "$qctl" health
+    grep -q 'serving' "$tmp/out" || fail "health text: $(cat "$tmp/out")"
+    # stats: one device per rank, CPU devices with the 2 GiB budget.
+    expect 0 "$qctl" --json stats
+    python3 - "$tmp/out" <<'PY' || fail "stats --json: $(cat "$tmp/out")"
+import json, sys
+d = json.load(open(sys.argv[1]))
+assert d["world_size"] == 2, d
+devs = d["devices"]
+assert [x["rank"] for x in devs] == [0, 1], devs
+for x in devs:
+    assert x["kind"] in ("cpu", "cuda"), x
+    if x["kind"] == "cpu":
+        assert x["name"] == "cpu" and x["memory_total"] == 2 << 30, x
+        assert x["memory_budget"] == 2 << 30 and x["memory_free"] == 2 << 30, x
+assert d["models"] == [], d
+PY
+    # plan on the daemon's own devices (2 GiB each): opt-125m fits, opt-175b does not.
+    expect 0 "$qctl" plan --daemon opt-125m --bits 4 --json
+    python3 - "$tmp/out" <<'PY' || fail "plan --daemon --json: $(cat "$tmp/out")"
+import json, sys
+d = json.load(open(sys.argv[1]))
+assert d["model"] == "opt-125m" and d["tp"] == 2 and d["device_memory"] == 2 << 30, d
+assert d["fits"] is True and d["quant"]["bits"] == 4, d
+PY
+    expect 0 "$qctl" plan --daemon opt-175b --bits 3 --json
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert d["fits"] is False and d["min_gpus_by_memory"] == 0 or d["min_gpus_by_memory"] > 2, d' "$tmp/out" ||
+        fail "plan opt-175b: $(cat "$tmp/out")"
+    # refusals: exit 1 with the daemon's sentence.
+    expect 1 "$qctl" load opt-125m --bits 9
+    grep -q 'INVALID_ARGUMENT' "$tmp/err" && grep -qi 'bits' "$tmp/err" || fail "load --bits 9: $(cat "$tmp/err")"
+    expect 1 "$qctl" load no-such-model
+    grep -q 'NOT_FOUND' "$tmp/err" || fail "load no-such-model: $(cat "$tmp/err")"
+    expect 1 "$qctl" load opt-125m --gpus 3
+    grep -q 'mpirun -np 3' "$tmp/err" || fail "load --gpus 3: $(cat "$tmp/err")"
+    expect 1 "$qctl" load opt-125m --bits 3
+    grep -q 'UNIMPLEMENTED' "$tmp/err" || fail "load (valid): $(cat "$tmp/err")"
+    expect 1 "$qctl" --json generate opt-125m "Hello" --top-p 2
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert d["error"]["code"] == "INVALID_ARGUMENT", d' "$tmp/out" ||
+        fail "generate --top-p 2 --json: $(cat "$tmp/out")"
+    expect 1 "$qctl" generate opt-125m "Hello" --max-tokens 8
+    grep -q 'UNIMPLEMENTED' "$tmp/err" || fail "generate: $(cat "$tmp/err")"
+    expect 1 "$qctl" eval opt-125m --text-file /nonexistent/wiki.txt
+    grep -q 'NOT_FOUND' "$tmp/err" || fail "eval missing file: $(cat "$tmp/err")"
+    expect 1 "$qctl" bench --shape 4096x4000 --bits 3 --group 128
+    grep -q 'multiple of the group' "$tmp/err" || fail "bench bad shape: $(cat "$tmp/err")"
+    expect 1 "$qctl" unload opt-125m
+    grep -q 'NOT_FOUND' "$tmp/err" || fail "unload: $(cat "$tmp/err")"
+    # usage errors: exit 2, nothing sent.
+    expect 2 "$qctl" load opt-125m --bits
+    expect 2 "$qctl" load opt-125m --bits three
+    expect 2 "$qctl" stats --bogus
+    expect 2 "$qctl" frobnicate
+    expect 2 "$qctl"
+    expect 0 "$qctl" load --help
+    grep -q -- '--bits' "$tmp/out" || fail "load --help: $(cat "$tmp/out")"
+    # unreachable: exit 3 and the hint, quickly.
+    t0=$(now)
+    expect 3 "$qctl" --addr 127.0.0.1:1 health
+    grep -q 'cannot reach qdaemon at 127.0.0.1:1' "$tmp/err" || fail "unreachable: $(cat "$tmp/err")"
+    QSHARD_ADDR=127.0.0.1:1 expect 3 "$qctl" stats
+    note "unreachable reported in $(elapsed "$t0") s"
+    # the local planner is still there without a daemon.
+    expect 0 "$qctl" --addr 127.0.0.1:1 plan opt-125m --json
+    # shutdown: the reply, then every rank exits 0.
+    expect 0 "$qctl" shutdown --json
+    wait_exit 10
+    [ "$rc" = 0 ] || fail "mpirun exited $rc after qctl shutdown, want 0"
+    note "shutdown: mpirun exited 0 in $took s"
+    [ ! -e "$addr_file" ] || fail "the address file is still there after a clean exit"
+    no_ranks_left
+    grep -q 'Health/Check from .*: OK in' "$log" || fail "no per-request log line for Check"
+    grep -q 'Qshard/Load from .*: INVALID_ARGUMENT in .* ms: ' "$log" || fail "no per-request log line for Load"
+    ;;
+concurrent)
+    start
+    # 24 requests at once, of three kinds: all answered, none lost.
+    pids=()
+    for i in $(seq 8); do
+        "$qctl" stats --json >"$tmp/s$i" 2>&1 & pids+=($!)
+        "$qctl" health >"$tmp/h$i" 2>&1 & pids+=($!)
+        "$qctl" load opt-125m --bits 9 >"$tmp/l$i" 2>&1 & pids+=($!)
+    done
+    n=0
+    for p in "${pids[@]}"; do
+        wait "$p"
+        c=$?
+        case $c in 0 | 1) n=$((n + 1)) ;; *) fail "a concurrent qctl exited $c" ;; esac
+    done
+    for i in $(seq 8); do
+        python3 -c 'import json,sys; assert len(json.load(open(sys.argv[1]))["devices"]) == 2' "$tmp/s$i" ||
+            fail "concurrent stats $i: $(cat "$tmp/s$i")"
+        grep -q 'INVALID_ARGUMENT' "$tmp/l$i" || fail "concurrent load $i: $(cat "$tmp/l$i")"
+    done
+    note "$n concurrent requests answered"
+    expect 0 "$qctl" shutdown
+    wait_exit 10
+    [ "$rc" = 0 ] || fail "mpirun exited $rc after shutdown, want 0"
+    no_ranks_left
+    ;;
+shutdown_drain)
+    start --drain-timeout 5
+    # Requests racing a shutdown are answered or refused, never left hanging,
+    # and the daemon still exits 0.
+    pids=()
+    for i in $(seq 10); do "$qctl" --timeout 20 stats >/dev/null 2>&1 & pids+=($!); done
+    expect 0 "$qctl" shutdown
+    for p in "${pids[@]}"; do
+        wait "$p"
+        c=$?
+        case $c in 0 | 1 | 3) ;; *) fail "a stats racing shutdown exited $c" ;; esac
+    done
+    wait_exit 10
+    [ "$rc" = 0 ] || fail "mpirun exited $rc after a drain, want 0"
+    no_ranks_left
+    # After the daemon is gone: unreachable.
+    expect 3 "$qctl" health
+    ;;
+sigterm_rank0)
+    start
+    # SIGTERM to rank 0 (what a process supervisor sends to the leader): drain,
+    # then every rank exits 0 and so does mpirun.
+    kill -TERM "${rank_pids[0]}"
+    wait_exit 10
+    [ "$rc" = 0 ] || fail "mpirun exited $rc after SIGTERM to rank 0, want 0"
+    note "SIGTERM to rank 0: mpirun exited 0 in $took s"
+    grep -q 'signal 15: shutting down' "$log" || fail "rank 0 did not log the signal"
+    [ ! -e "$addr_file" ] || fail "the address file is still there after a clean exit"
+    no_ranks_left
+    ;;
+sigterm_mpirun)
+    start
+    # SIGTERM to mpirun: Open MPI forwards it to every rank and kills them
+    # after odls_base_sigkill_timeout (1 s); mpirun then exits non-zero by its
+    # own design. What qshard owes: rank 0 starts a drain, the job ends in
+    # seconds, and no rank is left behind.
+    kill -TERM "$mpirun_pid"
+    wait_exit 15
+    [ "$rc" != 124 ] || fail "mpirun still running 15 s after SIGTERM"
+    note "SIGTERM to mpirun: it exited $rc in $took s"
+    grep -q 'signal 15: shutting down' "$log" || fail "rank 0 did not start a drain on SIGTERM"
+    no_ranks_left
+    ;;
+rank_killed)
+    start
+    # A rank that dies must end the job (non-zero) instead of leaving it hung.
+    kill -KILL "${rank_pids[1]}"
+    wait_exit 15
+    [ "$rc" != 124 ] || fail "mpirun still running 15 s after rank 1 was killed"
+    [ "$rc" != 0 ] || fail "mpirun exited 0 after rank 1 was killed, want non-zero"
+    note "rank 1 killed: mpirun exited $rc in $took s"
+    no_ranks_left
+    expect 3 "$qctl" health
+    ;;
+bad_start)
+    # A non-loopback address without --allow-remote: refused, exit 2, no hang.
+    "$mpiexec" "${mpi_flags[@]}" -np 2 "$qdaemon" --listen 0.0.0.0:0 >"$log" 2>&1 &
+    mpirun_pid=$!
+    wait_exit 15
+    [ "$rc" != 0 ] && [ "$rc" != 124 ] || fail "qdaemon --listen 0.0.0.0:0 exited $rc, want a refusal"
+    grep -q -- '--allow-remote' "$log" || fail "the refusal does not mention --allow-remote"
+    # Bad options: exit 2 with the reason; --help works without mpirun.
+    expect 2 "$qdaemon" --device-memory 16GB
+    expect 2 "$qdaemon" --log-level loud
+    expect 0 "$qdaemon" --help
+    grep -q -- '--drain-timeout' "$tmp/out" || fail "qdaemon --help: $(cat "$tmp/out")"
+    # A port already taken: the job fails quickly with the reason.
+    start
+    taken=$addr
+    "$mpiexec" "${mpi_flags[@]}" -np 2 "$qdaemon" --listen "$taken" >"$tmp/second.log" 2>&1 &
+    second=$!
+    for _ in $(seq 150); do kill -0 "$second" 2>/dev/null || break; sleep 0.1; done
+    if kill -0 "$second" 2>/dev/null; then
+        kill -TERM "$second"
+        fail "a second daemon on $taken did not fail"
+    fi
+    wait "$second" && fail "a second daemon on $taken exited 0"
+    grep -q 'cannot listen on' "$tmp/second.log" || fail "second daemon: $(cat "$tmp/second.log")"
+    expect 0 "$qctl" shutdown
+    wait_exit 10
+    [ "$rc" = 0 ] || fail "mpirun exited $rc after shutdown, want 0"
+    ;;
+*)
+    fail "unknown case $case_name"
+    ;;
+esac
+note "ok"
