@@ -288,5 +288,7 @@ note "job $id: $st, exit $rcx, $((SECONDS - t0)) s"
 [ "$st $rcx" = "COMPLETED 0:0" ] || { show_job "$id" "qd-$id.out"; fail "qdaemon job ended $st with exit $rcx after SIGTERM (want COMPLETED, 0:0)"; }
 [ ! -e "$addr_file" ] || fail "the address file outlived the job"
 grep -q 'SIGTERM: draining' "$tmp/job/qd-$id.out" || { show_job "$id" "qd-$id.out"; fail "the job did not handle SIGTERM"; }
+# The drain went through qctl shutdown, not the fallback of signalling srun.
+if grep -q 'qctl shutdown failed' "$tmp/job/qd-$id.out"; then show_job "$id" "qd-$id.out"; fail "qctl shutdown failed in the SIGTERM handler"; fi
 if pgrep -f "$tmp/bin/qdaemon" >/dev/null; then fail "qdaemon ranks still running after the jobs ended"; fi
 note "PASS"
