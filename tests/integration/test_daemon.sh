@@ -271,6 +271,32 @@ rank_killed)
     no_ranks_left
     expect 3 "$qctl" health
     ;;
+rank0_stopped)
+    start
+    # Rank 0 wedged (stopped): the idle ranks miss its heartbeats (every 0.5 s
+    # here) and abort the job after 10 of them instead of waiting forever.
+    kill -STOP "${rank_pids[0]}"
+    wait_exit 15
+    [ "$rc" != 124 ] || fail "mpirun still running 15 s after rank 0 stopped"
+    [ "$rc" != 0 ] || fail "mpirun exited 0 after rank 0 stopped, want non-zero"
+    note "rank 0 stopped: mpirun exited $rc in $took s"
+    grep -q 'not even a heartbeat' "$log" || fail "rank 1 did not report the missing heartbeat"
+    no_ranks_left
+    ;;
+rank1_stopped)
+    start
+    # Rank 1 wedged: the next command that needs it (Health waits 10 s for the
+    # ranks) aborts the job rather than hanging every later request.
+    kill -STOP "${rank_pids[1]}"
+    t0=$(now)
+    expect 3 "$qctl" --timeout 30 health
+    note "health with rank 1 stopped: qctl exited 3 after $(elapsed "$t0") s"
+    wait_exit 10
+    [ "$rc" != 124 ] || fail "mpirun still running after rank 0 gave up on rank 1"
+    [ "$rc" != 0 ] || fail "mpirun exited 0 after rank 1 stopped, want non-zero"
+    grep -q 'aborting all 2 ranks' "$log" || fail "rank 0 did not say why it aborted"
+    no_ranks_left
+    ;;
 bad_start)
     # A non-loopback address without --allow-remote: refused, exit 2, no hang.
     "$mpiexec" "${mpi_flags[@]}" -np 2 "$qdaemon" --listen 0.0.0.0:0 >"$log" 2>&1 &
