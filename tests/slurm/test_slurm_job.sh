@@ -8,6 +8,10 @@
 #   2. deploy/slurm/qdaemon.sbatch: reachable through the address file it
 #      publishes; SIGTERM to the batch shell (what --signal=B:TERM@120 sends)
 #      must drain it and end the job COMPLETED, exit 0.
+#   3. The same with a qctl whose shutdown fails: the script's fallback must
+#      signal the ranks itself and still end COMPLETED, exit 0.
+# QSHARD_LAUNCHER=mpirun in the environment runs them under mpirun instead
+# of srun --mpi=pmix.
 #
 #   test_slurm_job.sh QDAEMON QCTL REPO_ROOT
 #
@@ -290,5 +294,30 @@ note "job $id: $st, exit $rcx, $((SECONDS - t0)) s"
 grep -q 'SIGTERM: draining' "$tmp/job/qd-$id.out" || { show_job "$id" "qd-$id.out"; fail "the job did not handle SIGTERM"; }
 # The drain went through qctl shutdown, not the fallback of signalling srun.
 if grep -q 'qctl shutdown failed' "$tmp/job/qd-$id.out"; then show_job "$id" "qd-$id.out"; fail "qctl shutdown failed in the SIGTERM handler"; fi
-if pgrep -f "$tmp/bin/qdaemon" >/dev/null; then fail "qdaemon ranks still running after the jobs ended"; fi
+
+# 3. The same, when qctl cannot reach rank 0: the script must signal the ranks
+# itself (not srun, which would kill them) and still end COMPLETED, exit 0.
+mkdir -p "$tmp/bin-noctl"
+ln -s "$qdaemon" "$tmp/bin-noctl/qdaemon"
+# shellcheck disable=SC2016  # $@ and $a belong to the generated script
+printf '#!/bin/sh\n# qctl whose shutdown never reaches the daemon.\nfor a in "$@"; do [ "$a" = shutdown ] && { echo "qctl: unreachable (test)" >&2; exit 3; }; done\nexec %s "$@"\n' \
+    "$qctl" >"$tmp/bin-noctl/qctl"
+chmod +x "$tmp/bin-noctl/qctl"
+t0=$SECONDS
+id=$(QSHARD_BIN=$tmp/bin-noctl sbatch "${job_opts[@]}" --output="$tmp/job/qd-%j.out" \
+     "$repo/deploy/slurm/qdaemon.sbatch")
+for _ in $(seq 120); do
+    [ -s "$tmp/job/qdaemon-$id.addr" ] && break
+    s=$(job_state "$id"); case $s in PENDING|RUNNING|CONFIGURING) ;; *) break ;; esac
+    sleep 0.5
+done
+[ -s "$tmp/job/qdaemon-$id.addr" ] || { show_job "$id" "qd-$id.out"; fail "qdaemon job $id published no address"; }
+scancel --batch --signal=TERM "$id"
+st=$(wait_job "$id" 90)
+rcx=$(job_exit "$id")
+note "job $id (qctl shutdown failing): $st, exit $rcx, $((SECONDS - t0)) s"
+[ "$st $rcx" = "COMPLETED 0:0" ] || { show_job "$id" "qd-$id.out"; fail "the SIGTERM fallback did not drain the daemon (job $st, exit $rcx)"; }
+grep -q 'sending SIGTERM to the ranks' "$tmp/job/qd-$id.out" || { show_job "$id" "qd-$id.out"; fail "the fallback did not run"; }
+
+if pgrep -f "$tmp/bin" >/dev/null; then fail "qdaemon ranks still running after the jobs ended"; fi
 note "PASS"
