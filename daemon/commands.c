@@ -644,27 +644,31 @@ void qs_dispatch(qs_daemon *d, qs_call *call, const qs_command *c, grpc_byte_buf
                  "qshard version?",
                  c->request->name);
         qs_call_finish(call, GRPC_STATUS_INVALID_ARGUMENT, msg, NULL);
+        qs_call_release(call);
         return;
     }
     qs_clearerr();
     int err = c->validate ? c->validate(d, req) : QS_OK;
     if (err) {
         qs_call_finish(call, qs_err_status(err), qs_errmsg(), NULL);
+        qs_call_release(call);
     } else if (c->answer) {
         grpc_byte_buffer *reply = NULL;
         err = c->answer(d, call, req, &reply);
         qs_call_finish(call, qs_err_status(err), err ? qs_errmsg() : NULL, reply);
+        qs_call_release(call);
         if (!err && c->drains)
             qs_server_drain(d->server);
     } else {
+        /* The job takes the call (and its reference) to the main thread. */
         qs_job *job = calloc(1, sizeof *job);
         if (job)
             job->payload = qs_proto_pack_bytes(req, &job->len);
         if (!job || !job->payload) {
-            if (job)
-                free(job);
+            free(job);
             qs_call_finish(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "the daemon is out of memory",
                            NULL);
+            qs_call_release(call);
         } else {
             job->command = c;
             job->call = call;

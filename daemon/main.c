@@ -40,6 +40,8 @@ static const char usage_text[] =
     "                         take to finish before they are cancelled (default 10)\n"
     "  --heartbeat SECS       rank 0's heartbeat when idle; the other ranks abort the\n"
     "                         job after 10 missed beats (default 1)\n"
+    "  --rank-timeout SECS    rank 0 aborts the job when a rank takes longer than this\n"
+    "                         to take a command (default 30)\n"
     "  --log-level LEVEL      error, warn, info (default) or debug\n"
     "  --version              print the version and exit\n"
     "  -h, --help             print this help and exit\n"
@@ -142,7 +144,8 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
             continue;
         }
         static const char *const takes[] = {"--listen",        "--address-file", "--device-memory",
-                                            "--drain-timeout", "--heartbeat",    "--log-level"};
+                                            "--drain-timeout", "--heartbeat",    "--log-level",
+                                            "--rank-timeout"};
         int known = 0;
         for (size_t k = 0; k < sizeof takes / sizeof takes[0]; k++)
             known |= !strcmp(name, takes[k]);
@@ -179,6 +182,8 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
             err = parse_seconds(name, val, 0, &o->drain_timeout);
         } else if (!strcmp(name, "--heartbeat")) {
             err = parse_seconds(name, val, 0.01, &o->heartbeat);
+        } else if (!strcmp(name, "--rank-timeout")) {
+            err = parse_seconds(name, val, 1, &o->rank_timeout);
         } else {
             err = qs_log_parse_level(val, &o->log_level);
         }

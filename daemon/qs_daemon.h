@@ -48,7 +48,7 @@ typedef struct qs_daemon_opts {
     int device_memory_given;
     double drain_timeout; /* seconds to finish in-flight requests on shutdown */
     double heartbeat;     /* seconds between rank 0's heartbeats when idle */
-    double rank_timeout;  /* seconds a short command may wait for a rank */
+    double rank_timeout;  /* seconds rank 0 waits for the ranks to take a command */
     qs_log_level log_level;
 } qs_daemon_opts;
 
@@ -105,6 +105,7 @@ struct qs_daemon {
 
 /* Queue a job for the main thread; QS_EBUSY once the queue is closed. */
 int qs_daemon_enqueue(qs_daemon *d, qs_job *job);
+/* Answers the call UNAVAILABLE unless it was answered, releases it, frees. */
 void qs_job_free(qs_job *job);
 
 /* Set by the SIGTERM/SIGINT handler; rank 0's main thread polls it. */
@@ -191,11 +192,10 @@ int qs_ranks_lead(qs_daemon *d);
  * receives the address actually bound, e.g. "127.0.0.1:43121". */
 int qs_server_start(qs_daemon *d, const char *listen, char *bound, size_t bound_size,
                     qs_server **out);
-/* Stops accepting; requests in flight go on. Idempotent, any thread. */
+/* Stops accepting; requests in flight go on until --drain-timeout, when the
+ * server cancels them. Idempotent, any thread. */
 void qs_server_drain(qs_server *s);
 int qs_server_draining(qs_server *s);
-/* Cancels every call still open (after the drain timeout). */
-void qs_server_cancel_all(qs_server *s);
 /* Calls started and not yet finished. */
 int qs_server_in_flight(qs_server *s);
 /* Waits up to timeout seconds for the server to finish its shutdown; 1 when it
@@ -203,10 +203,13 @@ int qs_server_in_flight(qs_server *s);
 int qs_server_wait(qs_server *s, double timeout);
 void qs_server_close(qs_server *s);
 
-/* Answers a call (any thread, once): status, details and an optional reply
- * message (taken). */
+/* Answers a call (any thread; the first answer wins, later ones are
+ * dropped): status, details and an optional reply message (taken). */
 void qs_call_finish(qs_call *call, grpc_status_code code, const char *details,
                     grpc_byte_buffer *reply);
+/* Drops the handler's reference: qs_dispatch receives it with the call and
+ * hands it to the job, which releases it in qs_job_free. */
+void qs_call_release(qs_call *call);
 /* Streams one message (taken) on a server-streaming call and waits until it
  * is written; QS_ECOMM when the client has gone. */
 int qs_call_write(qs_call *call, grpc_byte_buffer *msg);

@@ -171,7 +171,6 @@ static void execute(qs_daemon *d, const int64_t hdr[HDR_N], const void *payload,
             else
                 qs_call_finish(job->call, GRPC_STATUS_OK, NULL, reply);
         }
-        job->call = NULL;
         free(parts);
     }
     if (cmd.req)
@@ -227,7 +226,9 @@ static void send_header(qs_daemon *d, int64_t op, int64_t len)
     int64_t hdr[HDR_N] = {op, len, 0, (int64_t)++d->seq};
     MPI_Request r;
     MPI_Ibcast(hdr, HDR_N, MPI_INT64_T, 0, MPI_COMM_WORLD, &r);
-    if (wait_req(&r, 0, 1e-3, "broadcasting a command") != QS_OK)
+    /* Between commands every rank waits for this header, so it completes at
+     * once unless a rank is gone or wedged (its buffers fill up). */
+    if (wait_req(&r, d->opts.rank_timeout, 1e-3, "broadcasting a command") != QS_OK)
         die(d, qs_errmsg());
 }
 
@@ -236,14 +237,13 @@ static void lead_one(qs_daemon *d, qs_job *job)
     if (qs_call_cancelled(job->call)) {
         qs_call_finish(job->call, GRPC_STATUS_CANCELLED,
                        "the client cancelled or its deadline passed before the command ran", NULL);
-        job->call = NULL;
         return;
     }
     int64_t hdr[HDR_N] = {job->command->op, (int64_t)job->len, 0, (int64_t)d->seq + 1};
     send_header(d, hdr[HDR_OP], hdr[HDR_LEN]);
     MPI_Request r;
     MPI_Ibcast(job->payload, (int)job->len, MPI_BYTE, 0, MPI_COMM_WORLD, &r);
-    if (wait_req(&r, 0, 1e-3, "broadcasting a command's payload") != QS_OK)
+    if (wait_req(&r, d->opts.rank_timeout, 1e-3, "broadcasting a command's payload") != QS_OK)
         die(d, qs_errmsg());
     execute(d, hdr, job->payload, job);
 }
@@ -296,9 +296,11 @@ void qs_job_free(qs_job *job)
 {
     if (!job)
         return;
-    if (job->call)
+    if (job->call) {
         qs_call_finish(job->call, GRPC_STATUS_UNAVAILABLE,
                        "the daemon is shutting down: the request was not run", NULL);
+        qs_call_release(job->call);
+    }
     free(job->payload);
     free(job);
 }
@@ -307,7 +309,6 @@ int qs_ranks_lead(qs_daemon *d)
 {
     double last_beat = qs_now();
     double drain_start = 0;
-    int cancelled = 0;
     for (;;) {
         /* Wake at least every 100 ms to notice a signal. */
         double next = last_beat + d->opts.heartbeat;
@@ -327,16 +328,11 @@ int qs_ranks_lead(qs_daemon *d)
         if (qs_server_draining(d->server)) {
             if (!drain_start)
                 drain_start = qs_now();
-            /* Done once the server has no call left: nothing can be queued. */
+            /* Done once the server has no call left: nothing can be queued.
+             * The server itself cancels what is left at the drain timeout. */
             if (qs_server_wait(d->server, 0))
                 break;
-            if (!cancelled && qs_now() - drain_start > d->opts.drain_timeout) {
-                qs_log(QS_LOG_WARN, "drain timeout (%.1f s): cancelling %d request(s)",
-                       d->opts.drain_timeout, qs_server_in_flight(d->server));
-                qs_server_cancel_all(d->server);
-                cancelled = 1;
-            }
-            if (cancelled && qs_now() - drain_start > d->opts.drain_timeout + 5) {
+            if (qs_now() - drain_start > d->opts.drain_timeout + 5) {
                 qs_log(QS_LOG_ERROR, "the gRPC server did not stop; exiting anyway");
                 break;
             }

@@ -43,7 +43,7 @@ struct qs_call {
     atomic_int closed;       /* 1 once CLOSE completed */
     atomic_int refs;         /* pending batches + the handler's */
     atomic_int finished;
-    int md_sent; /* initial metadata sent: touched only by the call's handler */
+    atomic_int md_sent; /* initial metadata sent (or being sent) */
     double started;
     char *peer;
     char method[128];
@@ -56,6 +56,7 @@ struct qs_call {
     int write_done, write_ok;
 
     qs_tag t_new, t_recv, t_close, t_send, t_write;
+    qs_call *prev, *next; /* the server's list of calls in flight */
 };
 
 struct qs_server {
@@ -67,6 +68,9 @@ struct qs_server {
     int thread_started;
     atomic_int draining;
     atomic_int in_flight;
+    double drain_deadline; /* monotonic; set before draining is */
+    int cancelled;         /* the drain deadline passed: calls cancelled */
+    qs_call *calls;        /* in flight, under mu */
     qs_tag t_shutdown;
     pthread_mutex_t mu;
     pthread_cond_t cv;
@@ -89,6 +93,7 @@ static qs_call *call_new(qs_server *s, const qs_command *c)
     atomic_init(&call->refs, 1);
     atomic_init(&call->closed, 0);
     atomic_init(&call->finished, 0);
+    atomic_init(&call->md_sent, 0);
     qs_tag *tags[] = {&call->t_new, &call->t_recv, &call->t_close, &call->t_send, &call->t_write};
     int kinds[] = {TAG_NEW, TAG_RECV, TAG_CLOSE, TAG_SEND, TAG_WRITE};
     for (int i = 0; i < 5; i++) {
@@ -102,6 +107,15 @@ static qs_call *call_new(qs_server *s, const qs_command *c)
 
 static void call_free(qs_call *call)
 {
+    qs_server *s = call->srv;
+    pthread_mutex_lock(&s->mu);
+    if (call->prev)
+        call->prev->next = call->next;
+    else if (s->calls == call)
+        s->calls = call->next;
+    if (call->next)
+        call->next->prev = call->prev;
+    pthread_mutex_unlock(&s->mu);
     if (call->call)
         grpc_call_unref(call->call);
     grpc_metadata_array_destroy(&call->md);
@@ -165,10 +179,9 @@ void qs_call_finish(qs_call *call, grpc_status_code code, const char *details,
     grpc_op ops[3];
     size_t n = 0;
     memset(ops, 0, sizeof ops);
-    if (!call->md_sent) {
+    if (!atomic_exchange(&call->md_sent, 1)) {
         ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
         n++;
-        call->md_sent = 1;
     }
     if (reply && code == GRPC_STATUS_OK) {
         call->reply = reply;
@@ -185,7 +198,11 @@ void qs_call_finish(qs_call *call, grpc_status_code code, const char *details,
     n++;
     call_batch(call, ops, n, &call->t_send);
     grpc_slice_unref(msg); /* not retained past start_batch */
-    call_unref(call);      /* the handler's reference */
+}
+
+void qs_call_release(qs_call *call)
+{
+    call_unref(call);
 }
 
 int qs_call_write(qs_call *call, grpc_byte_buffer *msg)
@@ -193,10 +210,8 @@ int qs_call_write(qs_call *call, grpc_byte_buffer *msg)
     grpc_op ops[2];
     size_t n = 0;
     memset(ops, 0, sizeof ops);
-    if (!call->md_sent) {
+    if (!atomic_exchange(&call->md_sent, 1))
         ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
-        call->md_sent = 1;
-    }
     ops[n].op = GRPC_OP_SEND_MESSAGE;
     ops[n].data.send_message.send_message = msg;
     n++;
@@ -239,6 +254,12 @@ static void on_new(qs_server *s, qs_call *call, int ok)
         return;
     }
     atomic_fetch_add(&s->in_flight, 1);
+    pthread_mutex_lock(&s->mu);
+    call->next = s->calls;
+    if (s->calls)
+        s->calls->prev = call;
+    s->calls = call;
+    pthread_mutex_unlock(&s->mu);
     call->started = qs_now();
     call->peer = grpc_call_get_peer(call->call);
     if (!atomic_load(&s->draining))
@@ -262,14 +283,17 @@ static void on_new(qs_server *s, qs_call *call, int ok)
                  "/Check; is the client built from the same qshard.proto?",
                  call->method);
         qs_call_finish(call, GRPC_STATUS_UNIMPLEMENTED, msg, NULL);
+        qs_call_release(call);
         return;
     }
     grpc_op recv_op;
     memset(&recv_op, 0, sizeof recv_op);
     recv_op.op = GRPC_OP_RECV_MESSAGE;
     recv_op.data.recv_message.recv_message = &call->request;
-    if (call_batch(call, &recv_op, 1, &call->t_recv) != QS_OK)
+    if (call_batch(call, &recv_op, 1, &call->t_recv) != QS_OK) {
         qs_call_finish(call, GRPC_STATUS_INTERNAL, "the daemon could not read the request", NULL);
+        qs_call_release(call);
+    }
 }
 
 static void on_recv(qs_server *s, qs_call *call, int ok)
@@ -278,7 +302,9 @@ static void on_recv(qs_server *s, qs_call *call, int ok)
         qs_call_finish(call, GRPC_STATUS_INVALID_ARGUMENT,
                        ok ? "the request carried no message" : "the request could not be read",
                        NULL);
+        qs_call_release(call);
     } else {
+        /* The handler's reference goes with it. */
         qs_dispatch(s->d, call, call->command, call->request);
     }
     call_unref(call);
@@ -306,13 +332,41 @@ static void on_write(qs_call *call, int ok)
     call_unref(call);
 }
 
+/* The drain deadline passed: every call still open is answered now, with a
+ * status of our own (ABORTED: the daemon's decision, not a lost connection).
+ * The commands behind them finish on their own; their answers are dropped
+ * (qs_call_finish answers once). The list lock keeps every call alive here. */
+static void cancel_in_flight(qs_server *s)
+{
+    char msg[256];
+    snprintf(msg, sizeof msg,
+             "the daemon is shutting down and this request did not finish within its "
+             "--drain-timeout (%g s); send it again once the daemon is back",
+             s->d->opts.drain_timeout);
+    qs_log(QS_LOG_WARN, "drain timeout (%g s): cancelling %d request(s) in flight",
+           s->d->opts.drain_timeout, atomic_load(&s->in_flight));
+    pthread_mutex_lock(&s->mu);
+    for (qs_call *c = s->calls; c; c = c->next)
+        qs_call_finish(c, GRPC_STATUS_ABORTED, msg, NULL);
+    pthread_mutex_unlock(&s->mu);
+    s->cancelled = 1;
+}
+
 static void *cq_thread(void *arg)
 {
     qs_server *s = arg;
     for (;;) {
-        grpc_event ev = grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+        /* Wake now and then while draining: the main thread may be stuck in a
+         * long command, so the drain deadline is enforced here. */
+        gpr_timespec until =
+            atomic_load(&s->draining)
+                ? gpr_time_add(gpr_now(GPR_CLOCK_REALTIME), gpr_time_from_millis(100, GPR_TIMESPAN))
+                : gpr_inf_future(GPR_CLOCK_REALTIME);
+        grpc_event ev = grpc_completion_queue_next(s->cq, until, NULL);
         if (ev.type == GRPC_QUEUE_SHUTDOWN)
             break;
+        if (atomic_load(&s->draining) && !s->cancelled && qs_now() > s->drain_deadline)
+            cancel_in_flight(s);
         if (ev.type != GRPC_OP_COMPLETE)
             continue;
         qs_tag *t = ev.tag;
@@ -457,8 +511,14 @@ int qs_server_start(qs_daemon *d, const char *listen, char *bound, size_t bound_
 
 void qs_server_drain(qs_server *s)
 {
-    if (atomic_exchange(&s->draining, 1))
+    pthread_mutex_lock(&s->mu);
+    if (atomic_load(&s->draining)) {
+        pthread_mutex_unlock(&s->mu);
         return;
+    }
+    s->drain_deadline = qs_now() + s->d->opts.drain_timeout;
+    atomic_store(&s->draining, 1);
+    pthread_mutex_unlock(&s->mu);
     qs_log(QS_LOG_INFO, "draining: no new requests; %d in flight", atomic_load(&s->in_flight));
     grpc_server_shutdown_and_notify(s->server, s->cq, &s->t_shutdown);
 }
@@ -466,11 +526,6 @@ void qs_server_drain(qs_server *s)
 int qs_server_draining(qs_server *s)
 {
     return atomic_load(&s->draining);
-}
-
-void qs_server_cancel_all(qs_server *s)
-{
-    grpc_server_cancel_all_calls(s->server);
 }
 
 int qs_server_in_flight(qs_server *s)

@@ -235,6 +235,49 @@ shutdown_drain)
     # After the daemon is gone: unreachable.
     expect 3 "$qctl" health
     ;;
+drain_inflight)
+    start --drain-timeout 20
+    # A request really in flight: rank 1 is paused, so Stats waits in the
+    # gather. Shutdown answers at once, new requests are refused, and the
+    # Stats still completes once rank 1 resumes; then every rank exits 0.
+    kill -STOP "${rank_pids[1]}"
+    "$qctl" --timeout 30 stats --json >"$tmp/inflight" 2>&1 &
+    inflight=$!
+    sleep 0.5
+    expect 0 "$qctl" shutdown --json
+    python3 -c 'import json,sys; assert json.load(open(sys.argv[1]))["in_flight"] >= 1' "$tmp/out" ||
+        fail "shutdown did not count the request in flight: $(cat "$tmp/out")"
+    expect 3 "$qctl" health
+    kill -CONT "${rank_pids[1]}"
+    wait "$inflight" || fail "the stats in flight failed: $(cat "$tmp/inflight")"
+    python3 -c 'import json,sys; assert len(json.load(open(sys.argv[1]))["devices"]) == 2' "$tmp/inflight" ||
+        fail "the stats in flight: $(cat "$tmp/inflight")"
+    wait_exit 10
+    [ "$rc" = 0 ] || fail "mpirun exited $rc after draining a request in flight, want 0"
+    no_ranks_left
+    ;;
+drain_timeout)
+    start --drain-timeout 1
+    # Past --drain-timeout the request in flight is cancelled (the client hears
+    # so at once); the daemon exits 0 once the command itself returns.
+    kill -STOP "${rank_pids[1]}"
+    "$qctl" --timeout 30 stats >"$tmp/inflight" 2>&1 &
+    inflight=$!
+    sleep 0.5
+    t0=$(now)
+    expect 0 "$qctl" shutdown
+    wait "$inflight"
+    c=$?
+    [ "$c" = 1 ] || fail "the cancelled stats exited $c, want 1: $(cat "$tmp/inflight")"
+    grep -q "ABORTED" "$tmp/inflight" && grep -q -- "--drain-timeout" "$tmp/inflight" ||
+        fail "the cancelled stats: $(cat "$tmp/inflight")"
+    note "request in flight cancelled $(elapsed "$t0") s after shutdown"
+    grep -q 'drain timeout' "$log" || fail "rank 0 did not log the drain timeout"
+    kill -CONT "${rank_pids[1]}"
+    wait_exit 10
+    [ "$rc" = 0 ] || fail "mpirun exited $rc after a drain timeout, want 0"
+    no_ranks_left
+    ;;
 sigterm_rank0)
     start
     # SIGTERM to rank 0 (what a process supervisor sends to the leader): drain,
