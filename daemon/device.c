@@ -17,12 +17,10 @@ static int open_cuda(qs_device *dev, int local_rank, int count, const qs_daemon_
 {
 #ifdef QS_HAVE_CUDA
     dev->cuda = 1;
+    /* Modulo: right both when every rank sees all of the node's GPUs
+     * (mpirun) and when each sees only its own (srun --gpus-per-task=1).
+     * Real sharing is detected by PCI bus id across the node (main.c). */
     dev->index = local_rank % count;
-    if (local_rank >= count)
-        qs_log(QS_LOG_WARN,
-               "local rank %d shares GPU %d with another rank: start no more ranks per node "
-               "than there are GPUs (%d)",
-               local_rank, dev->index, count);
     cudaError_t e = cudaSetDevice(dev->index);
     struct cudaDeviceProp p;
     if (e == cudaSuccess)
@@ -31,6 +29,8 @@ static int open_cuda(qs_device *dev, int local_rank, int count, const qs_daemon_
         return qs_seterr(QS_ENODEV, "cannot use GPU %d: CUDA error %d (%s)", dev->index, (int)e,
                          cudaGetErrorString(e));
     snprintf(dev->name, sizeof dev->name, "%s", p.name);
+    if (cudaDeviceGetPCIBusId(dev->pci, (int)sizeof dev->pci, dev->index) != cudaSuccess)
+        snprintf(dev->pci, sizeof dev->pci, "gpu%d", dev->index);
     dev->total = p.totalGlobalMem;
     int err = qs_device_refresh(dev);
     if (err)

@@ -220,6 +220,30 @@ static int write_address_file(const char *path, const char *addr)
     return QS_OK;
 }
 
+/* Two ranks of a node on one GPU halve its memory and time-slice it: say so.
+ * Compared by PCI bus id, since device indices depend on what each rank sees
+ * (CUDA_VISIBLE_DEVICES). */
+static void warn_shared_gpus(const qs_daemon *d, MPI_Comm node)
+{
+    int n = 0;
+    MPI_Comm_size(node, &n);
+    char *ids = calloc((size_t)n, sizeof d->dev.pci);
+    if (!ids)
+        return;
+    MPI_Allgather(d->dev.pci, (int)sizeof d->dev.pci, MPI_CHAR, ids, (int)sizeof d->dev.pci,
+                  MPI_CHAR, node);
+    for (int i = 0; i < d->local_rank && d->dev.pci[0]; i++) {
+        if (strncmp(ids + (size_t)i * sizeof d->dev.pci, d->dev.pci, sizeof d->dev.pci) == 0) {
+            qs_log(QS_LOG_WARN,
+                   "local rank %d shares GPU %s with local rank %d: start no more ranks per node "
+                   "than it has GPUs",
+                   d->local_rank, d->dev.pci, i);
+            break;
+        }
+    }
+    free(ids);
+}
+
 int main(int argc, char **argv)
 {
     qs_daemon d;
@@ -242,7 +266,6 @@ int main(int argc, char **argv)
     MPI_Comm node;
     MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, d.rank, MPI_INFO_NULL, &node);
     MPI_Comm_rank(node, &d.local_rank);
-    MPI_Comm_free(&node);
     qs_log_init(d.opts.log_level, d.rank);
     if (provided < MPI_THREAD_FUNNELED)
         qs_log(QS_LOG_WARN, "MPI provides thread level %d, below FUNNELED", provided);
@@ -279,6 +302,8 @@ int main(int argc, char **argv)
             snprintf(why, sizeof why, "%s", qs_errmsg());
         }
     }
+    warn_shared_gpus(&d, node);
+    MPI_Comm_free(&node);
     int all_ok = 0;
     MPI_Allreduce(&ok, &all_ok, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
     if (!all_ok) {

@@ -58,6 +58,7 @@ typedef struct qs_device {
     int cuda;       /* 1: a CUDA GPU; 0: a CPU device */
     int index;      /* CUDA device index; -1 for CPU */
     char name[256]; /* cudaDeviceProp.name is 256 */
+    char pci[32];   /* the GPU's PCI bus id; "" for a CPU device */
     char hostname[128];
     uint64_t total;
     uint64_t free;
