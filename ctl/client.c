@@ -33,7 +33,7 @@ static void set_status(qs_rpc_status *st, grpc_status_code code, int unreachable
     snprintf(st->details, sizeof st->details, "%s", msg);
 }
 
-qs_client *qs_client_open(const char *addr, double connect_timeout, qs_rpc_status *st)
+qs_client *qs_client_init(const char *addr, double connect_timeout, qs_rpc_status *st)
 {
     qs_client *c = calloc(1, sizeof *c);
     if (!c) {

@@ -331,7 +331,7 @@ static int refused(const qs_ctl_global *g, const char *cmd, const qs_rpc_status 
 static qs_client *connect_to(const qs_ctl_global *g, int *rc)
 {
     qs_rpc_status st;
-    qs_client *c = qs_client_open(g->addr, g->connect_timeout, &st);
+    qs_client *c = qs_client_init(g->addr, g->connect_timeout, &st);
     if (!c)
         *rc = unreachable(g, &st);
     return c;

@@ -29,7 +29,7 @@ typedef struct qs_rpc_status {
 
 /* Connects to addr, waiting up to connect_timeout seconds. On failure returns
  * NULL with st->unreachable set and the reason in st->details. */
-qs_client *qs_client_open(const char *addr, double connect_timeout, qs_rpc_status *st);
+qs_client *qs_client_init(const char *addr, double connect_timeout, qs_rpc_status *st);
 void qs_client_close(qs_client *c);
 
 /* Called for each reply message (taken: free it with

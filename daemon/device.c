@@ -44,7 +44,7 @@ static int open_cuda(qs_device *dev, int local_rank, int count, const qs_daemon_
 #endif
 }
 
-int qs_device_open(qs_device *dev, int local_rank, const qs_daemon_opts *o)
+int qs_device_init(qs_device *dev, int local_rank, const qs_daemon_opts *o)
 {
     memset(dev, 0, sizeof *dev);
     if (gethostname(dev->hostname, sizeof dev->hostname - 1) != 0)

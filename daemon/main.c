@@ -287,7 +287,7 @@ int main(int argc, char **argv)
     /* Startup: every rank opens its device, rank 0 binds; then all agree. */
     int ok = 1;
     char why[600] = "";
-    if (qs_device_open(&d.dev, d.local_rank, &d.opts) != QS_OK) {
+    if (qs_device_init(&d.dev, d.local_rank, &d.opts) != QS_OK) {
         ok = 0;
         snprintf(why, sizeof why, "%s", qs_errmsg());
     } else {

@@ -68,7 +68,7 @@ typedef struct qs_device {
 
 /* Picks this rank's device: local_rank -> GPU when any is usable, else a CPU
  * device with the --device-memory budget. */
-int qs_device_open(qs_device *dev, int local_rank, const qs_daemon_opts *o);
+int qs_device_init(qs_device *dev, int local_rank, const qs_daemon_opts *o);
 /* Re-reads free memory. */
 int qs_device_refresh(qs_device *dev);
 

@@ -196,7 +196,12 @@ void qs_call_finish(qs_call *call, grpc_status_code code, const char *details,
     ops[n].data.send_status_from_server.status = code;
     ops[n].data.send_status_from_server.status_details = details && *details ? &msg : NULL;
     n++;
-    call_batch(call, ops, n, &call->t_send);
+    if (call_batch(call, ops, n, &call->t_send) != QS_OK) {
+        /* No SEND completion will come to count it done. */
+        qs_log(QS_LOG_WARN, "%s from %s: could not send %s", call->method, qs_call_peer(call),
+               qs_proto_status_name(code));
+        atomic_fetch_sub(&call->srv->in_flight, 1);
+    }
     grpc_slice_unref(msg); /* not retained past start_batch */
 }
 
