@@ -92,7 +92,7 @@ extern "C" int qs_cuda_u3_alloc(qs_cuda_u3 *d, size_t N, size_t K, size_t g)
     if ((err = qs_cuda_malloc(&d->codes, d->nb * 3 * N * 4)) ||
         (err = qs_cuda_malloc(&d->scale, d->ngroups * N * 2)) ||
         (err = qs_cuda_malloc(&d->zero, d->ngroups * N * 2)) ||
-        (err = qs_cuda_malloc(&d->ws, 64 * N * sizeof(float)))) {
+        (err = qs_cuda_malloc(&d->ws, (size_t)QS_CUDA_WS_ROWS * N * sizeof(float)))) {
         qs_cuda_u3_free(d);
         return err;
     }

@@ -156,7 +156,7 @@ extern "C" int qs_cuda_bcq_alloc(qs_cuda_bcq *d, size_t N, size_t K, unsigned q,
     if ((err = qs_cuda_malloc(&d->bits, (size_t)q * N * d->nc * 16)) ||
         (err = qs_cuda_malloc(&d->alpha, (size_t)q * N * d->ngroups * 2)) ||
         (err = qs_cuda_malloc(&d->z, N * d->ngroups * 2)) ||
-        (err = qs_cuda_malloc(&d->ws, 64 * N * sizeof(float)))) {
+        (err = qs_cuda_malloc(&d->ws, (size_t)QS_CUDA_WS_ROWS * N * sizeof(float)))) {
         qs_cuda_bcq_free(d);
         return err;
     }
@@ -747,27 +747,34 @@ extern "C" int qs_cuda_lutgemm_emulate(const qs_bcq *w, const float *X, size_t M
 }
 
 /* ---- Fused dequantize + tensor cores ------------------------------------------------
- * CTA tile: BM tokens x 64 rows of W, K in steps of 128 columns (one uint4
- * chunk). 4 warps. Per step: the X tile (fp16, straight copy) and the W tile
- * (dequantized: w = (z - sum alpha) + sum_i 2 alpha_i b_i, fp32 then fp16)
- * go to shared memory, rows padded by 8 halves against bank conflicts, then
- * 8 k-steps of WMMA 16x16x16 (HMMA, fp32 accumulators). Grid x runs over the
- * M tiles so that the CTAs resident together share one W tile through L2. */
-#define MMA_BN 64
-#define MMA_BK 128
-#define MMA_LD (MMA_BK + 8)
+ * CTA tile: BM tokens x BN rows of W (16 x 128 or 64 x 64), K in steps of 128
+ * columns (one uint4 chunk), 8 warps, K split across grid.z when the tiles
+ * alone do not fill the GPU. Per step: the X tile (fp16, straight copy) and
+ * the W tile (dequantized per (row, 32-column word): w = (z - sum alpha) +
+ * sum_i 2 alpha_i b_i in fp32, stored as fp16) go to shared memory, rows
+ * padded by 8 halves against bank conflicts, then 8 k-steps of WMMA
+ * 16x16x16 (HMMA, fp32 accumulators). The bit words and scales of step c+1
+ * are loaded into registers before step c's dequantization, so their
+ * latency hides behind it and the MMAs. Grid x runs over the M tiles so the
+ * CTAs resident together share one W tile through L2. */
+#define MMA_BK      128
+#define MMA_LD      (MMA_BK + 8)
+#define MMA_THREADS 256
 
-template <int BM>
-__global__ void __launch_bounds__(128)
+template <int BM, int BN, int QMAX>
+__global__ void __launch_bounds__(MMA_THREADS)
     mma_kernel(const uint32_t *__restrict__ bits, const __half *__restrict__ alpha,
                const __half *__restrict__ zz, const __half *__restrict__ X, __half *__restrict__ Y,
-               int M, int N, int K, int q, int gs, int ng, int nw, int nc)
+               float *__restrict__ ws, int M, int N, int K, int q, int gs, int ng, int nw, int nc,
+               int splits)
 {
     using namespace nvcuda;
-    constexpr int WARPS_M = BM >= 32 ? 2 : 1, WARPS_N = 4 / WARPS_M;
-    constexpr int FM = BM / WARPS_M / 16, FN = MMA_BN / WARPS_N / 16;
-    constexpr int XS = BM * MMA_LD, WS = MMA_BN * MMA_LD;
-    constexpr int CS = BM * (MMA_BN + 4) * 2; /* fp32 as halves */
+    constexpr int WARPS_M = BM >= 32 ? 2 : 1, WARPS_N = 8 / WARPS_M;
+    constexpr int FM = BM / WARPS_M / 16, FN = BN / WARPS_N / 16;
+    static_assert(FM >= 1 && FN >= 1, "tile too small for 8 warps");
+    constexpr int UNITS = BN * 4 / MMA_THREADS; /* (row, word) units per thread */
+    constexpr int XS = BM * MMA_LD, WS = BN * MMA_LD;
+    constexpr int CS = BM * (BN + 4) * 2; /* fp32 as halves */
     constexpr int SMEM = (XS + WS) > CS ? (XS + WS) : CS;
     __shared__ __align__(128) __half sm[SMEM];
     __half *Xs = sm, *Ws = sm + XS;
@@ -775,7 +782,9 @@ __global__ void __launch_bounds__(128)
 
     const int tid = threadIdx.x, warp = tid / 32;
     const int wm = warp / WARPS_N, wn = warp % WARPS_N;
-    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * MMA_BN;
+    const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN, sp = blockIdx.z;
+    const int c0 = (int)((long long)nc * sp / splits),
+              c1 = (int)((long long)nc * (sp + 1) / splits);
     const bool xvec = (K % 8) == 0;
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FM][FN];
@@ -785,10 +794,40 @@ __global__ void __launch_bounds__(128)
         for (int b = 0; b < FN; b++)
             wmma::fill_fragment(acc[a][b], 0.0f);
 
-    for (int c = 0; c < nc; c++) {
-        __syncthreads();
+    /* Register prefetch of one step's W words and scales, per unit. */
+    uint32_t pw[UNITS][QMAX];
+    float pa[UNITS][QMAX], pz[UNITS];
+    auto prefetch = [&](int c) {
+#pragma unroll
+        for (int v = 0; v < UNITS; v++) {
+            const int u = tid + v * MMA_THREADS, r = u / 4, wl = u % 4, n = n0 + r;
+            const int wi = c * 4 + wl, gi = min(wi * 32 / gs, ng - 1);
+            const bool ok = c < c1 && n < N && wi < nw;
+#pragma unroll
+            for (int i = 0; i < QMAX; i++) {
+                pw[v][i] =
+                    (ok && i < q) ? __ldg(&bits[(((size_t)c * q + i) * N + n) * 4 + wl]) : 0u;
+                pa[v][i] = (ok && i < q) ? __half2float(alpha[((size_t)gi * q + i) * N + n]) : 0.f;
+            }
+            pz[v] = ok ? __half2float(zz[(size_t)gi * N + n]) : 0.f;
+        }
+    };
+    prefetch(c0);
+
+    for (int c = c0; c < c1; c++) {
+        uint32_t cw[UNITS][QMAX];
+        float ca[UNITS][QMAX], cz[UNITS];
+#pragma unroll
+        for (int v = 0; v < UNITS; v++) {
+#pragma unroll
+            for (int i = 0; i < QMAX; i++)
+                cw[v][i] = pw[v][i], ca[v][i] = pa[v][i];
+            cz[v] = pz[v];
+        }
+        prefetch(c + 1);
+        __syncthreads(); /* the previous step's MMAs are done with Xs, Ws */
         /* X tile: BM x 128 halves, 8 per unit. */
-        for (int u = tid; u < BM * 16; u += 128) {
+        for (int u = tid; u < BM * 16; u += MMA_THREADS) {
             const int r = u / 16, k0 = c * MMA_BK + (u % 16) * 8, m = m0 + r;
             uint4 v = make_uint4(0, 0, 0, 0);
             if (m < M && xvec && k0 + 8 <= K) {
@@ -805,34 +844,41 @@ __global__ void __launch_bounds__(128)
             }
             *reinterpret_cast<uint4 *>(Xs + r * MMA_LD + (u % 16) * 8) = v;
         }
-        /* W tile: 64 rows x 4 words; unit = (row, word), consecutive units read
-         * consecutive words of the [c][i][n][4] layout. */
-        for (int u = tid; u < MMA_BN * 4; u += 128) {
-            const int r = u / 4, wl = u % 4, n = n0 + r, wi = c * 4 + wl;
-            __half2 *out = reinterpret_cast<__half2 *>(Ws + r * MMA_LD + wl * 32);
-            if (n >= N || wi >= nw) {
+        /* W tile: BN rows x 4 words; consecutive units read consecutive words
+         * of the [c][i][n][4] layout. Out-of-range units have all-zero
+         * scales, so they store zeros. */
 #pragma unroll
-                for (int j = 0; j < 16; j++)
-                    out[j] = __float2half2_rn(0.0f);
-                continue;
-            }
-            const int gi = min(wi * 32 / gs, ng - 1);
-            float v[32], base = __half2float(zz[(size_t)gi * N + n]);
-            for (int i = 0; i < q; i++)
-                base -= __half2float(alpha[((size_t)gi * q + i) * N + n]);
+        for (int v = 0; v < UNITS; v++) {
+            const int u = tid + v * MMA_THREADS, r = u / 4, wl = u % 4;
+            float base = cz[v];
+#pragma unroll
+            for (int i = 0; i < QMAX; i++)
+                base -= ca[v][i];
+            float w[32];
 #pragma unroll
             for (int b = 0; b < 32; b++)
-                v[b] = base;
-            for (int i = 0; i < q; i++) {
-                const float d2 = 2.0f * __half2float(alpha[((size_t)gi * q + i) * N + n]);
-                const uint32_t wd = bits[(((size_t)c * q + i) * N + n) * 4 + wl];
+                w[b] = base;
 #pragma unroll
-                for (int b = 0; b < 32; b++)
-                    v[b] += (wd >> b & 1u) ? d2 : 0.0f;
+            for (int i = 0; i < QMAX; i++) {
+                if (i < q) {
+                    const float d2 = 2.0f * ca[v][i];
+#pragma unroll
+                    for (int b = 0; b < 32; b++)
+                        w[b] += (cw[v][i] >> b & 1u) ? d2 : 0.0f;
+                }
             }
+            uint4 *out = reinterpret_cast<uint4 *>(Ws + r * MMA_LD + wl * 32);
 #pragma unroll
-            for (int j = 0; j < 16; j++)
-                out[j] = __floats2half2_rn(v[2 * j], v[2 * j + 1]);
+            for (int j = 0; j < 4; j++) {
+                union {
+                    uint4 u;
+                    __half2 h[4];
+                } t;
+#pragma unroll
+                for (int e = 0; e < 4; e++)
+                    t.h[e] = __floats2half2_rn(w[8 * j + 2 * e], w[8 * j + 2 * e + 1]);
+                out[j] = t.u;
+            }
         }
         __syncthreads();
 #pragma unroll
@@ -859,19 +905,67 @@ __global__ void __launch_bounds__(128)
     for (int a = 0; a < FM; a++)
 #pragma unroll
         for (int b = 0; b < FN; b++)
-            wmma::store_matrix_sync(Cs + (wm * FM * 16 + a * 16) * (MMA_BN + 4) + wn * FN * 16 +
-                                        b * 16,
-                                    acc[a][b], MMA_BN + 4, wmma::mem_row_major);
+            wmma::store_matrix_sync(Cs + (wm * FM * 16 + a * 16) * (BN + 4) + wn * FN * 16 + b * 16,
+                                    acc[a][b], BN + 4, wmma::mem_row_major);
     __syncthreads();
-    for (int u = tid; u < BM * MMA_BN; u += 128) {
-        const int r = u / MMA_BN, col = u % MMA_BN, m = m0 + r, n = n0 + col;
-        if (m < M && n < N)
-            Y[(size_t)m * N + n] = __float2half_rn(Cs[r * (MMA_BN + 4) + col]);
+    for (int u = tid; u < BM * BN; u += MMA_THREADS) {
+        const int r = u / BN, col = u % BN, m = m0 + r, n = n0 + col;
+        if (m < M && n < N) {
+            const float y = Cs[r * (BN + 4) + col];
+            if (splits == 1)
+                Y[(size_t)m * N + n] = __float2half_rn(y);
+            else
+                ws[((size_t)sp * M + m) * N + n] = y;
+        }
     }
 }
 
-extern "C" int qs_cuda_bcq_gemm_mma(const qs_cuda_bcq *w, const void *X, size_t M, void *Y,
-                                    void *stream, unsigned bm)
+template <int BM, int BN, int QMAX>
+static int mma_launch(const qs_cuda_bcq *w, const void *X, size_t M, void *Y, unsigned splits,
+                      cudaStream_t st)
+{
+    dim3 grid((unsigned)((M + BM - 1) / BM), (unsigned)((w->N + BN - 1) / BN), splits);
+    if (grid.y > 65535 || grid.x > 65535)
+        return qs_seterr(QS_EINVAL, "qs_cuda_bcq_gemm_mma: M=%zu x N=%zu is over the grid", M,
+                         w->N);
+    mma_kernel<BM, BN, QMAX><<<grid, MMA_THREADS, 0, st>>>(
+        (const uint32_t *)w->bits, (const __half *)w->alpha, (const __half *)w->z,
+        (const __half *)X, (__half *)Y, (float *)w->ws, (int)M, (int)w->N, (int)w->K, (int)w->q,
+        (int)bcq_gs(w->K, w->g), (int)w->ngroups, (int)w->nw, (int)w->nc, (int)splits);
+    QS_CU_LAUNCH("mma_kernel");
+    if (splits > 1)
+        return qs_cuda_reduce_splits((const float *)w->ws, Y, M, w->N, splits, st);
+    return QS_OK;
+}
+
+template <int BM, int BN>
+static int mma_launch_q(const qs_cuda_bcq *w, const void *X, size_t M, void *Y, unsigned splits,
+                        cudaStream_t st)
+{
+    if (w->q <= 2)
+        return mma_launch<BM, BN, 2>(w, X, M, Y, splits, st);
+    if (w->q <= 4)
+        return mma_launch<BM, BN, 4>(w, X, M, Y, splits, st);
+    return mma_launch<BM, BN, 8>(w, X, M, Y, splits, st);
+}
+
+extern "C" int qs_cuda_mma_splits(size_t M, size_t N, size_t K, unsigned bm, int sm_count)
+{
+    if (sm_count <= 0 && (sm_count = qs_cuda_sm_count()) <= 0)
+        return 1;
+    size_t bn = bm == 16 ? 128 : 64, nc = ((K + 31) / 32 + 3) / 4;
+    size_t tiles = ((M + bm - 1) / bm) * ((N + bn - 1) / bn);
+    size_t wave = 2 * (size_t)sm_count; /* 2 CTAs of 8 warps per SM (registers) */
+    size_t s = (wave + tiles - 1) / tiles, max_s = QS_CUDA_WS_ROWS / M;
+    if (s > nc / 4)
+        s = nc / 4; /* at least 4 steps of 128 columns per split */
+    if (s > max_s)
+        s = max_s;
+    return s < 1 ? 1 : (int)s;
+}
+
+extern "C" int qs_cuda_bcq_gemm_mma(qs_cuda_bcq *w, const void *X, size_t M, void *Y, void *stream,
+                                    unsigned bm, unsigned splits)
 {
     int err = bcq_args(w, X, Y, M, "qs_cuda_bcq_gemm_mma");
     if (err)
@@ -880,29 +974,22 @@ extern "C" int qs_cuda_bcq_gemm_mma(const qs_cuda_bcq *w, const void *X, size_t 
         bm = M <= 16 ? 16 : 64;
     if (bm != 16 && bm != 64)
         return qs_seterr(QS_EINVAL, "qs_cuda_bcq_gemm_mma: bm=%u, use 16, 64 or 0", bm);
+    if (splits == 0)
+        splits = (unsigned)qs_cuda_mma_splits(M, w->N, w->K, bm, 0);
+    if (splits * M > QS_CUDA_WS_ROWS || splits > w->nc)
+        return qs_seterr(QS_EINVAL,
+                         "qs_cuda_bcq_gemm_mma: splits=%u for M=%zu: need splits * M <= %d and "
+                         "splits <= %zu (128-column steps)",
+                         splits, M, QS_CUDA_WS_ROWS, w->nc);
     cudaStream_t st = QS_CU_STREAM(stream);
-    dim3 grid((unsigned)((M + bm - 1) / bm), (unsigned)((w->N + MMA_BN - 1) / MMA_BN));
-    if (grid.y > 65535)
-        return qs_seterr(QS_EINVAL, "qs_cuda_bcq_gemm_mma: N=%zu over %d rows", w->N,
-                         65535 * MMA_BN);
-    int gs = (int)bcq_gs(w->K, w->g);
     if (bm == 16)
-        mma_kernel<16><<<grid, 128, 0, st>>>((const uint32_t *)w->bits, (const __half *)w->alpha,
-                                             (const __half *)w->z, (const __half *)X, (__half *)Y,
-                                             (int)M, (int)w->N, (int)w->K, (int)w->q, gs,
-                                             (int)w->ngroups, (int)w->nw, (int)w->nc);
-    else
-        mma_kernel<64><<<grid, 128, 0, st>>>((const uint32_t *)w->bits, (const __half *)w->alpha,
-                                             (const __half *)w->z, (const __half *)X, (__half *)Y,
-                                             (int)M, (int)w->N, (int)w->K, (int)w->q, gs,
-                                             (int)w->ngroups, (int)w->nw, (int)w->nc);
-    QS_CU_LAUNCH("mma_kernel");
-    return QS_OK;
+        return mma_launch_q<16, 128>(w, X, M, Y, splits, st);
+    return mma_launch_q<64, 64>(w, X, M, Y, splits, st);
 }
 
 extern "C" int qs_cuda_bcq_matmul(qs_cuda_bcq *w, const void *X, size_t M, void *Y, void *stream)
 {
     if (M >= 1 && M <= 8)
         return qs_cuda_lutgemm(w, X, M, Y, stream, NULL);
-    return qs_cuda_bcq_gemm_mma(w, X, M, Y, stream, 0);
+    return qs_cuda_bcq_gemm_mma(w, X, M, Y, stream, 0, 0);
 }

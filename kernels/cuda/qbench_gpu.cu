@@ -231,16 +231,19 @@ int main(int argc, char **argv)
                 QK(qs_cuda_lut_choose(M, N, K, q, 0, &c));
                 snprintf(cfgs, sizeof cfgs, "th=%u sp=%u", c.threads, c.splits);
             } else {
-                snprintf(cfgs, sizeof cfgs, "bm=%d", M <= 16 ? 16 : 64);
+                unsigned bm = M <= 16 ? 16 : 64;
+                snprintf(cfgs, sizeof cfgs, "bm=%u sp=%d", bm, qs_cuda_mma_splits(M, N, K, bm, 0));
             }
             double t_lut = tm.median_us(
                 [&](int i) { return qs_cuda_bcq_matmul(&lut[i % nl], X[i % 4], M, Y, NULL); });
             size_t il = add("lut", t_lut, (double)lut_bytes, cfgs);
             if (M <= 8) {
                 double t_mma = tm.median_us([&](int i) {
-                    return qs_cuda_bcq_gemm_mma(&lut[i % nl], X[i % 4], M, Y, NULL, 0);
+                    return qs_cuda_bcq_gemm_mma(&lut[i % nl], X[i % 4], M, Y, NULL, 0, 0);
                 });
-                add("mma", t_mma, (double)lut_bytes, "bm=16");
+                char mc[48];
+                snprintf(mc, sizeof mc, "bm=16 sp=%d", qs_cuda_mma_splits(M, N, K, 16, 0));
+                add("mma", t_mma, (double)lut_bytes, mc);
             }
             double t_cub = tm.median_us([&](int i) {
                 return qs_cuda_gemm_f16_cublas(wf[i % nf], X[i % 4], M, N, K, Y, NULL);

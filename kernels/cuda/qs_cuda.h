@@ -53,8 +53,10 @@ int qs_cuda_sm_count(void);
  * q*N*4*nc*4 + (q+1)*N*ngroups*2, at most 96 columns per row of padding over
  * the host size (none when K is a multiple of 128).
  *
- * Each handle owns a split-K workspace of 64 * N fp32 (so at most 64 / M
- * K-splits): calls on one handle must be ordered (one stream, or synced). */
+ * Each handle owns a split-K workspace of QS_CUDA_WS_ROWS * N fp32 (so at
+ * most QS_CUDA_WS_ROWS / M K-splits; 6 MiB at N = 12288): calls on one
+ * handle must be ordered (one stream, or synced). */
+#define QS_CUDA_WS_ROWS 128
 typedef struct qs_cuda_bcq {
     size_t N, K;
     unsigned q;
@@ -64,7 +66,7 @@ typedef struct qs_cuda_bcq {
     void *bits;     /* uint4 [nc][q][N] */
     void *alpha;    /* fp16 [ngroups][q][N] */
     void *z;        /* fp16 [ngroups][N] */
-    void *ws;       /* fp32 workspace, 64 * N */
+    void *ws;       /* fp32 workspace, QS_CUDA_WS_ROWS * N */
     size_t bytes;   /* device bytes of bits + alpha + z */
 } qs_cuda_bcq;
 
@@ -108,12 +110,16 @@ int qs_cuda_lutgemm(qs_cuda_bcq *w, const void *X, size_t M, void *Y, void *stre
 int qs_cuda_lutgemm_emulate(const qs_bcq *w, const float *X, size_t M, unsigned splits, float *Y);
 
 /* ---- Fused dequantize + tensor cores (any M; meant for M > 8) ---------------
- * Per CTA a 64-row x 128-column tile of W is dequantized from the bit-planes
- * into shared memory as fp16 and multiplied with WMMA (HMMA m16n16k16, fp32
- * accumulators); no fp16 copy of W exists in device memory. bm: 16 or 64
- * rows of X per CTA, 0 = choose (16 when M <= 16). */
-int qs_cuda_bcq_gemm_mma(const qs_cuda_bcq *w, const void *X, size_t M, void *Y, void *stream,
-                         unsigned bm);
+ * Per CTA (8 warps) a tile of W (128 rows for bm = 16, 64 for bm = 64) x 128
+ * columns is dequantized from the bit-planes into shared memory as fp16 and
+ * multiplied with WMMA (HMMA m16n16k16, fp32 accumulators); no fp16 copy of
+ * W exists in device memory. bm: 16 or 64 rows of X per CTA, 0 = choose (16
+ * when M <= 16). splits: K-splits (partial sums reduced as in LUT-GEMM),
+ * 0 = choose (qs_cuda_mma_splits); splits * M <= QS_CUDA_WS_ROWS. */
+int qs_cuda_bcq_gemm_mma(qs_cuda_bcq *w, const void *X, size_t M, void *Y, void *stream,
+                         unsigned bm, unsigned splits);
+/* The K-splits the tensor-core path picks (sm_count 0 = ask the device). */
+int qs_cuda_mma_splits(size_t M, size_t N, size_t K, unsigned bm, int sm_count);
 
 /* The serving entry: LUT-GEMM for M <= 8, the tensor-core path above. */
 int qs_cuda_bcq_matmul(qs_cuda_bcq *w, const void *X, size_t M, void *Y, void *stream);
@@ -134,7 +140,7 @@ int qs_cuda_gemm_f16_cublas(const void *W, const void *X, size_t M, size_t N, si
 typedef struct qs_cuda_u3 {
     size_t N, K, g, ngroups, nb;
     void *codes, *scale, *zero;
-    void *ws; /* fp32 split-K workspace, 64 * N */
+    void *ws; /* fp32 split-K workspace, QS_CUDA_WS_ROWS * N */
     size_t bytes;
 } qs_cuda_u3;
 

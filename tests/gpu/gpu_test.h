@@ -117,7 +117,9 @@ static inline int gt_summary(const char *name)
 
 #endif
 
-/* ---- One BCQ kernel run against qs_lutgemm_ref_f64 ------------------------ */
+/* ---- One BCQ kernel run against qs_lutgemm_ref_f64 ------------------------
+ * cfg: the LUT configuration, or for the tensor-core runs cfg->splits the
+ * K-splits (NULL: the choosers'). */
 enum { GT_LUT, GT_MMA16, GT_MMA64, GT_MATMUL, GT_CUBLAS };
 static const char *gt_run_name[] = {"lut", "mma16", "mma64", "matmul", "cublas"};
 
@@ -149,7 +151,8 @@ static inline void gt_bcq_case(size_t N, size_t K, unsigned q, size_t g, size_t 
         break;
     case GT_MMA16:
     case GT_MMA64:
-        GT_OK(qs_cuda_bcq_gemm_mma(&d, dX, M, dY, NULL, run == GT_MMA16 ? 16 : 64));
+        GT_OK(qs_cuda_bcq_gemm_mma(&d, dX, M, dY, NULL, run == GT_MMA16 ? 16 : 64,
+                                   cfg ? cfg->splits : 0));
         break;
     case GT_MATMUL:
         GT_OK(qs_cuda_bcq_matmul(&d, dX, M, dY, NULL));
