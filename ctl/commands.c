@@ -649,8 +649,13 @@ static int load_on_msg(ProtobufCMessage *msg, void *ud)
     Qshard__V1__LoadEvent *ev = (Qshard__V1__LoadEvent *)msg;
     if (ev->event_case == QSHARD__V1__LOAD_EVENT__EVENT_PROGRESS && ev->progress) {
         const Qshard__V1__LoadProgress *p = ev->progress;
-        if (!l->g->json)
-            fprintf(stderr, "  %-14s layer %u/%u  %.1f s\n", p->stage, p->layer, p->layers,
+        char done[32], total[32];
+        if (!l->g->json && p->bytes_total)
+            fprintf(stderr, "  %-12s layer %u/%u, %s of %s per rank, %.1f s\n", p->stage, p->layer,
+                    p->layers, fmt_bytes(p->bytes_done, done, sizeof done),
+                    fmt_bytes(p->bytes_total, total, sizeof total), p->seconds);
+        else if (!l->g->json)
+            fprintf(stderr, "  %-12s layer %u/%u, %.1f s\n", p->stage, p->layer, p->layers,
                     p->seconds);
         protobuf_c_message_free_unpacked(msg, NULL);
         return 0;

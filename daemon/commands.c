@@ -426,9 +426,40 @@ static int validate_load(qs_daemon *d, const ProtobufCMessage *req)
     return QS_OK;
 }
 
+/* Rank 0: one message on a server-streaming call; QS_ECOMM once the client
+ * has gone (the command should stop). */
+static int stream_event(const qs_cmd *cmd, const void *msg)
+{
+    if (!cmd->job || !cmd->job->call)
+        return QS_OK;
+    grpc_byte_buffer *bb = qs_proto_pack(msg);
+    if (!bb)
+        return qs_seterr(QS_ENOMEM, "out of memory packing a progress event");
+    return qs_call_write(cmd->job->call, bb);
+}
+
 static int run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
 {
-    (void)d, (void)cmd, (void)out;
+    (void)out;
+    const Qshard__V1__LoadRequest *r = (const void *)cmd->req;
+    const qs_model_config *m = qs_preset_find(r->model);
+    qs_quant q;
+    qs_plan p;
+    qs_workload w = {.batch = 1, .seq = QS_PLAN_DEFAULT_SEQ, .reserve = QS_PLAN_DEFAULT_RESERVE};
+    uint32_t tp = r->gpus ? r->gpus : (uint32_t)d->world;
+    /* What can be done already: the plan, streamed as the first progress
+     * event (the same stream will carry the real stages). */
+    if (d->rank == 0 && m && quant_resolve(r->quant, m, &q) == QS_OK &&
+        qs_plan_make(m, &q, tp, &w, &p) == QS_OK) {
+        Qshard__V1__LoadProgress pr = QSHARD__V1__LOAD_PROGRESS__INIT;
+        Qshard__V1__LoadEvent ev = QSHARD__V1__LOAD_EVENT__INIT;
+        pr.stage = "planned";
+        pr.layers = m->layers;
+        pr.bytes_total = p.rank.total;
+        ev.event_case = QSHARD__V1__LOAD_EVENT__EVENT_PROGRESS;
+        ev.progress = &pr;
+        stream_event(cmd, &ev);
+    }
     return qs_seterr(QS_ENOTSUP,
                      "loading models is not built yet: the request is valid, but the loaders "
                      "and the forward pass (shard/) arrive in a later release; `qctl plan` "

@@ -152,8 +152,11 @@ PY
     grep -q 'NOT_FOUND' "$tmp/err" || fail "load no-such-model: $(cat "$tmp/err")"
     expect 1 "$qctl" load opt-125m --gpus 3
     grep -q 'mpirun -np 3' "$tmp/err" || fail "load --gpus 3: $(cat "$tmp/err")"
+    # A valid load: the stream carries a first progress event (the plan), then
+    # the refusal, since the model code has not landed.
     expect 1 "$qctl" load opt-125m --bits 3
     grep -q 'UNIMPLEMENTED' "$tmp/err" || fail "load (valid): $(cat "$tmp/err")"
+    grep -q 'planned .* per rank' "$tmp/err" || fail "load streamed no progress: $(cat "$tmp/err")"
     expect 1 "$qctl" --json generate opt-125m "Hello" --top-p 2
     python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert d["error"]["code"] == "INVALID_ARGUMENT", d' "$tmp/out" ||
         fail "generate --top-p 2 --json: $(cat "$tmp/out")"
