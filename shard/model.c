@@ -440,6 +440,26 @@ static int load_vocab_rows(qs_model *m, const source *s, role r, uint64_t width,
     return QS_OK;
 }
 
+/* cos and sin of every position's rotation angles, once per model:
+ * rope_cs[(p * hd/2 + i) * 2 + {0,1}] for angle p * theta^(-2i/hd). */
+static int rope_table(qs_model *m)
+{
+    if (m->cfg.rope_theta <= 0)
+        return QS_OK;
+    size_t half = m->hd / 2;
+    m->rope_cs = malloc((size_t)m->max_seq * half * 2 * sizeof(float));
+    if (!m->rope_cs)
+        return qs_seterr(QS_ENOMEM, "out of memory for the RoPE table");
+    for (size_t p = 0; p < m->max_seq; p++) {
+        for (size_t i = 0; i < half; i++) {
+            double f = (double)p * pow((double)m->cfg.rope_theta, -2.0 * (double)i / m->hd);
+            m->rope_cs[(p * half + i) * 2] = (float)cos(f);
+            m->rope_cs[(p * half + i) * 2 + 1] = (float)sin(f);
+        }
+    }
+    return QS_OK;
+}
+
 int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm *tp,
                   qs_model **out)
 {
@@ -537,7 +557,9 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
         m->bytes.fp16 += 2 * H * E * sizeof(float);
     }
 
-cache:;
+cache:
+    if ((err = rope_table(m)))
+        goto fail;
     size_t kv = (size_t)cfg->layers * m->max_slots * m->max_seq * m->hkv * m->hd;
     m->kcache = calloc(kv, sizeof(float));
     m->vcache = calloc(kv, sizeof(float));
@@ -580,6 +602,7 @@ void qs_model_close(qs_model *m)
     norm_close(&m->final_norm);
     free(m->kcache);
     free(m->vcache);
+    free(m->rope_cs);
     free(m);
 }
 
@@ -606,13 +629,13 @@ static void norm_forward(const norm *nm, const float *x, size_t n, size_t H, flo
 
 /* Rotates one head vector in place for position p. Adjacent: pairs (2i,
  * 2i+1) (Meta and llama.cpp layout); else halves (i, i + hd/2) (Hugging Face). */
-static void rope(float *v, uint32_t hd, uint32_t p, float theta, int adjacent)
+static void rope(const qs_model *m, float *v, uint32_t p)
 {
-    for (uint32_t i = 0; i < hd / 2; i++) {
-        double f = (double)p * pow((double)theta, -2.0 * i / hd);
-        float c = (float)cos(f), s = (float)sin(f);
-        uint32_t a = adjacent ? 2 * i : i, b = adjacent ? 2 * i + 1 : i + hd / 2;
-        float x = v[a], y = v[b];
+    uint32_t half = m->hd / 2;
+    const float *cs = m->rope_cs + (size_t)p * half * 2;
+    for (uint32_t i = 0; i < half; i++) {
+        uint32_t a = m->rope_adjacent ? 2 * i : i, b = m->rope_adjacent ? 2 * i + 1 : i + half;
+        float x = v[a], y = v[b], c = cs[2 * i], s = cs[2 * i + 1];
         v[a] = x * c - y * s;
         v[b] = x * s + y * c;
     }
@@ -643,6 +666,7 @@ static void attention(const qs_model *m, uint32_t l, size_t n, const float *q, c
             for (uint32_t p = 0; p < len; p++) {
                 const float *k = m->kcache + kv_index(m, l, slot[i], p) + (size_t)kvh * hd;
                 float d = 0;
+#pragma omp simd reduction(+ : d)
                 for (uint32_t j = 0; j < hd; j++)
                     d += qi[j] * k[j];
                 sc[p] = d * scale;
@@ -655,6 +679,7 @@ static void attention(const qs_model *m, uint32_t l, size_t n, const float *q, c
             for (uint32_t p = 0; p < len; p++) {
                 const float *v = m->vcache + kv_index(m, l, slot[i], p) + (size_t)kvh * hd;
                 float w = (float)(sc[p] / sum);
+#pragma omp simd
                 for (uint32_t j = 0; j < hd; j++)
                     o[j] += w * v[j];
             }
@@ -735,9 +760,9 @@ static int layer_forward(qs_model *m, uint32_t l, size_t n, const uint32_t *slot
     for (size_t i = 0; i < n; i++) {
         if (c->rope_theta > 0) {
             for (uint32_t h = 0; h < m->hq; h++)
-                rope(s->q + (i * m->hq + h) * hd, m->hd, pos[i], c->rope_theta, m->rope_adjacent);
+                rope(m, s->q + (i * m->hq + h) * hd, pos[i]);
             for (uint32_t h = 0; h < m->hkv; h++)
-                rope(s->k + (i * m->hkv + h) * hd, m->hd, pos[i], c->rope_theta, m->rope_adjacent);
+                rope(m, s->k + (i * m->hkv + h) * hd, pos[i]);
         }
         size_t at = kv_index(m, l, slot[i], pos[i]);
         memcpy(m->kcache + at, s->k + i * m->hkv * hd, m->hkv * hd * sizeof(float));

@@ -49,6 +49,7 @@ struct qs_model {
     float *kcache, *vcache; /* [layer][slot][pos][hkv * hd] */
     qs_calib *record;       /* SmoothQuant statistics being collected, or NULL */
     float smooth_alpha;     /* W8A8 smoothed with this strength; 0 = not smoothed */
+    float *rope_cs;         /* RoPE cos, sin per position and pair; NULL without RoPE */
     qs_rank_bytes bytes;
 };
 
