@@ -198,6 +198,15 @@ int qs_ranks_follow(qs_daemon *d)
                      watchdog);
             die(d, why);
         }
+        /* Every header, heartbeats included, is numbered: a gap means the
+         * ranks are out of step, and going on would mismatch collectives. */
+        if (hdr[HDR_SEQ] != (int64_t)d->seq + 1) {
+            char why[128];
+            snprintf(why, sizeof why, "command %lld arrived after %llu: ranks out of step",
+                     (long long)hdr[HDR_SEQ], (unsigned long long)d->seq);
+            die(d, why);
+        }
+        d->seq = (uint64_t)hdr[HDR_SEQ];
         if (hdr[HDR_OP] == QS_OP_EXIT) {
             qs_log(QS_LOG_DEBUG, "exit from rank 0");
             return QS_OK;
