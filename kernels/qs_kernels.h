@@ -198,7 +198,8 @@ int qs_quant_act_static(const float *X, size_t M, size_t K, float scale, int8_t 
 /* ---- Kernels (CPU, fp32 activations; OpenMP over output rows) -------------
  * All GEMMs: X is M x K row-major, Y is M x N row-major, Y = X W^T. */
 
-/* LUT-GEMM over BCQ weights, M = 1..64 (larger M runs in chunks of 64). */
+/* LUT-GEMM over BCQ weights, M = 1..64 (larger M runs in chunks of 64).
+ * Allocates its tables per call: min(M, 64) x 4 x ceil(K/32) x 16 bytes. */
 int qs_lutgemm(const qs_bcq *w, const float *X, size_t M, float *Y);
 /* The paper's variant: mu = 8 fp32 tables, no table quantization (fp32
  * rounding only), scalar reads; slower, the accuracy-first choice. */
@@ -218,7 +219,8 @@ int qs_w8a8_gemm(const qs_w8 *w, const float *X, size_t M, float act_scale, floa
 int qs_w8a8_gemm_ref_f64(const qs_w8 *w, const float *X, size_t M, float act_scale, double *Y);
 
 /* Which SIMD path the kernels take: "avxvnni", "avx2" or "scalar". force:
- * NULL = best available, else one of those names (for tests and qbench). */
+ * NULL = best available, else one of those names (for tests and qbench;
+ * process-wide, not to be called while kernels run on other threads). */
 const char *qs_cpu_path(void);
 int qs_cpu_force_path(const char *force);
 
