@@ -987,9 +987,19 @@ extern "C" int qs_cuda_bcq_gemm_mma(qs_cuda_bcq *w, const void *X, size_t M, voi
     return mma_launch_q<64, 64>(w, X, M, Y, splits, st);
 }
 
+static unsigned g_lut_max_m = 8; /* the crossover; set from qbench_gpu's measurements */
+
+extern "C" int qs_cuda_set_lut_max_m(unsigned m)
+{
+    if (m > 8)
+        return qs_seterr(QS_EINVAL, "LUT-GEMM takes batches up to 8, got a crossover of %u", m);
+    g_lut_max_m = m;
+    return QS_OK;
+}
+
 extern "C" int qs_cuda_bcq_matmul(qs_cuda_bcq *w, const void *X, size_t M, void *Y, void *stream)
 {
-    if (M >= 1 && M <= 8)
+    if (M >= 1 && M <= g_lut_max_m)
         return qs_cuda_lutgemm(w, X, M, Y, stream, NULL);
     return qs_cuda_bcq_gemm_mma(w, X, M, Y, stream, 0, 0);
 }

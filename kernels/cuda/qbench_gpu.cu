@@ -5,9 +5,11 @@
  *
  * For each shape (N x K = 12288 x 12288, 36864 x 12288, 49152 x 12288,
  * 12288 x 49152) and batch M (1, 2, 4, 8, 16, 64, 512) it times
- *   lut     qs_cuda_bcq_matmul: LUT-GEMM for M <= 8, the fused dequantize +
- *           tensor-core kernel above
- *   mma     the tensor-core kernel at M <= 8 too (for the crossover)
+ *   lut     LUT-GEMM (chooser's configuration) for M <= 8, the fused
+ *           dequantize + tensor-core kernel above (what qs_cuda_bcq_matmul
+ *           runs with the default crossover)
+ *   mma     the tensor-core kernel at M <= 8 too: where it beats lut, lower
+ *           the crossover (qs_cuda_set_lut_max_m)
  *   cublas  cublasGemmEx fp16 (fp32 compute) on dequantized fp16 weights
  *   u3      the OPTQ-style dequantizing 3-bit GEMV (M <= 8)
  * as the median of per-call CUDA event times over rotating weight copies
@@ -234,16 +236,18 @@ int main(int argc, char **argv)
                 unsigned bm = M <= 16 ? 16 : 64;
                 snprintf(cfgs, sizeof cfgs, "bm=%u sp=%d", bm, qs_cuda_mma_splits(M, N, K, bm, 0));
             }
-            double t_lut = tm.median_us(
-                [&](int i) { return qs_cuda_bcq_matmul(&lut[i % nl], X[i % 4], M, Y, NULL); });
-            size_t il = add("lut", t_lut, (double)lut_bytes, cfgs);
+            double t_lut = tm.median_us([&](int i) {
+                return M <= 8 ? qs_cuda_lutgemm(&lut[i % nl], X[i % 4], M, Y, NULL, NULL)
+                              : qs_cuda_bcq_gemm_mma(&lut[i % nl], X[i % 4], M, Y, NULL, 0, 0);
+            });
+            size_t il = add("lut", t_lut, (double)lut_bytes, cfgs), im = (size_t)-1;
             if (M <= 8) {
                 double t_mma = tm.median_us([&](int i) {
                     return qs_cuda_bcq_gemm_mma(&lut[i % nl], X[i % 4], M, Y, NULL, 0, 0);
                 });
                 char mc[48];
                 snprintf(mc, sizeof mc, "bm=16 sp=%d", qs_cuda_mma_splits(M, N, K, 16, 0));
-                add("mma", t_mma, (double)lut_bytes, mc);
+                im = add("mma", t_mma, (double)lut_bytes, mc);
             }
             double t_cub = tm.median_us([&](int i) {
                 return qs_cuda_gemm_f16_cublas(wf[i % nf], X[i % 4], M, N, K, Y, NULL);
@@ -255,10 +259,11 @@ int main(int argc, char **argv)
                     [&](int i) { return qs_cuda_u3_gemv(&u3[i % nu], X[i % 4], M, Y, NULL); });
                 add("u3", t_u3, (double)u3_bytes, NULL);
             }
-            if (t_lut > 0) {
-                rows[il].vs_cublas = t_cub > 0 ? t_cub / t_lut : 0;
-                rows[il].vs_u3 = t_u3 > 0 ? t_u3 / t_lut : 0;
-            }
+            for (size_t k : {il, im})
+                if (k != (size_t)-1 && rows[k].us > 0) {
+                    rows[k].vs_cublas = t_cub > 0 ? t_cub / rows[k].us : 0;
+                    rows[k].vs_u3 = t_u3 > 0 ? t_u3 / rows[k].us : 0;
+                }
             if (sweep && M <= 8) {
                 double best = 1e30;
                 char bcfg[48] = "";

@@ -121,8 +121,12 @@ int qs_cuda_bcq_gemm_mma(qs_cuda_bcq *w, const void *X, size_t M, void *Y, void 
 /* The K-splits the tensor-core path picks (sm_count 0 = ask the device). */
 int qs_cuda_mma_splits(size_t M, size_t N, size_t K, unsigned bm, int sm_count);
 
-/* The serving entry: LUT-GEMM for M <= 8, the tensor-core path above. */
+/* The serving entry: LUT-GEMM for M <= the crossover (default 8), the
+ * tensor-core path above it. */
 int qs_cuda_bcq_matmul(qs_cuda_bcq *w, const void *X, size_t M, void *Y, void *stream);
+/* Sets the crossover (0..8; 0 = always the tensor-core path), process-wide;
+ * qbench_gpu reports both paths at M <= 8 to pick it per device. */
+int qs_cuda_set_lut_max_m(unsigned m);
 
 /* ---- Baselines ------------------------------------------------------------- */
 /* cuBLAS: Y = X W^T with W an N x K row-major fp16 device matrix,

@@ -1,0 +1,78 @@
+#!/bin/sh
+# gpu_session.sh: one call on a lent GPU machine does everything the GPU
+# kernels need checked and measured (docs/benchmarks.md, "GPU kernels"):
+#   build (standalone: gcc + nvcc, sm_90a), the device and its clocks,
+#   every GPU test, compute-sanitizer memcheck and racecheck on the LUT
+#   kernels, the SASS facts (16-byte loads, HMMA, no local memory), then
+#   qbench_gpu --quick, and the full qbench_gpu --json --sweep.
+# Logs go to $OUT (the device tool brings them back); the last lines
+# printed are the short summary. Usage (from the repository root):
+#   sh tests/gpu/gpu_session.sh            # everything (about 5 min on an H100)
+#   QS_SKIP_BENCH=1 sh tests/gpu/gpu_session.sh   # correctness only
+set -u
+export PATH="$PATH:/usr/local/cuda/bin"
+root=$(cd "$(dirname "$0")/../.." && pwd)
+out=${OUT:-$root/gpu-session-out}
+b=${QS_BUILD:-/tmp/qs-build-gpu}
+mkdir -p "$out"
+summary="$out/summary.txt"
+: > "$summary"
+say() { echo "$*" | tee -a "$summary"; }
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu,power.draw \
+    --format=csv > "$out/gpu.txt" 2>&1
+say "gpu: $(tail -1 "$out/gpu.txt")"
+
+if ! sh "$root/tests/gpu/build_standalone.sh" "$b" > "$out/build.log" 2>&1; then
+    tail -40 "$out/build.log"
+    say "BUILD FAILED (log: build.log)"
+    exit 1
+fi
+cat "$b"/obj/*.ptxas.log > "$out/ptxas.txt" 2>/dev/null
+say "build: ok"
+
+fail=0
+for t in test_gpu_device test_gpu_emulate test_gpu_lutgemm test_gpu_mma test_gpu_baselines; do
+    "$b/$t" > "$out/$t.log" 2>&1
+    rc=$?
+    [ $rc -ne 0 ] && fail=1
+    say "$t: rc=$rc; $(grep -c '^FAIL' "$out/$t.log") FAIL lines; $(tail -1 "$out/$t.log")"
+    grep '^FAIL' "$out/$t.log" | head -5 | tee -a "$summary"
+done
+
+if command -v compute-sanitizer > /dev/null; then
+    for tool in memcheck racecheck; do
+        compute-sanitizer --tool $tool --error-exitcode 1 "$b/test_gpu_lutgemm" --quick \
+            > "$out/sanitizer_$tool.log" 2>&1
+        rc=$?
+        [ $rc -ne 0 ] && fail=1
+        say "compute-sanitizer $tool (test_gpu_lutgemm --quick): rc=$rc; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitizer_$tool.log" | tail -1)"
+    done
+    compute-sanitizer --tool memcheck --error-exitcode 1 "$b/test_gpu_baselines" \
+        > "$out/sanitizer_baselines.log" 2>&1
+    say "compute-sanitizer memcheck (test_gpu_baselines): rc=$?; $(grep 'ERROR SUMMARY' "$out/sanitizer_baselines.log" | tail -1)"
+else
+    say "compute-sanitizer: not found"
+fi
+
+# SASS: per kernel, counts of the instructions the design relies on.
+cuobjdump -sass "$b/test_gpu_lutgemm" > "$out/sass.txt" 2>&1
+awk '/Function :/ { f = $3 } f && /HMMA/ { h[f]++ } f && /LDG.E.128/ { g[f]++ } f && /LDS.128/ { s[f]++ }
+     f && /(LDL|STL)/ { l[f]++ } f && /LDS/ { a[f]++ } { if (f) seen[f] = 1 }
+     END { for (k in seen) printf "%-70s HMMA %4d LDG.128 %4d LDS %5d LDS.128 %4d local %3d\n",
+           substr(k, 1, 70), h[k], g[k], a[k], s[k], l[k] }' "$out/sass.txt" | sort > "$out/sass_summary.txt"
+say "sass: $(grep -c . "$out/sass_summary.txt") kernels; any local memory: $(awk '$NF > 0' "$out/sass_summary.txt" | wc -l)"
+
+if [ -z "${QS_SKIP_BENCH:-}" ]; then
+    "$b/qbench_gpu" --quick > "$out/qbench_quick.txt" 2>&1
+    say "qbench_gpu --quick: rc=$?"
+    "$b/qbench_gpu" --json --sweep > "$out/qbench.json" 2> "$out/qbench.err"
+    say "qbench_gpu --json --sweep: rc=$?"
+    "$b/qbench_gpu" > "$out/qbench.txt" 2>&1
+    say "qbench_gpu: rc=$?"
+    cat "$out/qbench_quick.txt"
+    grep -E '^(N x K|[0-9]+x[0-9]+ +1 +lut |[0-9]+x[0-9]+ +(8|64) +lut )' "$out/qbench.txt"
+fi
+echo "-----"
+cat "$summary"
+exit $fail
