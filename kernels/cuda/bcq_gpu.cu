@@ -424,7 +424,7 @@ __global__ void __launch_bounds__(THREADS)
     const int sp = blockIdx.y;
     const int c0 = (int)((long long)nc * sp / splits),
               c1 = (int)((long long)nc * (sp + 1) / splits);
-    const bool xvec = (K % 8) == 0;
+    const bool xvec = (K % 8) == 0 && ((uintptr_t)X & 15) == 0; /* 16-byte rows */
 
     float acc[MT];
 #pragma unroll
@@ -465,7 +465,7 @@ __global__ void __launch_bounds__(THREADS)
             zw[wl] = row ? __half2float(zz[(size_t)gi * N + n]) : 0.f;
         }
 
-        /* Build the 16 tables of this slice: unit = (chunk, high nibble, token). */
+        /* Build the 16 tables of this slice: unit = (chunk, low nibble, token). */
         __syncthreads();
         for (int u = threadIdx.x; u < LUT_CHUNKS * 16 * MT; u += THREADS) {
             const int m = u % MT, l = (u / MT) & 15, ch = u / MT / 16;
@@ -785,7 +785,7 @@ __global__ void __launch_bounds__(MMA_THREADS)
     const int m0 = blockIdx.x * BM, n0 = blockIdx.y * BN, sp = blockIdx.z;
     const int c0 = (int)((long long)nc * sp / splits),
               c1 = (int)((long long)nc * (sp + 1) / splits);
-    const bool xvec = (K % 8) == 0;
+    const bool xvec = (K % 8) == 0 && ((uintptr_t)X & 15) == 0; /* 16-byte rows */
 
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[FM][FN];
 #pragma unroll

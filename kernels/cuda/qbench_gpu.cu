@@ -78,15 +78,21 @@ struct timer {
             cudaEventDestroy(e);
     }
     /* Median microseconds of f(i) over iters calls; -1 if a call fails. */
+    static double failed()
+    {
+        fprintf(stderr, "qbench_gpu: a timed call failed: %s\n", qs_errmsg());
+        cudaDeviceSynchronize();
+        return -1;
+    }
     template <class F> double median_us(F f)
     {
         for (int i = 0; i < warm; i++)
             if (f(i) != QS_OK)
-                return -1;
+                return failed();
         for (int i = 0; i < iters; i++) {
             CK(cudaEventRecord(ev[2 * i]));
             if (f(warm + i) != QS_OK)
-                return -1;
+                return failed();
             CK(cudaEventRecord(ev[2 * i + 1]));
         }
         CK(cudaDeviceSynchronize());

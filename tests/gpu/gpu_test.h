@@ -122,6 +122,9 @@ static inline int gt_summary(const char *name)
  * K-splits (NULL: the choosers'). */
 enum { GT_LUT, GT_MMA16, GT_MMA64, GT_MATMUL, GT_CUBLAS };
 static const char *gt_run_name[] = {"lut", "mma16", "mma64", "matmul", "cublas"};
+/* Halves by which X starts past a 16-byte boundary (exercises the scalar
+ * input path of kernels that use 16-byte loads when they can). */
+static size_t gt_x_off = 0;
 
 static inline void gt_bcq_case(size_t N, size_t K, unsigned q, size_t g, size_t M, int run,
                                const qs_cuda_lut_cfg *cfg, double bound)
@@ -141,27 +144,30 @@ static inline void gt_bcq_case(size_t N, size_t K, unsigned q, size_t g, size_t 
     gt_random_x(M * K, Xh, Xf);
     GT_OK(qs_lutgemm_ref_f64(&w, Xf, M, R));
     GT_OK(qs_cuda_bcq_upload(&d, &w));
-    GT_OK(qs_cuda_malloc(&dX, M * K * 2));
+    if (gt_x_off)
+        snprintf(what + strlen(what), sizeof what - strlen(what), " xoff=%zu", gt_x_off);
+    GT_OK(qs_cuda_malloc(&dX, M * K * 2 + 16));
     GT_OK(qs_cuda_malloc(&dY, M * N * 2));
-    GT_OK(qs_cuda_h2d(dX, Xh, M * K * 2));
+    void *dXo = (char *)dX + 2 * gt_x_off;
+    GT_OK(qs_cuda_h2d(dXo, Xh, M * K * 2));
     GT_OK(qs_cuda_memset(dY, 0xFF, M * N * 2));
     switch (run) {
     case GT_LUT:
-        GT_OK(qs_cuda_lutgemm(&d, dX, M, dY, NULL, cfg));
+        GT_OK(qs_cuda_lutgemm(&d, dXo, M, dY, NULL, cfg));
         break;
     case GT_MMA16:
     case GT_MMA64:
-        GT_OK(qs_cuda_bcq_gemm_mma(&d, dX, M, dY, NULL, run == GT_MMA16 ? 16 : 64,
+        GT_OK(qs_cuda_bcq_gemm_mma(&d, dXo, M, dY, NULL, run == GT_MMA16 ? 16 : 64,
                                    cfg ? cfg->splits : 0));
         break;
     case GT_MATMUL:
-        GT_OK(qs_cuda_bcq_matmul(&d, dX, M, dY, NULL));
+        GT_OK(qs_cuda_bcq_matmul(&d, dXo, M, dY, NULL));
         break;
     default:
         GT_OK(qs_cuda_malloc(&dW, N * K * 2));
         GT_OK(qs_cuda_memset(dW, 0xFF, N * K * 2));
         GT_OK(qs_cuda_bcq_dequant_f16(&d, dW, NULL));
-        GT_OK(qs_cuda_gemm_f16_cublas(dW, dX, M, N, K, dY, NULL));
+        GT_OK(qs_cuda_gemm_f16_cublas(dW, dXo, M, N, K, dY, NULL));
         break;
     }
     GT_OK(qs_cuda_sync());

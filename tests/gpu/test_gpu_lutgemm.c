@@ -44,5 +44,10 @@ int main(int argc, char **argv)
             gt_bcq_case(513, 2048, 3, 128, M, GT_LUT, &odd, LUT_BOUND);
             gt_bcq_case(129, 1000, 2, 0, M, GT_LUT, &odd, LUT_BOUND);
         }
+    /* X not 16-byte aligned: the scalar input path at K % 8 == 0. */
+    gt_x_off = 1;
+    gt_bcq_case(1000, 4096, 3, 64, 3, GT_LUT, NULL, LUT_BOUND);
+    gt_bcq_case(300, 384, 4, 128, 8, GT_LUT, NULL, LUT_BOUND);
+    gt_x_off = 0;
     return gt_summary("test_gpu_lutgemm");
 }

@@ -33,5 +33,9 @@ int main(void)
         gt_bcq_case(513, 2048, 5, 128, 17, GT_MMA64, &c, MMA_BOUND);
         gt_bcq_case(129, 1000, 2, 0, 9, GT_MMA16, &c, MMA_BOUND);
     }
+    gt_x_off = 1; /* X not 16-byte aligned */
+    gt_bcq_case(1000, 4096, 3, 64, 16, GT_MMA16, NULL, MMA_BOUND);
+    gt_bcq_case(300, 384, 4, 128, 64, GT_MMA64, NULL, MMA_BOUND);
+    gt_x_off = 0;
     return gt_summary("test_gpu_mma");
 }
