@@ -350,13 +350,13 @@ template <> struct vecf<8> {
 
 /* The 16 table entries p = 16 h + l (h = 0..15) of one 8-column chunk for one
  * low nibble l: T[p] = sum_j (p >> j & 1 ? +x_j : -x_j), written to
- * out[h * 16 * stride]. A warp's lanes take consecutive (l, m), so each of
+ * out[h * hstride]. A warp's lanes take consecutive (l, m), so each of
  * the 16 stores hits 32 consecutive floats; the chunk stride is padded by 16
  * entries (LUT_CSTRIDE) so the two chunks of an MT = 1 warp land in opposite
  * bank halves: conflict-free stores. Shared by the kernel and the host
  * emulation (qs_cuda_lutgemm_emulate). */
 __host__ __device__ __forceinline__ void lut_entries16(const float *x, int l, float *out,
-                                                       int stride)
+                                                       int hstride)
 {
     const float L = ((l & 1) ? x[0] : -x[0]) + ((l & 2) ? x[1] : -x[1]) + ((l & 4) ? x[2] : -x[2]) +
                     ((l & 8) ? x[3] : -x[3]);
@@ -364,26 +364,85 @@ __host__ __device__ __forceinline__ void lut_entries16(const float *x, int l, fl
     const float b[4] = {-x[6] - x[7], x[6] - x[7], x[7] - x[6], x[6] + x[7]};
     QS_UNROLL
     for (int h = 0; h < 16; h++)
-        out[h * 16 * stride] = a[h & 3] + b[h >> 2];
+        out[h * hstride] = a[h & 3] + b[h >> 2];
 }
 
+/* NH half2 (tokens in pairs) widened to 2 NH floats; one 4/8/16-byte load. */
+template <int NH> struct vech2;
+template <> struct vech2<1> {
+    static __host__ __device__ __forceinline__ void ld(const __half2 *p, float *v)
+    {
+        float2 a = __half22float2(p[0]);
+        v[0] = a.x, v[1] = a.y;
+    }
+};
+template <> struct vech2<2> {
+    static __host__ __device__ __forceinline__ void ld(const __half2 *p, float *v)
+    {
+        union {
+            uint2 u;
+            __half2 h[2];
+        } r;
+        r.u = *reinterpret_cast<const uint2 *>(p);
+        QS_UNROLL
+        for (int j = 0; j < 2; j++) {
+            float2 a = __half22float2(r.h[j]);
+            v[2 * j] = a.x, v[2 * j + 1] = a.y;
+        }
+    }
+};
+template <> struct vech2<4> {
+    static __host__ __device__ __forceinline__ void ld(const __half2 *p, float *v)
+    {
+        union {
+            uint4 u;
+            __half2 h[4];
+        } r;
+        r.u = *reinterpret_cast<const uint4 *>(p);
+        QS_UNROLL
+        for (int j = 0; j < 4; j++) {
+            float2 a = __half22float2(r.h[j]);
+            v[2 * j] = a.x, v[2 * j + 1] = a.y;
+        }
+    }
+};
+
 /* s[m] = B . x over one 32-column word (4 look-ups) from the slice's tables
- * T ([16][LUT_CSTRIDE][MT]); wl = the word's place in the slice. pat = 255 reads the
- * plain sum of x (the offset term). */
-template <int MT>
-__host__ __device__ __forceinline__ void lut_word(const float *T, uint32_t wd, int wl, float *s)
+ * T ([16][LUT_CSTRIDE][MT] fp32, or [16][LUT_CSTRIDE][MT / 2] half2 when HT);
+ * wl = the word's place in the slice. wd = ~0 reads the plain sum of x (the
+ * offset term). */
+template <int MT, bool HT>
+__host__ __device__ __forceinline__ void lut_word(const void *T, uint32_t wd, int wl, float *s)
 {
     QS_UNROLL
     for (int m = 0; m < MT; m++)
         s[m] = 0.0f;
     QS_UNROLL
     for (int b = 0; b < 4; b++) {
+        const size_t e = (size_t)(wl * 4 + b) * LUT_CSTRIDE + ((wd >> (8 * b)) & 255u);
         float v[MT];
-        vecf<MT>::ld(T + ((wl * 4 + b) * LUT_CSTRIDE + ((wd >> (8 * b)) & 255u)) * MT, v);
+        if constexpr (HT)
+            vech2<MT / 2>::ld(reinterpret_cast<const __half2 *>(T) + e * (MT / 2), v);
+        else
+            vecf<MT>::ld(reinterpret_cast<const float *>(T) + e * MT, v);
         QS_UNROLL
         for (int m = 0; m < MT; m++)
             s[m] += v[m];
     }
+}
+
+/* One unit of the half-table build: tokens 2j and 2j+1, low nibble l, one
+ * chunk; entry h of the 16 at T2[h * 16 * (MT / 2)]. */
+template <int MT>
+__host__ __device__ __forceinline__ void lut_entries16_h2(const float *xa, const float *xb, int l,
+                                                          __half2 *T2)
+{
+    float ea[16], eb[16];
+    lut_entries16(xa, l, ea, 1);
+    lut_entries16(xb, l, eb, 1);
+    QS_UNROLL
+    for (int h = 0; h < 16; h++)
+        T2[h * 16 * (MT / 2)] = __floats2half2_rn(ea[h], eb[h]);
 }
 
 __device__ __forceinline__ uint32_t u4_get(const uint4 &v, int j)
@@ -410,7 +469,7 @@ __device__ __forceinline__ void load_x8(const __half *__restrict__ X, int M, int
     }
 }
 
-template <int MT, int QMAX, int THREADS>
+template <int MT, int QMAX, int THREADS, bool HT>
 __global__ void __launch_bounds__(THREADS)
     lut_kernel(const uint4 *__restrict__ bits, const __half *__restrict__ alpha,
                const __half *__restrict__ zz, const __half *__restrict__ X, __half *__restrict__ Y,
@@ -465,13 +524,26 @@ __global__ void __launch_bounds__(THREADS)
             zw[wl] = row ? __half2float(zz[(size_t)gi * N + n]) : 0.f;
         }
 
-        /* Build the 16 tables of this slice: unit = (chunk, low nibble, token). */
+        /* Build the 16 tables of this slice: unit = (chunk, low nibble, token),
+         * or (chunk, low nibble, token pair) for half tables. */
         __syncthreads();
-        for (int u = threadIdx.x; u < LUT_CHUNKS * 16 * MT; u += THREADS) {
-            const int m = u % MT, l = (u / MT) & 15, ch = u / MT / 16;
-            float x[8];
-            load_x8(X, M, K, m, c * 128 + ch * 8, xvec, x);
-            lut_entries16(x, l, T + ((size_t)ch * LUT_CSTRIDE + l) * MT + m, MT);
+        if constexpr (HT) {
+            constexpr int NP = MT / 2;
+            __half2 *T2 = reinterpret_cast<__half2 *>(lut_smem);
+            for (int u = threadIdx.x; u < LUT_CHUNKS * 16 * NP; u += THREADS) {
+                const int j = u % NP, l = (u / NP) & 15, ch = u / NP / 16;
+                float xa[8], xb[8];
+                load_x8(X, M, K, 2 * j, c * 128 + ch * 8, xvec, xa);
+                load_x8(X, M, K, 2 * j + 1, c * 128 + ch * 8, xvec, xb);
+                lut_entries16_h2<MT>(xa, xb, l, T2 + ((size_t)ch * LUT_CSTRIDE + l) * NP + j);
+            }
+        } else {
+            for (int u = threadIdx.x; u < LUT_CHUNKS * 16 * MT; u += THREADS) {
+                const int m = u % MT, l = (u / MT) & 15, ch = u / MT / 16;
+                float x[8];
+                load_x8(X, M, K, m, c * 128 + ch * 8, xvec, x);
+                lut_entries16(x, l, T + ((size_t)ch * LUT_CSTRIDE + l) * MT + m, 16 * MT);
+            }
         }
         __syncthreads();
 
@@ -482,7 +554,7 @@ __global__ void __launch_bounds__(THREADS)
                 for (int i = 0; i < QMAX; i++) {
                     if (i < q) {
                         float s[MT];
-                        lut_word<MT>(T, u4_get(cb[i], wl), wl, s);
+                        lut_word<MT, HT>(T, u4_get(cb[i], wl), wl, s);
 #pragma unroll
                         for (int m = 0; m < MT; m++)
                             acc[m] = fmaf(al[wl][i], s[m], acc[m]);
@@ -490,7 +562,7 @@ __global__ void __launch_bounds__(THREADS)
                 }
                 /* Offset: z times the sum of x over the word (pattern 0xFF). */
                 float s[MT];
-                lut_word<MT>(T, 0xffffffffu, wl, s);
+                lut_word<MT, HT>(T, 0xffffffffu, wl, s);
 #pragma unroll
                 for (int m = 0; m < MT; m++)
                     acc[m] = fmaf(zw[wl], s[m], acc[m]);
@@ -509,6 +581,11 @@ __global__ void __launch_bounds__(THREADS)
     }
 }
 
+static size_t lut_smem_bytes(unsigned mt, bool ht)
+{
+    return (size_t)LUT_CHUNKS * LUT_CSTRIDE * mt * (ht ? 2 : 4);
+}
+
 static unsigned pow2_at_least(size_t M)
 {
     return M <= 1 ? 1 : M <= 2 ? 2 : M <= 4 ? 4 : 8;
@@ -525,7 +602,7 @@ extern "C" int qs_cuda_lut_choose(size_t M, size_t N, size_t K, unsigned q, int 
         return QS_ENODEV;
     unsigned mt = pow2_at_least(M);
     size_t nc = ((K + 31) / 32 + 3) / 4;
-    size_t smem = (size_t)LUT_CHUNKS * LUT_CSTRIDE * mt * 4;
+    size_t smem = lut_smem_bytes(mt, false);
     /* Many rows per CTA amortize the table (1 build per 256 rows); small N
      * gets 128-row CTAs and more K-splits instead. */
     unsigned threads = N >= 4096 ? 256 : 128;
@@ -562,19 +639,20 @@ extern "C" int qs_cuda_lut_choose(size_t M, size_t N, size_t K, unsigned q, int 
         splits = best;
     cfg->threads = threads;
     cfg->splits = (unsigned)splits;
+    cfg->half_tables = 0; /* fp32 tables unless measurements say otherwise */
     return QS_OK;
 }
 
-template <int MT, int QMAX, int TH>
+template <int MT, int QMAX, int TH, bool HT>
 static int lut_launch(qs_cuda_bcq *w, const void *X, size_t M, void *Y, unsigned splits,
                       cudaStream_t st)
 {
-    const size_t smem = (size_t)LUT_CHUNKS * LUT_CSTRIDE * MT * sizeof(float);
+    const size_t smem = lut_smem_bytes(MT, HT);
     if (smem > 48 * 1024)
-        QS_CU(cudaFuncSetAttribute(lut_kernel<MT, QMAX, TH>,
+        QS_CU(cudaFuncSetAttribute(lut_kernel<MT, QMAX, TH, HT>,
                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((unsigned)((w->N + TH - 1) / TH), splits);
-    lut_kernel<MT, QMAX, TH><<<grid, TH, smem, st>>>(
+    lut_kernel<MT, QMAX, TH, HT><<<grid, TH, smem, st>>>(
         (const uint4 *)w->bits, (const __half *)w->alpha, (const __half *)w->z, (const __half *)X,
         (__half *)Y, (float *)w->ws, (int)M, (int)w->N, (int)w->K, (int)w->q,
         (int)bcq_gs(w->K, w->g), (int)w->ngroups, (int)w->nc, (int)splits);
@@ -584,23 +662,23 @@ static int lut_launch(qs_cuda_bcq *w, const void *X, size_t M, void *Y, unsigned
     return QS_OK;
 }
 
-template <int MT, int QMAX>
+template <int MT, int QMAX, bool HT>
 static int lut_launch_th(qs_cuda_bcq *w, const void *X, size_t M, void *Y, unsigned th,
                          unsigned splits, cudaStream_t st)
 {
-    return th == 128 ? lut_launch<MT, QMAX, 128>(w, X, M, Y, splits, st)
-                     : lut_launch<MT, QMAX, 256>(w, X, M, Y, splits, st);
+    return th == 128 ? lut_launch<MT, QMAX, 128, HT>(w, X, M, Y, splits, st)
+                     : lut_launch<MT, QMAX, 256, HT>(w, X, M, Y, splits, st);
 }
 
-template <int MT>
+template <int MT, bool HT>
 static int lut_launch_q(qs_cuda_bcq *w, const void *X, size_t M, void *Y, unsigned th,
                         unsigned splits, cudaStream_t st)
 {
     if (w->q <= 2)
-        return lut_launch_th<MT, 2>(w, X, M, Y, th, splits, st);
+        return lut_launch_th<MT, 2, HT>(w, X, M, Y, th, splits, st);
     if (w->q <= 4)
-        return lut_launch_th<MT, 4>(w, X, M, Y, th, splits, st);
-    return lut_launch_th<MT, 8>(w, X, M, Y, th, splits, st);
+        return lut_launch_th<MT, 4, HT>(w, X, M, Y, th, splits, st);
+    return lut_launch_th<MT, 8, HT>(w, X, M, Y, th, splits, st);
 }
 
 static int bcq_args(const qs_cuda_bcq *w, const void *X, const void *Y, size_t M, const char *who)
@@ -638,15 +716,19 @@ extern "C" int qs_cuda_lutgemm(qs_cuda_bcq *w, const void *X, size_t M, void *Y,
                          "threads 128 or 256, splits * M <= 64, splits <= slices",
                          c.threads, c.splits, M, w->nc);
     cudaStream_t st = QS_CU_STREAM(stream);
+    const bool ht = c.half_tables && M >= 2; /* token pairs: no half tables at M = 1 */
     switch (pow2_at_least(M)) {
     case 1:
-        return lut_launch_q<1>(w, X, M, Y, c.threads, c.splits, st);
+        return lut_launch_q<1, false>(w, X, M, Y, c.threads, c.splits, st);
     case 2:
-        return lut_launch_q<2>(w, X, M, Y, c.threads, c.splits, st);
+        return ht ? lut_launch_q<2, true>(w, X, M, Y, c.threads, c.splits, st)
+                  : lut_launch_q<2, false>(w, X, M, Y, c.threads, c.splits, st);
     case 4:
-        return lut_launch_q<4>(w, X, M, Y, c.threads, c.splits, st);
+        return ht ? lut_launch_q<4, true>(w, X, M, Y, c.threads, c.splits, st)
+                  : lut_launch_q<4, false>(w, X, M, Y, c.threads, c.splits, st);
     default:
-        return lut_launch_q<8>(w, X, M, Y, c.threads, c.splits, st);
+        return ht ? lut_launch_q<8, true>(w, X, M, Y, c.threads, c.splits, st)
+                  : lut_launch_q<8, false>(w, X, M, Y, c.threads, c.splits, st);
     }
 }
 
@@ -655,28 +737,42 @@ extern "C" int qs_cuda_lutgemm(qs_cuda_bcq *w, const void *X, size_t M, void *Y,
  * lut_kernel, on the host, from the packed device layout: checks the layout
  * and the table arithmetic on machines without a GPU. fp32 output, no fp16
  * rounding of Y (X is taken as given, fp32). */
-template <int MT>
+template <int MT, bool HT>
 static void lut_emulate(const qs_bcq *w, const uint32_t *bits, const uint16_t *alpha,
-                        const uint16_t *zz, const float *X, int M, int splits, float *Y, float *T,
+                        const uint16_t *zz, const float *X, int M, int splits, float *Y, void *T,
                         float *part)
 {
     const int N = (int)w->N, K = (int)w->K, q = (int)w->q;
     const int nc = (int)(((w->K + 31) / 32 + 3) / 4), ng = (int)qs_bcq_ngroups(w->K, w->g);
     const int gs = (int)bcq_gs(w->K, w->g);
+    auto xload = [&](int m, int k0, float *x) {
+        for (int j = 0; j < 8; j++)
+            x[j] = (m < M && k0 + j < K) ? X[(size_t)m * K + k0 + j] : 0.0f;
+    };
     for (int sp = 0; sp < splits; sp++) {
         const int c0 = (int)((long long)nc * sp / splits);
         const int c1 = (int)((long long)nc * (sp + 1) / splits);
         for (int i = 0; i < M * N; i++)
             part[(size_t)sp * M * N + i] = 0.0f;
         for (int c = c0; c < c1; c++) {
-            for (int u = 0; u < LUT_CHUNKS * 16 * MT; u++) {
-                const int m = u % MT, l = (u / MT) & 15, ch = u / MT / 16;
-                float x[8];
-                for (int j = 0; j < 8; j++) {
-                    int k = c * 128 + ch * 8 + j;
-                    x[j] = (m < M && k < K) ? X[(size_t)m * K + k] : 0.0f;
+            if constexpr (HT) {
+                constexpr int NP = MT / 2;
+                for (int u = 0; u < LUT_CHUNKS * 16 * NP; u++) {
+                    const int j = u % NP, l = (u / NP) & 15, ch = u / NP / 16;
+                    float xa[8], xb[8];
+                    xload(2 * j, c * 128 + ch * 8, xa);
+                    xload(2 * j + 1, c * 128 + ch * 8, xb);
+                    lut_entries16_h2<MT>(xa, xb, l,
+                                         (__half2 *)T + ((size_t)ch * LUT_CSTRIDE + l) * NP + j);
                 }
-                lut_entries16(x, l, T + ((size_t)ch * LUT_CSTRIDE + l) * MT + m, MT);
+            } else {
+                for (int u = 0; u < LUT_CHUNKS * 16 * MT; u++) {
+                    const int m = u % MT, l = (u / MT) & 15, ch = u / MT / 16;
+                    float x[8];
+                    xload(m, c * 128 + ch * 8, x);
+                    lut_entries16(x, l, (float *)T + ((size_t)ch * LUT_CSTRIDE + l) * MT + m,
+                                  16 * MT);
+                }
             }
             for (int n = 0; n < N; n++) {
                 float acc[MT];
@@ -687,12 +783,12 @@ static void lut_emulate(const qs_bcq *w, const uint32_t *bits, const uint16_t *a
                     float s[MT];
                     for (int i = 0; i < q; i++) {
                         uint32_t wd = bits[(((size_t)c * q + i) * N + n) * 4 + wl];
-                        lut_word<MT>(T, wd, wl, s);
+                        lut_word<MT, HT>(T, wd, wl, s);
                         float a = qs_fp16_to_fp32(alpha[((size_t)gi * q + i) * N + n]);
                         for (int m = 0; m < MT; m++)
                             acc[m] = fmaf(a, s[m], acc[m]);
                     }
-                    lut_word<MT>(T, 0xffffffffu, wl, s);
+                    lut_word<MT, HT>(T, 0xffffffffu, wl, s);
                     float z = qs_fp16_to_fp32(zz[(size_t)gi * N + n]);
                     for (int m = 0; m < MT; m++)
                         acc[m] = fmaf(z, s[m], acc[m]);
@@ -711,7 +807,7 @@ static void lut_emulate(const qs_bcq *w, const uint32_t *bits, const uint16_t *a
 }
 
 extern "C" int qs_cuda_lutgemm_emulate(const qs_bcq *w, const float *X, size_t M, unsigned splits,
-                                       float *Y)
+                                       int half_tables, float *Y)
 {
     if (!w || !X || !Y || M < 1 || M > 8)
         return qs_seterr(QS_EINVAL, "qs_cuda_lutgemm_emulate: NULL argument or M=%zu not 1..8", M);
@@ -722,10 +818,11 @@ extern "C" int qs_cuda_lutgemm_emulate(const qs_bcq *w, const float *X, size_t M
     if (splits < 1 || splits > nc || splits * M > 64)
         return qs_seterr(QS_EINVAL, "qs_cuda_lutgemm_emulate: splits=%u invalid", splits);
     unsigned mt = pow2_at_least(M);
+    const bool ht = half_tables && M >= 2;
     uint32_t *bits = (uint32_t *)malloc((size_t)w->q * w->N * nc * 16);
     uint16_t *alpha = (uint16_t *)malloc((size_t)w->q * w->N * ng * 2);
     uint16_t *z = (uint16_t *)malloc(w->N * ng * 2);
-    float *T = (float *)malloc((size_t)LUT_CHUNKS * LUT_CSTRIDE * mt * 4);
+    void *T = malloc(lut_smem_bytes(mt, false));
     float *part = (float *)malloc((size_t)splits * M * w->N * 4);
     if (!bits || !alpha || !z || !T || !part)
         err = qs_seterr(QS_ENOMEM, "qs_cuda_lutgemm_emulate: out of memory");
@@ -734,13 +831,16 @@ extern "C" int qs_cuda_lutgemm_emulate(const qs_bcq *w, const float *X, size_t M
     if (!err) {
         int Mi = (int)M, sp = (int)splits;
         if (mt == 1)
-            lut_emulate<1>(w, bits, alpha, z, X, Mi, sp, Y, T, part);
+            lut_emulate<1, false>(w, bits, alpha, z, X, Mi, sp, Y, T, part);
         else if (mt == 2)
-            lut_emulate<2>(w, bits, alpha, z, X, Mi, sp, Y, T, part);
+            ht ? lut_emulate<2, true>(w, bits, alpha, z, X, Mi, sp, Y, T, part)
+               : lut_emulate<2, false>(w, bits, alpha, z, X, Mi, sp, Y, T, part);
         else if (mt == 4)
-            lut_emulate<4>(w, bits, alpha, z, X, Mi, sp, Y, T, part);
+            ht ? lut_emulate<4, true>(w, bits, alpha, z, X, Mi, sp, Y, T, part)
+               : lut_emulate<4, false>(w, bits, alpha, z, X, Mi, sp, Y, T, part);
         else
-            lut_emulate<8>(w, bits, alpha, z, X, Mi, sp, Y, T, part);
+            ht ? lut_emulate<8, true>(w, bits, alpha, z, X, Mi, sp, Y, T, part)
+               : lut_emulate<8, false>(w, bits, alpha, z, X, Mi, sp, Y, T, part);
     }
     free(bits), free(alpha), free(z), free(T), free(part);
     return err;

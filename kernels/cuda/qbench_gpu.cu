@@ -8,6 +8,7 @@
  *   lut     LUT-GEMM (chooser's configuration) for M <= 8, the fused
  *           dequantize + tensor-core kernel above (what qs_cuda_bcq_matmul
  *           runs with the default crossover)
+ *   lut-h   LUT-GEMM with fp16 tables (tokens in pairs), M = 2..8
  *   mma     the tensor-core kernel at M <= 8 too: where it beats lut, lower
  *           the crossover (qs_cuda_set_lut_max_m)
  *   cublas  cublasGemmEx fp16 (fp32 compute) on dequantized fp16 weights
@@ -246,7 +247,17 @@ int main(int argc, char **argv)
                 return M <= 8 ? qs_cuda_lutgemm(&lut[i % nl], X[i % 4], M, Y, NULL, NULL)
                               : qs_cuda_bcq_gemm_mma(&lut[i % nl], X[i % 4], M, Y, NULL, 0, 0);
             });
-            size_t il = add("lut", t_lut, (double)lut_bytes, cfgs), im = (size_t)-1;
+            size_t il = add("lut", t_lut, (double)lut_bytes, cfgs), im = (size_t)-1, ih = im;
+            if (M >= 2 && M <= 8) { /* fp16 tables at the same configuration */
+                qs_cuda_lut_cfg c;
+                QK(qs_cuda_lut_choose(M, N, K, q, 0, &c));
+                c.half_tables = 1;
+                double t_h = tm.median_us(
+                    [&](int i) { return qs_cuda_lutgemm(&lut[i % nl], X[i % 4], M, Y, NULL, &c); });
+                char hc[48];
+                snprintf(hc, sizeof hc, "%s h", cfgs);
+                ih = add("lut-h", t_h, (double)lut_bytes, hc);
+            }
             if (M <= 8) {
                 double t_mma = tm.median_us([&](int i) {
                     return qs_cuda_bcq_gemm_mma(&lut[i % nl], X[i % 4], M, Y, NULL, 0, 0);
@@ -265,7 +276,7 @@ int main(int argc, char **argv)
                     [&](int i) { return qs_cuda_u3_gemv(&u3[i % nu], X[i % 4], M, Y, NULL); });
                 add("u3", t_u3, (double)u3_bytes, NULL);
             }
-            for (size_t k : {il, im})
+            for (size_t k : {il, im, ih})
                 if (k != (size_t)-1 && rows[k].us > 0) {
                     rows[k].vs_cublas = t_cub > 0 ? t_cub / rows[k].us : 0;
                     rows[k].vs_u3 = t_u3 > 0 ? t_u3 / rows[k].us : 0;
@@ -274,16 +285,18 @@ int main(int argc, char **argv)
                 double best = 1e30;
                 char bcfg[48] = "";
                 size_t nc = ((K + 31) / 32 + 3) / 4;
-                for (unsigned th = 128; th <= 256; th *= 2)
-                    for (unsigned sp = 1; sp * M <= 64 && sp <= nc;
-                         sp = sp < 4 ? sp + 1 : sp * 3 / 2) {
-                        qs_cuda_lut_cfg c = {th, sp};
-                        double t = tm.median_us([&](int i) {
-                            return qs_cuda_lutgemm(&lut[i % nl], X[i % 4], M, Y, NULL, &c);
-                        });
-                        if (t > 0 && t < best)
-                            best = t, snprintf(bcfg, sizeof bcfg, "th=%u sp=%u", th, sp);
-                    }
+                for (unsigned ht = 0; ht <= (M > 1 ? 1u : 0u); ht++)
+                    for (unsigned th = 128; th <= 256; th *= 2)
+                        for (unsigned sp = 1; sp * M <= 64 && sp <= nc;
+                             sp = sp < 4 ? sp + 1 : sp * 3 / 2) {
+                            qs_cuda_lut_cfg c = {th, sp, ht};
+                            double t = tm.median_us([&](int i) {
+                                return qs_cuda_lutgemm(&lut[i % nl], X[i % 4], M, Y, NULL, &c);
+                            });
+                            if (t > 0 && t < best)
+                                best = t, snprintf(bcfg, sizeof bcfg, "th=%u sp=%u%s", th, sp,
+                                                   ht ? " h" : "");
+                        }
                 add("lut-best", best, (double)lut_bytes, bcfg);
             }
             CK(cudaDeviceSynchronize());

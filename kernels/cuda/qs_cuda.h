@@ -94,8 +94,11 @@ int qs_cuda_bcq_dequant_f16(const qs_cuda_bcq *d, void *W, void *stream);
  * sums reduced in a second kernel. Tile sizes are template parameters; the
  * chooser picks them from (M, N, K, q) and the SM count. */
 typedef struct qs_cuda_lut_cfg {
-    unsigned threads; /* rows per CTA = threads: 128, 256 or 512 */
-    unsigned splits;  /* K splits (CTAs along K), 1..64/M */
+    unsigned threads;     /* rows per CTA = threads: 128 or 256 */
+    unsigned splits;      /* K splits (CTAs along K), 1..64/M, <= 128-column slices */
+    unsigned half_tables; /* 1: fp16 tables, tokens in pairs (half the shared memory
+                             and look-up traffic; entries rounded to fp16, ~3e-4
+                             relative); ignored at M = 1. The chooser says 0. */
 } qs_cuda_lut_cfg;
 
 /* The chooser (pure host code; sm_count 0 = ask the device). */
@@ -107,7 +110,8 @@ int qs_cuda_lutgemm(qs_cuda_bcq *w, const void *X, size_t M, void *Y, void *stre
 /* The LUT kernel's algorithm run on the host (same layout, table builder,
  * look-ups, split order; fp32 X and Y, no device): checks the layout and
  * the table arithmetic where no GPU is present. */
-int qs_cuda_lutgemm_emulate(const qs_bcq *w, const float *X, size_t M, unsigned splits, float *Y);
+int qs_cuda_lutgemm_emulate(const qs_bcq *w, const float *X, size_t M, unsigned splits,
+                            int half_tables, float *Y);
 
 /* ---- Fused dequantize + tensor cores (any M; meant for M > 8) ---------------
  * Per CTA (8 warps) a tile of W (128 rows for bm = 16, 64 for bm = 64) x 128

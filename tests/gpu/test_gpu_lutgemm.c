@@ -2,12 +2,14 @@
  * product of the dequantized weights (qs_lutgemm_ref_f64): q = 1..8, g in
  * {32, 64, 128, row-wise}, ragged N and K, every batch 1..8, the chooser's
  * configuration and forced ones (128/256 rows per CTA, no split, the most
- * splits). Bound: relative L2 <= 1e-3 (fp32 tables and sums; the fp16
- * rounding of Y alone is ~3e-4). Output poisoned with NaN before each run.
+ * splits), and fp16 tables (tokens in pairs). Bound: relative L2 <= 1e-3
+ * (fp32 tables and sums; the fp16 rounding of Y alone is ~3e-4), 2e-3 with
+ * fp16 tables. Output poisoned with NaN before each run.
  * --quick: a few cases (the compute-sanitizer run). Skips (77) without GPU. */
 #include "gpu_test.h"
 
-#define LUT_BOUND 1e-3
+#define LUT_BOUND      1e-3
+#define LUT_BOUND_HALF 2e-3 /* fp16 tables: ~3e-4 more */
 
 int main(int argc, char **argv)
 {
@@ -15,7 +17,7 @@ int main(int argc, char **argv)
     gt_need_gpu();
     tu_seed("test_gpu_lutgemm");
     if (quick) {
-        qs_cuda_lut_cfg c = {128, 2};
+        qs_cuda_lut_cfg c = {128, 2, 0};
         gt_bcq_case(37, 96, 3, 32, 3, GT_LUT, NULL, LUT_BOUND);
         gt_bcq_case(129, 1000, 4, 0, 8, GT_LUT, NULL, LUT_BOUND);
         gt_bcq_case(300, 384, 8, 128, 1, GT_LUT, &c, LUT_BOUND);
@@ -38,12 +40,20 @@ int main(int argc, char **argv)
     for (int t = 0; t < 2; t++)
         for (size_t M = 1; M <= 8; M += 3) {
             size_t nc = (4128 / 32 + 3) / 4, most = 64 / M < nc ? 64 / M : nc;
-            qs_cuda_lut_cfg one = {th[t], 1}, many = {th[t], (unsigned)most}, odd = {th[t], 3};
+            qs_cuda_lut_cfg one = {th[t], 1, 0}, many = {th[t], (unsigned)most, 0},
+                            odd = {th[t], 3, 0};
             gt_bcq_case(1000, 4128, 3, 32, M, GT_LUT, &one, LUT_BOUND);
             gt_bcq_case(1000, 4128, 5, 32, M, GT_LUT, &many, LUT_BOUND);
             gt_bcq_case(513, 2048, 3, 128, M, GT_LUT, &odd, LUT_BOUND);
             gt_bcq_case(129, 1000, 2, 0, M, GT_LUT, &odd, LUT_BOUND);
         }
+    /* fp16 tables (tokens in pairs): every batch 2..8, both CTA sizes, splits. */
+    for (size_t M = 2; M <= 8; M++) {
+        qs_cuda_lut_cfg h = {M % 2 ? 128 : 256, (unsigned)(1 + M % 4), 1};
+        gt_bcq_case(1000, 4128, 3, 32, M, GT_LUT, &h, LUT_BOUND_HALF);
+        gt_bcq_case(129, 1000, 1 + (unsigned)M % 8, 0, M, GT_LUT, &h, LUT_BOUND_HALF);
+        gt_bcq_case(300, 384, 8, 128, M, GT_LUT, &h, LUT_BOUND_HALF);
+    }
     /* X not 16-byte aligned: the scalar input path at K % 8 == 0. */
     gt_x_off = 1;
     gt_bcq_case(1000, 4096, 3, 64, 3, GT_LUT, NULL, LUT_BOUND);

@@ -28,7 +28,7 @@ int main(void)
     /* Forced K-splits: groups straddle split boundaries, ragged K. */
     static const unsigned sps[] = {1, 2, 3, 7};
     for (size_t i = 0; i < 4; i++) {
-        qs_cuda_lut_cfg c = {0, sps[i]};
+        qs_cuda_lut_cfg c = {0, sps[i], 0};
         gt_bcq_case(1000, 4128, 3, 32, 16, GT_MMA16, &c, MMA_BOUND);
         gt_bcq_case(513, 2048, 5, 128, 17, GT_MMA64, &c, MMA_BOUND);
         gt_bcq_case(129, 1000, 2, 0, 9, GT_MMA16, &c, MMA_BOUND);
