@@ -9,6 +9,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 #include <string.h>
 
 #include <cjson/cJSON.h>
@@ -448,7 +449,33 @@ static void json_model(cJSON *arr, const Qshard__V1__ModelInfo *m)
         cJSON_AddItemToArray(r, cJSON_CreateNumber(m->ranks[i]));
     cJSON_AddNumberToObject(j, "weight_bytes", (double)m->weight_bytes);
     cJSON_AddNumberToObject(j, "rank_bytes", (double)m->rank_bytes);
+    cJSON_AddNumberToObject(j, "planned_rank_bytes", (double)m->planned_rank_bytes);
+    if (m->actual) {
+        cJSON *a = cJSON_AddObjectToObject(j, "actual");
+        cJSON_AddNumberToObject(a, "linear", (double)m->actual->linear);
+        cJSON_AddNumberToObject(a, "fp16", (double)m->actual->fp16);
+        cJSON_AddNumberToObject(a, "kv_cache", (double)m->actual->kv_cache);
+        cJSON_AddNumberToObject(a, "total", (double)m->actual->total);
+    }
     cJSON_AddStringToObject(j, "weights", m->weights);
+    cJSON_AddStringToObject(j, "tokenizer", m->tokenizer);
+    cJSON_AddNumberToObject(j, "smoothing", m->smoothing);
+    cJSON_AddNumberToObject(j, "tokens_generated", (double)m->tokens_generated);
+    cJSON_AddNumberToObject(j, "tokens_per_second", m->tokens_per_second);
+    cJSON_AddNumberToObject(j, "p50_token_ms", m->p50_token_ms);
+    cJSON_AddNumberToObject(j, "p99_token_ms", m->p99_token_ms);
+    cJSON *fps = cJSON_AddArrayToObject(j, "footprints");
+    for (size_t i = 0; i < m->n_footprints; i++) {
+        const Qshard__V1__Footprint *f = m->footprints[i];
+        cJSON *o = cJSON_CreateObject();
+        json_quant(o, "quant", f->quant);
+        cJSON_AddNumberToObject(o, "weight_bytes", (double)f->weight_bytes);
+        cJSON_AddNumberToObject(o, "bytes_per_gpu", (double)f->bytes_per_gpu);
+        cJSON_AddNumberToObject(o, "min_gpus", f->min_gpus);
+        cJSON_AddNumberToObject(o, "min_gpus_memory", f->min_gpus_memory);
+        cJSON_AddBoolToObject(o, "loaded", f->loaded);
+        cJSON_AddItemToArray(fps, o);
+    }
     cJSON_AddItemToArray(arr, j);
 }
 
@@ -486,6 +513,9 @@ int qs_ctl_stats(qs_ctl_global *g, int argc, char **argv)
             cJSON_AddNumberToObject(o, "memory_free", (double)d->memory_free);
             cJSON_AddNumberToObject(o, "memory_budget", (double)d->memory_budget);
             cJSON_AddNumberToObject(o, "memory_used", (double)d->memory_used);
+            cJSON_AddNumberToObject(o, "memory_weights", (double)d->memory_weights);
+            cJSON_AddNumberToObject(o, "memory_kv_cache", (double)d->memory_kv_cache);
+            cJSON_AddNumberToObject(o, "models", d->models);
             cJSON_AddItemToArray(devs, o);
         }
         cJSON *models = cJSON_AddArrayToObject(j, "models");
@@ -493,25 +523,54 @@ int qs_ctl_stats(qs_ctl_global *g, int argc, char **argv)
             json_model(models, r->models[i]);
         print_json(j);
     } else {
-        char t[32], f[32], b[32];
-        printf("%-5s %-16s %-8s %-5s %-24s %12s %12s %12s\n", "rank", "host", "pid", "kind",
-               "device", "total", "free", "budget");
+        char t[32], f[32], b[32], w[32], k[32];
+        printf("%-5s %-12s %-5s %-20s %11s %11s %11s %11s %11s\n", "rank", "host", "kind", "device",
+               "total", "weights", "kv cache", "free", "budget");
         for (size_t i = 0; i < r->n_devices; i++) {
             const Qshard__V1__DeviceStats *d = r->devices[i];
-            printf("%-5u %-16.16s %-8u %-5s %-24.24s %12s %12s %12s\n", d->rank, d->hostname,
-                   d->pid, d->kind, d->name, fmt_bytes(d->memory_total, t, sizeof t),
+            printf("%-5u %-12.12s %-5s %-20.20s %11s %11s %11s %11s %11s\n", d->rank, d->hostname,
+                   d->kind, d->name, fmt_bytes(d->memory_total, t, sizeof t),
+                   fmt_bytes(d->memory_weights, w, sizeof w),
+                   fmt_bytes(d->memory_kv_cache, k, sizeof k),
                    fmt_bytes(d->memory_free, f, sizeof f),
                    fmt_bytes(d->memory_budget, b, sizeof b));
         }
         if (!r->n_models)
-            printf("models: none loaded\n");
+            printf("\nmodels: none loaded\n");
         for (size_t i = 0; i < r->n_models; i++) {
             const Qshard__V1__ModelInfo *m = r->models[i];
-            char g1[16];
-            printf("model %s (%s): %s %u-bit group %s, tp %u, %s per rank\n", m->name, m->source,
-                   m->quant ? m->quant->scheme : "?", m->quant ? m->quant->bits : 0,
-                   m->quant ? group_text(m->quant, g1, sizeof g1) : "?", m->tp,
-                   fmt_bytes(m->rank_bytes, t, sizeof t));
+            char g1[16], pl[32];
+            printf("\nmodel %s (%s, weights %s): %s %u-bit group %s, tp %u on rank(s)", m->name,
+                   m->source, m->weights, m->quant ? m->quant->scheme : "?",
+                   m->quant ? m->quant->bits : 0,
+                   m->quant ? group_text(m->quant, g1, sizeof g1) : "?", m->tp);
+            for (size_t j = 0; j < m->n_ranks; j++)
+                printf(" %u", m->ranks[j]);
+            printf("\n  per rank: %s allocated, %s planned", fmt_bytes(m->rank_bytes, t, sizeof t),
+                   fmt_bytes(m->planned_rank_bytes, pl, sizeof pl));
+            if (m->smoothing > 0)
+                printf("; SmoothQuant alpha %.2f", (double)m->smoothing);
+            printf("\n  generated %llu tokens, %.1f tokens/s, per token p50 %.1f ms p99 %.1f ms\n",
+                   (unsigned long long)m->tokens_generated, m->tokens_per_second, m->p50_token_ms,
+                   m->p99_token_ms);
+            if (m->n_footprints) {
+                printf("  %-22s %12s %12s %8s %14s\n", "scheme", "weights", "per GPU", "GPUs",
+                       "GPUs (memory)");
+                for (size_t j = 0; j < m->n_footprints; j++) {
+                    const Qshard__V1__Footprint *fp = m->footprints[j];
+                    char lab[48], g2[16];
+                    if (fp->quant->bits >= 8)
+                        snprintf(lab, sizeof lab, "%s", fp->quant->scheme);
+                    else
+                        snprintf(lab, sizeof lab, "%s %u-bit g%s", fp->quant->scheme,
+                                 fp->quant->bits, group_text(fp->quant, g2, sizeof g2));
+                    printf("%s %-20s %12s %12s %8u %14u\n", fp->loaded ? " *" : "  ", lab,
+                           fmt_bytes(fp->weight_bytes, w, sizeof w),
+                           fmt_bytes(fp->bytes_per_gpu, k, sizeof k), fp->min_gpus,
+                           fp->min_gpus_memory);
+                }
+                printf("  (* the scheme loaded; GPUs on devices like this daemon's smallest)\n");
+            }
         }
         printf("uptime %.1f s, %llu request(s) served\n", r->uptime_seconds,
                (unsigned long long)r->requests_served);
@@ -634,9 +693,18 @@ static const char load_help[] =
     "                    file on the daemon's host (or the first argument)\n" QUANT_HELP
     "  --gpus N          ranks in the model's group (default: all)\n"
     "  --weights W       'synthetic' (default) or a path on the daemon's host\n"
-    "  --save PATH       also write the quantized shards to PATH\n"
+    "  --save PATH       also write the quantized shards to PATH (a directory; load it\n"
+    "                    later with `qctl load PATH` on as many ranks)\n"
     "  --name ID         serve it under ID (default: the model's name)\n"
-    "  --seed N          seed of synthetic weights\n";
+    "  --seed N          seed of synthetic weights\n"
+    "  --max-seq N       KV-cache tokens per sequence (default: context, at most 2048)\n"
+    "  --calib PATH      W8A8: SmoothQuant calibration text on the daemon's host\n"
+    "                    (default /usr/share/common-licenses/GPL-3; 'none': no smoothing)\n"
+    "  --alpha A         W8A8: SmoothQuant migration strength (default 0.5)\n"
+    "  --tokenizer GGUF  the tokenizer of a checkpoint's model\n"
+    "  --bcq-iters N     BCQ refinement iterations (default 20)\n"
+    "\nsmollm2-135m with no --weights loads the cached GGUF that deploy/fetch-model.sh\n"
+    "fetches, when it is there; other presets default to synthetic weights.\n";
 
 typedef struct load_ctx {
     const qs_ctl_global *g;
@@ -649,14 +717,12 @@ static int load_on_msg(ProtobufCMessage *msg, void *ud)
     Qshard__V1__LoadEvent *ev = (Qshard__V1__LoadEvent *)msg;
     if (ev->event_case == QSHARD__V1__LOAD_EVENT__EVENT_PROGRESS && ev->progress) {
         const Qshard__V1__LoadProgress *p = ev->progress;
-        char done[32], total[32];
-        if (!l->g->json && p->bytes_total)
-            fprintf(stderr, "  %-12s layer %u/%u, %s of %s per rank, %.1f s\n", p->stage, p->layer,
-                    p->layers, fmt_bytes(p->bytes_done, done, sizeof done),
-                    fmt_bytes(p->bytes_total, total, sizeof total), p->seconds);
+        char total[32];
+        if (!l->g->json && !strcmp(p->stage, "planned"))
+            fprintf(stderr, "  planned: %s per rank, %u layers\n",
+                    fmt_bytes(p->bytes_total, total, sizeof total), p->layers);
         else if (!l->g->json)
-            fprintf(stderr, "  %-12s layer %u/%u, %.1f s\n", p->stage, p->layer, p->layers,
-                    p->seconds);
+            fprintf(stderr, "  %-12s %.1f s\n", p->stage, p->seconds);
         protobuf_c_message_free_unpacked(msg, NULL);
         return 0;
     }
@@ -688,7 +754,20 @@ int qs_ctl_load(qs_ctl_global *g, int argc, char **argv)
             req.name = (char *)v;
         else if (opt_val(&a, "--seed", &v))
             parse_u64(&a, "--seed", v, UINT64_MAX, &req.seed);
-        else if (argv[a.i][0] != '-' && !model)
+        else if (opt_val(&a, "--max-seq", &v))
+            parse_u32(&a, "--max-seq", v, &req.max_seq);
+        else if (opt_val(&a, "--calib", &v))
+            req.calib_path = (char *)v;
+        else if (opt_val(&a, "--tokenizer", &v))
+            req.tokenizer = (char *)v;
+        else if (opt_val(&a, "--bcq-iters", &v))
+            parse_u32(&a, "--bcq-iters", v, &req.bcq_iters);
+        else if (opt_val(&a, "--alpha", &v)) {
+            double al = 0;
+            if (!parse_double(&a, "--alpha", v, &al) && (al <= 0 || al >= 1))
+                usage_error(&a, "--alpha must be between 0 and 1, got %s", v);
+            req.smooth_alpha = (float)al;
+        } else if (argv[a.i][0] != '-' && !model)
             model = argv[a.i];
         else
             unknown_arg(&a);
@@ -724,9 +803,22 @@ int qs_ctl_load(qs_ctl_global *g, int argc, char **argv)
             cJSON_AddNumberToObject(j, "seconds", l.result->result->seconds);
             print_json(j);
         } else {
-            char b[32];
-            printf("loaded %s on %u rank(s) in %.1f s: %s per rank\n", m->name, m->tp,
-                   l.result->result->seconds, fmt_bytes(m->rank_bytes, b, sizeof b));
+            char b[32], p[32], g1[16];
+            printf("loaded %s (%s %u-bit group %s) on %u rank(s) in %.1f s\n", m->name,
+                   m->quant->scheme, m->quant->bits, group_text(m->quant, g1, sizeof g1), m->tp,
+                   l.result->result->seconds);
+            printf("  per rank: %s allocated against %s planned",
+                   fmt_bytes(m->rank_bytes, b, sizeof b),
+                   fmt_bytes(m->planned_rank_bytes, p, sizeof p));
+            if (m->actual) {
+                char w[32], k[32];
+                printf(" (weights %s, KV cache %s)",
+                       fmt_bytes(m->actual->linear + m->actual->fp16, w, sizeof w),
+                       fmt_bytes(m->actual->kv_cache, k, sizeof k));
+            }
+            printf("\n");
+            if (m->smoothing > 0)
+                printf("  SmoothQuant: calibrated, alpha %.2f\n", (double)m->smoothing);
         }
     }
     if (l.result)
@@ -912,14 +1004,42 @@ int qs_ctl_generate(qs_ctl_global *g, int argc, char **argv)
 /* ---- eval ----------------------------------------------------------------- */
 
 static const char eval_help[] =
-    "usage: qctl eval MODEL (--text-file PATH | --text TEXT) [options]\n"
-    "\nPerplexity of a loaded model on a text.\n"
+    "usage: qctl eval MODEL --text FILE [options]\n"
+    "\nPerplexity of a loaded model on a text, as llama.cpp's perplexity tool computes it:\n"
+    "non-overlapping windows of --ctx tokens, each scored on its second half (the first\n"
+    "token of a window becomes BOS when the model asks for one; SmolLM2 does not).\n"
+    "Progress goes to stderr after each window.\n"
     "\noptions:\n"
     "  --model NAME        a loaded model (or the first argument)\n"
-    "  --text-file PATH    a UTF-8 text file on the daemon's host\n"
-    "  --text TEXT         the text itself\n"
-    "  --ctx N             tokens per chunk (default: the model's context, <= 2048)\n"
-    "  --max-chunks N      evaluate at most N chunks (default: all)\n";
+    "  --text FILE         a UTF-8 text file on the daemon's host (also --text-file)\n"
+    "  --string TEXT       the text itself\n"
+    "  --ctx N             tokens per window (default 512)\n"
+    "  --max-chunks N      evaluate at most N windows (default: all)\n";
+
+typedef struct eval_ctx {
+    const qs_ctl_global *g;
+    Qshard__V1__EvalEvent *done;
+    int tty;
+} eval_ctx;
+
+static int eval_on_msg(ProtobufCMessage *msg, void *ud)
+{
+    eval_ctx *e = ud;
+    Qshard__V1__EvalEvent *ev = (Qshard__V1__EvalEvent *)msg;
+    if (ev->event_case == QSHARD__V1__EVAL_EVENT__EVENT_PROGRESS && ev->progress) {
+        const Qshard__V1__EvalProgress *p = ev->progress;
+        if (!e->g->json)
+            fprintf(stderr, "%s  window %u/%u  perplexity so far %.4f  %.1f s%s",
+                    e->tty ? "\r" : "", p->chunks, p->chunks_total, p->perplexity, p->seconds,
+                    e->tty ? "" : "\n");
+        protobuf_c_message_free_unpacked(msg, NULL);
+        return 0;
+    }
+    if (e->done)
+        protobuf_c_message_free_unpacked(&e->done->base, NULL);
+    e->done = ev;
+    return 0;
+}
 
 int qs_ctl_eval(qs_ctl_global *g, int argc, char **argv)
 {
@@ -931,14 +1051,14 @@ int qs_ctl_eval(qs_ctl_global *g, int argc, char **argv)
             continue;
         if (opt_val(&a, "--model", &v)) {
             model = v;
-        } else if (opt_val(&a, "--text-file", &v)) {
+        } else if (opt_val(&a, "--text", &v) || opt_val(&a, "--text-file", &v)) {
             if (req.source_case)
-                usage_error(&a, "give --text-file or --text, not both");
+                usage_error(&a, "give one text: --text FILE or --string TEXT");
             req.source_case = QSHARD__V1__EVAL_REQUEST__SOURCE_TEXT_PATH;
             req.text_path = (char *)v;
-        } else if (opt_val(&a, "--text", &v)) {
+        } else if (opt_val(&a, "--string", &v)) {
             if (req.source_case)
-                usage_error(&a, "give --text-file or --text, not both");
+                usage_error(&a, "give one text: --text FILE or --string TEXT");
             req.source_case = QSHARD__V1__EVAL_REQUEST__SOURCE_TEXT;
             req.text = (char *)v;
         } else if (opt_val(&a, "--ctx", &v)) {
@@ -954,31 +1074,54 @@ int qs_ctl_eval(qs_ctl_global *g, int argc, char **argv)
     if (!a.err && !model)
         usage_error(&a, "name the model to evaluate");
     if (!a.err && !req.source_case)
-        usage_error(&a, "give the text: --text-file PATH or --text TEXT");
+        usage_error(&a, "give the text: --text FILE or --string TEXT");
     if (a.err)
         return parse_done(&a);
     req.model = (char *)model;
-    Qshard__V1__EvalReply *r = NULL;
-    int rc = unary(g, "eval", QS_METHOD_EVAL, &req, &qshard__v1__eval_reply__descriptor,
-                   timeout_or(g, 0), (void **)&r);
-    if (rc)
+
+    int rc = 0;
+    qs_client *c = connect_to(g, &rc);
+    if (!c)
         return rc;
-    if (g->json) {
-        cJSON *j = cJSON_CreateObject();
-        cJSON_AddStringToObject(j, "model", model);
-        cJSON_AddNumberToObject(j, "perplexity", r->perplexity);
-        cJSON_AddNumberToObject(j, "mean_nll", r->mean_nll);
-        cJSON_AddNumberToObject(j, "tokens", (double)r->tokens);
-        cJSON_AddNumberToObject(j, "chunks", r->chunks);
-        cJSON_AddNumberToObject(j, "seconds", r->seconds);
-        print_json(j);
+    eval_ctx e = {g, NULL, isatty(2)};
+    qs_rpc_status st;
+    double timeout = timeout_or(g, 0);
+    if (qs_client_call(c, QS_METHOD_EVAL, &req.base, &qshard__v1__eval_event__descriptor, timeout,
+                       eval_on_msg, &e, &st) != 0) {
+        if (e.tty && !g->json)
+            fprintf(stderr, "\n");
+        rc = refused(g, "eval", &st, timeout);
+    } else if (!e.done || e.done->event_case != QSHARD__V1__EVAL_EVENT__EVENT_DONE ||
+               !e.done->done) {
+        fprintf(stderr, "qctl eval: the daemon ended the evaluation without a result\n");
+        rc = QS_EXIT_REFUSED;
     } else {
-        printf("%s: perplexity %.4f (mean NLL %.4f) over %llu tokens in %u chunk(s), %.1f s\n",
-               model, r->perplexity, r->mean_nll, (unsigned long long)r->tokens, r->chunks,
-               r->seconds);
+        const Qshard__V1__EvalReply *r = e.done->done;
+        if (e.tty && !g->json)
+            fprintf(stderr, "\n");
+        if (g->json) {
+            cJSON *j = cJSON_CreateObject();
+            cJSON_AddStringToObject(j, "model", model);
+            cJSON_AddNumberToObject(j, "perplexity", r->perplexity);
+            cJSON_AddNumberToObject(j, "mean_nll", r->mean_nll);
+            cJSON_AddNumberToObject(j, "tokens", (double)r->tokens);
+            cJSON_AddNumberToObject(j, "text_tokens", (double)r->text_tokens);
+            cJSON_AddNumberToObject(j, "chunks", r->chunks);
+            cJSON_AddNumberToObject(j, "ctx", req.ctx ? req.ctx : 512);
+            cJSON_AddBoolToObject(j, "bos", r->bos);
+            cJSON_AddNumberToObject(j, "seconds", r->seconds);
+            print_json(j);
+        } else {
+            printf("%s: perplexity %.4f (mean NLL %.4f) over %llu scored tokens in %u window(s) "
+                   "of %u, %.1f s (text: %llu tokens)\n",
+                   model, r->perplexity, r->mean_nll, (unsigned long long)r->tokens, r->chunks,
+                   req.ctx ? req.ctx : 512, r->seconds, (unsigned long long)r->text_tokens);
+        }
     }
-    protobuf_c_message_free_unpacked(&r->base, NULL);
-    return QS_EXIT_OK;
+    if (e.done)
+        protobuf_c_message_free_unpacked(&e.done->base, NULL);
+    qs_client_close(c);
+    return rc;
 }
 
 /* ---- bench ---------------------------------------------------------------- */

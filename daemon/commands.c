@@ -78,8 +78,7 @@ static int uses_groups(qs_scheme s)
 
 /* Request quantization -> qs_quant with defaults filled in. m may be NULL (a
  * checkpoint or a bare kernel shape): the default group is then 128. */
-static int quant_resolve(const Qshard__V1__Quantization *in, const qs_model_config *m,
-                         qs_quant *out)
+int qs_quant_resolve(const Qshard__V1__Quantization *in, const qs_model_config *m, qs_quant *out)
 {
     const char *scheme = in && in->scheme && *in->scheme ? in->scheme : "rtn";
     int err = qs_scheme_parse(scheme, &out->scheme);
@@ -183,7 +182,8 @@ static void device_fill(const qs_daemon *d, Qshard__V1__DeviceStats *ds)
     ds->memory_total = d->dev.total;
     ds->memory_free = d->dev.free;
     ds->memory_budget = d->dev.budget;
-    ds->memory_used = d->dev.used;
+    qs_models_device(d, &ds->memory_weights, &ds->memory_kv_cache, &ds->models);
+    ds->memory_used = ds->memory_weights + ds->memory_kv_cache;
 }
 
 static int run_device(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
@@ -282,10 +282,23 @@ static int reply_stats(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, do
     r.world_size = (uint32_t)d->world;
     r.n_devices = (size_t)d->world;
     r.devices = devs;
-    r.n_models = 0; /* no model can be loaded yet */
+    /* Footprints are planned for the smallest device, which bounds a split. */
+    uint64_t mem = UINT64_MAX;
+    for (int i = 0; i < d->world; i++)
+        if (devs[i]->memory_budget < mem)
+            mem = devs[i]->memory_budget;
+    Qshard__V1__ModelInfo **infos = NULL;
+    size_t n = 0;
+    if ((err = qs_models_info(d, mem, &infos, &n))) {
+        devices_free(d, devs);
+        return err;
+    }
+    r.n_models = n;
+    r.models = infos;
     r.uptime_seconds = uptime(d);
     r.requests_served = atomic_load(&d->served);
     err = pack_reply(&r, out);
+    qs_models_info_free(infos, n);
     devices_free(d, devs);
     return err;
 }
@@ -300,7 +313,7 @@ static int plan_inputs(const qs_daemon *d, const Qshard__V1__PlanRequest *r,
     *m = qs_preset_find(r->model);
     if (!*m)
         return QS_ENOTFOUND;
-    int err = quant_resolve(r->quant, *m, q);
+    int err = qs_quant_resolve(r->quant, *m, q);
     if (err)
         return err;
     if (r->gpus > MAX_TP)
@@ -408,7 +421,7 @@ static int validate_load(qs_daemon *d, const ProtobufCMessage *req)
                          presets, r->model);
     }
     qs_quant q;
-    int err = quant_resolve(r->quant, m, &q);
+    int err = qs_quant_resolve(r->quant, m, &q);
     if (err)
         return err;
     if ((err = check_gpus(d, r->gpus)))
@@ -426,44 +439,14 @@ static int validate_load(qs_daemon *d, const ProtobufCMessage *req)
     return QS_OK;
 }
 
-/* Rank 0: one message on a server-streaming call; QS_ECOMM once the client
- * has gone (the command should stop). */
-static int stream_event(const qs_cmd *cmd, const void *msg)
+int qs_cmd_stream(const qs_cmd *cmd, const void *msg)
 {
     if (!cmd->job || !cmd->job->call)
         return QS_OK;
     grpc_byte_buffer *bb = qs_proto_pack(msg);
     if (!bb)
-        return qs_seterr(QS_ENOMEM, "out of memory packing a progress event");
+        return qs_seterr(QS_ENOMEM, "out of memory packing a streamed message");
     return qs_call_write(cmd->job->call, bb);
-}
-
-static int run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
-{
-    (void)out;
-    const Qshard__V1__LoadRequest *r = (const void *)cmd->req;
-    const qs_model_config *m = qs_preset_find(r->model);
-    qs_quant q;
-    qs_plan p;
-    qs_workload w = {.batch = 1, .seq = QS_PLAN_DEFAULT_SEQ, .reserve = QS_PLAN_DEFAULT_RESERVE};
-    uint32_t tp = r->gpus ? r->gpus : (uint32_t)d->world;
-    /* What can be done already: the plan, streamed as the first progress
-     * event (the same stream will carry the real stages). */
-    if (d->rank == 0 && m && quant_resolve(r->quant, m, &q) == QS_OK &&
-        qs_plan_make(m, &q, tp, &w, &p) == QS_OK) {
-        Qshard__V1__LoadProgress pr = QSHARD__V1__LOAD_PROGRESS__INIT;
-        Qshard__V1__LoadEvent ev = QSHARD__V1__LOAD_EVENT__INIT;
-        pr.stage = "planned";
-        pr.layers = m->layers;
-        pr.bytes_total = p.rank.total;
-        ev.event_case = QSHARD__V1__LOAD_EVENT__EVENT_PROGRESS;
-        ev.progress = &pr;
-        stream_event(cmd, &ev);
-    }
-    return qs_seterr(QS_ENOTSUP,
-                     "loading models is not built yet: the request is valid, but the loaders "
-                     "and the forward pass (shard/) arrive in a later release; `qctl plan` "
-                     "sizes a model meanwhile");
 }
 
 static int validate_unload(qs_daemon *d, const ProtobufCMessage *req)
@@ -473,12 +456,12 @@ static int validate_unload(qs_daemon *d, const ProtobufCMessage *req)
                              "unload");
 }
 
-static int run_unload(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
+static int reply_unload(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
+                        grpc_byte_buffer **out)
 {
-    (void)d, (void)out;
-    const Qshard__V1__UnloadRequest *r = (const void *)cmd->req;
-    return qs_seterr(QS_ENOTFOUND, "no model named '%s' is loaded (qctl stats lists them)",
-                     r->name);
+    (void)d, (void)cmd, (void)parts, (void)seconds;
+    Qshard__V1__UnloadReply r = QSHARD__V1__UNLOAD_REPLY__INIT;
+    return pack_reply(&r, out);
 }
 
 /* ---- Generate ------------------------------------------------------------- */
@@ -502,13 +485,6 @@ static int validate_generate(qs_daemon *d, const ProtobufCMessage *req)
         return qs_seterr(QS_EINVAL, "top_p must be in (0, 1] (0: no cut), got %g",
                          (double)r->top_p);
     return QS_OK;
-}
-
-static int run_generate(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
-{
-    (void)d, (void)cmd, (void)out;
-    return qs_seterr(QS_ENOTSUP, "generation is not built yet: the request is valid, but the "
-                                 "forward pass (shard/) arrives in a later release");
 }
 
 /* ---- Eval ----------------------------------------------------------------- */
@@ -539,20 +515,13 @@ static int validate_eval(qs_daemon *d, const ProtobufCMessage *req)
     return QS_OK;
 }
 
-static int run_eval(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
-{
-    (void)d, (void)cmd, (void)out;
-    return qs_seterr(QS_ENOTSUP, "perplexity evaluation is not built yet: the request is valid, "
-                                 "but the forward pass (shard/) arrives in a later release");
-}
-
 /* ---- Bench ---------------------------------------------------------------- */
 
 static int validate_bench(qs_daemon *d, const ProtobufCMessage *req)
 {
     const Qshard__V1__BenchRequest *r = (const void *)req;
     qs_quant q;
-    int err = quant_resolve(r->quant, NULL, &q);
+    int err = qs_quant_resolve(r->quant, NULL, &q);
     if (err)
         return err;
     if (r->n_shapes > MAX_SHAPES)
@@ -629,22 +598,26 @@ const qs_command qs_commands[] = {
      .op = QS_OP_LOAD,
      .request = REQ(load_request),
      .validate = validate_load,
-     .run = run_load},
+     .run = qs_model_run_load,
+     .reply = qs_model_reply_load},
     {.method = QS_METHOD_UNLOAD,
      .op = QS_OP_UNLOAD,
      .request = REQ(unload_request),
      .validate = validate_unload,
-     .run = run_unload},
+     .run = qs_model_run_unload,
+     .reply = reply_unload},
     {.method = QS_METHOD_GENERATE,
      .op = QS_OP_GENERATE,
      .request = REQ(generate_request),
      .validate = validate_generate,
-     .run = run_generate},
+     .run = qs_model_run_generate,
+     .reply = qs_model_reply_generate},
     {.method = QS_METHOD_EVAL,
      .op = QS_OP_EVAL,
      .request = REQ(eval_request),
      .validate = validate_eval,
-     .run = run_eval},
+     .run = qs_model_run_eval,
+     .reply = qs_model_reply_eval},
     {.method = QS_METHOD_BENCH,
      .op = QS_OP_BENCH,
      .request = REQ(bench_request),

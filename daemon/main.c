@@ -317,6 +317,12 @@ int main(int argc, char **argv)
         return 1;
     }
 
+    /* The communicator every model's group is split from (collective). */
+    if (qs_models_init(&d) != QS_OK) {
+        qs_log(QS_LOG_ERROR, "cannot start: %s", qs_errmsg());
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+
     int rc = 0;
     if (d.rank == 0) {
         if (d.opts.address_file[0] && write_address_file(d.opts.address_file, bound) != QS_OK) {
@@ -340,6 +346,7 @@ int main(int argc, char **argv)
     } else {
         qs_ranks_follow(&d);
     }
+    qs_models_close(&d);
     MPI_Finalize();
     return rc;
 }

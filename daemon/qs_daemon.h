@@ -88,6 +88,9 @@ typedef struct qs_job {
     struct qs_job *next;
 } qs_job;
 
+typedef struct qs_served qs_served; /* a loaded model (models.c) */
+typedef struct qs_comm qs_comm;     /* collectives/qs_collectives.h */
+
 struct qs_daemon {
     qs_daemon_opts opts;
     int rank, world, local_rank;
@@ -102,6 +105,11 @@ struct qs_daemon {
     pthread_cond_t cv;
     qs_job *head, *tail;
     int queue_closed;
+
+    /* Models, the same list on every rank (models.c). */
+    qs_comm *world_comm;
+    qs_served **models;
+    size_t nmodels;
 };
 
 /* Queue a job for the main thread; QS_EBUSY once the queue is closed. */
@@ -176,8 +184,45 @@ const qs_command *qs_command_for_op(uint32_t op);
 /* Rank 0, gRPC thread: unpack, validate, then answer or queue a job. */
 void qs_dispatch(qs_daemon *d, qs_call *call, const qs_command *c, grpc_byte_buffer *bb);
 
+/* Rank 0: one message on a server-streaming call; QS_ECOMM once the client
+ * has gone (the command should stop). A no-op on other ranks. */
+int qs_cmd_stream(const qs_cmd *cmd, const void *msg);
+
+/* Request quantization -> qs_quant with defaults filled in (m may be NULL:
+ * the default group is then 128). */
+struct qs_model_config;
+struct qs_quant;
+int qs_quant_resolve(const Qshard__V1__Quantization *in, const struct qs_model_config *m,
+                     struct qs_quant *out);
+
 /* The gRPC status for a qs_err. */
 grpc_status_code qs_err_status(int err);
+
+/* ---- Models (models.c) ---------------------------------------------------- */
+
+/* Collective over the world at start-up: the communicator models split from. */
+int qs_models_init(qs_daemon *d);
+void qs_models_close(qs_daemon *d);
+/* NULL (and a message) when no model has that name. */
+qs_served *qs_models_find(const qs_daemon *d, const char *name);
+/* This rank's bytes over the models it serves. */
+void qs_models_device(const qs_daemon *d, uint64_t *weights, uint64_t *kv, uint32_t *count);
+/* Rank 0: the registry as messages, with footprints on devices of
+ * device_mem bytes; free with qs_models_info_free. */
+int qs_models_info(const qs_daemon *d, uint64_t device_mem, Qshard__V1__ModelInfo ***out,
+                   size_t *n);
+void qs_models_info_free(Qshard__V1__ModelInfo **infos, size_t n);
+
+int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out);
+int qs_model_reply_load(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
+                        grpc_byte_buffer **reply);
+int qs_model_run_unload(qs_daemon *d, const qs_cmd *cmd, qs_buf *out);
+int qs_model_run_generate(qs_daemon *d, const qs_cmd *cmd, qs_buf *out);
+int qs_model_reply_generate(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
+                            grpc_byte_buffer **reply);
+int qs_model_run_eval(qs_daemon *d, const qs_cmd *cmd, qs_buf *out);
+int qs_model_reply_eval(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
+                        grpc_byte_buffer **reply);
 
 /* ---- Rank coordination (ranks.c) ----------------------------------------- */
 

@@ -132,6 +132,13 @@ static void execute(qs_daemon *d, const int64_t hdr[HDR_N], const void *payload,
     MPI_Igatherv(bytes, (int)len, MPI_BYTE, all, counts, displs, MPI_BYTE, 0, MPI_COMM_WORLD, &r);
     if (wait_req(&r, timeout, 1e-3, "gathering the ranks' replies") != QS_OK)
         die(d, qs_errmsg());
+    /* A rank's part of a gather is sent eagerly, so a rank with nothing to
+     * do in a long command (a model served by other ranks) would be back in
+     * its idle loop at once, and its watchdog would count rank 0's busy
+     * time as silence. Hold every rank here until rank 0 has all parts. */
+    MPI_Ibarrier(MPI_COMM_WORLD, &r);
+    if (wait_req(&r, timeout, 1e-3, "waiting for the command to end on every rank") != QS_OK)
+        die(d, qs_errmsg());
     free(out.data);
 
     if (d->rank == 0 && job) {

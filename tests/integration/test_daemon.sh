@@ -152,20 +152,45 @@ PY
     grep -q 'NOT_FOUND' "$tmp/err" || fail "load no-such-model: $(cat "$tmp/err")"
     expect 1 "$qctl" load opt-125m --gpus 3
     grep -q 'mpirun -np 3' "$tmp/err" || fail "load --gpus 3: $(cat "$tmp/err")"
-    # A valid load: the stream carries a first progress event (the plan), then
-    # the refusal, since the model code has not landed.
-    expect 1 "$qctl" load opt-125m --bits 3
-    grep -q 'UNIMPLEMENTED' "$tmp/err" || fail "load (valid): $(cat "$tmp/err")"
-    grep -q 'planned .* per rank' "$tmp/err" || fail "load streamed no progress: $(cat "$tmp/err")"
+    # A valid load: progress, then the plan against what was allocated.
+    expect 0 "$qctl" load opt-125m --bits 3 --max-seq 64
+    grep -q 'planned: .* per rank' "$tmp/err" || fail "load streamed no plan: $(cat "$tmp/err")"
+    grep -q 'allocated against .* planned' "$tmp/out" || fail "load (valid): $(cat "$tmp/out")"
+    expect 1 "$qctl" load opt-125m --bits 4
+    grep -q 'ALREADY_EXISTS' "$tmp/err" || fail "second load under one name: $(cat "$tmp/err")"
+    # A second model on one rank: disjoint groups are fine on a 2-rank daemon.
+    expect 0 "$qctl" load opt-125m --name small --scheme fp16 --gpus 1 --max-seq 64
+    expect 0 "$qctl" --json stats
+    python3 - "$tmp/out" <<'PY' || fail "stats with models: $(cat "$tmp/out")"
+import json, sys
+d = json.load(open(sys.argv[1]))
+m = {x["name"]: x for x in d["models"]}
+assert set(m) == {"opt-125m", "small"}, m
+a, s = m["opt-125m"], m["small"]
+assert a["tp"] == 2 and a["ranks"] == [0, 1] and a["quant"]["bits"] == 3, a
+assert s["tp"] == 1 and s["quant"]["scheme"] == "fp16", s
+assert 0 < a["rank_bytes"] < s["rank_bytes"], (a["rank_bytes"], s["rank_bytes"])
+fp = [f for f in a["footprints"] if f["loaded"]]
+assert len(fp) == 1 and fp[0]["quant"]["bits"] == 3, a["footprints"]
+w = [f["weight_bytes"] for f in a["footprints"]]
+assert w == sorted(w, reverse=True), w  # fp16 > w8a8 > 4-bit > 3-bit
+assert all(x["models"] >= 1 and x["memory_weights"] > 0 for x in d["devices"]), d["devices"]
+PY
     expect 1 "$qctl" --json generate opt-125m "Hello" --top-p 2
     python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert d["error"]["code"] == "INVALID_ARGUMENT", d' "$tmp/out" ||
         fail "generate --top-p 2 --json: $(cat "$tmp/out")"
-    expect 1 "$qctl" generate opt-125m "Hello" --max-tokens 8
-    grep -q 'UNIMPLEMENTED' "$tmp/err" || fail "generate: $(cat "$tmp/err")"
+    # Synthetic weights have no tokenizer: prompt bytes in, token ids out.
+    expect 0 "$qctl" --json generate opt-125m "Hello" --max-tokens 8
+    python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert len(d["tokens"]) == 8, d' "$tmp/out" ||
+        fail "generate: $(cat "$tmp/out")"
+    expect 0 "$qctl" generate small "Hello" --max-tokens 4
     expect 1 "$qctl" eval opt-125m --text-file /nonexistent/wiki.txt
     grep -q 'NOT_FOUND' "$tmp/err" || fail "eval missing file: $(cat "$tmp/err")"
+    expect 1 "$qctl" eval opt-125m --string "no tokenizer here"
+    grep -q 'tokenizer' "$tmp/err" || fail "eval without a tokenizer: $(cat "$tmp/err")"
     expect 1 "$qctl" bench --shape 4096x4000 --bits 3 --group 128
     grep -q 'multiple of the group' "$tmp/err" || fail "bench bad shape: $(cat "$tmp/err")"
+    expect 0 "$qctl" unload opt-125m
     expect 1 "$qctl" unload opt-125m
     grep -q 'NOT_FOUND' "$tmp/err" || fail "unload: $(cat "$tmp/err")"
     # usage errors: exit 2, nothing sent.

@@ -1,0 +1,945 @@
+/* The models a daemon serves: load, unload, generate and evaluate, run on
+ * every rank (commands.c calls these from its table).
+ *
+ * The registry is replicated: every rank runs every Load and Unload, so every
+ * rank holds the same list of models and their groups, and can compute the
+ * same answer to "which ranks serve this model" without asking. A model's
+ * group is a sub-communicator of the world: the least-loaded ranks, lowest
+ * first. The group's first rank (its leader) owns the answer; when world rank
+ * 0 is not in the group, the leader relays generated tokens and progress to
+ * rank 0 point to point, and rank 0's reply (continue or stop) goes back, so
+ * a client that disconnects stops the generation on every rank.
+ */
+#define _POSIX_C_SOURCE 200809L
+#include "qs_daemon.h"
+#include "qs_collectives.h"
+#include "qs_shard.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <mpi.h>
+
+#define MAX_MODELS    16
+#define LATENCY_RING  4096
+#define RELAY_TAG     0x5153
+#define DEFAULT_CTX   512u
+#define DEFAULT_CALIB "/usr/share/common-licenses/GPL-3"
+#define CALIB_TOKENS  4096u
+
+struct qs_served {
+    char name[64];
+    char source[512];
+    char weights[1024];
+    qs_model_config cfg;
+    qs_quant quant;
+    uint32_t tp;
+    int *ranks; /* world ranks of the group, ascending; ranks[0] leads */
+    int member;
+    qs_comm *comm;
+    qs_model *model;
+    qs_tokenizer *tok; /* every rank, when the weights carry one */
+    float smoothing;
+    qs_plan plan;
+    qs_rank_bytes actual; /* this rank's (on rank 0: the leader's, from its reply) */
+    /* rank 0: what the clients saw */
+    uint64_t tokens;
+    double decode_s;
+    double lat_ms[LATENCY_RING];
+    size_t nlat;
+};
+
+/* ---- Registry ----------------------------------------------------------- */
+
+int qs_models_init(qs_daemon *d)
+{
+    d->models = calloc(MAX_MODELS, sizeof *d->models);
+    if (!d->models)
+        return qs_seterr(QS_ENOMEM, "out of memory");
+    return qs_comm_init_mpi(MPI_COMM_WORLD, &d->world_comm);
+}
+
+static void served_free(qs_served *s)
+{
+    if (!s)
+        return;
+    qs_model_close(s->model);
+    qs_comm_close(s->comm);
+    qs_tokenizer_close(s->tok);
+    free(s->ranks);
+    free(s);
+}
+
+void qs_models_close(qs_daemon *d)
+{
+    for (size_t i = 0; d->models && i < d->nmodels; i++)
+        served_free(d->models[i]);
+    free(d->models);
+    d->models = NULL;
+    d->nmodels = 0;
+    qs_comm_close(d->world_comm);
+    d->world_comm = NULL;
+}
+
+qs_served *qs_models_find(const qs_daemon *d, const char *name)
+{
+    for (size_t i = 0; i < d->nmodels; i++)
+        if (strcmp(d->models[i]->name, name) == 0)
+            return d->models[i];
+    qs_seterr(QS_ENOTFOUND, "no model named '%s' is loaded (qctl stats lists them)", name);
+    return NULL;
+}
+
+/* This rank's share of every model it serves, for Stats. */
+void qs_models_device(const qs_daemon *d, uint64_t *weights, uint64_t *kv, uint32_t *count)
+{
+    *weights = *kv = 0;
+    *count = 0;
+    for (size_t i = 0; i < d->nmodels; i++) {
+        const qs_served *s = d->models[i];
+        if (!s->member)
+            continue;
+        *weights += s->actual.linear + s->actual.fp16;
+        *kv += s->actual.kv_cache;
+        (*count)++;
+    }
+}
+
+/* The least-loaded ranks, lowest first: every rank computes the same set. */
+static int choose_group(const qs_daemon *d, uint32_t tp, int *ranks)
+{
+    int *load = calloc((size_t)d->world, sizeof *load);
+    if (!load)
+        return qs_seterr(QS_ENOMEM, "out of memory");
+    for (size_t i = 0; i < d->nmodels; i++)
+        for (uint32_t j = 0; j < d->models[i]->tp; j++)
+            load[d->models[i]->ranks[j]]++;
+    for (uint32_t k = 0; k < tp; k++) {
+        int best = -1;
+        for (int r = 0; r < d->world; r++)
+            if (load[r] >= 0 && (best < 0 || load[r] < load[best]))
+                best = r;
+        ranks[k] = best;
+        load[best] = -1;
+    }
+    free(load);
+    /* ascending, so that the leader is the lowest rank */
+    for (uint32_t a = 1; a < tp; a++)
+        for (uint32_t b = a; b > 0 && ranks[b - 1] > ranks[b]; b--) {
+            int t = ranks[b];
+            ranks[b] = ranks[b - 1];
+            ranks[b - 1] = t;
+        }
+    return QS_OK;
+}
+
+/* ---- Relay between the group's leader and rank 0 ------------------------- */
+
+typedef struct relay_msg {
+    int32_t kind; /* RELAY_END, RELAY_TOKEN, RELAY_PROGRESS */
+    int32_t token;
+    double v[3];
+} relay_msg;
+
+enum { RELAY_END, RELAY_TOKEN, RELAY_PROGRESS };
+
+/* Polls a request to completion with short sleeps, so that a rank waiting on
+ * a long generation does not spin a core the compute ranks need. */
+static int wait_poll(MPI_Request *r)
+{
+    struct timespec nap = {0, 50000};
+    for (int spins = 0;; spins++) {
+        int done = 0;
+        if (MPI_Test(r, &done, MPI_STATUS_IGNORE) != MPI_SUCCESS)
+            return qs_seterr(QS_ECOMM, "MPI failed relaying to rank 0");
+        if (done)
+            return QS_OK;
+        if (spins > 100)
+            nanosleep(&nap, NULL);
+    }
+}
+
+/* Leader -> rank 0; returns rank 0's verdict (1: go on) for tokens and
+ * progress. */
+static int relay_send(const relay_msg *m)
+{
+    MPI_Request r;
+    MPI_Isend(m, sizeof *m, MPI_BYTE, 0, RELAY_TAG, MPI_COMM_WORLD, &r);
+    if (wait_poll(&r))
+        return 0;
+    if (m->kind == RELAY_END)
+        return 0;
+    int32_t go = 0;
+    MPI_Irecv(&go, 1, MPI_INT32_T, 0, RELAY_TAG + 1, MPI_COMM_WORLD, &r);
+    return wait_poll(&r) ? 0 : go;
+}
+
+static int relay_recv(int leader, relay_msg *m)
+{
+    MPI_Request r;
+    MPI_Irecv(m, sizeof *m, MPI_BYTE, leader, RELAY_TAG, MPI_COMM_WORLD, &r);
+    return wait_poll(&r);
+}
+
+static int relay_reply(int leader, int32_t go)
+{
+    MPI_Request r;
+    MPI_Isend(&go, 1, MPI_INT32_T, leader, RELAY_TAG + 1, MPI_COMM_WORLD, &r);
+    return wait_poll(&r);
+}
+
+/* ---- Tokens ------------------------------------------------------------- */
+
+/* A model without a tokenizer (synthetic weights) takes the prompt's bytes
+ * as token ids and prints ids back. */
+static int encode(const qs_served *s, const char *text, size_t len, int32_t **ids, size_t *n)
+{
+    if (s->tok)
+        return qs_tokenizer_encode(s->tok, text, len, qs_tokenizer_wants_bos(s->tok), ids, n);
+    *ids = malloc((len ? len : 1) * sizeof **ids);
+    if (!*ids)
+        return qs_seterr(QS_ENOMEM, "out of memory encoding the prompt");
+    for (size_t i = 0; i < len; i++)
+        (*ids)[i] = (int32_t)((unsigned char)text[i] % s->cfg.vocab);
+    *n = len;
+    return QS_OK;
+}
+
+static const char *piece(const qs_served *s, int32_t id, char *buf, size_t n)
+{
+    size_t len;
+    const char *p = s->tok ? qs_tokenizer_piece(s->tok, id, &len) : NULL;
+    if (p)
+        return p;
+    snprintf(buf, n, "[%d] ", id);
+    return buf;
+}
+
+static int read_text(const char *path, size_t max, char **out, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return qs_seterr(errno == ENOENT ? QS_ENOTFOUND : QS_EIO,
+                         "cannot read '%s' on the daemon's host: %s", path, strerror(errno));
+    char *buf = malloc(max + 1);
+    size_t n = buf ? fread(buf, 1, max + 1, f) : 0;
+    fclose(f);
+    if (!buf)
+        return qs_seterr(QS_ENOMEM, "out of memory reading '%s'", path);
+    if (n > max) {
+        free(buf);
+        return qs_seterr(QS_EINVAL, "'%s' is larger than %zu MiB: use a shorter text", path,
+                         max >> 20);
+    }
+    buf[n] = '\0';
+    *out = buf;
+    *len = n;
+    return QS_OK;
+}
+
+/* ---- Load --------------------------------------------------------------- */
+
+/* What to load: a preset (synthetic weights, a weights path, or for
+ * smollm2-135m the cached default GGUF), a GGUF file, a Hugging Face
+ * directory with config.json, or a qshard checkpoint directory. */
+static int resolve_source(const Qshard__V1__LoadRequest *r, qs_served *s, qs_quant *q,
+                          int *checkpoint)
+{
+    *checkpoint = 0;
+    const qs_model_config *p = qs_preset_find(r->model);
+    struct stat st;
+    int err;
+    snprintf(s->source, sizeof s->source, "%s", r->model);
+    if (p) {
+        s->cfg = *p;
+        const char *w = r->weights;
+        char cached[1024] = "";
+        if (!*w && strcmp(p->name, "smollm2-135m") == 0) {
+            const char *home = getenv("HOME"), *cache = getenv("QSHARD_CACHE");
+            const char *xdg = getenv("XDG_CACHE_HOME");
+            if (cache)
+                snprintf(cached, sizeof cached, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", cache);
+            else if (xdg)
+                snprintf(cached, sizeof cached, "%s/qshard/SmolLM2-135M-Instruct.Q4_1.gguf", xdg);
+            else
+                snprintf(cached, sizeof cached, "%s/.cache/qshard/SmolLM2-135M-Instruct.Q4_1.gguf",
+                         home ? home : "/root");
+            if (access(cached, R_OK) == 0)
+                w = cached;
+        }
+        snprintf(s->weights, sizeof s->weights, "%s", *w ? w : "synthetic");
+        if (strcmp(s->weights, "synthetic") != 0) {
+            /* The file's shapes rule: check they are the preset's. */
+            qs_weights *f = NULL;
+            qs_model_config fc;
+            if (!(err = qs_weights_open(s->weights, &f)) &&
+                qs_weights_find(f, "token_embd.weight") && !qs_config_from_gguf(f, &fc)) {
+                if (fc.layers != p->layers || fc.hidden != p->hidden || fc.vocab != p->vocab)
+                    err = qs_seterr(QS_EINVAL, "'%s' holds a %u-layer, %u-wide model, not %s",
+                                    s->weights, fc.layers, fc.hidden, p->name);
+                else
+                    s->cfg = fc, snprintf(s->cfg.name, sizeof s->cfg.name, "%s", p->name);
+            }
+            qs_weights_close(f);
+            qs_clearerr();
+            if (err)
+                return err;
+        }
+    } else if (stat(r->model, &st) == 0 && S_ISDIR(st.st_mode) && qs_is_checkpoint(r->model)) {
+        uint32_t tp;
+        if ((err = qs_checkpoint_info(r->model, &s->cfg, q, &tp)))
+            return err;
+        if (r->gpus && r->gpus != tp)
+            return qs_seterr(QS_EINVAL,
+                             "the checkpoint '%s' was saved from %u rank(s): load it "
+                             "with --gpus %u",
+                             r->model, tp, tp);
+        s->tp = tp;
+        snprintf(s->weights, sizeof s->weights, "%s", r->model);
+        *checkpoint = 1;
+    } else if (stat(r->model, &st) == 0 && S_ISDIR(st.st_mode)) {
+        char cfg[1200];
+        snprintf(cfg, sizeof cfg, "%s/config.json", r->model);
+        if ((err = qs_config_from_json(cfg, &s->cfg)))
+            return err;
+        snprintf(s->weights, sizeof s->weights, "%s", r->model);
+    } else {
+        qs_weights *f;
+        if ((err = qs_weights_open(r->model, &f)))
+            return err;
+        err = qs_config_from_gguf(f, &s->cfg);
+        qs_weights_close(f);
+        if (err)
+            return err;
+        snprintf(s->weights, sizeof s->weights, "%s", r->model);
+    }
+    return QS_OK;
+}
+
+/* SmoothQuant calibration on the group: an fp16 model over the calibration
+ * text (not the evaluation text), then the statistics for the W8A8 load. */
+static int calibrate(qs_served *s, const Qshard__V1__LoadRequest *r, const qs_model_opts *o,
+                     qs_calib *cal)
+{
+    const char *path = *r->calib_path ? r->calib_path : DEFAULT_CALIB;
+    if (!s->tok)
+        return qs_seterr(QS_EINVAL, "SmoothQuant calibration needs a tokenizer: load a GGUF "
+                                    "model, or pass --calib none");
+    size_t len = 0;
+    char *text = NULL;
+    int err = read_text(path, 64u << 20, &text, &len);
+    if (err)
+        return err;
+    int32_t *ids = NULL;
+    size_t n = 0;
+    err = qs_tokenizer_encode(s->tok, text, len, 0, &ids, &n);
+    free(text);
+    if (err)
+        return err;
+    qs_model_opts fo = *o;
+    fo.quant = (qs_quant){QS_SCHEME_FP16, 16, 0};
+    qs_model *fp = NULL;
+    if (!(err = qs_calib_init(cal, &s->cfg)) && !(err = qs_model_init(&s->cfg, &fo, s->comm, &fp)))
+        err = qs_model_record(fp, cal);
+    /* Windows of the model's KV cache, up to CALIB_TOKENS tokens in all. */
+    uint32_t win = fo.max_seq ? fo.max_seq : 512;
+    if (win > 512)
+        win = 512;
+    uint32_t *slot = calloc(win, sizeof *slot), *pos = malloc(win * sizeof *pos);
+    if (!err && (!slot || !pos))
+        err = qs_seterr(QS_ENOMEM, "out of memory calibrating");
+    for (size_t at = 0; !err && at + win <= n && at < CALIB_TOKENS; at += win) {
+        for (uint32_t i = 0; i < win; i++)
+            pos[i] = i;
+        err = qs_model_forward(fp, win, ids + at, slot, pos, win, NULL);
+    }
+    if (!err && n < win)
+        err = qs_seterr(QS_EINVAL,
+                        "the calibration text '%s' has %zu tokens, fewer than one "
+                        "window of %u",
+                        path, n, win);
+    free(slot);
+    free(pos);
+    free(ids);
+    qs_model_close(fp);
+    return err;
+}
+
+static void progress(const qs_daemon *d, const qs_cmd *cmd, const char *stage, uint32_t layers,
+                     uint64_t total, double t0)
+{
+    if (d->rank != 0)
+        return;
+    Qshard__V1__LoadProgress pr = QSHARD__V1__LOAD_PROGRESS__INIT;
+    Qshard__V1__LoadEvent ev = QSHARD__V1__LOAD_EVENT__INIT;
+    pr.stage = (char *)stage;
+    pr.layers = layers;
+    pr.bytes_total = total;
+    pr.seconds = qs_now() - t0;
+    ev.event_case = QSHARD__V1__LOAD_EVENT__EVENT_PROGRESS;
+    ev.progress = &pr;
+    qs_cmd_stream(cmd, &ev);
+}
+
+static int rank_bytes_part(const qs_rank_bytes *b, qs_buf *out)
+{
+    Qshard__V1__RankBytes rb = QSHARD__V1__RANK_BYTES__INIT;
+    rb.linear = b->linear;
+    rb.fp16 = b->fp16;
+    rb.kv_cache = b->kv_cache;
+    rb.workspace = b->workspace;
+    rb.reserve = b->reserve;
+    rb.total = b->total;
+    out->data = qs_proto_pack_bytes(&rb.base, &out->len);
+    return out->data ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory");
+}
+
+int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
+{
+    const Qshard__V1__LoadRequest *r = (const void *)cmd->req;
+    double t0 = qs_now();
+    if (d->nmodels == MAX_MODELS)
+        return qs_seterr(QS_EBUSY, "%d models are loaded, the most one daemon serves: unload one",
+                         MAX_MODELS);
+    qs_served *s = calloc(1, sizeof *s);
+    if (!s)
+        return qs_seterr(QS_ENOMEM, "out of memory");
+    qs_quant q = {0};
+    int checkpoint = 0, err = resolve_source(r, s, &q, &checkpoint);
+    if (!err && !checkpoint)
+        err = qs_quant_resolve(r->quant, &s->cfg, &q);
+    const char *slash = strrchr(s->source, '/');
+    const char *nm = *r->name                                    ? r->name
+                     : (checkpoint || !qs_preset_find(r->model)) ? (slash ? slash + 1 : s->source)
+                                                                 : s->cfg.name;
+    if (strlen(nm) >= sizeof s->name && !err)
+        err = qs_seterr(QS_EINVAL, "the model name '%s' is longer than %zu characters: pass --name",
+                        nm, sizeof s->name - 1);
+    snprintf(s->name, sizeof s->name, "%.63s", nm);
+    if (!err && qs_models_find(d, s->name))
+        err = qs_seterr(QS_EEXIST,
+                        "a model named '%s' is loaded already: unload it or pass "
+                        "--name",
+                        s->name);
+    qs_clearerr();
+    s->quant = q;
+    if (!s->tp)
+        s->tp = r->gpus ? r->gpus : (uint32_t)d->world;
+    if (!err && s->tp > (uint32_t)d->world)
+        err = qs_seterr(QS_EINVAL, "%u ranks asked for, the daemon has %d", s->tp, d->world);
+    if (!err)
+        err = qs_tp_check(&s->cfg, &s->quant, s->tp);
+    uint32_t max_seq = r->max_seq ? r->max_seq : (s->cfg.max_pos < 2048 ? s->cfg.max_pos : 2048);
+    if (!err && max_seq > s->cfg.max_pos)
+        err = qs_seterr(QS_EINVAL, "max_seq %u exceeds %s's context of %u", max_seq, s->cfg.name,
+                        s->cfg.max_pos);
+    qs_workload w = {1, max_seq, QS_PLAN_DEFAULT_RESERVE};
+    if (!err)
+        err = qs_plan_make(&s->cfg, &s->quant, s->tp, &w, &s->plan);
+
+    /* The group: the same on every rank (the registry is replicated), so the
+     * split below pairs up. Every rank reaches it, failed or not. */
+    s->ranks = calloc((size_t)d->world, sizeof *s->ranks);
+    if (!s->ranks && !err)
+        err = qs_seterr(QS_ENOMEM, "out of memory");
+    if (!err)
+        err = choose_group(d, s->tp, s->ranks);
+    for (uint32_t i = 0; !err && i < s->tp; i++)
+        s->member |= s->ranks[i] == d->rank;
+    int32_t fails = err != 0, all = 0;
+    if (qs_comm_allreduce_sum(d->world_comm, &fails, &all, 1, QS_COLL_I32, QS_COLL_HOST) || all) {
+        if (!err)
+            err = qs_seterr(QS_EINVAL, "another rank refused the load");
+        served_free(s);
+        return err;
+    }
+    if ((err = qs_comm_split(d->world_comm, s->member ? 0 : -1, d->rank, &s->comm))) {
+        served_free(s);
+        return err;
+    }
+    progress(d, cmd, "planned", s->cfg.layers, s->plan.rank.total, t0);
+
+    /* The tokenizer lives on every rank: rank 0 encodes and decodes for the
+     * clients, the members encode the same prompts. */
+    const char *tokpath = *r->tokenizer ? r->tokenizer : checkpoint ? NULL : s->weights;
+    if (tokpath && strcmp(tokpath, "synthetic") != 0) {
+        qs_weights *f = NULL;
+        if (qs_weights_open(tokpath, &f) == QS_OK && qs_weights_find(f, "token_embd.weight"))
+            err = qs_tokenizer_init_gguf(f, &s->tok);
+        else if (*r->tokenizer)
+            err = qs_seterr(QS_EINVAL, "'%s' is not a GGUF file with a tokenizer", r->tokenizer);
+        qs_weights_close(f);
+        qs_clearerr();
+    }
+
+    qs_model_opts o = {.quant = s->quant,
+                       .weights = strcmp(s->weights, "synthetic") ? s->weights : NULL,
+                       .seed = r->seed ? r->seed : 20261122,
+                       .outlier_channels = 4,
+                       .max_slots = 1,
+                       .max_seq = max_seq,
+                       .bcq_iters = r->bcq_iters,
+                       .smooth_alpha = r->smooth_alpha};
+    qs_calib cal = {0};
+    if (!err && s->member) {
+        if (!checkpoint && s->quant.scheme == QS_SCHEME_W8A8 && strcmp(r->calib_path, "none") &&
+            s->cfg.final_norm) {
+            progress(d, cmd, "calibrating", s->cfg.layers, s->plan.rank.total, t0);
+            if (!(err = calibrate(s, r, &o, &cal))) {
+                o.calib = &cal;
+                s->smoothing = o.smooth_alpha > 0 ? o.smooth_alpha : 0.5f;
+            }
+        }
+        if (!err) {
+            progress(d, cmd, checkpoint ? "reading" : "quantizing", s->cfg.layers,
+                     s->plan.rank.total, t0);
+            err = qs_model_init(&s->cfg, &o, s->comm, &s->model);
+        }
+        if (!err && *r->save_path) {
+            progress(d, cmd, "saving", s->cfg.layers, s->plan.rank.total, t0);
+            err = qs_model_save(s->model, r->save_path);
+        }
+        if (!err)
+            qs_model_bytes(s->model, &s->actual);
+    }
+    qs_calib_close(&cal);
+    /* All ranks keep the model, or none does. */
+    fails = err != 0;
+    if (qs_comm_allreduce_sum(d->world_comm, &fails, &all, 1, QS_COLL_I32, QS_COLL_HOST) || all) {
+        if (!err)
+            err = qs_seterr(QS_EINVAL, "another rank failed to load its shard");
+        served_free(s);
+        return err;
+    }
+    d->models[d->nmodels++] = s;
+    qs_log(QS_LOG_INFO, "loaded %s (%s %d-bit) on %u rank(s) in %.1f s", s->name,
+           qs_scheme_name(s->quant.scheme), s->quant.bits, s->tp, qs_now() - t0);
+    return s->member && s->ranks[0] == d->rank ? rank_bytes_part(&s->actual, out) : QS_OK;
+}
+
+static void info_fill(const qs_served *s, Qshard__V1__ModelInfo *mi, Qshard__V1__Quantization *qm,
+                      Qshard__V1__RankBytes *rb, uint32_t *ranks)
+{
+    qm->scheme = (char *)qs_scheme_name(s->quant.scheme);
+    qm->bits = (uint32_t)s->quant.bits;
+    qm->group_case = QSHARD__V1__QUANTIZATION__GROUP_GROUP_SIZE;
+    qm->group_size = s->quant.group_size;
+    for (uint32_t i = 0; i < s->tp; i++)
+        ranks[i] = (uint32_t)s->ranks[i];
+    rb->linear = s->actual.linear;
+    rb->fp16 = s->actual.fp16;
+    rb->kv_cache = s->actual.kv_cache;
+    rb->workspace = s->actual.workspace;
+    rb->reserve = s->actual.reserve;
+    rb->total = s->actual.total;
+    mi->name = (char *)s->name;
+    mi->source = (char *)s->source;
+    mi->quant = qm;
+    mi->tp = s->tp;
+    mi->n_ranks = s->tp;
+    mi->ranks = ranks;
+    mi->weight_bytes = s->plan.weight_bytes;
+    mi->rank_bytes = s->actual.total;
+    mi->planned_rank_bytes = s->plan.rank.total;
+    mi->actual = rb;
+    mi->weights = (char *)s->weights;
+    mi->tokens_generated = s->tokens;
+    mi->tokens_per_second = s->decode_s > 0 ? (double)s->tokens / s->decode_s : 0;
+    mi->tokenizer = s->tok ? "gguf" : "";
+    mi->smoothing = s->smoothing;
+}
+
+static int by_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+/* Rank 0: the registry as ModelInfo messages (freed by qs_models_info_free). */
+int qs_models_info(const qs_daemon *d, uint64_t device_mem, Qshard__V1__ModelInfo ***out, size_t *n)
+{
+    *n = d->nmodels;
+    *out = calloc(d->nmodels + 1, sizeof **out);
+    if (!*out)
+        return qs_seterr(QS_ENOMEM, "out of memory");
+    for (size_t i = 0; i < d->nmodels; i++) {
+        const qs_served *s = d->models[i];
+        /* one allocation per model: the message, its parts and footprints */
+        struct info {
+            Qshard__V1__ModelInfo mi;
+            Qshard__V1__Quantization qm;
+            Qshard__V1__RankBytes rb;
+            Qshard__V1__Footprint fp[4];
+            Qshard__V1__Quantization fq[4];
+            Qshard__V1__Footprint *fpp[4];
+            uint32_t ranks[];
+        } *in = calloc(1, sizeof *in + s->tp * sizeof(uint32_t));
+        if (!in)
+            return qs_seterr(QS_ENOMEM, "out of memory");
+        qshard__v1__model_info__init(&in->mi);
+        qshard__v1__quantization__init(&in->qm);
+        qshard__v1__rank_bytes__init(&in->rb);
+        info_fill(s, &in->mi, &in->qm, &in->rb, in->ranks);
+        if (s->nlat) {
+            double sorted[LATENCY_RING];
+            size_t k = s->nlat < LATENCY_RING ? s->nlat : LATENCY_RING;
+            memcpy(sorted, s->lat_ms, k * sizeof *sorted);
+            qsort(sorted, k, sizeof *sorted, by_double);
+            in->mi.p50_token_ms = sorted[k / 2];
+            in->mi.p99_token_ms = sorted[(k * 99) / 100 < k ? (k * 99) / 100 : k - 1];
+        }
+        /* How the footprint shrinks: fp16, W8A8, 4-bit, 3-bit. */
+        uint32_t g = qs_default_group(&s->cfg);
+        const qs_quant sch[4] = {{QS_SCHEME_FP16, 16, 0},
+                                 {QS_SCHEME_W8A8, 8, 0},
+                                 {QS_SCHEME_BCQ, 4, g},
+                                 {QS_SCHEME_BCQ, 3, g}};
+        qs_workload w = {
+            1,
+            s->plan.rank.kv_cache ? (uint32_t)(s->cfg.max_pos < 2048 ? s->cfg.max_pos : 2048) : 512,
+            QS_PLAN_DEFAULT_RESERVE};
+        size_t nf = 0;
+        for (int j = 0; j < 4; j++) {
+            qs_min_gpus mg = {0, 0};
+            qs_plan p;
+            if (qs_plan_min_gpus(&s->cfg, &sch[j], &w, device_mem, 64, &mg) ||
+                qs_plan_make(&s->cfg, &sch[j], mg.valid_tp ? mg.valid_tp : 1, &w, &p))
+                continue;
+            Qshard__V1__Footprint *f = &in->fp[nf];
+            qshard__v1__footprint__init(f);
+            qshard__v1__quantization__init(&in->fq[nf]);
+            in->fq[nf].scheme = (char *)qs_scheme_name(sch[j].scheme);
+            in->fq[nf].bits = (uint32_t)sch[j].bits;
+            in->fq[nf].group_case = QSHARD__V1__QUANTIZATION__GROUP_GROUP_SIZE;
+            in->fq[nf].group_size = sch[j].group_size;
+            f->quant = &in->fq[nf];
+            f->weight_bytes = p.weight_bytes;
+            f->bytes_per_gpu = p.rank.total;
+            f->min_gpus = mg.valid_tp;
+            f->min_gpus_memory = mg.by_memory;
+            int same_scheme = sch[j].scheme == s->quant.scheme ||
+                              (sch[j].scheme == QS_SCHEME_BCQ && s->quant.scheme == QS_SCHEME_RTN);
+            f->loaded = same_scheme && sch[j].bits == s->quant.bits;
+            in->fpp[nf] = f;
+            nf++;
+        }
+        qs_clearerr();
+        in->mi.n_footprints = nf;
+        in->mi.footprints = in->fpp;
+        (*out)[i] = &in->mi;
+    }
+    return QS_OK;
+}
+
+void qs_models_info_free(Qshard__V1__ModelInfo **infos, size_t n)
+{
+    for (size_t i = 0; infos && i < n; i++)
+        free(infos[i]); /* the struct info starts with the message */
+    free(infos);
+}
+
+int qs_model_reply_load(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
+                        grpc_byte_buffer **reply)
+{
+    const Qshard__V1__LoadRequest *r = (const void *)cmd->req;
+    (void)r;
+    qs_served *s = d->nmodels ? d->models[d->nmodels - 1] : NULL;
+    if (!s)
+        return qs_seterr(QS_EINTERNAL, "the loaded model is not in the registry");
+    const qs_part *lp = &parts[s->ranks[0]];
+    Qshard__V1__RankBytes *rb = qshard__v1__rank_bytes__unpack(NULL, lp->len, lp->data);
+    if (rb) {
+        s->actual = (qs_rank_bytes){rb->linear,    rb->fp16,    rb->kv_cache,
+                                    rb->workspace, rb->reserve, rb->total};
+        qshard__v1__rank_bytes__free_unpacked(rb, NULL);
+    }
+    Qshard__V1__ModelInfo **infos = NULL;
+    size_t n = 0;
+    int err = qs_models_info(d, d->dev.budget, &infos, &n);
+    if (err)
+        return err;
+    Qshard__V1__LoadResult res = QSHARD__V1__LOAD_RESULT__INIT;
+    Qshard__V1__LoadEvent ev = QSHARD__V1__LOAD_EVENT__INIT;
+    res.model = infos[n - 1];
+    res.seconds = seconds;
+    ev.event_case = QSHARD__V1__LOAD_EVENT__EVENT_RESULT;
+    ev.result = &res;
+    *reply = qs_proto_pack(&ev.base);
+    qs_models_info_free(infos, n);
+    return *reply ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory");
+}
+
+/* ---- Unload ------------------------------------------------------------- */
+
+int qs_model_run_unload(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
+{
+    (void)out;
+    const Qshard__V1__UnloadRequest *r = (const void *)cmd->req;
+    for (size_t i = 0; i < d->nmodels; i++) {
+        if (strcmp(d->models[i]->name, r->name) != 0)
+            continue;
+        qs_served *s = d->models[i];
+        memmove(&d->models[i], &d->models[i + 1], (d->nmodels - i - 1) * sizeof *d->models);
+        d->nmodels--;
+        served_free(s);
+        return QS_OK;
+    }
+    return qs_seterr(QS_ENOTFOUND, "no model named '%s' is loaded (qctl stats lists them)",
+                     r->name);
+}
+
+/* ---- Generate ----------------------------------------------------------- */
+
+typedef struct gen_ctx {
+    qs_daemon *d;
+    const qs_cmd *cmd;
+    qs_served *s;
+    double last; /* rank 0: when the previous token went out */
+    int stopped; /* the client went away */
+} gen_ctx;
+
+/* Rank 0: one token to the client; 0 to go on. */
+static int stream_token(gen_ctx *g, int32_t t)
+{
+    char buf[32];
+    Qshard__V1__GenerateToken tk = QSHARD__V1__GENERATE_TOKEN__INIT;
+    Qshard__V1__GenerateEvent ev = QSHARD__V1__GENERATE_EVENT__INIT;
+    tk.text = (char *)piece(g->s, t, buf, sizeof buf);
+    tk.token_id = (uint32_t)t;
+    ev.event_case = QSHARD__V1__GENERATE_EVENT__EVENT_TOKEN;
+    ev.token = &tk;
+    double now = qs_now();
+    if (g->last > 0)
+        g->s->lat_ms[g->s->nlat++ % LATENCY_RING] = (now - g->last) * 1e3;
+    g->last = now;
+    if (qs_cmd_stream(g->cmd, &ev) != QS_OK ||
+        (g->cmd->job && qs_call_cancelled(g->cmd->job->call)))
+        g->stopped = 1;
+    return g->stopped;
+}
+
+static int on_token(void *ctx, int32_t t)
+{
+    gen_ctx *g = ctx;
+    if (g->d->rank == 0)
+        return stream_token(g, t);
+    relay_msg m = {.kind = RELAY_TOKEN, .token = t};
+    return !relay_send(&m);
+}
+
+int qs_model_run_generate(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
+{
+    const Qshard__V1__GenerateRequest *r = (const void *)cmd->req;
+    qs_served *s = qs_models_find(d, r->model);
+    if (!s)
+        return QS_ENOTFOUND;
+    int leader = s->ranks[0];
+    gen_ctx g = {d, cmd, s, 0, 0};
+    if (!s->member) {
+        if (d->rank != 0)
+            return QS_OK;
+        /* Rank 0 outside the group: stream what the leader relays. */
+        for (;;) {
+            relay_msg m;
+            if (relay_recv(leader, &m) || m.kind == RELAY_END)
+                break;
+            stream_token(&g, m.token);
+            relay_reply(leader, !g.stopped);
+        }
+        return QS_OK;
+    }
+    int32_t *ids = NULL;
+    size_t n = 0;
+    int err = encode(s, r->prompt, strlen(r->prompt), &ids, &n);
+    if (!err && n == 0)
+        err = qs_seterr(QS_EINVAL, "the prompt encodes to no tokens");
+    uint32_t max_new = r->max_tokens ? r->max_tokens : 64;
+    if (!err && n + max_new > qs_model_cfg(s->model)->max_pos)
+        err = qs_seterr(QS_EINVAL, "%zu prompt tokens and %u new ones exceed the context of %u", n,
+                        max_new, qs_model_cfg(s->model)->max_pos);
+    uint64_t seed = r->seed ? r->seed : 0x9e3779b97f4a7c15ull ^ cmd->seq;
+    qs_sampler smp;
+    qs_sampler_init(&smp, r->temperature, r->top_p > 0 ? r->top_p : 1.0f, seed);
+    qs_gen_stats st = {0};
+    int32_t eos = s->tok ? qs_tokenizer_eos(s->tok) : -1;
+    if (!err)
+        err = qs_model_generate(s->model, 0, ids, n, max_new, &smp, eos,
+                                d->rank == leader ? on_token : NULL, &g, &st);
+    free(ids);
+    if (d->rank == leader && leader != 0) {
+        relay_msg m = {.kind = RELAY_END};
+        relay_send(&m);
+    }
+    if (err || d->rank != leader)
+        return err;
+    Qshard__V1__GenerateDone done = QSHARD__V1__GENERATE_DONE__INIT;
+    done.prompt_tokens = (uint32_t)st.prompt_tokens;
+    done.generated_tokens = (uint32_t)st.new_tokens;
+    done.finish_reason = st.new_tokens < max_new ? "eos" : "length";
+    done.first_token_seconds = st.prefill_ms / 1e3;
+    done.tokens_per_second =
+        st.decode_ms > 0
+            ? (double)(st.new_tokens > 1 ? st.new_tokens - 1 : 0) / (st.decode_ms / 1e3)
+            : 0;
+    done.seed = seed;
+    out->data = qs_proto_pack_bytes(&done.base, &out->len);
+    return out->data ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory");
+}
+
+int qs_model_reply_generate(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
+                            grpc_byte_buffer **reply)
+{
+    (void)seconds;
+    const Qshard__V1__GenerateRequest *r = (const void *)cmd->req;
+    qs_served *s = qs_models_find(d, r->model);
+    if (!s)
+        return QS_ENOTFOUND;
+    const qs_part *lp = &parts[s->ranks[0]];
+    Qshard__V1__GenerateDone *done = qshard__v1__generate_done__unpack(NULL, lp->len, lp->data);
+    if (!done)
+        return qs_seterr(QS_EINTERNAL, "rank %d sent a malformed generation summary", s->ranks[0]);
+    s->tokens += done->generated_tokens;
+    if (done->tokens_per_second > 0 && done->generated_tokens > 1)
+        s->decode_s += (double)(done->generated_tokens - 1) / done->tokens_per_second;
+    Qshard__V1__GenerateEvent ev = QSHARD__V1__GENERATE_EVENT__INIT;
+    ev.event_case = QSHARD__V1__GENERATE_EVENT__EVENT_DONE;
+    ev.done = done;
+    *reply = qs_proto_pack(&ev.base);
+    qshard__v1__generate_done__free_unpacked(done, NULL);
+    return *reply ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory");
+}
+
+/* ---- Eval --------------------------------------------------------------- */
+
+typedef struct eval_ctx {
+    qs_daemon *d;
+    const qs_cmd *cmd;
+    size_t total;
+    double t0;
+    int stopped;
+} eval_ctx;
+
+static int stream_progress(eval_ctx *e, double chunks, double ppl)
+{
+    Qshard__V1__EvalProgress pr = QSHARD__V1__EVAL_PROGRESS__INIT;
+    Qshard__V1__EvalEvent ev = QSHARD__V1__EVAL_EVENT__INIT;
+    pr.chunks = (uint32_t)chunks;
+    pr.chunks_total = (uint32_t)e->total;
+    pr.perplexity = ppl;
+    pr.seconds = qs_now() - e->t0;
+    ev.event_case = QSHARD__V1__EVAL_EVENT__EVENT_PROGRESS;
+    ev.progress = &pr;
+    if (qs_cmd_stream(e->cmd, &ev) != QS_OK ||
+        (e->cmd->job && qs_call_cancelled(e->cmd->job->call)))
+        e->stopped = 1;
+    return e->stopped;
+}
+
+static int on_chunk(void *ctx, const qs_ppl *p)
+{
+    eval_ctx *e = ctx;
+    double ppl = exp(p->nll / (double)(p->count ? p->count : 1));
+    if (e->d->rank == 0)
+        return stream_progress(e, (double)p->chunks, ppl);
+    relay_msg m = {.kind = RELAY_PROGRESS, .v = {(double)p->chunks, ppl, 0}};
+    return !relay_send(&m);
+}
+
+int qs_model_run_eval(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
+{
+    const Qshard__V1__EvalRequest *r = (const void *)cmd->req;
+    qs_served *s = qs_models_find(d, r->model);
+    if (!s)
+        return QS_ENOTFOUND;
+    int leader = s->ranks[0];
+    uint32_t ctx = r->ctx ? r->ctx : DEFAULT_CTX;
+    eval_ctx e = {d, cmd, 0, qs_now(), 0};
+    if (!s->member && d->rank != 0)
+        return QS_OK;
+    /* Every member and rank 0 encode the text: the same ids everywhere. */
+    size_t len = 0;
+    char *text = NULL;
+    int err = QS_OK;
+    if (r->source_case == QSHARD__V1__EVAL_REQUEST__SOURCE_TEXT_PATH)
+        err = read_text(r->text_path, 256u << 20, &text, &len);
+    else if ((text = strdup(r->text)))
+        len = strlen(text);
+    else
+        err = qs_seterr(QS_ENOMEM, "out of memory");
+    if (!err && !s->tok)
+        err = qs_seterr(QS_EINVAL,
+                        "'%s' has no tokenizer, so text cannot be scored: load a "
+                        "GGUF model",
+                        s->name);
+    int32_t *ids = NULL;
+    size_t n = 0;
+    if (!err)
+        err = qs_tokenizer_encode(s->tok, text, len, 0, &ids, &n);
+    free(text);
+    size_t chunks = ctx ? n / ctx : 0;
+    if (r->max_chunks && chunks > r->max_chunks)
+        chunks = r->max_chunks;
+    e.total = chunks;
+    if (!s->member) {
+        /* rank 0 outside the group: relay the leader's progress */
+        free(ids);
+        if (err)
+            return err;
+        for (;;) {
+            relay_msg m;
+            if (relay_recv(leader, &m) || m.kind == RELAY_END)
+                break;
+            stream_progress(&e, m.v[0], m.v[1]);
+            relay_reply(leader, !e.stopped);
+        }
+        return QS_OK;
+    }
+    int32_t bos = s->tok && qs_tokenizer_wants_bos(s->tok) ? qs_tokenizer_bos(s->tok) : -1;
+    qs_ppl p = {0, 0, 0};
+    if (!err)
+        err = qs_model_perplexity(s->model, ids, n, ctx, r->max_chunks, bos,
+                                  d->rank == leader ? on_chunk : NULL, &e, &p);
+    free(ids);
+    if (d->rank == leader && leader != 0) {
+        relay_msg m = {.kind = RELAY_END};
+        relay_send(&m);
+    }
+    if (err || d->rank != leader)
+        return err;
+    Qshard__V1__EvalReply rep = QSHARD__V1__EVAL_REPLY__INIT;
+    rep.mean_nll = p.count ? p.nll / (double)p.count : 0;
+    rep.perplexity = exp(rep.mean_nll);
+    rep.tokens = p.count;
+    rep.chunks = (uint32_t)p.chunks;
+    rep.seconds = qs_now() - e.t0;
+    rep.text_tokens = n;
+    rep.bos = bos >= 0;
+    out->data = qs_proto_pack_bytes(&rep.base, &out->len);
+    return out->data ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory");
+}
+
+int qs_model_reply_eval(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
+                        grpc_byte_buffer **reply)
+{
+    (void)seconds;
+    const Qshard__V1__EvalRequest *r = (const void *)cmd->req;
+    qs_served *s = qs_models_find(d, r->model);
+    if (!s)
+        return QS_ENOTFOUND;
+    const qs_part *lp = &parts[s->ranks[0]];
+    Qshard__V1__EvalReply *rep = qshard__v1__eval_reply__unpack(NULL, lp->len, lp->data);
+    if (!rep)
+        return qs_seterr(QS_EINTERNAL, "rank %d sent a malformed evaluation", s->ranks[0]);
+    Qshard__V1__EvalEvent ev = QSHARD__V1__EVAL_EVENT__INIT;
+    ev.event_case = QSHARD__V1__EVAL_EVENT__EVENT_DONE;
+    ev.done = rep;
+    *reply = qs_proto_pack(&ev.base);
+    qshard__v1__eval_reply__free_unpacked(rep, NULL);
+    return *reply ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory");
+}
