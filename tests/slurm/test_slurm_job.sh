@@ -77,6 +77,8 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 1' INT TERM
+# A command that fails under set -e says where, instead of ending the test silently.
+trap 'echo "FAIL: line $LINENO: $BASH_COMMAND exited $?" >&2' ERR
 mkdir -p "$tmp"/{munge,state,spool,log,dev,bin,job,tmpfs}
 
 # --- munge: our own key and socket, independent of any system munged --------
@@ -178,8 +180,19 @@ export QSHARD_BIN=$tmp/bin QSHARD_HOME=$repo
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 job_opts=(--parsable --chdir="$tmp/job" --ntasks-per-node=2 --cpus-per-task=1 --time=5)
 
-job_state() { scontrol show job -o "$1" 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2; }
-job_exit() { scontrol show job -o "$1" 2>/dev/null | grep -o ' ExitCode=[0-9:]*' | cut -d= -f2; }
+# Empty, not an error, when scontrol has no answer this time (set -e).
+job_state() { { scontrol show job -o "$1" 2>/dev/null || true; } | sed -n 's/.*JobState=\([A-Z_]*\).*/\1/p'; }
+job_exit() { { scontrol show job -o "$1" 2>/dev/null || true; } | sed -n 's/.* ExitCode=\([0-9:]*\).*/\1/p'; }
+# SIGTERM to the batch shell, as --signal=B:TERM does; retried, since a job
+# that has just started may not take signals yet.
+term_batch() {
+    local i
+    for i in 1 2 3 4 5; do
+        scancel --batch --signal=TERM "$1" 2>/dev/null && return 0
+        sleep 1
+    done
+    show_job "$1" "qd-$1.out"; fail "scancel --batch --signal=TERM $1 failed 5 times"
+}
 wait_job() {  # wait_job ID SECONDS -> prints the final state
     local id=$1 limit=$2 t=$SECONDS s
     while :; do
@@ -207,15 +220,25 @@ wiki=$repo/../shared/data/wikitext-2-raw/wiki.test.raw
 if [ -r "$wiki" ]; then head -n 40 "$wiki" >"$tmp/job/eval.txt"
 else printf ' = Robert Boulter = \n Robert Boulter is an English film and television actor .\n' >"$tmp/job/eval.txt"; fi
 out=$tmp/job/out1
-# QSHARD_MODEL_STEPS_OPTIONAL: load/generate/eval answer "not implemented"
-# (UNIMPLEMENTED, exit 1) until the model code lands in the daemon. TIGHTEN
-# THEN: drop it, so a failed model step fails the job, and make the checks on
-# load/generate/eval below mandatory. opt-125m: 12 heads split 2 ways, small
-# enough for two CPU ranks; a short generation and one short eval chunk.
+# The model: the project's default GGUF (SmolLM2-135M, with its tokenizer,
+# so generate and eval see real text) when deploy/fetch-model.sh has it
+# cached; PIP_NO_INDEX keeps this test offline. Its 9 heads do not split 2
+# ways, so it runs on one of the two ranks. Else a synthetic opt-125m (12
+# heads, both ranks), which loads and generates token ids but cannot eval.
+if model=$(PIP_NO_INDEX=1 bash "$repo/deploy/fetch-model.sh" 2>/dev/null) && [ -f "$model" ]; then
+    load_args="--gpus 1"
+else
+    model=opt-125m load_args=""
+fi
+note "model: $model $load_args"
+# QSHARD_MODEL_STEPS_OPTIONAL: load/generate/eval may fail without failing
+# the job, as they do while the model code is landing (UNIMPLEMENTED, or eval
+# without a tokenizer). TIGHTEN once they work: drop it, so a failed model
+# step fails the job, and make the load/generate/eval checks below mandatory.
 t0=$SECONDS
 id=$(QSHARD_OUT=$out QSHARD_MODEL_STEPS_OPTIONAL=1 QSHARD_START_TIMEOUT=60 QSHARD_STOP_TIMEOUT=60 \
-     QSHARD_MODEL=opt-125m QSHARD_GENERATE_ARGS="--max-tokens 8" \
-     QSHARD_EVAL_ARGS="--ctx 128 --max-chunks 1" \
+     QSHARD_MODEL=$model QSHARD_NAME=test-model QSHARD_LOAD_ARGS=$load_args \
+     QSHARD_GENERATE_ARGS="--max-tokens 4" QSHARD_EVAL_ARGS="--ctx 128 --max-chunks 1" \
      sbatch "${job_opts[@]}" --output="$tmp/job/ge-%j.out" \
      "$repo/deploy/slurm/generate-eval.sbatch" "$prompts" "$tmp/job/eval.txt")
 note "submitted generate-eval.sbatch as job $id"
@@ -223,7 +246,7 @@ st=$(wait_job "$id" 150)
 rcx=$(job_exit "$id")
 note "job $id: $st, exit $rcx, $((SECONDS - t0)) s"
 [ "$st $rcx" = "COMPLETED 0:0" ] || { show_job "$id" "ge-$id.out" "$out"; fail "generate-eval job ended $st with exit $rcx (want COMPLETED, 0:0)"; }
-cat "$tmp/job/ge-$id.out"
+cat "$tmp/job/ge-$id.out" || true
 
 check() { [ "$@" ] || { show_job "$id" "ge-$id.out" "$out"; fail "check failed: [ $* ]"; }; }
 step_rc() { awk -F'\t' -v s="$1" '$1 == s { print $2 }' "$out/steps.tsv"; }
@@ -289,7 +312,7 @@ for _ in $(seq 120); do
 done
 [ -s "$addr_file" ] || { show_job "$id" "qd-$id.out"; fail "qdaemon job $id published no address (state $(job_state "$id"))"; }
 "$qctl" --addr "$(cat "$addr_file")" health || { show_job "$id" "qd-$id.out"; fail "qctl health against the job's address failed"; }
-scancel --batch --signal=TERM "$id"
+term_batch "$id"
 st=$(wait_job "$id" 90)
 rcx=$(job_exit "$id")
 note "job $id: $st, exit $rcx, $((SECONDS - t0)) s"
@@ -316,7 +339,7 @@ for _ in $(seq 120); do
     sleep 0.5
 done
 [ -s "$tmp/job/qdaemon-$id.addr" ] || { show_job "$id" "qd-$id.out"; fail "qdaemon job $id published no address"; }
-scancel --batch --signal=TERM "$id"
+term_batch "$id"
 st=$(wait_job "$id" 90)
 rcx=$(job_exit "$id")
 note "job $id (qctl shutdown failing): $st, exit $rcx, $((SECONDS - t0)) s"
