@@ -175,6 +175,9 @@ note "cluster up in $((SECONDS - t0)) s: $(sinfo -h -N -o '%N %T cpus=%c gres=%G
 # --- the jobs ------------------------------------------------------------------
 ln -s "$qdaemon" "$tmp/bin/qdaemon"
 ln -s "$qctl" "$tmp/bin/qctl"
+# Only the settings this test chooses (QSHARD_LAUNCHER may pick mpirun).
+unset QSHARD_MODEL QSHARD_NAME QSHARD_LOAD_ARGS QSHARD_GENERATE_ARGS QSHARD_EVAL_ARGS \
+    QSHARD_DAEMON_ARGS QSHARD_LISTEN QSHARD_ALLOW_REMOTE QSHARD_OUT QSHARD_MODEL_STEPS_OPTIONAL
 export QSHARD_BIN=$tmp/bin QSHARD_HOME=$repo
 # Open MPI refuses root unless told (mpirun launcher; srun is the default).
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -220,26 +223,26 @@ wiki=$repo/../shared/data/wikitext-2-raw/wiki.test.raw
 if [ -r "$wiki" ]; then head -n 40 "$wiki" >"$tmp/job/eval.txt"
 else printf ' = Robert Boulter = \n Robert Boulter is an English film and television actor .\n' >"$tmp/job/eval.txt"; fi
 out=$tmp/job/out1
-# The model: the project's default GGUF (SmolLM2-135M, with its tokenizer,
-# so generate and eval see real text) when deploy/fetch-model.sh has it
-# cached; PIP_NO_INDEX keeps this test offline. Its 9 heads do not split 2
-# ways, so it runs on one of the two ranks. Else a synthetic opt-125m (12
-# heads, both ranks), which loads and generates token ids but cannot eval.
+# The model: the script's default, the project's GGUF (SmolLM2-135M, with a
+# tokenizer, so generate and eval see real text, on one rank) when
+# deploy/fetch-model.sh has it cached; PIP_NO_INDEX keeps the test and the
+# job offline. Else a synthetic opt-125m on both ranks (12 heads), which
+# loads and generates token ids but cannot eval.
+job_env=(QSHARD_OUT="$out" QSHARD_START_TIMEOUT=60 QSHARD_STOP_TIMEOUT=60 PIP_NO_INDEX=1
+         QSHARD_GENERATE_ARGS="--max-tokens 4" QSHARD_EVAL_ARGS="--ctx 128 --max-chunks 1")
 if model=$(PIP_NO_INDEX=1 bash "$repo/deploy/fetch-model.sh" 2>/dev/null) && [ -f "$model" ]; then
-    load_args="--gpus 1"
+    note "model: the default, $model"
 else
-    model=opt-125m load_args=""
+    job_env+=(QSHARD_MODEL=opt-125m)
+    note "model: opt-125m, synthetic (no cached default model)"
 fi
-note "model: $model $load_args"
 # QSHARD_MODEL_STEPS_OPTIONAL: load/generate/eval may fail without failing
 # the job, as they do while the model code is landing (UNIMPLEMENTED, or eval
 # without a tokenizer). TIGHTEN once they work: drop it, so a failed model
 # step fails the job, and make the load/generate/eval checks below mandatory.
+job_env+=(QSHARD_MODEL_STEPS_OPTIONAL=1)
 t0=$SECONDS
-id=$(QSHARD_OUT=$out QSHARD_MODEL_STEPS_OPTIONAL=1 QSHARD_START_TIMEOUT=60 QSHARD_STOP_TIMEOUT=60 \
-     QSHARD_MODEL=$model QSHARD_NAME=test-model QSHARD_LOAD_ARGS=$load_args \
-     QSHARD_GENERATE_ARGS="--max-tokens 4" QSHARD_EVAL_ARGS="--ctx 128 --max-chunks 1" \
-     sbatch "${job_opts[@]}" --output="$tmp/job/ge-%j.out" \
+id=$(env "${job_env[@]}" sbatch "${job_opts[@]}" --output="$tmp/job/ge-%j.out" \
      "$repo/deploy/slurm/generate-eval.sbatch" "$prompts" "$tmp/job/eval.txt")
 note "submitted generate-eval.sbatch as job $id"
 st=$(wait_job "$id" 150)
@@ -286,7 +289,9 @@ for s in load generate eval; do
     rc=$(step_rc "$s")
     if [ "$rc" = 0 ]; then
         case $s in
-            load) ;;
+            load) served=$(sed -n 's/.* name=\([^ ]*\).*/\1/p' "$out/summary.txt")
+                  grep -qF "\"$served\"" "$out/stats.json" ||
+                      fail "stats.json does not list the loaded model $served" ;;
             generate) check "$(grep -c '^### ' "$out/generate.txt")" = 2
                       check "$(grep -vc '^### \|^$' "$out/generate.txt")" -ge 1 ;;
             eval) grep -qiE '[0-9]+\.[0-9]+' "$out/eval.txt" || fail "eval.txt has no number: $(head -c 300 "$out/eval.txt")" ;;
