@@ -184,6 +184,9 @@ static void device_fill(const qs_daemon *d, Qshard__V1__DeviceStats *ds)
     ds->memory_budget = d->dev.budget;
     qs_models_device(d, &ds->memory_weights, &ds->memory_kv_cache, &ds->models);
     ds->memory_used = ds->memory_weights + ds->memory_kv_cache;
+    /* A CPU device's free memory is its budget less what the models hold. */
+    if (!d->dev.cuda)
+        ds->memory_free = d->dev.budget > ds->memory_used ? d->dev.budget - ds->memory_used : 0;
 }
 
 static int run_device(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
