@@ -505,8 +505,10 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
             progress(d, cmd, "saving", s->cfg.layers, s->plan.rank.total, t0);
             err = qs_model_save(s->model, r->save_path);
         }
-        if (!err)
+        if (!err) {
             qs_model_bytes(s->model, &s->actual);
+            s->smoothing = qs_model_smoothing(s->model); /* also from a checkpoint */
+        }
     }
     qs_calib_close(&cal);
     /* All ranks keep the model, or none does. */

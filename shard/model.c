@@ -99,6 +99,11 @@ const qs_model_config *qs_model_cfg(const qs_model *m)
     return &m->cfg;
 }
 
+float qs_model_smoothing(const qs_model *m)
+{
+    return m->smooth_alpha;
+}
+
 qs_comm *qs_model_comm(const qs_model *m)
 {
     return m->tp;

@@ -266,6 +266,8 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
                   qs_model **out);
 void qs_model_close(qs_model *m);
 const qs_model_config *qs_model_cfg(const qs_model *m);
+/* The SmoothQuant strength its W8A8 weights were smoothed with; 0: none. */
+float qs_model_smoothing(const qs_model *m);
 /* The tensor-parallel group the model was loaded on. */
 qs_comm *qs_model_comm(const qs_model *m);
 /* While c is set (NULL stops), forward passes accumulate SmoothQuant
