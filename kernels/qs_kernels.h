@@ -218,7 +218,8 @@ int qs_w8a8_gemm(const qs_w8 *w, const float *X, size_t M, float act_scale, floa
  * products, the scales applied in double. */
 int qs_w8a8_gemm_ref_f64(const qs_w8 *w, const float *X, size_t M, float act_scale, double *Y);
 
-/* Which SIMD path the kernels take: "avxvnni", "avx2" or "scalar". force:
+/* Which SIMD path the kernels take: "avx512" (LUT-GEMM with AVX-512 BW and
+ * VBMI, W8A8 as avxvnni), "avxvnni", "avx2" or "scalar". force:
  * NULL = best available, else one of those names (for tests and qbench;
  * process-wide, not to be called while kernels run on other threads). */
 const char *qs_cpu_path(void);

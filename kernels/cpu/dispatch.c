@@ -4,26 +4,36 @@
 
 #include "cpu.h"
 
-static int forced = -1;
+static int forced = -1, best = -1, vnni, avx512;
+
+static void detect(void)
+{
+    if (best >= 0)
+        return;
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+               __builtin_cpu_supports("f16c");
+    vnni = avx2 && __builtin_cpu_supports("avxvnni");
+    avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vbmi");
+    best = !avx2 ? QS_PATH_SCALAR : avx512 ? QS_PATH_AVX512 : vnni ? QS_PATH_AVXVNNI : QS_PATH_AVX2;
+}
 
 int qs_cpu_path_id(void)
 {
-    if (forced >= 0)
-        return forced;
-    static int best = -1;
-    if (best < 0) {
-        __builtin_cpu_init();
-        int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                   __builtin_cpu_supports("f16c");
-        best = !avx2 ? QS_PATH_SCALAR
-                     : (__builtin_cpu_supports("avxvnni") ? QS_PATH_AVXVNNI : QS_PATH_AVX2);
-    }
-    return best;
+    detect();
+    return forced >= 0 ? forced : best;
+}
+
+int qs_cpu_has_vnni(void)
+{
+    detect();
+    return vnni;
 }
 
 const char *qs_cpu_path(void)
 {
-    static const char *names[] = {"scalar", "avx2", "avxvnni"};
+    static const char *names[] = {"scalar", "avx2", "avxvnni", "avx512"};
     return names[qs_cpu_path_id()];
 }
 
@@ -35,10 +45,13 @@ int qs_cpu_force_path(const char *force)
     int want = !strcmp(force, "scalar")    ? QS_PATH_SCALAR
                : !strcmp(force, "avx2")    ? QS_PATH_AVX2
                : !strcmp(force, "avxvnni") ? QS_PATH_AVXVNNI
+               : !strcmp(force, "avx512")  ? QS_PATH_AVX512
                                            : -1;
     if (want < 0)
-        return qs_seterr(QS_EINVAL, "unknown CPU path '%s': use scalar, avx2 or avxvnni", force);
-    if (want > qs_cpu_path_id())
+        return qs_seterr(QS_EINVAL, "unknown CPU path '%s': use scalar, avx2, avxvnni or avx512",
+                         force);
+    detect();
+    if (want > best || (want == QS_PATH_AVXVNNI && !vnni) || (want == QS_PATH_AVX512 && !avx512))
         return qs_seterr(QS_ENOTSUP, "this CPU lacks the '%s' instructions: the best it has is %s",
                          force, qs_cpu_path());
     forced = want;

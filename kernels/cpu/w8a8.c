@@ -37,7 +37,7 @@ static void acts_free(acts *a)
     free(a->sx);
 }
 
-static int acts_make(const qs_w8 *w, const float *X, size_t M, float act_scale, int path, acts *a)
+static int acts_make(const qs_w8 *w, const float *X, size_t M, float act_scale, int vnni, acts *a)
 {
     size_t K = w->K, Kp = w->Kp;
     a->xq = calloc(M, Kp);
@@ -61,8 +61,7 @@ static int acts_make(const qs_w8 *w, const float *X, size_t M, float act_scale, 
         int8_t *q = a->xq + m * Kp;
         a->sx[m] = qs_act_row(x, K, inv, q) ? NAN : s;
         for (size_t k = 0; k < Kp; k++)
-            a->xa[m * Kp + k] = path == QS_PATH_AVXVNNI ? (uint8_t)(q[k] + 128)
-                                                        : (uint8_t)(q[k] < 0 ? -q[k] : q[k]);
+            a->xa[m * Kp + k] = vnni ? (uint8_t)(q[k] + 128) : (uint8_t)(q[k] < 0 ? -q[k] : q[k]);
     }
     return QS_OK;
 }
@@ -86,7 +85,7 @@ int qs_w8a8_gemm_ref_f64(const qs_w8 *w, const float *X, size_t M, float act_sca
 {
     int err = w8a8_args(w, X, M, act_scale, Y);
     acts a;
-    if (err || (err = acts_make(w, X, M, act_scale, QS_PATH_SCALAR, &a)))
+    if (err || (err = acts_make(w, X, M, act_scale, 0, &a)))
         return err;
     for (size_t m = 0; m < M; m++)
         for (size_t n = 0; n < w->N; n++) {
@@ -245,9 +244,9 @@ TILE_BLOCK(block_vnni, mk_vnni, ATTR_VNNI)
 int qs_w8a8_gemm(const qs_w8 *w, const float *X, size_t M, float act_scale, float *Y)
 {
     int err = w8a8_args(w, X, M, act_scale, Y);
-    int path = qs_cpu_path_id();
+    int path = qs_cpu_path_id(), vnni = path >= QS_PATH_AVXVNNI && qs_cpu_has_vnni();
     acts a;
-    if (err || (err = acts_make(w, X, M, act_scale, path, &a)))
+    if (err || (err = acts_make(w, X, M, act_scale, vnni, &a)))
         return err;
     size_t ntiles = w->N / 8, nblk = (ntiles + 2) / 3;
     if (path == QS_PATH_SCALAR) {
@@ -259,7 +258,7 @@ int qs_w8a8_gemm(const qs_w8 *w, const float *X, size_t M, float act_scale, floa
 #pragma omp parallel for schedule(dynamic, 2)
         for (size_t b = 0; b < nblk; b++) {
             int RT = (int)(ntiles - 3 * b < 3 ? ntiles - 3 * b : 3);
-            if (path == QS_PATH_AVXVNNI)
+            if (vnni)
                 block_vnni(w, &a, 3 * b, RT, M, Y);
             else
                 block_avx2(w, &a, 3 * b, RT, M, Y);

@@ -15,8 +15,8 @@
 #include "testutil.h"
 
 /* LUT-GEMM has no VNNI code: the avxvnni path runs the avx2 kernel. */
-static const char *paths[] = {"scalar", "avx2"};
-#define NPATHS 2
+static const char *paths[] = {"scalar", "avx2", "avx512"};
+#define NPATHS 3
 
 /* Random BCQ weights: random bits (zero past K), alpha ~ |N(0, 0.02)| halving
  * per plane like a uniform grid but jittered, z ~ N(0, 0.01). */
