@@ -37,6 +37,7 @@ grpc_status_code qs_err_status(int err)
         return GRPC_STATUS_RESOURCE_EXHAUSTED;
     case QS_EIO:
     case QS_ENODEV:
+    case QS_ESTATE:
         return GRPC_STATUS_FAILED_PRECONDITION;
     case QS_ENOTSUP:
         return GRPC_STATUS_UNIMPLEMENTED;

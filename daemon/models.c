@@ -442,6 +442,26 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
     qs_workload w = {1, max_seq, QS_PLAN_DEFAULT_RESERVE};
     if (!err)
         err = qs_plan_make(&s->cfg, &s->quant, s->tp, &w, &s->plan);
+    /* The plan must fit the smallest device of the group: say what would. */
+    if (!err && s->plan.rank.total > d->dev.budget) {
+        qs_min_gpus mg = {0, 0};
+        qs_plan_min_gpus(&s->cfg, &s->quant, &w, d->dev.budget, 64, &mg);
+        char gib[64];
+        snprintf(gib, sizeof gib, "%.2f GiB", (double)s->plan.rank.total / (1u << 30));
+        if (mg.valid_tp)
+            err =
+                qs_seterr(QS_ENOFIT,
+                          "%s needs %s per rank on %u rank(s), more than this "
+                          "device's %.2f GiB: load it on --gpus %u, with fewer bits, "
+                          "or a shorter --max-seq",
+                          s->cfg.name, gib, s->tp, (double)d->dev.budget / (1u << 30), mg.valid_tp);
+        else
+            err = qs_seterr(QS_ENOFIT,
+                            "%s needs %s per rank on %u rank(s), more than this "
+                            "device's %.2f GiB, and no split up to 64 fits: use fewer "
+                            "bits or a shorter --max-seq",
+                            s->cfg.name, gib, s->tp, (double)d->dev.budget / (1u << 30));
+    }
 
     /* The group: the same on every rank (the registry is replicated), so the
      * split below pairs up. Every rank reaches it, failed or not. */
@@ -735,12 +755,24 @@ static int on_token(void *ctx, int32_t t)
     return !relay_send(&m);
 }
 
+/* Generate and Eval need a loaded model: not a missing file, a state. */
+static qs_served *loaded(const qs_daemon *d, const char *name)
+{
+    qs_served *s = qs_models_find(d, name);
+    if (!s)
+        qs_seterr(QS_ESTATE,
+                  "no model named '%s' is loaded: load it first (qctl load %s), "
+                  "or see qctl stats for the loaded ones",
+                  name, name);
+    return s;
+}
+
 int qs_model_run_generate(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
 {
     const Qshard__V1__GenerateRequest *r = (const void *)cmd->req;
-    qs_served *s = qs_models_find(d, r->model);
+    qs_served *s = loaded(d, r->model);
     if (!s)
-        return QS_ENOTFOUND;
+        return QS_ESTATE;
     int leader = s->ranks[0];
     gen_ctx g = {d, cmd, s, 0, 0};
     if (!s->member) {
@@ -856,9 +888,9 @@ static int on_chunk(void *ctx, const qs_ppl *p)
 int qs_model_run_eval(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
 {
     const Qshard__V1__EvalRequest *r = (const void *)cmd->req;
-    qs_served *s = qs_models_find(d, r->model);
+    qs_served *s = loaded(d, r->model);
     if (!s)
-        return QS_ENOTFOUND;
+        return QS_ESTATE;
     int leader = s->ranks[0];
     uint32_t ctx = r->ctx ? r->ctx : DEFAULT_CTX;
     eval_ctx e = {d, cmd, 0, qs_now(), 0};

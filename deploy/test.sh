@@ -18,7 +18,8 @@ case "${1:-}" in
     *) echo "usage: deploy/test.sh [--no-sanitize|--sanitize-only]" >&2; exit 2 ;;
 esac
 
-bash deploy/setup.sh
+# --slurm: Slurm and munge too, for the test that runs a real batch job.
+bash deploy/setup.sh --slurm
 jobs=$(nproc)
 # Open MPI refuses root unless told; CI and containers run as root.
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1

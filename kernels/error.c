@@ -37,6 +37,8 @@ const char *qs_strerror(int err)
         return "busy";
     case QS_EINTERNAL:
         return "internal error";
+    case QS_ESTATE:
+        return "not in a state to do it";
     default:
         return "unknown error";
     }

@@ -21,19 +21,20 @@ extern "C" {
  */
 typedef enum qs_err {
     QS_OK = 0,
-    QS_EINVAL = -1,    /* an argument is out of range or inconsistent */
-    QS_ENOMEM = -2,    /* an allocation failed */
-    QS_EIO = -3,       /* reading or writing a file failed */
-    QS_EFORMAT = -4,   /* a file or message is malformed */
-    QS_EOVERFLOW = -5, /* a size computation would overflow */
-    QS_ENOTSUP = -6,   /* valid, but not supported by this build or device */
-    QS_ENODEV = -7,    /* no usable device (e.g. no GPU) */
-    QS_ECOMM = -8,     /* a collective or a peer rank failed */
-    QS_ENOTFOUND = -9, /* a named thing (model, file, tensor) does not exist */
-    QS_EEXIST = -10,   /* the thing already exists */
-    QS_ENOFIT = -11,   /* it does not fit in the memory given */
-    QS_EBUSY = -12,    /* the resource is in use or shutting down */
-    QS_EINTERNAL = -13 /* a bug: an invariant did not hold */
+    QS_EINVAL = -1,     /* an argument is out of range or inconsistent */
+    QS_ENOMEM = -2,     /* an allocation failed */
+    QS_EIO = -3,        /* reading or writing a file failed */
+    QS_EFORMAT = -4,    /* a file or message is malformed */
+    QS_EOVERFLOW = -5,  /* a size computation would overflow */
+    QS_ENOTSUP = -6,    /* valid, but not supported by this build or device */
+    QS_ENODEV = -7,     /* no usable device (e.g. no GPU) */
+    QS_ECOMM = -8,      /* a collective or a peer rank failed */
+    QS_ENOTFOUND = -9,  /* a named thing (model, file, tensor) does not exist */
+    QS_EEXIST = -10,    /* the thing already exists */
+    QS_ENOFIT = -11,    /* it does not fit in the memory given */
+    QS_EBUSY = -12,     /* the resource is in use or shutting down */
+    QS_EINTERNAL = -13, /* a bug: an invariant did not hold */
+    QS_ESTATE = -14     /* valid, but not in this state (e.g. the model is not loaded) */
 } qs_err;
 
 /* Short fixed name of a code, e.g. "invalid argument". */

@@ -193,6 +193,13 @@ PY
     expect 0 "$qctl" unload opt-125m
     expect 1 "$qctl" unload opt-125m
     grep -q 'NOT_FOUND' "$tmp/err" || fail "unload: $(cat "$tmp/err")"
+    expect 1 "$qctl" generate opt-125m "Hello"
+    grep -q 'FAILED_PRECONDITION' "$tmp/err" && grep -q 'load it first' "$tmp/err" ||
+        fail "generate on an unloaded model: $(cat "$tmp/err")"
+    # Too big for the 2 GiB devices: the refusal names what would fit.
+    expect 1 "$qctl" load opt-6.7b --scheme fp16
+    grep -q 'RESOURCE_EXHAUSTED' "$tmp/err" && grep -q -- '--gpus\|fewer bits' "$tmp/err" ||
+        fail "load too big: $(cat "$tmp/err")"
     # usage errors: exit 2, nothing sent.
     expect 2 "$qctl" load opt-125m --bits
     expect 2 "$qctl" load opt-125m --bits three
