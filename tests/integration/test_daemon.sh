@@ -226,6 +226,47 @@ PY
     grep -q 'Health/Check from .*: OK in' "$log" || fail "no per-request log line for Check"
     grep -q 'Qshard/Load from .*: INVALID_ARGUMENT in .* ms: ' "$log" || fail "no per-request log line for Load"
     ;;
+models)
+    start
+    # Greedy output of one synthetic model is the same on 1 rank and on 2.
+    expect 0 "$qctl" load opt-125m --name one --scheme fp16 --gpus 1 --max-seq 64 --seed 7
+    expect 0 "$qctl" load opt-125m --name two --scheme fp16 --gpus 2 --max-seq 64 --seed 7
+    expect 0 "$qctl" --json generate one "tensor parallel" --max-tokens 12
+    cp "$tmp/out" "$tmp/g1"
+    expect 0 "$qctl" --json generate two "tensor parallel" --max-tokens 12
+    python3 - "$tmp/g1" "$tmp/out" <<'PY' || fail "greedy differs between --gpus 1 and 2"
+import json, sys
+a, b = (json.load(open(f))["tokens"] for f in sys.argv[1:3])
+assert len(a) == 12 and a == b, (a, b)
+PY
+    # 16 generate streams at once: queued, each complete with its own text.
+    pids=()
+    for i in $(seq 16); do
+        "$qctl" --json generate two "prompt $i" --max-tokens 6 --temperature 0.8 --seed "$i" \
+            >"$tmp/c$i" 2>&1 & pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || fail "a concurrent generate failed"; done
+    python3 - "$tmp" <<'PY' || fail "concurrent generate streams"
+import json, sys
+outs = [json.load(open(f"{sys.argv[1]}/c{i}")) for i in range(1, 17)]
+assert all(len(o["tokens"]) == 6 and o["prompt_tokens"] == len(f"prompt {i+1}") for i, o in enumerate(outs)), outs
+# a stream's first token follows its own prompt: not all the same
+assert len({tuple(o["tokens"]) for o in outs}) > 1, outs
+PY
+    expect 0 "$qctl" --json stats
+    python3 -c 'import json,sys; m={x["name"]: x for x in json.load(open(sys.argv[1]))["models"]}; assert m["two"]["tokens_generated"] == 12 + 16 * 6, m["two"]' "$tmp/out" ||
+        fail "tokens counted in stats: $(cat "$tmp/out")"
+    # SIGTERM to rank 0 during a generation: the stream ends, the daemon drains, exits 0.
+    "$qctl" generate two "a long one" --max-tokens 2000 >"$tmp/long" 2>&1 &
+    gen=$!
+    sleep 1
+    kill -TERM "${rank_pids[0]}"
+    wait "$gen"
+    note "generation during SIGTERM ended with exit $?"
+    wait_exit 30
+    [ "$rc" = 0 ] || fail "mpirun exited $rc after SIGTERM during generation, want 0"
+    no_ranks_left
+    ;;
 concurrent)
     start
     # 24 requests at once, of three kinds: all answered, none lost.
