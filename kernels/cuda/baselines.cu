@@ -1,4 +1,4 @@
-/* baselines.cu: what LUT-GEMM is measured against (qs_cuda.h):
+/* baselines.cu: what LUT-GEMM is measured against (qs_kernels.h, GPU section):
  *   - cuBLAS fp16 GEMM/GEMV (cublasGemmEx, fp32 compute) on dequantized W;
  *   - an OPTQ-style dequantizing GEMV for uniform 3-bit weights: 32 codes of
  *     a row packed in 96 bits, per-group fp16 scale and zero point,

@@ -1,4 +1,4 @@
-/* bcq_gpu.cu: BCQ-with-offset weights on the GPU (qs_cuda.h): upload into
+/* bcq_gpu.cu: BCQ-with-offset weights on the GPU (qs_kernels.h, GPU section): upload into
  * the device layout, LUT-GEMM for batch 1..8, and the fused dequantize +
  * tensor-core path for larger batches.
  *

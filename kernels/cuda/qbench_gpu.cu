@@ -30,7 +30,6 @@
 #include <string.h>
 #include <vector>
 
-#include "qs_cuda.h"
 #include "qs_kernels.h"
 
 #define CK(call)                                                                                   \

@@ -11,7 +11,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "qs_cuda.h"
 #include "qs_kernels.h"
 #include "testutil.h"
 
