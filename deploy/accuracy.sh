@@ -83,7 +83,20 @@ for name, opts, load, ev, gen in rows:
     ms = f"{1000 / tps:.1f}" if tps else "-"
     print(f"| {name} | `{opts}` | {ppl:.3f} | {100 * (ppl - ref) / ref:+.2f}% | "
           f"{load['weight_bytes'] / 2**20:.1f} MiB | {ms} |")
-print(f"\nMachine: {platform.machine()}, {platform.node() and 'CPU ranks'}; "
-      "one `mpirun -np 1 qdaemon` rank.")
+ppl = {r[0]: r[3]["perplexity"] for r in rows}
+pct = lambda a, b: 100 * (ppl[a] - ppl[b]) / ppl[b]
+print("\n## Targets, checked on these numbers\n")
+sq = pct("w8a8-smoothquant", "fp32")
+print(f"- W8A8 with SmoothQuant within 1% of fp32: {'yes' if abs(sq) <= 1 else 'no'} ({sq:+.2f}%).")
+d = pct("w8a8", "w8a8-smoothquant")
+print(f"- Smoothing better than none: {'yes' if d > 0 else 'no'} (no smoothing is {d:+.2f}% "
+      "against smoothed).")
+for b in (4, 3):
+    x, y = f"bcq{b}-g96", f"rtn{b}-g96"
+    print(f"- BCQ better than RTN at {b} bits, g96: {'yes' if ppl[x] < ppl[y] else 'no'} "
+          f"({ppl[x]:.3f} against {ppl[y]:.3f}).")
+print(f"\nMachine: {platform.machine()}, CPU ranks; one `mpirun -np 1 qdaemon` rank. "
+      "Times are whole-process decode steps on a shared 2-core machine: compare them "
+      "within one run only.")
 PY
 echo "wrote docs/accuracy.md" >&2
