@@ -879,6 +879,7 @@ static const char generate_help[] =
     "  --max-tokens N      tokens to generate (default 64)\n"
     "  --temperature T     0 for greedy (default 0)\n"
     "  --top-p P           nucleus cut in (0, 1] (default 1)\n"
+    "  --top-k K           keep the K most likely tokens (default: all)\n"
     "  --seed N            sampling seed (default: the daemon picks and reports one)\n";
 
 typedef struct gen_ctx {
@@ -942,6 +943,8 @@ int qs_ctl_generate(qs_ctl_global *g, int argc, char **argv)
             parse_double(&a, "--temperature", v, &temp);
         else if (opt_val(&a, "--top-p", &v))
             parse_double(&a, "--top-p", v, &top_p);
+        else if (opt_val(&a, "--top-k", &v))
+            parse_u32(&a, "--top-k", v, &req.top_k);
         else if (opt_val(&a, "--seed", &v))
             parse_u64(&a, "--seed", v, UINT64_MAX, &req.seed);
         else if (argv[a.i][0] != '-' && !model)

@@ -341,9 +341,10 @@ int qs_model_perplexity(qs_model *m, const int32_t *ids, size_t n, size_t ctx, s
 struct qs_sampler {
     float temperature; /* 0: greedy */
     float top_p;       /* 1: off */
+    uint32_t top_k;    /* 0: off */
     uint64_t state;    /* RNG state, from the seed */
 };
-void qs_sampler_init(qs_sampler *s, float temperature, float top_p, uint64_t seed);
+void qs_sampler_init(qs_sampler *s, float temperature, float top_p, uint32_t top_k, uint64_t seed);
 /* Picks a token from vocab logits; deterministic for a seed, so every rank
  * holding the same logits picks the same token. */
 int32_t qs_sample(qs_sampler *s, const float *logits, size_t vocab);

@@ -5,8 +5,9 @@
 #include <math.h>
 #include <stdlib.h>
 
-void qs_sampler_init(qs_sampler *s, float temperature, float top_p, uint64_t seed)
+void qs_sampler_init(qs_sampler *s, float temperature, float top_p, uint32_t top_k, uint64_t seed)
 {
+    s->top_k = top_k;
     s->temperature = temperature > 0 && isfinite(temperature) ? temperature : 0.0f;
     s->top_p = top_p > 0 && top_p < 1 ? top_p : 1.0f;
     s->state = seed ^ 0x853c49e6748fea9bull;
@@ -55,13 +56,21 @@ int32_t qs_sample(qs_sampler *s, const float *logits, size_t vocab)
         c[i].p = expf((logits[i] - mx) / s->temperature);
         sum += c[i].p;
     }
-    /* Nucleus: keep the most likely tokens up to top_p of the mass. */
+    /* Top-k, then nucleus: keep the k most likely tokens, then of those the
+     * most likely up to top_p of their mass. */
     size_t keep = vocab;
-    if (s->top_p < 1) {
+    if (s->top_p < 1 || (s->top_k && s->top_k < vocab)) {
         qsort(c, vocab, sizeof *c, by_prob_desc);
+        if (s->top_k && s->top_k < vocab)
+            keep = s->top_k;
+        double mass = 0;
+        for (size_t i = 0; i < keep; i++)
+            mass += c[i].p;
         double acc = 0;
-        for (keep = 0; keep < vocab && acc < s->top_p * sum; keep++)
-            acc += c[keep].p;
+        size_t k = 0;
+        for (; k < keep && acc < s->top_p * mass; k++)
+            acc += c[k].p;
+        keep = k;
         sum = acc;
     }
     double u = next_uniform(s) * sum, acc = 0;

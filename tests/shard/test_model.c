@@ -481,7 +481,7 @@ static void run_model(qs_comm *comm, const char *dir, int opt)
         gen_seen = 0;
         gen_stop_at = 0;
         qs_sampler smp;
-        qs_sampler_init(&smp, 0, 1, 1);
+        qs_sampler_init(&smp, 0, 1, 0, 1);
         qs_gen_stats st = {0};
         err = qs_model_generate(m, 1, tok, 6, 4, &smp, -1, on_token, NULL, &st);
         CHECK(!err && st.new_tokens == 4 && gen_seen == 4 &&
