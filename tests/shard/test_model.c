@@ -107,6 +107,128 @@ static void write_safetensors(const char *path)
     free(hdr);
 }
 
+/* The same tensors as a GGUF file in llama.cpp's names and layout: Q and K
+ * rows permuted within each head as llama.cpp's converter does (row 2i + j
+ * of a head holds Hugging Face row j * hd/2 + i), so the loader must rotate
+ * adjacent pairs for the logits to match the reference. */
+static void put_str(FILE *f, const char *s)
+{
+    uint64_t n = strlen(s);
+    fwrite(&n, 8, 1, f);
+    fwrite(s, 1, n, f);
+}
+
+static void put_kv_u32(FILE *f, const char *k, uint32_t v)
+{
+    uint32_t t = 4;
+    put_str(f, k);
+    fwrite(&t, 4, 1, f);
+    fwrite(&v, 4, 1, f);
+}
+
+static void write_gguf_llama(const char *path, const qs_model_config *c)
+{
+    static const struct {
+        const char *hf, *gguf;
+        int permute;
+    } map[] = {{"input_layernorm.weight", "attn_norm.weight", 0},
+               {"post_attention_layernorm.weight", "ffn_norm.weight", 0},
+               {"self_attn.q_proj.weight", "attn_q.weight", 1},
+               {"self_attn.k_proj.weight", "attn_k.weight", 1},
+               {"self_attn.v_proj.weight", "attn_v.weight", 0},
+               {"self_attn.o_proj.weight", "attn_output.weight", 0},
+               {"mlp.gate_proj.weight", "ffn_gate.weight", 0},
+               {"mlp.up_proj.weight", "ffn_up.weight", 0},
+               {"mlp.down_proj.weight", "ffn_down.weight", 0}};
+    typedef struct {
+        char name[96];
+        const tensor *t;
+        int permute;
+    } out_t;
+    out_t outs[64];
+    size_t no = 0;
+    for (size_t i = 0; i < nts; i++) {
+        const tensor *t = &ts[i];
+        int l;
+        char rest[96];
+        if (sscanf(t->name, "model.layers.%d.%95s", &l, rest) == 2) {
+            for (size_t k = 0; k < sizeof map / sizeof map[0]; k++)
+                if (strcmp(rest, map[k].hf) == 0) {
+                    snprintf(outs[no].name, sizeof outs[no].name, "blk.%d.%s", l, map[k].gguf);
+                    outs[no].t = t, outs[no].permute = map[k].permute, no++;
+                }
+        } else {
+            const char *g = strcmp(t->name, "model.embed_tokens.weight") == 0 ? "token_embd.weight"
+                            : strcmp(t->name, "model.norm.weight") == 0       ? "output_norm.weight"
+                                                                              : "output.weight";
+            snprintf(outs[no].name, sizeof outs[no].name, "%s", g);
+            outs[no].t = t, outs[no].permute = 0, no++;
+        }
+    }
+    FILE *f = fopen(path, "wb");
+    uint32_t version = 3, type_str = 8, type_arr = 9, type_f32 = 6;
+    uint64_t nkv = 9, ntensors = no;
+    fwrite("GGUF", 1, 4, f);
+    fwrite(&version, 4, 1, f);
+    fwrite(&ntensors, 8, 1, f);
+    fwrite(&nkv, 8, 1, f);
+    put_str(f, "general.architecture");
+    fwrite(&type_str, 4, 1, f);
+    put_str(f, "llama");
+    put_kv_u32(f, "llama.block_count", c->layers);
+    put_kv_u32(f, "llama.embedding_length", c->hidden);
+    put_kv_u32(f, "llama.attention.head_count", c->heads);
+    put_kv_u32(f, "llama.attention.head_count_kv", c->kv_heads);
+    put_kv_u32(f, "llama.feed_forward_length", c->ffn);
+    put_kv_u32(f, "llama.context_length", c->max_pos);
+    put_str(f, "llama.rope.freq_base");
+    fwrite(&type_f32, 4, 1, f);
+    fwrite(&c->rope_theta, 4, 1, f);
+    put_str(f, "tokenizer.ggml.tokens");
+    fwrite(&type_arr, 4, 1, f);
+    fwrite(&type_str, 4, 1, f);
+    uint64_t nv = c->vocab;
+    fwrite(&nv, 8, 1, f);
+    for (uint32_t v = 0; v < c->vocab; v++) {
+        char tok[16];
+        snprintf(tok, sizeof tok, "t%u", v);
+        put_str(f, tok);
+    }
+    uint64_t off = 0;
+    for (size_t i = 0; i < no; i++) {
+        const tensor *t = outs[i].t;
+        uint32_t nd = t->rows == 1 ? 1 : 2, ftype = 0;
+        put_str(f, outs[i].name);
+        fwrite(&nd, 4, 1, f);
+        uint64_t ne0 = t->cols, ne1 = t->rows;
+        fwrite(&ne0, 8, 1, f);
+        if (nd == 2)
+            fwrite(&ne1, 8, 1, f);
+        fwrite(&ftype, 4, 1, f);
+        fwrite(&off, 8, 1, f);
+        off += (t->rows * t->cols * 4 + 31) / 32 * 32;
+    }
+    long pos = ftell(f);
+    for (; pos % 32; pos++)
+        fputc(0, f);
+    for (size_t i = 0; i < no; i++) {
+        const tensor *t = outs[i].t;
+        size_t hd = c->head_dim;
+        for (size_t r = 0; r < t->rows; r++) {
+            /* GGUF row r holds HF row src (within its head) */
+            size_t src = r;
+            if (outs[i].permute) {
+                size_t h = r / hd, w = r % hd, pi = w / 2, j = w % 2;
+                src = h * hd + j * (hd / 2) + pi;
+            }
+            fwrite(t->v + src * t->cols, 4, t->cols, f);
+        }
+        for (size_t b = t->rows * t->cols * 4; b % 32; b++)
+            fputc(0, f);
+    }
+    fclose(f);
+}
+
 /* ---- The reference: one sequence, positions 0..n-1, in double ----------- */
 
 static void ref_norm(const double *x, size_t H, const float *w, const float *b, double eps,
@@ -434,6 +556,32 @@ static void run_model(qs_comm *comm, const char *dir, int opt)
     CHECK(err == QS_OK, "%s: forward", c.name);
     double e = rel_l2(out, ref, NTOK * V);
     CHECK(e < 1e-5, "%s fp16 on %d ranks: relative L2 %.3g vs reference", c.name, world, e);
+
+    /* The same model from a GGUF file (Llama: permuted Q/K, adjacent RoPE). */
+    if (!opt) {
+        char gpath[512];
+        snprintf(gpath, sizeof gpath, "%s/%s.gguf", dir, c.name);
+        if (rank == 0)
+            write_gguf_llama(gpath, &c);
+        MPI_Barrier(MPI_COMM_WORLD);
+        qs_model_opts go = o;
+        go.weights = gpath;
+        qs_model *gm = NULL;
+        err = qs_model_init(&c, &go, comm, &gm);
+        CHECK(err == QS_OK, "%s: init from GGUF", c.name);
+        float *gout = malloc(NTOK * V * sizeof *gout);
+        if (!err)
+            err = qs_model_forward(gm, NTOK, tok, slot, pos, 0, gout);
+        e = err ? 1.0 : rel_l2(gout, ref, NTOK * V);
+        CHECK(!err && e < 1e-5, "%s from GGUF on %d ranks: relative L2 %.3g vs reference", c.name,
+              world, e);
+        free(gout);
+        qs_model_close(gm);
+        MPI_Barrier(MPI_COMM_WORLD);
+        if (rank == 0)
+            unlink(gpath);
+        err = QS_OK;
+    }
 
     /* The same sequence one token at a time in slot 1: the KV cache must
      * give the prefill's logits at every step. */
