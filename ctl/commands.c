@@ -987,6 +987,7 @@ int qs_ctl_generate(qs_ctl_global *g, int argc, char **argv)
             cJSON_AddNumberToObject(j, "first_token_seconds", x.done->first_token_seconds);
             cJSON_AddNumberToObject(j, "tokens_per_second", x.done->tokens_per_second);
             cJSON_AddNumberToObject(j, "seed", (double)x.done->seed);
+            cJSON_AddNumberToObject(j, "decode_allreduce_share", x.done->decode_allreduce_share);
         }
         print_json(j);
     } else {

@@ -508,8 +508,10 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
                        .smooth_alpha = r->smooth_alpha};
     qs_calib cal = {0};
     if (!err && s->member) {
-        if (!checkpoint && s->quant.scheme == QS_SCHEME_W8A8 && strcmp(r->calib_path, "none") &&
-            s->cfg.final_norm) {
+        /* Calibration needs text, so a tokenizer: a synthetic model is not
+         * smoothed unless a calibration text is named (then it is refused). */
+        int calib = *r->calib_path ? strcmp(r->calib_path, "none") != 0 : s->tok != NULL;
+        if (!checkpoint && s->quant.scheme == QS_SCHEME_W8A8 && calib && s->cfg.final_norm) {
             progress(d, cmd, "calibrating", s->cfg.layers, s->plan.rank.total, t0);
             if (!(err = calibrate(s, r, &o, &cal))) {
                 o.calib = &cal;
@@ -822,6 +824,7 @@ int qs_model_run_generate(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
             ? (double)(st.new_tokens > 1 ? st.new_tokens - 1 : 0) / (st.decode_ms / 1e3)
             : 0;
     done.seed = seed;
+    done.decode_allreduce_share = st.decode_ms > 0 ? st.decode_comm_ms / st.decode_ms : 0;
     out->data = qs_proto_pack_bytes(&done.base, &out->len);
     return out->data ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory");
 }

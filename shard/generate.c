@@ -50,6 +50,7 @@ int qs_model_generate(qs_model *m, uint32_t slot, const int32_t *prompt, size_t 
     if ((err = qs_model_forward(m, n, prompt, slots, pos, n - 1, logits)))
         goto out;
     st->prefill_ms = now_ms() - t0;
+    double comm0 = qs_model_comm_ms(m);
     uint32_t p = (uint32_t)n;
     for (size_t k = 0; k < max_new; k++) {
         int32_t t = qs_sample(s, logits, V);
@@ -67,6 +68,7 @@ int qs_model_generate(qs_model *m, uint32_t slot, const int32_t *prompt, size_t 
         st->decode_ms += dt;
         p++;
     }
+    st->decode_comm_ms = qs_model_comm_ms(m) - comm0;
 out:
     free(logits);
     free(slots);

@@ -19,6 +19,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 uint64_t qs_linear_bytes(const linear *l)
 {
@@ -97,6 +98,11 @@ static int linear_forward(const linear *l, const float *X, size_t M, float *Y)
 const qs_model_config *qs_model_cfg(const qs_model *m)
 {
     return &m->cfg;
+}
+
+double qs_model_comm_ms(const qs_model *m)
+{
+    return m->comm_ms;
 }
 
 float qs_model_smoothing(const qs_model *m)
@@ -725,10 +731,21 @@ static int scratch_alloc(const qs_model *m, size_t n, scratch *s)
     return QS_OK;
 }
 
-/* Row-parallel output: sum the partial products of every rank in place. */
+static double now_ms(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
+}
+
+/* Row-parallel output: sum the partial products of every rank in place. The
+ * time spent waiting here is the price of the split (qs_model_comm_ms). */
 static int reduce(qs_model *m, float *y, size_t count)
 {
-    return qs_comm_allreduce_sum(m->tp, y, y, count, QS_COLL_F32, QS_COLL_HOST);
+    double t0 = now_ms();
+    int err = qs_comm_allreduce_sum(m->tp, y, y, count, QS_COLL_F32, QS_COLL_HOST);
+    m->comm_ms += now_ms() - t0;
+    return err;
 }
 
 /* SmoothQuant calibration: the per-channel abs-max of a norm's output. */
@@ -861,7 +878,10 @@ static int logits_forward(qs_model *m, const float *x, size_t nl, float *logits)
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nl, (int)vr, (int)E, 1.0f, in, (int)E,
                 table, (int)E, 0.0f, local, (int)vr);
-    if ((err = qs_comm_allgather(m->tp, local, all, nl * vr, QS_COLL_F32, QS_COLL_HOST)))
+    double t0 = now_ms();
+    err = qs_comm_allgather(m->tp, local, all, nl * vr, QS_COLL_F32, QS_COLL_HOST);
+    m->comm_ms += now_ms() - t0;
+    if (err)
         goto out;
     for (size_t r = 0; r < P; r++)
         for (size_t i = 0; i < nl; i++)

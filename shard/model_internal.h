@@ -50,6 +50,7 @@ struct qs_model {
     qs_calib *record;       /* SmoothQuant statistics being collected, or NULL */
     float smooth_alpha;     /* W8A8 smoothed with this strength; 0 = not smoothed */
     float *rope_cs;         /* RoPE cos, sin per position and pair; NULL without RoPE */
+    double comm_ms;         /* time in all-reduce and all-gather, since load */
     qs_rank_bytes bytes;
 };
 

@@ -266,6 +266,9 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
                   qs_model **out);
 void qs_model_close(qs_model *m);
 const qs_model_config *qs_model_cfg(const qs_model *m);
+/* Milliseconds this rank has spent in collectives (all-reduce after the
+ * row-parallel layers, the logits' all-gather) since it was loaded. */
+double qs_model_comm_ms(const qs_model *m);
 /* The SmoothQuant strength its W8A8 weights were smoothed with; 0: none. */
 float qs_model_smoothing(const qs_model *m);
 /* The tensor-parallel group the model was loaded on. */
@@ -312,7 +315,8 @@ typedef int (*qs_token_cb)(void *ctx, int32_t token);
 typedef struct qs_gen_stats {
     size_t prompt_tokens, new_tokens;
     double prefill_ms, decode_ms;
-    double *token_ms; /* optional: per decode step, up to token_ms_cap */
+    double decode_comm_ms; /* of decode_ms, in collectives */
+    double *token_ms;      /* optional: per decode step, up to token_ms_cap */
     size_t token_ms_cap;
 } qs_gen_stats;
 
