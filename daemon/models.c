@@ -829,15 +829,23 @@ int qs_model_run_generate(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
     return out->data ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory");
 }
 
+/* Rank 0: the part of the model's leader, whose reply speaks for the group. */
+static const qs_part *leader_part(const qs_daemon *d, const char *model, const qs_part *parts,
+                                  qs_served **s)
+{
+    *s = qs_models_find(d, model);
+    return *s ? &parts[(*s)->ranks[0]] : NULL;
+}
+
 int qs_model_reply_generate(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
                             grpc_byte_buffer **reply)
 {
     (void)seconds;
     const Qshard__V1__GenerateRequest *r = (const void *)cmd->req;
-    qs_served *s = qs_models_find(d, r->model);
-    if (!s)
+    qs_served *s;
+    const qs_part *lp = leader_part(d, r->model, parts, &s);
+    if (!lp)
         return QS_ENOTFOUND;
-    const qs_part *lp = &parts[s->ranks[0]];
     Qshard__V1__GenerateDone *done = qshard__v1__generate_done__unpack(NULL, lp->len, lp->data);
     if (!done)
         return qs_seterr(QS_EINTERNAL, "rank %d sent a malformed generation summary", s->ranks[0]);
@@ -966,10 +974,10 @@ int qs_model_reply_eval(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, d
 {
     (void)seconds;
     const Qshard__V1__EvalRequest *r = (const void *)cmd->req;
-    qs_served *s = qs_models_find(d, r->model);
-    if (!s)
+    qs_served *s;
+    const qs_part *lp = leader_part(d, r->model, parts, &s);
+    if (!lp)
         return QS_ENOTFOUND;
-    const qs_part *lp = &parts[s->ranks[0]];
     Qshard__V1__EvalReply *rep = qshard__v1__eval_reply__unpack(NULL, lp->len, lp->data);
     if (!rep)
         return qs_seterr(QS_EINTERNAL, "rank %d sent a malformed evaluation", s->ranks[0]);
