@@ -13,6 +13,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "qs_collectives.h"
@@ -800,6 +801,57 @@ static void run_smoothquant(qs_comm *all)
     free(fp), free(q), free(ref);
 }
 
+/* A model bigger than any one rank may hold: at 4 ranks each caps its data
+ * segment at half the model's fp32 bytes, then loads its slice of a
+ * synthetic model and runs a token. Nothing rank-local may build the whole
+ * model, or the allocation fails. (Skipped under AddressSanitizer, whose
+ * shadow memory does not mix with a data limit.) */
+static void run_bigger_than_a_rank(qs_comm *all)
+{
+#if defined(__SANITIZE_ADDRESS__)
+    if (rank == 0)
+        printf("bigger-than-a-rank: skipped under AddressSanitizer\n");
+    return;
+#else
+    if (world != 4)
+        return;
+    qs_model_config c = *qs_preset_find("opt-2.7b");
+    c.layers = 8;
+    qs_quant q = {QS_SCHEME_FP16, 16, 0};
+    qs_workload w = {1, 16, 0};
+    qs_plan whole;
+    qs_plan_make(&c, &q, 1, &w, &whole);
+    uint64_t fp32_bytes = whole.weight_bytes * 2; /* CPU ranks hold fp16 parts as fp32 */
+    struct rlimit lim = {fp32_bytes / 2, fp32_bytes / 2}, old;
+    getrlimit(RLIMIT_DATA, &old);
+    if (setrlimit(RLIMIT_DATA, &lim) != 0) {
+        printf("bigger-than-a-rank: setrlimit failed, skipped\n");
+        return;
+    }
+    qs_model_opts o = {.quant = q, .seed = 3, .max_seq = 16};
+    qs_model *m = NULL;
+    int err = qs_model_init(&c, &o, all, &m);
+    float *lg = malloc(c.vocab * sizeof *lg);
+    int32_t tok = 42;
+    uint32_t sl = 0, p = 0;
+    if (!err)
+        err = qs_model_forward(m, 1, &tok, &sl, &p, 0, lg);
+    qs_rank_bytes b = {0};
+    if (m)
+        qs_model_bytes(m, &b);
+    CHECK(!err && b.total < fp32_bytes / 2,
+          "a %.2f GiB model on 4 ranks capped at %.2f GiB each: %s", fp32_bytes / 1073741824.0,
+          fp32_bytes / 2147483648.0, err ? "failed" : "a rank holds too much");
+    if (rank == 0 && !err)
+        printf("opt-2.7b (8 layers, %.2f GiB in fp32) on 4 ranks capped at %.2f GiB each: rank 0 "
+               "holds %.2f GiB\n",
+               fp32_bytes / 1073741824.0, fp32_bytes / 2147483648.0, b.total / 1073741824.0);
+    qs_model_close(m);
+    free(lg);
+    setrlimit(RLIMIT_DATA, &old);
+#endif
+}
+
 int main(int argc, char **argv)
 {
     MPI_Init(&argc, &argv);
@@ -819,6 +871,7 @@ int main(int argc, char **argv)
     run_model(comm, dir, 1);
     run_synthetic(comm);
     run_smoothquant(comm);
+    run_bigger_than_a_rank(comm);
 
     int total = 0;
     MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
