@@ -77,8 +77,13 @@ static int linear_forward(const linear *l, const float *X, size_t M, float *Y)
     int err = QS_OK;
     switch (l->scheme) {
     case QS_SCHEME_FP16:
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)l->N, (int)l->K, 1.0f, X,
-                    (int)l->K, l->w32, (int)l->K, 0.0f, Y, (int)l->N);
+        /* One token (decode) is a GEMV: OpenBLAS's sgemm pads it to a tile. */
+        if (M == 1)
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)l->N, (int)l->K, 1.0f, l->w32, (int)l->K,
+                        X, 1, 0.0f, Y, 1);
+        else
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)M, (int)l->N, (int)l->K, 1.0f,
+                        X, (int)l->K, l->w32, (int)l->K, 0.0f, Y, (int)l->N);
         break;
     case QS_SCHEME_W8A8:
         err = qs_w8a8_gemm(&l->w8, X, M, 0.0f, Y);
