@@ -401,20 +401,27 @@ static inline __attribute__((always_inline)) ATTR_512 void tile_512(const qs_bcq
     const size_t N = w->N, q = w->q, nw = (w->K + 31) / 32, n0 = tile * 32;
     const uint32_t *bits = w->bits + tile * 32 * q * nw;
     const __m512i lo4 = _mm512_set1_epi8(0x0f), P0 = pidx[0], P1 = pidx[1];
-    __m256 acc[2][4];
+    /* Sums in two 16-row halves: "e" rows 0-7 and 16-23, "o" rows 8-15 and
+     * 24-31 (the even/odd byte split); row order is restored at the store. */
+    __m512 accE[2], accO[2];
 #pragma GCC unroll 4
     for (int t = 0; t < TT; t++)
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; j++)
-            acc[t][j] = _mm256_setzero_ps();
+        accE[t] = accO[t] = _mm512_setzero_ps();
     for (size_t b = 0; b < L->nb; b++) {
         size_t w0 = b * L->kb / 32, w1 = w0 + L->kb / 32, gi = w0 * 32 / L->gs;
         w1 = w1 < nw ? w1 : nw;
+        /* Each of the two folded lanes starts at -64 per read so that the
+         * +128 of every u8 table entry cancels without a subtraction. */
+        const __m512i init = _mm512_set1_epi16((short)(-64 * 8 * (w1 - w0)));
+        __m512 blkE[2], blkO[2]; /* sum over planes of alpha x reads, unscaled */
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; t++)
+            blkE[t] = blkO[t] = _mm512_setzero_ps();
         for (size_t i = 0; i < q; i++) {
             __m512i E[2], O[2];
 #pragma GCC unroll 4
             for (int t = 0; t < TT; t++)
-                E[t] = O[t] = _mm512_setzero_si512();
+                E[t] = O[t] = init;
             for (size_t wi = w0; wi < w1; wi++) {
                 const uint32_t *p = bits + (wi * q + i) * 32;
                 _mm_prefetch((const char *)p + PF_AHEAD, PF_HINT);
@@ -440,8 +447,12 @@ static inline __attribute__((always_inline)) ATTR_512 void tile_512(const qs_bcq
                     }
                 }
             }
-            const __m256i off = _mm256_set1_epi16((short)(128 * 8 * (w1 - w0)));
-            const uint16_t *al = w->alpha + tile * 32 * q * L->ng + (gi * q + i) * 32;
+            /* alpha of 32 rows, 16-byte chunks c0..c3 reordered c0 c2 | c1 c3 */
+            __m512i a16 = _mm512_shuffle_i64x2(
+                _mm512_loadu_si512(w->alpha + tile * 32 * q * L->ng + (gi * q + i) * 32),
+                _mm512_loadu_si512(w->alpha + tile * 32 * q * L->ng + (gi * q + i) * 32), 0xD8);
+            __m512 aE = _mm512_cvtph_ps(_mm512_castsi512_si256(a16));
+            __m512 aO = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(a16, 1));
 #pragma GCC unroll 4
             for (int t = 0; t < TT; t++) {
                 /* fold lanes 2-3 (the second byte's reads) onto lanes 0-1 */
@@ -449,34 +460,41 @@ static inline __attribute__((always_inline)) ATTR_512 void tile_512(const qs_bcq
                                               _mm512_extracti64x4_epi64(E[t], 1));
                 __m256i Of = _mm256_add_epi16(_mm512_castsi512_si256(O[t]),
                                               _mm512_extracti64x4_epi64(O[t], 1));
-                __m256i e = _mm256_sub_epi16(_mm256_sub_epi16(Ef, _mm256_slli_epi16(Of, 8)), off);
-                __m256i o = _mm256_sub_epi16(Of, off);
-                __m128i h[4] = {_mm256_castsi256_si128(e), _mm256_castsi256_si128(o),
-                                _mm256_extracti128_si256(e, 1), _mm256_extracti128_si256(o, 1)};
-                __m256 s = _mm256_set1_ps(L->s[(m0 + t) * L->nb + b]);
-#pragma GCC unroll 4
-                for (int j = 0; j < 4; j++) {
-                    __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(al + 8 * j)));
-                    __m256 v = _mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(h[j]));
-                    acc[t][j] = _mm256_fmadd_ps(_mm256_mul_ps(a, s), v, acc[t][j]);
-                }
+                __m256i e = _mm256_sub_epi16(Ef, _mm256_slli_epi16(Of, 8));
+                blkE[t] =
+                    _mm512_fmadd_ps(aE, _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(e)), blkE[t]);
+                blkO[t] =
+                    _mm512_fmadd_ps(aO, _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(Of)), blkO[t]);
             }
+        }
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; t++) { /* the block's table scale, once for all planes */
+            __m512 s = _mm512_set1_ps(L->s[(m0 + t) * L->nb + b]);
+            accE[t] = _mm512_fmadd_ps(s, blkE[t], accE[t]);
+            accO[t] = _mm512_fmadd_ps(s, blkO[t], accO[t]);
+        }
+    }
+    for (size_t gi = 0; gi < L->ng; gi++) {
+        const uint16_t *zp = w->z + tile * 32 * L->ng + gi * 32;
+        __m512i z16 = _mm512_shuffle_i64x2(_mm512_loadu_si512(zp), _mm512_loadu_si512(zp), 0xD8);
+        __m512 zE = _mm512_cvtph_ps(_mm512_castsi512_si256(z16));
+        __m512 zO = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(z16, 1));
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; t++) {
+            __m512 xs = _mm512_set1_ps(L->xsum[(m0 + t) * L->ng + gi]);
+            accE[t] = _mm512_fmadd_ps(zE, xs, accE[t]);
+            accO[t] = _mm512_fmadd_ps(zO, xs, accO[t]);
         }
     }
 #pragma GCC unroll 4
     for (int t = 0; t < TT; t++) {
-        for (size_t gi = 0; gi < L->ng; gi++) {
-            __m256 xs = _mm256_set1_ps(L->xsum[(m0 + t) * L->ng + gi]);
-#pragma GCC unroll 4
-            for (int j = 0; j < 4; j++) {
-                __m256 z = _mm256_cvtph_ps(
-                    _mm_loadu_si128((const __m128i *)(w->z + tile * 32 * L->ng + gi * 32 + 8 * j)));
-                acc[t][j] = _mm256_fmadd_ps(z, xs, acc[t][j]);
-            }
-        }
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; j++)
-            _mm256_storeu_ps(Y + (m0 + t) * N + n0 + 8 * j, acc[t][j]);
+        float *y = Y + (m0 + t) * N + n0;
+        _mm256_storeu_ps(y, _mm512_castps512_ps256(accE[t]));
+        _mm256_storeu_ps(y + 8, _mm512_castps512_ps256(accO[t]));
+        _mm256_storeu_ps(y + 16,
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(accE[t]), 1)));
+        _mm256_storeu_ps(y + 24,
+                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(accO[t]), 1)));
     }
 }
 
