@@ -46,6 +46,7 @@ struct qs_served {
     qs_model *model;
     qs_tokenizer *tok; /* every rank, when the weights carry one */
     float smoothing;
+    uint32_t max_seq; /* KV-cache tokens per sequence it was loaded with */
     qs_plan plan;
     qs_rank_bytes actual; /* this rank's (on rank 0: the leader's, from its reply) */
     /* rank 0: what the clients saw */
@@ -440,6 +441,7 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
         err = qs_seterr(QS_EINVAL, "max_seq %u exceeds %s's context of %u", max_seq, s->cfg.name,
                         s->cfg.max_pos);
     qs_workload w = {1, max_seq, QS_PLAN_DEFAULT_RESERVE};
+    s->max_seq = max_seq;
     if (!err)
         err = qs_plan_make(&s->cfg, &s->quant, s->tp, &w, &s->plan);
     /* The plan must fit the smallest device of the group: say what would. */
@@ -624,10 +626,8 @@ int qs_models_info(const qs_daemon *d, uint64_t device_mem, Qshard__V1__ModelInf
                                  {QS_SCHEME_W8A8, 8, 0},
                                  {QS_SCHEME_BCQ, 4, g},
                                  {QS_SCHEME_BCQ, 3, g}};
-        qs_workload w = {
-            1,
-            s->plan.rank.kv_cache ? (uint32_t)(s->cfg.max_pos < 2048 ? s->cfg.max_pos : 2048) : 512,
-            QS_PLAN_DEFAULT_RESERVE};
+        /* Same workload as the model was loaded for. */
+        qs_workload w = {1, s->max_seq, QS_PLAN_DEFAULT_RESERVE};
         size_t nf = 0;
         for (int j = 0; j < 4; j++) {
             qs_min_gpus mg = {0, 0};
@@ -671,8 +671,7 @@ void qs_models_info_free(Qshard__V1__ModelInfo **infos, size_t n)
 int qs_model_reply_load(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
                         grpc_byte_buffer **reply)
 {
-    const Qshard__V1__LoadRequest *r = (const void *)cmd->req;
-    (void)r;
+    (void)cmd;
     qs_served *s = d->nmodels ? d->models[d->nmodels - 1] : NULL;
     if (!s)
         return qs_seterr(QS_EINTERNAL, "the loaded model is not in the registry");
