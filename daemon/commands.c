@@ -550,13 +550,6 @@ static int validate_bench(qs_daemon *d, const ProtobufCMessage *req)
     return check_gpus(d, r->gpus);
 }
 
-static int run_bench(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
-{
-    (void)d, (void)cmd, (void)out;
-    return qs_seterr(QS_ENOTSUP, "kernel benchmarks are not built into the daemon yet: the "
-                                 "request is valid, but the kernels arrive in a later release");
-}
-
 /* ---- Shutdown ------------------------------------------------------------- */
 
 static int answer_shutdown(qs_daemon *d, qs_call *call, const ProtobufCMessage *req,
@@ -626,7 +619,8 @@ const qs_command qs_commands[] = {
      .op = QS_OP_BENCH,
      .request = REQ(bench_request),
      .validate = validate_bench,
-     .run = run_bench},
+     .run = qs_run_bench,
+     .reply = qs_reply_bench},
     {.method = QS_METHOD_SHUTDOWN,
      .request = REQ(shutdown_request),
      .drains = 1,

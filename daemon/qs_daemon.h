@@ -224,6 +224,11 @@ int qs_model_run_eval(qs_daemon *d, const qs_cmd *cmd, qs_buf *out);
 int qs_model_reply_eval(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
                         grpc_byte_buffer **reply);
 
+/* Bench (bench.c): kernel timings on each rank asked. */
+int qs_run_bench(qs_daemon *d, const qs_cmd *cmd, qs_buf *out);
+int qs_reply_bench(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
+                   grpc_byte_buffer **reply);
+
 /* ---- Rank coordination (ranks.c) ----------------------------------------- */
 
 /* Every rank: the loop of the non-zero ranks; returns at EXIT. */

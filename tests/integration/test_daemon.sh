@@ -190,6 +190,9 @@ PY
     grep -q 'tokenizer' "$tmp/err" || fail "eval without a tokenizer: $(cat "$tmp/err")"
     expect 1 "$qctl" bench --shape 4096x4000 --bits 3 --group 128
     grep -q 'multiple of the group' "$tmp/err" || fail "bench bad shape: $(cat "$tmp/err")"
+    expect 0 "$qctl" --json bench --gpus 1 --shape 256x512 --bits 3 --group 128 --iterations 3
+    python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["results"]; assert len(r) == 1 and r[0]["quant_us"] > 0 and r[0]["fp16_us"] > 0, r' "$tmp/out" ||
+        fail "bench: $(cat "$tmp/out")"
     expect 0 "$qctl" unload opt-125m
     expect 1 "$qctl" unload opt-125m
     grep -q 'NOT_FOUND' "$tmp/err" || fail "unload: $(cat "$tmp/err")"
