@@ -709,6 +709,7 @@ static const char load_help[] =
 typedef struct load_ctx {
     const qs_ctl_global *g;
     Qshard__V1__LoadEvent *result;
+    int tty; /* stderr is a terminal: draw a bar */
 } load_ctx;
 
 static int load_on_msg(ProtobufCMessage *msg, void *ud)
@@ -721,8 +722,23 @@ static int load_on_msg(ProtobufCMessage *msg, void *ud)
         if (!l->g->json && !strcmp(p->stage, "planned"))
             fprintf(stderr, "  planned: %s per rank, %u layers\n",
                     fmt_bytes(p->bytes_total, total, sizeof total), p->layers);
-        else if (!l->g->json)
-            fprintf(stderr, "  %-12s %.1f s\n", p->stage, p->seconds);
+        else if (!l->g->json && p->layer && l->tty) {
+            /* A bar on a terminal, redrawn in place. */
+            int w = 30, fill = p->layers ? (int)((uint64_t)w * p->layer / p->layers) : 0;
+            fprintf(stderr, "\r  %-12s [%.*s%*s] %u/%u layers, %.1f s", p->stage, fill,
+                    "##############################", w - fill, "", p->layer, p->layers,
+                    p->seconds);
+            if (p->layer == p->layers)
+                fprintf(stderr, "\n");
+        } else if (!l->g->json) {
+            /* Plain lines elsewhere: the stage, then about every tenth of the layers. */
+            uint32_t step = p->layers > 10 ? (p->layers + 9) / 10 : 1;
+            if (!p->layer)
+                fprintf(stderr, "  %-12s %.1f s\n", p->stage, p->seconds);
+            else if (p->layer % step == 0 || p->layer == p->layers)
+                fprintf(stderr, "  %-12s %u/%u layers, %.1f s\n", p->stage, p->layer, p->layers,
+                        p->seconds);
+        }
         protobuf_c_message_free_unpacked(msg, NULL);
         return 0;
     }
@@ -784,7 +800,7 @@ int qs_ctl_load(qs_ctl_global *g, int argc, char **argv)
     qs_client *c = connect_to(g, &rc);
     if (!c)
         return rc;
-    load_ctx l = {g, NULL};
+    load_ctx l = {g, NULL, isatty(2)};
     qs_rpc_status st;
     double timeout = timeout_or(g, 0);
     if (qs_client_call(c, QS_METHOD_LOAD, &req.base, &qshard__v1__load_event__descriptor, timeout,

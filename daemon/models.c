@@ -388,6 +388,32 @@ static void progress(const qs_daemon *d, const qs_cmd *cmd, const char *stage, u
     qs_cmd_stream(cmd, &ev);
 }
 
+/* Rank 0 in the group: a progress event per layer loaded. */
+typedef struct load_ctx {
+    const qs_daemon *d;
+    const qs_cmd *cmd;
+    const char *stage;
+    uint64_t total;
+    double t0;
+} load_ctx;
+
+static void on_layer(void *ctx, uint32_t done, uint32_t layers)
+{
+    load_ctx *l = ctx;
+    if (l->d->rank != 0)
+        return;
+    Qshard__V1__LoadProgress pr = QSHARD__V1__LOAD_PROGRESS__INIT;
+    Qshard__V1__LoadEvent ev = QSHARD__V1__LOAD_EVENT__INIT;
+    pr.stage = (char *)l->stage;
+    pr.layer = done;
+    pr.layers = layers;
+    pr.bytes_total = l->total;
+    pr.seconds = qs_now() - l->t0;
+    ev.event_case = QSHARD__V1__LOAD_EVENT__EVENT_PROGRESS;
+    ev.progress = &pr;
+    qs_cmd_stream(l->cmd, &ev);
+}
+
 static int rank_bytes_part(const qs_rank_bytes *b, qs_buf *out)
 {
     Qshard__V1__RankBytes rb = QSHARD__V1__RANK_BYTES__INIT;
@@ -521,8 +547,11 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
             }
         }
         if (!err) {
-            progress(d, cmd, checkpoint ? "reading" : "quantizing", s->cfg.layers,
-                     s->plan.rank.total, t0);
+            const char *stage = checkpoint ? "reading" : "quantizing";
+            progress(d, cmd, stage, s->cfg.layers, s->plan.rank.total, t0);
+            load_ctx lc = {d, cmd, stage, s->plan.rank.total, t0};
+            o.progress = on_layer;
+            o.progress_ctx = &lc;
             err = qs_model_init(&s->cfg, &o, s->comm, &s->model);
         }
         if (!err && *r->save_path) {

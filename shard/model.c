@@ -551,9 +551,12 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
             goto fail;
         goto cache;
     }
-    for (uint32_t l = 0; l < cfg->layers; l++)
+    for (uint32_t l = 0; l < cfg->layers; l++) {
         if ((err = load_layer(m, &s, (int)l, opts)))
             goto fail;
+        if (opts->progress)
+            opts->progress(opts->progress_ctx, l + 1, cfg->layers);
+    }
     if ((err = load_vocab_rows(m, &s, R_EMBED, E, &m->embed)))
         goto fail;
     if (!cfg->tied_embeddings && (err = load_vocab_rows(m, &s, R_LM_HEAD, H, &m->lm_head)))

@@ -257,6 +257,9 @@ typedef struct qs_model_opts {
     unsigned bcq_iters;        /* BCQ refinement iterations (0: the quantizer's default) */
     const qs_calib *calib;     /* W8A8: smooth with these statistics (NULL: no smoothing) */
     float smooth_alpha;        /* SmoothQuant migration strength (0: 0.5) */
+    /* Called after each layer is loaded (NULL: none), for progress bars. */
+    void (*progress)(void *ctx, uint32_t layers_done, uint32_t layers);
+    void *progress_ctx;
 } qs_model_opts;
 
 /* Loads this rank's shard (collective over tp: every rank of the group calls
