@@ -7,6 +7,8 @@ set -u
 case_name=$1 qdaemon=$2 qctl=$3 mpiexec=$4
 shift 4
 mpi_flags=("$@")
+# Ranks per daemon: 2, or QS_TEST_NP (the models case also runs at 4).
+np=${QS_TEST_NP:-2}
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/qs-daemon-$case_name.XXXXXX")
 addr_file=$tmp/addr
@@ -43,7 +45,7 @@ command -v python3 >/dev/null || { note "SKIP: python3 is needed to read JSON"; 
 # start [qdaemon options...]: starts two ranks, waits for the address file.
 start() {
     rm -f "$addr_file"
-    "$mpiexec" "${mpi_flags[@]}" -np 2 "$qdaemon" --listen 127.0.0.1:0 \
+    "$mpiexec" "${mpi_flags[@]}" -np "$np" "$qdaemon" --listen 127.0.0.1:0 \
         --address-file "$addr_file" --device-memory 2GiB --heartbeat 0.5 "$@" >"$log" 2>&1 &
     mpirun_pid=$!
     local t0
@@ -60,7 +62,7 @@ start() {
     # The ranks' pids, for the kill tests and for cleanup.
     mapfile -t rank_pids < <("$qctl" stats --json |
         python3 -c 'import json,sys; [print(d["pid"]) for d in json.load(sys.stdin)["devices"]]')
-    [ "${#rank_pids[@]}" = 2 ] || fail "stats listed ${#rank_pids[@]} ranks, want 2"
+    [ "${#rank_pids[@]}" = "$np" ] || fail "stats listed ${#rank_pids[@]} ranks, want $np"
 }
 
 # wait_exit SECS: waits for mpirun to exit; sets rc (124 if it did not).
