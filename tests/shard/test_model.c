@@ -809,6 +809,7 @@ static void run_smoothquant(qs_comm *all)
 static void run_bigger_than_a_rank(qs_comm *all)
 {
 #if defined(__SANITIZE_ADDRESS__)
+    (void)all;
     if (rank == 0)
         printf("bigger-than-a-rank: skipped under AddressSanitizer\n");
     return;
