@@ -515,6 +515,7 @@ int qs_ctl_stats(qs_ctl_global *g, int argc, char **argv)
             cJSON_AddNumberToObject(o, "memory_used", (double)d->memory_used);
             cJSON_AddNumberToObject(o, "memory_weights", (double)d->memory_weights);
             cJSON_AddNumberToObject(o, "memory_kv_cache", (double)d->memory_kv_cache);
+            cJSON_AddNumberToObject(o, "memory_workspace", (double)d->memory_workspace);
             cJSON_AddNumberToObject(o, "models", d->models);
             cJSON_AddItemToArray(devs, o);
         }
@@ -523,15 +524,16 @@ int qs_ctl_stats(qs_ctl_global *g, int argc, char **argv)
             json_model(models, r->models[i]);
         print_json(j);
     } else {
-        char t[32], f[32], b[32], w[32], k[32];
-        printf("%-5s %-12s %-5s %-20s %11s %11s %11s %11s %11s\n", "rank", "host", "kind", "device",
-               "total", "weights", "kv cache", "free", "budget");
+        char t[32], f[32], b[32], w[32], k[32], ws[32];
+        printf("%-5s %-10s %-5s %-16s %10s %10s %10s %10s %10s %10s\n", "rank", "host", "kind",
+               "device", "total", "weights", "kv cache", "workspace", "free", "budget");
         for (size_t i = 0; i < r->n_devices; i++) {
             const Qshard__V1__DeviceStats *d = r->devices[i];
-            printf("%-5u %-12.12s %-5s %-20.20s %11s %11s %11s %11s %11s\n", d->rank, d->hostname,
-                   d->kind, d->name, fmt_bytes(d->memory_total, t, sizeof t),
+            printf("%-5u %-10.10s %-5s %-16.16s %10s %10s %10s %10s %10s %10s\n", d->rank,
+                   d->hostname, d->kind, d->name, fmt_bytes(d->memory_total, t, sizeof t),
                    fmt_bytes(d->memory_weights, w, sizeof w),
                    fmt_bytes(d->memory_kv_cache, k, sizeof k),
+                   fmt_bytes(d->memory_workspace, ws, sizeof ws),
                    fmt_bytes(d->memory_free, f, sizeof f),
                    fmt_bytes(d->memory_budget, b, sizeof b));
         }

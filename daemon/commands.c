@@ -183,8 +183,9 @@ static void device_fill(const qs_daemon *d, Qshard__V1__DeviceStats *ds)
     ds->memory_total = d->dev.total;
     ds->memory_free = d->dev.free;
     ds->memory_budget = d->dev.budget;
-    qs_models_device(d, &ds->memory_weights, &ds->memory_kv_cache, &ds->models);
-    ds->memory_used = ds->memory_weights + ds->memory_kv_cache;
+    qs_models_device(d, &ds->memory_weights, &ds->memory_kv_cache, &ds->memory_workspace,
+                     &ds->models);
+    ds->memory_used = ds->memory_weights + ds->memory_kv_cache + ds->memory_workspace;
     /* A CPU device's free memory is its budget less what the models hold. */
     if (!d->dev.cuda)
         ds->memory_free = d->dev.budget > ds->memory_used ? d->dev.budget - ds->memory_used : 0;

@@ -98,9 +98,10 @@ qs_served *qs_models_find(const qs_daemon *d, const char *name)
 }
 
 /* This rank's share of every model it serves, for Stats. */
-void qs_models_device(const qs_daemon *d, uint64_t *weights, uint64_t *kv, uint32_t *count)
+void qs_models_device(const qs_daemon *d, uint64_t *weights, uint64_t *kv, uint64_t *workspace,
+                      uint32_t *count)
 {
-    *weights = *kv = 0;
+    *weights = *kv = *workspace = 0;
     *count = 0;
     for (size_t i = 0; i < d->nmodels; i++) {
         const qs_served *s = d->models[i];
@@ -108,6 +109,8 @@ void qs_models_device(const qs_daemon *d, uint64_t *weights, uint64_t *kv, uint3
             continue;
         *weights += s->actual.linear + s->actual.fp16;
         *kv += s->actual.kv_cache;
+        /* CPU ranks allocate activations per call: the plan's figure. */
+        *workspace += s->plan.rank.workspace;
         (*count)++;
     }
 }

@@ -206,7 +206,8 @@ void qs_models_close(qs_daemon *d);
 /* NULL (and a message) when no model has that name. */
 qs_served *qs_models_find(const qs_daemon *d, const char *name);
 /* This rank's bytes over the models it serves. */
-void qs_models_device(const qs_daemon *d, uint64_t *weights, uint64_t *kv, uint32_t *count);
+void qs_models_device(const qs_daemon *d, uint64_t *weights, uint64_t *kv, uint64_t *workspace,
+                      uint32_t *count);
 /* Rank 0: the registry as messages, with footprints on devices of
  * device_mem bytes; free with qs_models_info_free. */
 int qs_models_info(const qs_daemon *d, uint64_t device_mem, Qshard__V1__ModelInfo ***out,
