@@ -375,20 +375,28 @@ static int calibrate(qs_served *s, const Qshard__V1__LoadRequest *r, const qs_mo
     return err;
 }
 
-static void progress(const qs_daemon *d, const qs_cmd *cmd, const char *stage, uint32_t layers,
-                     uint64_t total, double t0)
+/* Rank 0: one progress event on the Load stream (layer 0: a stage starts). */
+static void progress_at(const qs_daemon *d, const qs_cmd *cmd, const char *stage, uint32_t layer,
+                        uint32_t layers, uint64_t total, double t0)
 {
     if (d->rank != 0)
         return;
     Qshard__V1__LoadProgress pr = QSHARD__V1__LOAD_PROGRESS__INIT;
     Qshard__V1__LoadEvent ev = QSHARD__V1__LOAD_EVENT__INIT;
     pr.stage = (char *)stage;
+    pr.layer = layer;
     pr.layers = layers;
     pr.bytes_total = total;
     pr.seconds = qs_now() - t0;
     ev.event_case = QSHARD__V1__LOAD_EVENT__EVENT_PROGRESS;
     ev.progress = &pr;
     qs_cmd_stream(cmd, &ev);
+}
+
+static void progress(const qs_daemon *d, const qs_cmd *cmd, const char *stage, uint32_t layers,
+                     uint64_t total, double t0)
+{
+    progress_at(d, cmd, stage, 0, layers, total, t0);
 }
 
 /* Rank 0 in the group: a progress event per layer loaded. */
@@ -402,19 +410,8 @@ typedef struct load_ctx {
 
 static void on_layer(void *ctx, uint32_t done, uint32_t layers)
 {
-    load_ctx *l = ctx;
-    if (l->d->rank != 0)
-        return;
-    Qshard__V1__LoadProgress pr = QSHARD__V1__LOAD_PROGRESS__INIT;
-    Qshard__V1__LoadEvent ev = QSHARD__V1__LOAD_EVENT__INIT;
-    pr.stage = (char *)l->stage;
-    pr.layer = done;
-    pr.layers = layers;
-    pr.bytes_total = l->total;
-    pr.seconds = qs_now() - l->t0;
-    ev.event_case = QSHARD__V1__LOAD_EVENT__EVENT_PROGRESS;
-    ev.progress = &pr;
-    qs_cmd_stream(l->cmd, &ev);
+    const load_ctx *l = ctx;
+    progress_at(l->d, l->cmd, l->stage, done, layers, l->total, l->t0);
 }
 
 static int rank_bytes_part(const qs_rank_bytes *b, qs_buf *out)

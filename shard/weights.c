@@ -278,28 +278,6 @@ const qs_tensor_info *qs_weights_find(const qs_weights *w, const char *name)
 
 /* ---- Reading as fp32 ---------------------------------------------------- */
 
-float qs_half_to_float(uint16_t h)
-{
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0x1f) {
-        bits = sign | 0x7f800000u | (man << 13); /* Inf, NaN */
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man == 0) {
-        bits = sign;
-    } else { /* subnormal: normalise */
-        int e = -1;
-        do {
-            e++;
-            man <<= 1;
-        } while (!(man & 0x400));
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
-
 static uint16_t rd16(const uint8_t *p)
 {
     return (uint16_t)(p[0] | p[1] << 8);
@@ -321,7 +299,7 @@ static void row_to_f32(qs_dtype t, const uint8_t *p, uint64_t c0, uint64_t n, fl
         return;
     case QS_DTYPE_F16:
         for (uint64_t i = 0; i < n; i++)
-            dst[i] = qs_half_to_float(rd16(p + 2 * (c0 + i)));
+            dst[i] = qs_fp16_to_fp32(rd16(p + 2 * (c0 + i)));
         return;
     case QS_DTYPE_BF16:
         for (uint64_t i = 0; i < n; i++) {
@@ -343,12 +321,12 @@ static void row_to_f32(qs_dtype t, const uint8_t *p, uint64_t c0, uint64_t n, fl
     qs_dtype_block(t, &bb, &be);
     for (uint64_t b = c0 / 32; b * 32 < c0 + n; b++) {
         const uint8_t *blk = p + b * bb;
-        float v[32], d = qs_half_to_float(rd16(blk));
+        float v[32], d = qs_fp16_to_fp32(rd16(blk));
         if (t == QS_DTYPE_Q8_0) {
             for (int j = 0; j < 32; j++)
                 v[j] = d * (float)(int8_t)blk[2 + j];
         } else {
-            float m = t == QS_DTYPE_Q4_1 ? qs_half_to_float(rd16(blk + 2)) : -8.0f * d;
+            float m = t == QS_DTYPE_Q4_1 ? qs_fp16_to_fp32(rd16(blk + 2)) : -8.0f * d;
             const uint8_t *q = blk + (t == QS_DTYPE_Q4_1 ? 4 : 2);
             for (int j = 0; j < 16; j++) {
                 v[j] = d * (float)(q[j] & 0xf) + m;

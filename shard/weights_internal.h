@@ -55,7 +55,6 @@ char *qs_weights_strdup(qs_weights *w, const char *s, size_t n);
 void qs_dtype_block(qs_dtype t, uint64_t *bytes, uint64_t *elems);
 /* Sets t->nbytes from the shape and type, checking every bound. */
 int qs_tensor_size(qs_tensor_info *t);
-float qs_half_to_float(uint16_t h);
 
 int qs_gguf_parse(qs_weights *w, const uint8_t *base, size_t size);
 int qs_safetensors_parse(qs_weights *w, const uint8_t *base, size_t size);
