@@ -1150,11 +1150,13 @@ int qs_ctl_eval(qs_ctl_global *g, int argc, char **argv)
 
 static const char bench_help[] =
     "usage: qctl bench [options]\n"
-    "\nTimes the quantized GEMM/GEMV kernels on the daemon's devices against fp16.\n"
+    "\nTimes a quantized GEMM/GEMV kernel on the daemon's devices against the fp32\n"
+    "BLAS baseline on the same random weights (one copy: cache-resident shapes\n"
+    "flatter the kernel; qbench measures from DRAM).\n"
     "\noptions:\n"
     "  --shape MxK[,MxK...]  output x input features; repeatable (default: OPT-175B's)\n"
     "  --batch B             tokens per call, 1 for GEMV (default 1)\n" QUANT_HELP
-    "  --iterations N        timed calls per shape (default 100)\n"
+    "  --iterations N        timed calls per shape, median reported (default 20)\n"
     "  --gpus N              ranks that time it (default: all)\n";
 
 #define MAX_CLI_SHAPES 64

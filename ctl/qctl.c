@@ -22,7 +22,7 @@ static const char usage[] =
     "  stats             devices, memory and loaded models\n"
     "  generate M TEXT   stream a continuation of TEXT\n"
     "  eval M            perplexity on a text\n"
-    "  bench             time the quantized kernels against fp16\n"
+    "  bench             time a quantized kernel against the BLAS baseline\n"
     "  health            whether the daemon serves (exit 0) or not (exit 1)\n"
     "  shutdown          drain and stop the daemon\n"
     "\n"

@@ -546,7 +546,7 @@ static int validate_bench(qs_daemon *d, const ProtobufCMessage *req)
     if (r->batch > MAX_BATCH)
         return qs_seterr(QS_EINVAL, "batch must be 1..%u (0: 1), got %u", MAX_BATCH, r->batch);
     if (r->iterations > MAX_ITERATIONS)
-        return qs_seterr(QS_EINVAL, "iterations must be 1..%u (0: 100), got %u", MAX_ITERATIONS,
+        return qs_seterr(QS_EINVAL, "iterations must be 1..%u (0: 20), got %u", MAX_ITERATIONS,
                          r->iterations);
     return check_gpus(d, r->gpus);
 }
