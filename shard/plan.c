@@ -100,30 +100,52 @@ int qs_quant_check(qs_quant *q)
 
 /* ---- Tensor-parallel rules ---------------------------------------------- */
 
+qs_heads qs_tp_heads(const qs_model_config *m, uint32_t tp, uint32_t r)
+{
+    qs_heads h;
+    uint32_t group = m->heads / m->kv_heads;
+    if (m->kv_heads >= tp) {
+        uint32_t base = m->kv_heads / tp, extra = m->kv_heads % tp;
+        h.hkv = base + (r < extra);
+        h.kv_first = r * base + (r < extra ? r : extra);
+        h.hq = h.hkv * group;
+        h.q_first = h.kv_first * group;
+    } else {
+        h.hq = m->heads / tp;
+        h.q_first = r * h.hq;
+        h.hkv = 1;
+        h.kv_first = h.q_first / group;
+    }
+    return h;
+}
+
 /* Each reason a split fails, written into why (may be NULL). */
 static int tp_valid(const qs_model_config *m, const qs_quant *q, uint32_t tp, char *why, size_t n)
 {
     if (tp == 0)
         return snprintf(why, n, "the degree must be at least 1"), 0;
-    if (m->heads % tp)
-        return snprintf(why, n, "%u attention heads do not split %u ways", m->heads, tp), 0;
-    if (m->kv_heads % tp && tp % m->kv_heads)
-        return snprintf(why, n, "%u KV heads neither split %u ways nor replicate evenly",
-                        m->kv_heads, tp),
+    if (m->kv_heads < tp && (tp % m->kv_heads || m->heads % tp))
+        return snprintf(why, n,
+                        "%u KV heads on %u ranks would need copies: that takes a multiple "
+                        "of %u ranks dividing the %u query heads",
+                        m->kv_heads, tp, m->kv_heads, m->heads),
                0;
     if (m->ffn % tp)
         return snprintf(why, n, "FFN width %u does not split %u ways", m->ffn, tp), 0;
     if (is_weight_quantized(q->scheme) && q->group_size) {
-        uint32_t g = q->group_size, attn_in = m->heads / tp * m->head_dim, ffn_in = m->ffn / tp;
+        /* The attention shards differ by at most one KV head: check both. */
+        uint32_t g = q->group_size, ffn_in = m->ffn / tp;
+        uint32_t big = qs_tp_heads(m, tp, 0).hq * m->head_dim;
+        uint32_t small = qs_tp_heads(m, tp, tp - 1).hq * m->head_dim;
         if (m->hidden % g)
             return snprintf(why, n, "group size %u does not divide the hidden width %u", g,
                             m->hidden),
                    0;
-        if (attn_in % g)
+        if (big % g || small % g)
             return snprintf(why, n,
                             "group size %u does not divide the attention-output shard "
                             "width %u",
-                            g, attn_in),
+                            g, big % g ? big : small),
                    0;
         if (ffn_in % g)
             return snprintf(why, n, "group size %u does not divide the FFN shard width %u", g,
@@ -205,8 +227,9 @@ static void rank_bytes(const qs_model_config *m, const qs_quant *q, uint32_t tp,
                        const qs_workload *w, qs_rank_bytes *r)
 {
     uint64_t hd = m->head_dim, h = m->hidden, e = m->embed_dim;
-    uint64_t heads = cdiv(m->heads, tp);
-    uint64_t kv = m->kv_heads >= tp ? cdiv(m->kv_heads, tp) : 1; /* replicated below tp */
+    /* Rank 0 holds the most heads; an invalid tp (memory alone) is rounded up. */
+    qs_heads rank0 = qs_tp_heads(m, tp, 0);
+    uint64_t heads = m->kv_heads >= tp ? rank0.hq : cdiv(m->heads, tp), kv = rank0.hkv;
     uint64_t ffn = cdiv(m->ffn, tp);
     uint64_t vocab = cdiv(m->vocab, tp);
     uint64_t attn_in = heads * hd;

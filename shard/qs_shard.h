@@ -85,10 +85,22 @@ int qs_quant_check(qs_quant *q);
 /* ---- Tensor-parallel rules ---------------------------------------------- */
 
 /* The one place that says whether a model can be split tp ways with a
- * quantization: heads by tp; KV heads by tp, or tp by KV heads (replicated);
- * FFN by tp; every shard's input width by the group size. On failure the
- * message names the valid degrees up to 64. */
+ * quantization: at least as many KV heads as ranks (dealt out unevenly if
+ * need be, see qs_tp_heads), or tp a multiple of the KV heads (replicated)
+ * that divides the query heads; FFN by tp; every shard's input width by the
+ * group size. On failure the message names the valid degrees up to 64. */
 int qs_tp_check(const qs_model_config *m, const qs_quant *q, uint32_t tp);
+
+/* Rank r's attention heads on a valid tp-way split. KV heads are dealt out
+ * whole, the first kv_heads % tp ranks taking one more, each with the query
+ * heads that read it (SmolLM2's 3 KV heads on 2 ranks: 6 and 3 query heads).
+ * With fewer KV heads than ranks, query heads split evenly and each rank
+ * holds a copy of the one KV head they read. */
+typedef struct qs_heads {
+    uint32_t q_first, hq;   /* query heads [q_first, q_first + hq) */
+    uint32_t kv_first, hkv; /* KV heads [kv_first, kv_first + hkv) */
+} qs_heads;
+qs_heads qs_tp_heads(const qs_model_config *m, uint32_t tp, uint32_t r);
 
 /* ---- Memory plan -------------------------------------------------------- */
 
@@ -238,10 +250,13 @@ typedef struct qs_comm qs_comm; /* collectives/qs_collectives.h */
 typedef struct qs_model qs_model;
 
 /* SmoothQuant calibration statistics: per layer, the per-channel abs-max of
- * the two norm outputs that feed linear layers (q/k/v, and the FFN's first
- * layer), [layer][2][hidden]. They are the same on every rank of a split. */
+ * the four activations that feed linear layers, [layer][site][width]: the
+ * attention norm's output (q/k/v, hidden), the attention output (o, heads x
+ * head_dim), the FFN norm's output (up/gate, hidden) and the FFN's inner
+ * activation (down, ffn). Recorded over the whole width on any split. */
+enum { QS_CALIB_QKV, QS_CALIB_O, QS_CALIB_UP, QS_CALIB_DOWN, QS_CALIB_SITES };
 typedef struct qs_calib {
-    uint32_t layers, hidden;
+    uint32_t layers, hidden, attn, ffn;
     float *absmax;
 } qs_calib;
 int qs_calib_init(qs_calib *c, const qs_model_config *cfg);
@@ -255,7 +270,8 @@ typedef struct qs_model_opts {
     uint32_t max_slots;        /* sequences the KV cache holds at once (default 1) */
     uint32_t max_seq;          /* tokens per sequence (default min(context, 2048)) */
     unsigned bcq_iters;        /* BCQ refinement iterations (0: the quantizer's default) */
-    const qs_calib *calib;     /* W8A8: smooth with these statistics (NULL: no smoothing) */
+    const qs_calib *calib;     /* smooth with these statistics (NULL: none); exact in fp32, it
+                                * is for W8A8 (pre-LN models only) */
     float smooth_alpha;        /* SmoothQuant migration strength (0: 0.5) */
     /* Called after each layer is loaded (NULL: none), for progress bars. */
     void (*progress)(void *ctx, uint32_t layers_done, uint32_t layers);

@@ -148,8 +148,8 @@ static void test_tp_rules_name_the_valid_degrees(void **state)
     assert_non_null(strstr(qs_errmsg(), "valid degrees: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48"));
     assert_int_equal(qs_tp_check(m, &q, 0), QS_EINVAL);
 
-    /* smollm2: hidden 576 is not a multiple of 128; 9 heads split 1, 3, 9 ways
-     * but 3 KV heads only 1 and 3 ways (9 is a multiple of 3: replicated). */
+    /* smollm2: hidden 576 is not a multiple of 128; its 3 KV heads go 1, 2
+     * (unevenly) or 3 ways, or are copied on 9 ranks; not 4 ways. */
     m = qs_preset_find("smollm2-135m");
     q = (qs_quant){QS_SCHEME_BCQ, 4, 128};
     assert_int_equal(qs_tp_check(m, &q, 1), QS_EINVAL);
@@ -157,12 +157,46 @@ static void test_tp_rules_name_the_valid_degrees(void **state)
     assert_int_equal(qs_default_group(m), 96);
     q.group_size = 64;
     assert_int_equal(qs_tp_check(m, &q, 3), QS_OK);
-    assert_int_equal(qs_tp_check(m, &q, 2), QS_EINVAL);
+    assert_int_equal(qs_tp_check(m, &q, 2), QS_OK);
+    assert_int_equal(qs_tp_check(m, &q, 4), QS_EINVAL);
+    assert_non_null(strstr(qs_errmsg(), "valid degrees: 1, 2, 3"));
     /* opt-175b at tp 8 with g=1024: 12288 / 8 = 1536 is not a multiple. */
     m = qs_preset_find("opt-175b");
     q = (qs_quant){QS_SCHEME_BCQ, 3, 1024};
     assert_int_equal(qs_tp_check(m, &q, 4), QS_OK);
     assert_int_equal(qs_tp_check(m, &q, 8), QS_EINVAL);
+}
+
+/* Uneven splits deal out whole KV heads with their query heads; every head
+ * is held exactly once, or copied when there are fewer KV heads than ranks. */
+static void test_heads_are_dealt_out_whole(void **state)
+{
+    (void)state;
+    const qs_model_config *m = qs_preset_find("smollm2-135m"); /* 9 heads, 3 KV */
+    qs_heads h0 = qs_tp_heads(m, 2, 0), h1 = qs_tp_heads(m, 2, 1);
+    assert_int_equal(h0.q_first, 0), assert_int_equal(h0.hq, 6);
+    assert_int_equal(h0.kv_first, 0), assert_int_equal(h0.hkv, 2);
+    assert_int_equal(h1.q_first, 6), assert_int_equal(h1.hq, 3);
+    assert_int_equal(h1.kv_first, 2), assert_int_equal(h1.hkv, 1);
+    for (uint32_t r = 0; r < 9; r++) {
+        qs_heads h = qs_tp_heads(m, 9, r); /* one query head each, KV head copied */
+        assert_int_equal(h.q_first, r), assert_int_equal(h.hq, 1);
+        assert_int_equal(h.kv_first, r / 3), assert_int_equal(h.hkv, 1);
+    }
+    /* opt-175b's 96 heads on 64 ranks: 32 ranks hold 2, 32 hold 1, in order. */
+    m = qs_preset_find("opt-175b");
+    uint32_t next = 0;
+    for (uint32_t r = 0; r < 64; r++) {
+        qs_heads h = qs_tp_heads(m, 64, r);
+        assert_int_equal(h.q_first, next);
+        assert_int_equal(h.hq, r < 32 ? 2 : 1);
+        assert_int_equal(h.kv_first, h.q_first);
+        next += h.hq;
+    }
+    assert_int_equal(next, 96);
+    /* The plan counts rank 0, which holds the most. */
+    qs_plan p = plan("smollm2-135m", QS_SCHEME_FP16, 16, 0, 2, &default_w);
+    assert_int_equal(p.rank.kv_cache, 2ull * 30 * 512 * 2 * 64 * 2);
 }
 
 static void test_quant_and_workload_validation(void **state)
@@ -241,6 +275,7 @@ int main(void)
         cmocka_unit_test(test_opt175b_bytes_from_shapes),
         cmocka_unit_test(test_opt175b_split_and_kv_cache),
         cmocka_unit_test(test_gqa_replicates_kv_heads_beyond_their_count),
+        cmocka_unit_test(test_heads_are_dealt_out_whole),
         cmocka_unit_test(test_opt175b_gpu_counts_on_80gib),
         cmocka_unit_test(test_tp_rules_name_the_valid_degrees),
         cmocka_unit_test(test_quant_and_workload_validation),
