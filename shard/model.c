@@ -2,7 +2,7 @@
  * quantization, and the forward pass with a KV cache, on the CPU.
  *
  * Shapes on a rank of a tp-way split (see shard/plan.c):
- *   hq = heads / tp local query heads, hkv local KV heads, hd head size,
+ *   hq local query heads, hkv local KV heads (qs_tp_heads), hd head size,
  *   fr = ffn / tp, vr = ceil(vocab / tp) vocabulary rows
  *   q: hq*hd x H   k, v: hkv*hd x H   o: H x hq*hd   (then all-reduce)
  *   fc1 | gate, up: fr x H            fc2 | down: H x fr (then all-reduce)
@@ -347,6 +347,52 @@ static void norm_close(norm *n)
     free(n->b);
 }
 
+static int calib_check(const qs_calib *c, const qs_model_config *cfg);
+
+/* Where site's statistics of layer l start in a qs_calib (layout in qs_shard.h). */
+static size_t calib_at(const qs_calib *c, uint32_t l, int site)
+{
+    size_t H = c->hidden, A = c->attn, F = c->ffn, at = (size_t)l * (2 * H + A + F);
+    switch (site) {
+    case QS_CALIB_QKV:
+        return at;
+    case QS_CALIB_O:
+        return at + H;
+    case QS_CALIB_UP:
+        return at + H + A;
+    default:
+        return at + 2 * H + A;
+    }
+}
+
+static size_t calib_floats(const qs_calib *c)
+{
+    return calib_at(c, c->layers, QS_CALIB_QKV);
+}
+
+/* Each rank records the columns it computes: the maxima over the group give
+ * the whole statistics, whatever split recorded them. */
+static int calib_merge(qs_model *m, const qs_calib *c, float **out)
+{
+    size_t n = calib_floats(c), P = (size_t)m->size;
+    float *all = malloc(n * P * sizeof *all), *mx = malloc(n * sizeof *mx);
+    int err = !all || !mx ? qs_seterr(QS_ENOMEM, "out of memory for SmoothQuant statistics")
+                          : qs_comm_allgather(m->tp, c->absmax, all, n, QS_COLL_F32, QS_COLL_HOST);
+    if (!err) {
+        memcpy(mx, all, n * sizeof *mx);
+        for (size_t r = 1; r < P; r++)
+            for (size_t i = 0; i < n; i++)
+                mx[i] = fmaxf(mx[i], all[r * n + i]);
+    }
+    free(all);
+    if (err) {
+        free(mx);
+        mx = NULL;
+    }
+    *out = mx;
+    return err;
+}
+
 /* SmoothQuant at one norm-fed input: s_j from the calibration abs-max of
  * the norm's output and the column abs-max of every weight it feeds, over
  * the whole model (a column's rows are spread over the ranks, so the maxima
@@ -383,7 +429,92 @@ out:
     return err;
 }
 
-static int load_layer(qs_model *m, const source *s, int l, const qs_model_opts *o)
+/* SmoothQuant between two linears: P's output rows reach C's input columns
+ * through an operation that commutes with a positive scale per channel
+ * (attention's weighted sum of V, ReLU, the product with SwiGLU's gate), so
+ * 1/s folded into P's rows and bias and s into C's columns leave fp32
+ * outputs unchanged. C column j reads P row map[j] (GQA: one V row feeds the
+ * same dimension of several query heads), so s is one factor per P row, from
+ * the maxima over its columns. C is row-parallel: its columns are whole on
+ * this rank and need no gather. */
+static int smooth_pair(const float *act, float *Wp, float *bias, size_t rows, size_t K, float *Wc,
+                       size_t N, size_t cols, const uint32_t *map, float alpha)
+{
+    float *amax = calloc(2 * rows, sizeof *amax), *s = malloc(rows * sizeof *s);
+    float *wmax = amax + rows;
+    int err = QS_OK;
+    if (!amax || !s) {
+        err = qs_seterr(QS_ENOMEM, "out of memory for SmoothQuant factors");
+        goto out;
+    }
+    for (size_t j = 0; j < cols; j++)
+        amax[map[j]] = fmaxf(amax[map[j]], act[j]);
+    for (size_t n = 0; n < N; n++)
+        for (size_t j = 0; j < cols; j++)
+            wmax[map[j]] = fmaxf(wmax[map[j]], fabsf(Wc[n * cols + j]));
+    const float *one[1] = {wmax};
+    size_t n1 = 1;
+    if ((err = qs_smooth_scales(amax, rows, one, &n1, 1, alpha, s)))
+        goto out;
+    for (size_t r = 0; r < rows; r++) {
+        float inv = 1.0f / s[r];
+        for (size_t k = 0; k < K; k++)
+            Wp[r * K + k] *= inv;
+        if (bias)
+            bias[r] *= inv;
+    }
+    for (size_t n = 0; n < N; n++)
+        for (size_t j = 0; j < cols; j++)
+            Wc[n * cols + j] *= s[map[j]];
+out:
+    free(amax);
+    free(s);
+    return err;
+}
+
+/* W8A8 with calibration: all four inputs smoothed. q/k/v and up/gate are
+ * fed by a norm (SmoothQuant's reference code smooths these two); o and
+ * down by V and up, which matters on Llama: the FFN's inner activation
+ * carries the largest outliers, and per-token quantization of it costs the
+ * most. Post-LN OPT has no norm in front of q/k/v to fold into. */
+static int smooth_layer(qs_model *m, int l, const float *calib, float alpha, float *Wq, float *Wk,
+                        float *Wv, float *Wo, float *Wu, float *Wg, float *Wd)
+{
+    const qs_model_config *c = &m->cfg;
+    layer *L = &m->layers[l];
+    qs_calib shape = {c->layers, c->hidden, c->heads * c->head_dim, c->ffn, NULL};
+    size_t H = c->hidden, hd = m->hd, cols = (size_t)m->hq * hd, F = m->fr;
+    float *qkv[3] = {Wq, Wk, Wv}, *ffn[2] = {Wu, Wg};
+    size_t nqkv[3] = {L->q.N, L->k.N, L->v.N}, nffn[2] = {L->up.N, L->gate.N};
+    uint32_t *map = malloc((cols > F ? cols : F) * sizeof *map);
+    if (!map)
+        return qs_seterr(QS_ENOMEM, "out of memory for SmoothQuant factors");
+    int err = smooth_site(m, calib + calib_at(&shape, (uint32_t)l, QS_CALIB_QKV), &L->attn_norm,
+                          qkv, nqkv, 3, alpha);
+    if (!err)
+        err = smooth_site(m, calib + calib_at(&shape, (uint32_t)l, QS_CALIB_UP), &L->ffn_norm, ffn,
+                          nffn, Wg ? 2 : 1, alpha);
+    if (!err) {
+        uint32_t group = c->heads / c->kv_heads;
+        for (size_t j = 0; j < cols; j++)
+            map[j] = ((m->q_first + (uint32_t)(j / hd)) / group - m->kv_first) * (uint32_t)hd +
+                     (uint32_t)(j % hd);
+        err = smooth_pair(calib + calib_at(&shape, (uint32_t)l, QS_CALIB_O) + m->q_first * hd, Wv,
+                          L->v.bias, L->v.N, H, Wo, L->o.N, cols, map, alpha);
+    }
+    if (!err) {
+        for (size_t j = 0; j < F; j++)
+            map[j] = (uint32_t)j;
+        err = smooth_pair(calib + calib_at(&shape, (uint32_t)l, QS_CALIB_DOWN) +
+                              (size_t)m->rank * m->fr,
+                          Wu, L->up.bias, L->up.N, H, Wd, L->down.N, F, map, alpha);
+    }
+    free(map);
+    return err;
+}
+
+static int load_layer(qs_model *m, const source *s, int l, const qs_model_opts *o,
+                      const float *calib)
 {
     const qs_model_config *c = &m->cfg;
     layer *L = &m->layers[l];
@@ -406,17 +537,9 @@ static int load_layer(qs_model *m, const source *s, int l, const qs_model_opts *
         (c->gated_ffn &&
          (err = read_linear(m, s, R_GATE, l, &L->gate, F, H, f0, m->fr, 0, H, 0, &Wg))))
         goto out;
-    /* W8A8 with calibration: smooth the two norm-fed inputs (q/k/v and the
-     * FFN's first layer), as SmoothQuant's reference code does. Post-LN OPT
-     * has no norm in front of them to fold into. */
-    if (m->quant.scheme == QS_SCHEME_W8A8 && o->calib && c->final_norm) {
-        float alpha = o->smooth_alpha > 0 ? o->smooth_alpha : 0.5f;
-        m->smooth_alpha = alpha;
-        const float *act = o->calib->absmax + (size_t)l * 2 * H;
-        float *qkv[3] = {Wq, Wk, Wv}, *ffn[2] = {Wu, Wg};
-        size_t nqkv[3] = {L->q.N, L->k.N, L->v.N}, nffn[2] = {L->up.N, L->gate.N};
-        if ((err = smooth_site(m, act, &L->attn_norm, qkv, nqkv, 3, alpha)) ||
-            (err = smooth_site(m, act + H, &L->ffn_norm, ffn, nffn, Wg ? 2 : 1, alpha)))
+    if (calib) {
+        m->smooth_alpha = o->smooth_alpha > 0 ? o->smooth_alpha : 0.5f;
+        if ((err = smooth_layer(m, l, calib, m->smooth_alpha, Wq, Wk, Wv, Wo, Wu, Wg, Wd)))
             goto out;
     }
     /* Quantize; finish_linear takes ownership of each array. */
@@ -504,15 +627,9 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
     m->rank = qs_comm_rank(tp);
     m->size = (int)size;
     m->hd = cfg->head_dim;
-    m->hq = cfg->heads / size;
-    m->q_first = (uint32_t)m->rank * m->hq;
-    if (cfg->kv_heads >= size) {
-        m->hkv = cfg->kv_heads / size;
-        m->kv_first = (uint32_t)m->rank * m->hkv;
-    } else { /* fewer KV heads than ranks: each rank holds the one its queries use */
-        m->hkv = 1;
-        m->kv_first = m->q_first / (cfg->heads / cfg->kv_heads);
-    }
+    qs_heads heads = qs_tp_heads(cfg, size, (uint32_t)m->rank);
+    m->hq = heads.hq, m->q_first = heads.q_first;
+    m->hkv = heads.hkv, m->kv_first = heads.kv_first;
     m->fr = cfg->ffn / size;
     m->vr = (cfg->vocab + size - 1) / size;
     m->v_first = (uint32_t)m->rank * m->vr;
@@ -527,6 +644,7 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
     }
 
     qs_weights *file = NULL;
+    float *calib = NULL; /* SmoothQuant statistics, merged over the group */
     source s = {.seed = opts->seed, .outliers = opts->outlier_channels, .cfg = &m->cfg};
     if (opts->weights && !qs_is_checkpoint(opts->weights)) {
         if ((err = qs_weights_open(opts->weights, &file)))
@@ -551,8 +669,11 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
             goto fail;
         goto cache;
     }
+    if (opts->calib && cfg->final_norm &&
+        ((err = calib_check(opts->calib, cfg)) || (err = calib_merge(m, opts->calib, &calib))))
+        goto fail;
     for (uint32_t l = 0; l < cfg->layers; l++) {
-        if ((err = load_layer(m, &s, (int)l, opts)))
+        if ((err = load_layer(m, &s, (int)l, opts, calib)))
             goto fail;
         if (opts->progress)
             opts->progress(opts->progress_ctx, l + 1, cfg->layers);
@@ -592,10 +713,12 @@ cache:
     m->bytes.kv_cache = 2 * kv * sizeof(float);
     m->bytes.total = m->bytes.linear + m->bytes.fp16 + m->bytes.kv_cache;
     qs_weights_close(file);
+    free(calib);
     *out = m;
     return QS_OK;
 fail:
     qs_weights_close(file);
+    free(calib);
     qs_model_close(m);
     return err;
 }
@@ -756,16 +879,17 @@ static int reduce(qs_model *m, float *y, size_t count)
     return err;
 }
 
-/* SmoothQuant calibration: the per-channel abs-max of a norm's output. */
-static void record_absmax(qs_model *m, uint32_t l, int site, const float *h, size_t n)
+/* SmoothQuant calibration: the per-channel abs-max of one linear input, n
+ * tokens of width columns starting at column first of the site's statistics. */
+static void record_absmax(qs_model *m, uint32_t l, int site, const float *h, size_t n, size_t first,
+                          size_t width)
 {
     if (!m->record)
         return;
-    size_t H = m->cfg.hidden;
-    float *mx = m->record->absmax + ((size_t)l * 2 + site) * H;
+    float *mx = m->record->absmax + calib_at(m->record, l, site) + first;
     for (size_t i = 0; i < n; i++)
-        for (size_t j = 0; j < H; j++)
-            mx[j] = fmaxf(mx[j], fabsf(h[i * H + j]));
+        for (size_t j = 0; j < width; j++)
+            mx[j] = fmaxf(mx[j], fabsf(h[i * width + j]));
 }
 
 static int layer_forward(qs_model *m, uint32_t l, size_t n, const uint32_t *slot,
@@ -782,7 +906,7 @@ static int layer_forward(qs_model *m, uint32_t l, size_t n, const uint32_t *slot
     if (pre) {
         norm_forward(&L->attn_norm, s->x, n, H, c->norm_eps, s->h);
         in = s->h;
-        record_absmax(m, l, 0, s->h, n);
+        record_absmax(m, l, QS_CALIB_QKV, s->h, n, 0, H);
     }
     if ((err = linear_forward(&L->q, in, n, s->q)) || (err = linear_forward(&L->k, in, n, s->k)) ||
         (err = linear_forward(&L->v, in, n, s->v)))
@@ -799,6 +923,7 @@ static int layer_forward(qs_model *m, uint32_t l, size_t n, const uint32_t *slot
         memcpy(m->vcache + at, s->v + i * m->hkv * hd, m->hkv * hd * sizeof(float));
     }
     attention(m, l, n, s->q, slot, pos, s->att);
+    record_absmax(m, l, QS_CALIB_O, s->att, n, (size_t)m->q_first * hd, (size_t)m->hq * hd);
     if ((err = linear_forward(&L->o, s->att, n, s->proj)) || (err = reduce(m, s->proj, n * H)))
         return err;
     for (size_t i = 0; i < n * H; i++)
@@ -811,7 +936,7 @@ static int layer_forward(qs_model *m, uint32_t l, size_t n, const uint32_t *slot
     if (pre) {
         norm_forward(&L->ffn_norm, s->x, n, H, c->norm_eps, s->h);
         in = s->h;
-        record_absmax(m, l, 1, s->h, n);
+        record_absmax(m, l, QS_CALIB_UP, s->h, n, 0, H);
     }
     if ((err = linear_forward(&L->up, in, n, s->ff1)))
         return err;
@@ -827,6 +952,7 @@ static int layer_forward(qs_model *m, uint32_t l, size_t n, const uint32_t *slot
         for (size_t i = 0; i < nf; i++)
             s->ff1[i] = s->ff1[i] > 0 ? s->ff1[i] : 0;
     }
+    record_absmax(m, l, QS_CALIB_DOWN, s->ff1, n, (size_t)m->rank * m->fr, m->fr);
     if ((err = linear_forward(&L->down, s->ff1, n, s->proj)) || (err = reduce(m, s->proj, n * H)))
         return err;
     for (size_t i = 0; i < n * H; i++)
@@ -988,9 +1114,8 @@ out:
 
 int qs_calib_init(qs_calib *c, const qs_model_config *cfg)
 {
-    c->layers = cfg->layers;
-    c->hidden = cfg->hidden;
-    c->absmax = calloc((size_t)cfg->layers * 2 * cfg->hidden, sizeof(float));
+    *c = (qs_calib){cfg->layers, cfg->hidden, cfg->heads * cfg->head_dim, cfg->ffn, NULL};
+    c->absmax = calloc(calib_floats(c), sizeof(float));
     return c->absmax ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory for calibration statistics");
 }
 
@@ -1000,11 +1125,21 @@ void qs_calib_close(qs_calib *c)
     c->absmax = NULL;
 }
 
+static int calib_check(const qs_calib *c, const qs_model_config *cfg)
+{
+    if (c->layers != cfg->layers || c->hidden != cfg->hidden ||
+        c->attn != cfg->heads * cfg->head_dim || c->ffn != cfg->ffn || !c->absmax)
+        return qs_seterr(QS_EINVAL,
+                         "calibration statistics for %u layers (widths %u, %u, %u) do not fit "
+                         "%s: calibrate on the same model",
+                         c->layers, c->hidden, c->attn, c->ffn, cfg->name);
+    return QS_OK;
+}
+
 int qs_model_record(qs_model *m, qs_calib *c)
 {
-    if (c && (c->layers != m->cfg.layers || c->hidden != m->cfg.hidden))
-        return qs_seterr(QS_EINVAL, "calibration statistics for %u layers x %u do not fit %s",
-                         c->layers, c->hidden, m->cfg.name);
-    m->record = c;
-    return QS_OK;
+    int err = c ? calib_check(c, &m->cfg) : QS_OK;
+    if (!err)
+        m->record = c;
+    return err;
 }

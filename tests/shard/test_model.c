@@ -705,15 +705,15 @@ static void run_synthetic(qs_comm *all)
     uint32_t slot[4] = {0}, pos[4] = {0, 1, 2, 3};
     float *a = malloc(c.vocab * sizeof *a), *b = malloc(c.vocab * sizeof *b);
     qs_model *m;
-    if (world == 1 || world == 3) {
-        /* tp must divide 9 heads and 3 KV heads: 1 or 3 ranks */
+    if (world <= 3) {
+        /* 3 KV heads: 1, 2 (unevenly: 6 and 3 query heads) or 3 ranks */
         err = qs_model_init(&c, &o, all, &m);
         CHECK(err == QS_OK, "synthetic init on %d", world);
         err = qs_model_forward(m, 4, tok, slot, pos, 3, a);
         CHECK(err == QS_OK, "synthetic forward");
         qs_model_close(m);
     } else {
-        /* 2 or 4 ranks cannot split smollm2: the check must say so. */
+        /* 4 ranks cannot split smollm2: the check must say so. */
         err = qs_model_init(&c, &o, all, &m);
         CHECK(err == QS_EINVAL && strstr(qs_errmsg(), "valid degrees"), "invalid split accepted");
         c = *qs_preset_find("opt-125m");
@@ -741,14 +741,19 @@ static void run_synthetic(qs_comm *all)
     free(a), free(b);
 }
 
-/* SmoothQuant: with outlier activation channels, W8A8 after calibration
- * must be closer to the fp model than W8A8 without it. */
-static void run_smoothquant(qs_comm *all)
+/* SmoothQuant: folding the factors is exact in fp32 (an fp16-scheme model
+ * loaded with the statistics gives the same logits), and with outlier
+ * activation channels W8A8 after calibration is closer to the fp model than
+ * W8A8 without it. opt-125m smooths per head; smollm2 folds o's factors
+ * into V rows that several query heads share, on an uneven split at 2 ranks. */
+static void run_smoothquant(qs_comm *all, const char *name)
 {
-    qs_model_config c = *qs_preset_find("opt-125m");
+    qs_model_config c = *qs_preset_find(name);
     c.layers = 2;
     qs_model_opts o = {
         .quant = {QS_SCHEME_FP16, 16, 0}, .seed = 7, .outlier_channels = 8, .max_seq = 64};
+    if (qs_tp_check(&c, &o.quant, (uint32_t)world) != QS_OK)
+        return;
     enum { T = 24 };
     int32_t tok[T];
     uint32_t slot[T] = {0}, pos[T];
@@ -780,6 +785,15 @@ static void run_smoothquant(qs_comm *all)
     for (size_t i = 0; i < V; i++)
         ref[i] = fp[i];
 
+    o.calib = &cal;
+    err = qs_model_init(&c, &o, all, &m);
+    if (!err)
+        err = qs_model_forward(m, T, tok, slot, pos, T - 1, q);
+    CHECK(err == QS_OK, "smoothquant: fp16 smoothed");
+    double exact = err ? 1 : rel_l2(q, ref, V);
+    qs_model_close(m);
+    CHECK(exact < 1e-5, "%s: smoothing changed fp32 logits by relative L2 %.3g", name, exact);
+
     double e[2] = {0, 0};
     for (int smooth = 0; smooth < 2; smooth++) {
         o.quant = (qs_quant){QS_SCHEME_W8A8, 8, 0};
@@ -793,10 +807,10 @@ static void run_smoothquant(qs_comm *all)
         qs_model_close(m);
     }
     if (rank == 0)
-        printf("opt-125m (2 layers, 8 outlier channels) W8A8 on %d ranks: relative L2 %.4f "
-               "without smoothing, %.4f with\n",
-               world, e[0], e[1]);
-    CHECK(e[1] < e[0], "smoothing did not help: %.4f vs %.4f", e[1], e[0]);
+        printf("%s (2 layers, 8 outlier channels) on %d ranks: fp32 smoothed vs not %.2g; W8A8 "
+               "relative L2 %.4f without smoothing, %.4f with\n",
+               name, world, exact, e[0], e[1]);
+    CHECK(e[1] < e[0], "%s: smoothing did not help: %.4f vs %.4f", name, e[1], e[0]);
     qs_calib_close(&cal);
     free(fp), free(q), free(ref);
 }
@@ -871,7 +885,8 @@ int main(int argc, char **argv)
     run_model(comm, dir, 0);
     run_model(comm, dir, 1);
     run_synthetic(comm);
-    run_smoothquant(comm);
+    run_smoothquant(comm, "opt-125m");
+    run_smoothquant(comm, "smollm2-135m");
     run_bigger_than_a_rank(comm);
 
     int total = 0;
