@@ -1009,7 +1009,10 @@ int qs_ctl_generate(qs_ctl_global *g, int argc, char **argv)
         }
         print_json(j);
     } else {
+        /* The summary goes to stderr: the text must be out first when both
+         * land in one file. */
         putchar('\n');
+        fflush(stdout);
         if (x.done)
             fprintf(stderr, "[%u tokens, %s; first token %.3f s, %.1f tokens/s, seed %llu]\n",
                     x.done->generated_tokens, x.done->finish_reason, x.done->first_token_seconds,
