@@ -153,7 +153,10 @@ int qs_bcq_from_rtn(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q,
  * bits, then the best of the 2^q levels per weight for alpha and z, until the
  * error stops falling or max_iters (0: default 20). The RTN point is refined
  * the same way and the better of the two kept, so the result is never worse
- * than RTN. out is initialized here. */
+ * than RTN in that error. The error is the squared error; for q <= 3 each
+ * weight's is scaled by 1 + (w - mean)^2 / var of its group, so that the fit
+ * does not clip the few large weights (plain MSE did, and collapsed
+ * SmolLM2-135M at 3 bits row-wise). out is initialized here. */
 int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q, size_t g,
                     unsigned max_iters);
 

@@ -86,6 +86,36 @@ static void test_bcq_beats_rtn(void **state)
     free(W), free(D);
 }
 
+/* A few large weights in a long row (SmolLM2-135M's blk.11.ffn_down has
+ * 6.07 and 5.88 in a row of RMS 0.6): at 3 bits row-wise, a plain
+ * least-squares fit clipped them to 1.74 and the model collapsed. They must
+ * keep at least 3/4 of their size, at every q <= 3, row-wise and grouped. */
+static void test_bcq_keeps_large_weights(void **state)
+{
+    (void)state;
+    const size_t N = 16, K = 1536, gs_list[] = {0, 96 * 4};
+    float *W = malloc(N * K * 4), *D = malloc(N * K * 4);
+    for (unsigned q = 1; q <= 3; q++)
+        for (size_t gi = 0; gi < 2; gi++) {
+            tu_fill_gauss(W, N * K, 0.6);
+            for (size_t n = 0; n < N; n++) /* two at 10 sigma, random places and signs */
+                for (int j = 0; j < 2; j++)
+                    W[n * K + tu_u64() % K] = (tu_u64() & 1 ? 6.0f : -6.0f);
+            qs_bcq b;
+            assert_int_equal(qs_bcq_quantize(&b, W, N, K, q, gs_list[gi], 0), QS_OK);
+            qs_bcq_dequant(&b, D);
+            double worst = 1;
+            for (size_t i = 0; i < N * K; i++)
+                if (fabsf(W[i]) == 6.0f && D[i] * W[i] / 36.0 < worst)
+                    worst = D[i] * W[i] / 36.0;
+            printf("# q=%u g=%zu: large weights kept at >= %.2f of their size\n", q, gs_list[gi],
+                   worst);
+            assert_true(q == 1 || worst >= 0.75);
+            qs_bcq_close(&b);
+        }
+    free(W), free(D);
+}
+
 /* LayerNorm(x) * gamma + beta feeding two linears: folding the SmoothQuant
  * scales leaves the fp32 outputs unchanged, and shrinks the activation
  * outlier ratio that int8 has to cover. */
@@ -167,6 +197,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_rtn_as_bcq),
         cmocka_unit_test(test_bcq_beats_rtn),
+        cmocka_unit_test(test_bcq_keeps_large_weights),
         cmocka_unit_test(test_smoothquant),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
