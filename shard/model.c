@@ -371,8 +371,9 @@ static size_t calib_floats(const qs_calib *c)
 }
 
 /* Each rank records the columns it computes: the maxima over the group give
- * the whole statistics, whatever split recorded them. */
-static int calib_merge(qs_model *m, const qs_calib *c, float **out)
+ * the whole statistics, whatever split recorded them. out->absmax is owned
+ * by the caller. */
+static int calib_merge(qs_model *m, const qs_calib *c, qs_calib *out)
 {
     size_t n = calib_floats(c), P = (size_t)m->size;
     float *all = malloc(n * P * sizeof *all), *mx = malloc(n * sizeof *mx);
@@ -389,7 +390,8 @@ static int calib_merge(qs_model *m, const qs_calib *c, float **out)
         free(mx);
         mx = NULL;
     }
-    *out = mx;
+    *out = *c;
+    out->absmax = mx;
     return err;
 }
 
@@ -477,36 +479,34 @@ out:
  * down by V and up, which matters on Llama: the FFN's inner activation
  * carries the largest outliers, and per-token quantization of it costs the
  * most. Post-LN OPT has no norm in front of q/k/v to fold into. */
-static int smooth_layer(qs_model *m, int l, const float *calib, float alpha, float *Wq, float *Wk,
-                        float *Wv, float *Wo, float *Wu, float *Wg, float *Wd)
+static int smooth_layer(qs_model *m, uint32_t l, const qs_calib *cal, float alpha, float *Wq,
+                        float *Wk, float *Wv, float *Wo, float *Wu, float *Wg, float *Wd)
 {
     const qs_model_config *c = &m->cfg;
     layer *L = &m->layers[l];
-    qs_calib shape = {c->layers, c->hidden, c->heads * c->head_dim, c->ffn, NULL};
     size_t H = c->hidden, hd = m->hd, cols = (size_t)m->hq * hd, F = m->fr;
     float *qkv[3] = {Wq, Wk, Wv}, *ffn[2] = {Wu, Wg};
     size_t nqkv[3] = {L->q.N, L->k.N, L->v.N}, nffn[2] = {L->up.N, L->gate.N};
     uint32_t *map = malloc((cols > F ? cols : F) * sizeof *map);
     if (!map)
         return qs_seterr(QS_ENOMEM, "out of memory for SmoothQuant factors");
-    int err = smooth_site(m, calib + calib_at(&shape, (uint32_t)l, QS_CALIB_QKV), &L->attn_norm,
-                          qkv, nqkv, 3, alpha);
+    int err = smooth_site(m, cal->absmax + calib_at(cal, l, QS_CALIB_QKV), &L->attn_norm, qkv, nqkv,
+                          3, alpha);
     if (!err)
-        err = smooth_site(m, calib + calib_at(&shape, (uint32_t)l, QS_CALIB_UP), &L->ffn_norm, ffn,
-                          nffn, Wg ? 2 : 1, alpha);
+        err = smooth_site(m, cal->absmax + calib_at(cal, l, QS_CALIB_UP), &L->ffn_norm, ffn, nffn,
+                          Wg ? 2 : 1, alpha);
     if (!err) {
         uint32_t group = c->heads / c->kv_heads;
         for (size_t j = 0; j < cols; j++)
             map[j] = ((m->q_first + (uint32_t)(j / hd)) / group - m->kv_first) * (uint32_t)hd +
                      (uint32_t)(j % hd);
-        err = smooth_pair(calib + calib_at(&shape, (uint32_t)l, QS_CALIB_O) + m->q_first * hd, Wv,
+        err = smooth_pair(cal->absmax + calib_at(cal, l, QS_CALIB_O) + m->q_first * hd, Wv,
                           L->v.bias, L->v.N, H, Wo, L->o.N, cols, map, alpha);
     }
     if (!err) {
         for (size_t j = 0; j < F; j++)
             map[j] = (uint32_t)j;
-        err = smooth_pair(calib + calib_at(&shape, (uint32_t)l, QS_CALIB_DOWN) +
-                              (size_t)m->rank * m->fr,
+        err = smooth_pair(cal->absmax + calib_at(cal, l, QS_CALIB_DOWN) + (size_t)m->rank * m->fr,
                           Wu, L->up.bias, L->up.N, H, Wd, L->down.N, F, map, alpha);
     }
     free(map);
@@ -514,7 +514,7 @@ static int smooth_layer(qs_model *m, int l, const float *calib, float alpha, flo
 }
 
 static int load_layer(qs_model *m, const source *s, int l, const qs_model_opts *o,
-                      const float *calib)
+                      const qs_calib *calib)
 {
     const qs_model_config *c = &m->cfg;
     layer *L = &m->layers[l];
@@ -539,7 +539,8 @@ static int load_layer(qs_model *m, const source *s, int l, const qs_model_opts *
         goto out;
     if (calib) {
         m->smooth_alpha = o->smooth_alpha > 0 ? o->smooth_alpha : 0.5f;
-        if ((err = smooth_layer(m, l, calib, m->smooth_alpha, Wq, Wk, Wv, Wo, Wu, Wg, Wd)))
+        if ((err =
+                 smooth_layer(m, (uint32_t)l, calib, m->smooth_alpha, Wq, Wk, Wv, Wo, Wu, Wg, Wd)))
             goto out;
     }
     /* Quantize; finish_linear takes ownership of each array. */
@@ -644,7 +645,7 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
     }
 
     qs_weights *file = NULL;
-    float *calib = NULL; /* SmoothQuant statistics, merged over the group */
+    qs_calib merged = {0}; /* SmoothQuant statistics, merged over the group */
     source s = {.seed = opts->seed, .outliers = opts->outlier_channels, .cfg = &m->cfg};
     if (opts->weights && !qs_is_checkpoint(opts->weights)) {
         if ((err = qs_weights_open(opts->weights, &file)))
@@ -670,10 +671,10 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
         goto cache;
     }
     if (opts->calib && cfg->final_norm &&
-        ((err = calib_check(opts->calib, cfg)) || (err = calib_merge(m, opts->calib, &calib))))
+        ((err = calib_check(opts->calib, cfg)) || (err = calib_merge(m, opts->calib, &merged))))
         goto fail;
     for (uint32_t l = 0; l < cfg->layers; l++) {
-        if ((err = load_layer(m, &s, (int)l, opts, calib)))
+        if ((err = load_layer(m, &s, (int)l, opts, merged.absmax ? &merged : NULL)))
             goto fail;
         if (opts->progress)
             opts->progress(opts->progress_ctx, l + 1, cfg->layers);
@@ -713,12 +714,12 @@ cache:
     m->bytes.kv_cache = 2 * kv * sizeof(float);
     m->bytes.total = m->bytes.linear + m->bytes.fp16 + m->bytes.kv_cache;
     qs_weights_close(file);
-    free(calib);
+    qs_calib_close(&merged);
     *out = m;
     return QS_OK;
 fail:
     qs_weights_close(file);
-    free(calib);
+    qs_calib_close(&merged);
     qs_model_close(m);
     return err;
 }

@@ -100,6 +100,15 @@ int qs_rtn_dequant(const qs_rtn *r, float *W)
     return QS_OK;
 }
 
+/* RTN's grid as a BCQ point, in fp16: alpha_i = s 2^i / 2,
+ * z = s ((2^q - 1) / 2 - zp). */
+static void rtn_as_bcq(float s, float zp, unsigned q, uint16_t *alpha, uint16_t *z)
+{
+    for (unsigned i = 0; i < q; i++)
+        alpha[i] = qs_fp32_to_fp16(s * (float)(1u << i) * 0.5f);
+    *z = qs_fp32_to_fp16(s * ((float)((1u << q) - 1) * 0.5f - zp));
+}
+
 /* Writes per-element codes (bit i = plane i, 1 = +1) of rows [0, N) into the
  * bit-planes of w in its word order. */
 static void pack_codes(qs_bcq *w, const uint8_t *codes)
@@ -131,12 +140,11 @@ int qs_bcq_from_rtn(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q,
     size_t ng = qs_bcq_ngroups(K, g);
     for (size_t n = 0; n < N; n++)
         for (size_t gi = 0; gi < ng; gi++) {
-            float s = r.scale[n * ng + gi], zp = r.zero[n * ng + gi];
+            uint16_t a[8], z;
+            rtn_as_bcq(r.scale[n * ng + gi], r.zero[n * ng + gi], q, a, &z);
             for (unsigned i = 0; i < q; i++)
-                out->alpha[qs_bcq_alpha_index(out, i, n, gi)] =
-                    qs_fp32_to_fp16(s * (float)(1u << i) * 0.5f);
-            out->z[qs_bcq_z_index(out, n, gi)] =
-                qs_fp32_to_fp16(s * ((float)((1u << q) - 1) * 0.5f - zp));
+                out->alpha[qs_bcq_alpha_index(out, i, n, gi)] = a[i];
+            out->z[qs_bcq_z_index(out, n, gi)] = z;
         }
     pack_codes(out, r.codes);
     qs_rtn_close(&r);
@@ -293,7 +301,8 @@ int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q,
 #pragma omp parallel reduction(| : nomem)
     {
         double *w = malloc(gs * sizeof(double)), *h = malloc(gs * sizeof(double));
-        uint8_t *c2 = malloc(gs);
+        uint8_t *c2 = malloc(2 * gs); /* refined RTN codes, then plain RTN codes */
+        uint8_t *c3 = c2 ? c2 + gs : NULL;
         lvl *L = malloc(256 * sizeof(lvl));
         nomem = !w || !h || !c2 || !L;
 #pragma omp for schedule(dynamic, 4)
@@ -342,7 +351,7 @@ int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q,
             float s, zp;
             rtn_params(W + n * K + gi * gs, gs, q, &s, &zp);
             for (size_t k = 0; k < gs; k++)
-                c2[k] = rtn_code(W[n * K + gi * gs + k], s, zp, q);
+                c2[k] = c3[k] = rtn_code(W[n * K + gi * gs + k], s, zp, q);
             double e2 = refine(w, h, gs, q, max_iters, c2, a2, &z2, L);
             if (e2 < e1) {
                 memcpy(c1, c2, gs);
@@ -351,17 +360,18 @@ int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q,
             }
             /* The weighted fit may lose to plain RTN in plain squared error
              * (q = 1 on heavy tails); RTN then, which clips nothing. */
+            uint16_t ra[8], rz;
+            rtn_as_bcq(s, zp, q, ra, &rz);
             for (unsigned i = 0; i < q; i++)
-                a2[i] = qs_fp16_to_fp32(qs_fp32_to_fp16(s * (float)(1u << i) * 0.5f));
-            z2 = qs_fp16_to_fp32(qs_fp32_to_fp16(s * ((float)((1u << q) - 1) * 0.5f - zp)));
+                a2[i] = qs_fp16_to_fp32(ra[i]);
+            z2 = qs_fp16_to_fp32(rz);
             double p1 = 0, p2 = 0;
             for (size_t k = 0; k < gs; k++) {
-                c2[k] = rtn_code(W[n * K + gi * gs + k], s, zp, q);
-                double d1 = w[k] - level(a1, z1, q, c1[k]), d2 = w[k] - level(a2, z2, q, c2[k]);
+                double d1 = w[k] - level(a1, z1, q, c1[k]), d2 = w[k] - level(a2, z2, q, c3[k]);
                 p1 += d1 * d1, p2 += d2 * d2;
             }
             if (p2 < p1) {
-                memcpy(c1, c2, gs);
+                memcpy(c1, c3, gs);
                 memcpy(a1, a2, sizeof(a1));
                 z1 = z2;
             }
