@@ -243,8 +243,10 @@ static void quant_msg(const quant_opts *q, Qshard__V1__Quantization *m)
 #define QUANT_HELP                                                                                 \
     "  --scheme S        fp16, w8a8, bcq or rtn (default rtn)\n"                                   \
     "  --bits Q          bits per weight, 1..8 for bcq/rtn (default 4)\n"                          \
-    "  --group G         input columns per scale, a multiple of 32, or 'row'\n"                    \
-    "                    (default: the model's, 128 where it divides)\n"
+    "  --group G         bcq/rtn: input columns per weight scale, a multiple of 32,\n"             \
+    "                    or 'row' (default: the model's, 128 where it divides);\n"                 \
+    "                    w8a8: input channels per activation scale, a multiple of 4,\n"            \
+    "                    or 'row' for one per token (default 128)\n"
 
 /* ---- Output --------------------------------------------------------------- */
 

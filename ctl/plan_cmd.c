@@ -26,8 +26,10 @@ static const char usage[] =
     "\n"
     "  --scheme S          fp16, w8a8, bcq (non-uniform BCQ) or rtn (uniform, stored as BCQ)\n"
     "  --bits N            16 (fp16), 8 (w8a8), or 1..8 for bcq/rtn (alone it means bcq)\n"
-    "  --group G           input columns per BCQ group: a multiple of 32 that divides the\n"
-    "                      shard widths, or 0 for one group per row (default 128 where valid)\n"
+    "  --group G           bcq/rtn: input columns per group, a multiple of 32 that divides\n"
+    "                      the shard widths, or 0 for one group per row (default 128 where\n"
+    "                      valid); w8a8: channels per activation scale, a multiple of 4, or\n"
+    "                      0 for one per token (default 128)\n"
     "  --gpus N            tensor-parallel degree to check: says whether it fits, and if not\n"
     "                      what does\n"
     "  --device-memory S   memory of one GPU, e.g. 80GiB (default), 40GiB, 141GiB\n"
@@ -93,6 +95,8 @@ static const char *quant_label(const qs_quant *q, char *buf, size_t n)
             snprintf(buf, n, "%s %d-bit g%u", qs_scheme_name(q->scheme), q->bits, q->group_size);
         else
             snprintf(buf, n, "%s %d-bit row-wise", qs_scheme_name(q->scheme), q->bits);
+    } else if (q->scheme == QS_SCHEME_W8A8 && q->group_size) {
+        snprintf(buf, n, "w8a8 act-g%u", q->group_size);
     } else {
         snprintf(buf, n, "%s", qs_scheme_name(q->scheme));
     }
@@ -175,7 +179,7 @@ static void suggest(const qs_model_config *m, const qs_workload *w, uint64_t dev
     else
         printf("to fit: no degree up to %u", MAX_TP);
     uint32_t g = qs_default_group(m);
-    const qs_quant alts[] = {{QS_SCHEME_W8A8, 8, 0},
+    const qs_quant alts[] = {{QS_SCHEME_W8A8, 8, QS_W8A8_GROUP},
                              {QS_SCHEME_BCQ, 4, g},
                              {QS_SCHEME_BCQ, 3, g},
                              {QS_SCHEME_BCQ, 2, g}};
@@ -229,10 +233,8 @@ int qs_ctl_plan(int argc, char **argv)
             have_bits = 1;
             break;
         case 'g':
-            if (parse_u32(optarg, 0, 65536, &group) || group % 32)
-                return usage_error("--group '%s' is not a multiple of 32 (or 0 for one group "
-                                   "per row)",
-                                   optarg);
+            if (parse_u32(optarg, 0, 65536, &group))
+                return usage_error("--group '%s' is out of range: use 0 to 65536", optarg);
             have_group = 1;
             break;
         case 'n':
@@ -286,8 +288,6 @@ int qs_ctl_plan(int argc, char **argv)
                 m->name, m->max_pos);
         return EXIT_USAGE;
     }
-    if (!have_group)
-        group = qs_default_group(m);
 
     /* One scheme in detail, or the comparison table. */
     qs_quant rows[4];
@@ -296,16 +296,20 @@ int qs_ctl_plan(int argc, char **argv)
         if (!have_scheme)
             q.scheme = bits == 16 ? QS_SCHEME_FP16 : QS_SCHEME_BCQ;
         q.bits = (int)bits;
-        q.group_size = group;
-        if (have_group && (q.scheme == QS_SCHEME_FP16 || q.scheme == QS_SCHEME_W8A8) && group)
-            return usage_error("--group applies to bcq and rtn only, not %s",
-                               qs_scheme_name(q.scheme));
+        q.group_size = have_group ? group : qs_scheme_default_group(m, q.scheme);
+        if (have_group && q.scheme == QS_SCHEME_FP16 && group)
+            return usage_error("--group applies to w8a8, bcq and rtn, not %s", "fp16");
         if (qs_quant_check(&q))
             return usage_error("%s", qs_errmsg());
         rows[nrows++] = q;
     } else {
         rows[nrows++] = (qs_quant){QS_SCHEME_FP16, 16, 0};
-        rows[nrows++] = (qs_quant){QS_SCHEME_W8A8, 8, 0};
+        if (!have_group)
+            group = qs_default_group(m);
+        else if (group % 32)
+            return usage_error("--group is not a multiple of 32 (or 0 for one group per row)%s",
+                               "");
+        rows[nrows++] = (qs_quant){QS_SCHEME_W8A8, 8, QS_W8A8_GROUP};
         rows[nrows++] = (qs_quant){QS_SCHEME_BCQ, 4, group};
         rows[nrows++] = (qs_quant){QS_SCHEME_BCQ, 3, group};
     }

@@ -106,7 +106,7 @@ int qs_run_bench(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
             for (size_t j = 0; j < M * K; j++)
                 X[j] = (float)((j * 7919) % 1000) / 1000.0f - 0.5f;
             if (q.scheme == QS_SCHEME_W8A8)
-                err = qs_w8_quantize(&w.w8, W, N, K);
+                err = qs_w8_quantize(&w.w8, W, N, K, q.group_size);
             else if (q.scheme != QS_SCHEME_FP16)
                 err = qs_bcq_from_rtn(&w.bcq, W, N, K, (unsigned)q.bits, q.group_size);
         }
@@ -130,7 +130,7 @@ int qs_run_bench(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
             b->speedup = qt > 0 ? fp / qt : 0;
             size_t bb = 0, ab = 0, zb = 0;
             if (q.scheme == QS_SCHEME_W8A8)
-                bb = qs_w8_bytes(N, K);
+                bb = qs_w8_bytes(N, K, q.group_size);
             else if (q.scheme == QS_SCHEME_FP16)
                 bb = N * K * 2;
             else

@@ -93,7 +93,7 @@ int qs_quant_resolve(const Qshard__V1__Quantization *in, const qs_model_config *
     else if (uses_groups(out->scheme))
         out->group_size = m ? qs_default_group(m) : 128;
     else
-        out->group_size = 0;
+        out->group_size = out->scheme == QS_SCHEME_W8A8 ? QS_W8A8_GROUP : 0;
     return qs_quant_check(out);
 }
 

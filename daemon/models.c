@@ -652,7 +652,7 @@ int qs_models_info(const qs_daemon *d, uint64_t device_mem, Qshard__V1__ModelInf
         /* How the footprint shrinks: fp16, W8A8, 4-bit, 3-bit. */
         uint32_t g = qs_default_group(&s->cfg);
         const qs_quant sch[4] = {{QS_SCHEME_FP16, 16, 0},
-                                 {QS_SCHEME_W8A8, 8, 0},
+                                 {QS_SCHEME_W8A8, 8, QS_W8A8_GROUP},
                                  {QS_SCHEME_BCQ, 4, g},
                                  {QS_SCHEME_BCQ, 3, g}};
         /* Same workload as the model was loaded for. */

@@ -152,9 +152,9 @@ typedef struct bench {
     int nrows;
 } bench;
 
-enum { S_FP32, S_BCQ3, S_BCQ4, S_W8A8, S_BCQ3F };
-static const char *scheme_name[] = {"fp32-openblas", "bcq3-g128", "bcq4-g128", "w8a8",
-                                    "bcq3-g128-f32lut8"};
+enum { S_FP32, S_BCQ3, S_BCQ4, S_W8A8, S_W8A8G, S_BCQ3F };
+static const char *scheme_name[] = {"fp32-openblas", "bcq3-g128", "bcq4-g128",
+                                    "w8a8",          "w8a8-g128", "bcq3-g128-f32lut8"};
 
 /* Weight copies of one scheme: enough to exceed ROTATE_BYTES. */
 typedef struct copies {
@@ -171,39 +171,40 @@ static int make_copies(copies *c, int scheme, size_t N, size_t K)
     size_t ba = 0, bz = 0;
     if (scheme == S_FP32)
         c->bytes = N * K * 4;
-    else if (scheme == S_W8A8)
-        c->bytes = qs_w8_bytes(N, K);
+    else if (scheme == S_W8A8 || scheme == S_W8A8G)
+        c->bytes = qs_w8_bytes(N, K, scheme == S_W8A8G ? 128 : 0);
     else {
         qs_bcq_sizes(N, K, scheme == S_BCQ4 ? 4 : 3, 128, &c->bytes, &ba, &bz);
         c->bytes += ba + bz;
     }
     c->n = (int)((ROTATE_BYTES + c->bytes - 1) / c->bytes);
-    int cap = scheme == S_FP32 || scheme == S_W8A8 ? 64 : 128;
+    int cap = scheme == S_FP32 || scheme == S_W8A8 || scheme == S_W8A8G ? 64 : 128;
     c->n = c->n < 2 ? 2 : (c->n > cap ? cap : c->n);
     for (int i = 0; i < c->n; i++) {
         if (scheme == S_FP32) {
             if (!(c->f[i] = malloc(N * K * 4)))
                 return QS_ENOMEM;
             fill_floats(c->f[i], N * K, 0.02f);
-        } else if (scheme == S_W8A8) {
+        } else if (scheme == S_W8A8 || scheme == S_W8A8G) {
             /* Timing does not depend on the values: random codes and scales. */
             float tiny = 0;
-            if (qs_w8_quantize(&c->w[i], &tiny, 1, 1))
+            if (qs_w8_quantize(&c->w[i], &tiny, 1, 1, 0))
                 return QS_ENOMEM;
             qs_w8 *w = &c->w[i];
             free(w->w), free(w->scale), free(w->sum);
             w->N = N, w->K = K, w->Kp = (K + 3) / 4 * 4;
-            w->w = malloc(N * w->Kp), w->scale = malloc(N * 4), w->sum = malloc(N * 4);
+            w->group = scheme == S_W8A8G && K > 128 ? 128 : w->Kp;
+            size_t ng = qs_w8_groups(K, w->group);
+            w->w = malloc(N * w->Kp), w->scale = malloc(N * 4), w->sum = malloc(ng * N * 4);
             if (!w->w || !w->scale || !w->sum)
                 return QS_ENOMEM;
             fill_rand(w->w, N * w->Kp);
-            for (size_t n = 0; n < N; n++) {
-                w->w[n] = (int8_t)(w->w[n] == -128 ? 0 : w->w[n]);
-                w->scale[n] = 1e-3f, w->sum[n] = 0;
-            }
             for (size_t k = 0; k < N * w->Kp; k++)
                 if (w->w[k] == -128)
                     w->w[k] = 127;
+            for (size_t n = 0; n < N; n++)
+                w->scale[n] = 1e-3f;
+            qs_w8_sums(w);
         } else {
             qs_bcq *b = &c->b[i];
             if (qs_bcq_init(b, N, K, scheme == S_BCQ4 ? 4 : 3, 128))
@@ -224,7 +225,7 @@ static void free_copies(copies *c, int scheme)
     for (int i = 0; i < c->n; i++) {
         if (scheme == S_FP32)
             free(c->f[i]);
-        else if (scheme == S_W8A8)
+        else if (scheme == S_W8A8 || scheme == S_W8A8G)
             qs_w8_close(&c->w[i]);
         else
             qs_bcq_close(&c->b[i]);
@@ -244,6 +245,7 @@ static int run_once(copies *c, int scheme, int i, size_t N, size_t K, size_t M, 
                         (int)K, c->f[i], (int)K, 0.0f, Y, (int)N);
         return QS_OK;
     case S_W8A8:
+    case S_W8A8G:
         return qs_w8a8_gemm(&c->w[i], X, M, 0, Y);
     case S_BCQ3F:
         return qs_lutgemm_f32(&c->b[i], X, M, Y);

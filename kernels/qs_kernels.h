@@ -175,23 +175,35 @@ int qs_smooth_fold(float *norm_weight, float *norm_bias, size_t K, float *const 
 
 /* ---- W8A8 -----------------------------------------------------------------
  * INT8 weights per output channel (symmetric, fp32 scale, codes -127..127),
- * INT8 activations per token (dynamic) or per tensor (static), int32 sums:
- *     Y[m,n] = sx[m] * sw[n] * sum_k xq[m,k] wq[n,k].
+ * INT8 activations per token in groups of G input channels (dynamic: one
+ * scale per token and group; G = K is the classic per-token scale) or per
+ * tensor (static), int32 sums per group:
+ *     Y[m,n] = sw[n] * sum_g sx[m,g] * sum_{k in g} xq[m,k] wq[n,k].
+ * Groups keep one channel with a large activation (SwiGLU outputs carry
+ * some 50x the typical magnitude) from flattening every other channel of
+ * its token to a few codes; Atom groups activations the same way.
  * Weight order: rows in tiles of 8; a full tile is [k/4][row][k%4] (8 rows x
  * 4 bytes = one 256-bit vector per 4 columns, what vpdpbusd/vpmaddubsw want),
  * the last N % 8 rows row-major; K is padded with zeros to Kp = 4*ceil(K/4).
- * Bytes: N * Kp (codes) + N * 4 (scales) + N * 4 (row sums, for the u8
- * offset trick of VNNI). */
+ * Bytes: N * Kp (codes) + N * 4 (scales) + N * 4 * ceil(K/G) (row sums per
+ * group, for the u8 offset trick of VNNI). */
 typedef struct qs_w8 {
     size_t N, K, Kp;
+    size_t group; /* activation group G: a multiple of 4, <= Kp; Kp = per token */
     int8_t *w;    /* N * Kp codes, order above */
     float *scale; /* [N] */
-    int32_t *sum; /* [N] sum_k wq[n,k] */
+    int32_t *sum; /* [ceil(K/G)][N] sum_{k in g} wq[n,k] */
 } qs_w8;
 
-int qs_w8_quantize(qs_w8 *out, const float *W, size_t N, size_t K);
+/* act_group: channels per activation scale, a multiple of 4; 0 or >= K
+ * means one scale per token. */
+int qs_w8_quantize(qs_w8 *out, const float *W, size_t N, size_t K, size_t act_group);
 void qs_w8_close(qs_w8 *w);
-size_t qs_w8_bytes(size_t N, size_t K);
+size_t qs_w8_bytes(size_t N, size_t K, size_t act_group);
+/* Groups of the activations for act_group (0 = per token): ceil(K / G). */
+size_t qs_w8_groups(size_t K, size_t act_group);
+/* Fills w->sum from the codes (after the codes are in place). */
+void qs_w8_sums(qs_w8 *w);
 int qs_w8_dequant(const qs_w8 *w, float *W);
 /* Activation quantization, row-major M x K -> int8 M x K: per token
  * (sx[m] = max|X[m,:]| / 127) or per tensor with a given static scale
@@ -216,7 +228,7 @@ int qs_lutgemm_ref_f64(const qs_bcq *w, const float *X, size_t M, double *Y);
 int qs_lutgemm_err_bound(const qs_bcq *w, const float *X, size_t M, double *E);
 
 /* W8A8 GEMM with the activation quantization fused: act_scale <= 0 means
- * dynamic per token, > 0 the static per-tensor scale. */
+ * dynamic per token and group (w->group), > 0 the static per-tensor scale. */
 int qs_w8a8_gemm(const qs_w8 *w, const float *X, size_t M, float act_scale, float *Y);
 /* Its float64 reference: the same activation codes, exact integer dot
  * products, the scales applied in double. */

@@ -89,7 +89,7 @@ static void put_linear(writer *w, const char *prefix, const linear *l)
         snprintf(n, sizeof n, "%s.scale", prefix);
         put(w, n, "F32", l->w8.scale, l->N, 0, 4);
         snprintf(n, sizeof n, "%s.sum", prefix);
-        put(w, n, "I32", l->w8.sum, l->N, 0, 4);
+        put(w, n, "I32", l->w8.sum, l->N * qs_w8_groups(l->K, l->w8.group), 0, 4);
         break;
     case QS_SCHEME_BCQ:
     case QS_SCHEME_RTN:
@@ -431,8 +431,11 @@ static int take_linear(qs_model *m, const qs_weights *w, const char *prefix, lin
         snprintf(n, sizeof n, "%s.weight", prefix);
         err = alloc_take(w, n, "F32", (uint64_t)N * K * 4, (void **)&l->w32);
         break;
-    case QS_SCHEME_W8A8:
+    case QS_SCHEME_W8A8: {
+        uint32_t g = m->quant.group_size;
+        size_t ng = qs_w8_groups(K, g);
         l->w8.N = N, l->w8.K = K, l->w8.Kp = (K + 3) / 4 * 4;
+        l->w8.group = g == 0 || g >= K ? l->w8.Kp : g;
         snprintf(n, sizeof n, "%s.w8", prefix);
         if ((err = alloc_take(w, n, "I8", (uint64_t)N * l->w8.Kp, (void **)&l->w8.w)))
             break;
@@ -440,8 +443,25 @@ static int take_linear(qs_model *m, const qs_weights *w, const char *prefix, lin
         if ((err = alloc_take(w, n, "F32", (uint64_t)N * 4, (void **)&l->w8.scale)))
             break;
         snprintf(n, sizeof n, "%s.sum", prefix);
-        err = alloc_take(w, n, "I32", (uint64_t)N * 4, (void **)&l->w8.sum);
+        if ((err = alloc_take(w, n, "I32", (uint64_t)N * ng * 4, (void **)&l->w8.sum)))
+            break;
+        /* The sums are derived from the codes: a mismatch means a damaged file,
+         * and would silently shift every output of the VNNI path. */
+        int32_t *stored = l->w8.sum;
+        if (!(l->w8.sum = malloc(N * ng * 4))) {
+            l->w8.sum = stored;
+            err = qs_seterr(QS_ENOMEM, "out of memory checking %s", n);
+            break;
+        }
+        qs_w8_sums(&l->w8);
+        if (memcmp(stored, l->w8.sum, N * ng * 4))
+            err = qs_seterr(QS_EFORMAT,
+                            "%s does not match the codes of %s.w8: the checkpoint is damaged; "
+                            "save it again with qctl load --save",
+                            n, prefix);
+        free(stored);
         break;
+    }
     case QS_SCHEME_BCQ:
     case QS_SCHEME_RTN: {
         size_t bb, ab, zb;

@@ -76,7 +76,14 @@ int qs_quant_check(qs_quant *q)
                              "scheme %s stores %d-bit weights, not %d: drop --bits or "
                              "use --scheme bcq|rtn for 1 to 8 bits",
                              qs_scheme_name(q->scheme), want, q->bits);
-        q->group_size = 0;
+        if (q->scheme == QS_SCHEME_FP16)
+            q->group_size = 0;
+        /* W8A8's kernels step through the channels four at a time. */
+        else if (q->group_size % 4 != 0 || q->group_size > MAX_GROUP)
+            return qs_seterr(QS_EINVAL,
+                             "W8A8 activation group %u is not a multiple of 4 up to %u: use "
+                             "%u (the default), or 0 for one scale per token",
+                             q->group_size, MAX_GROUP, QS_W8A8_GROUP);
         return QS_OK;
     }
     case QS_SCHEME_BCQ:
@@ -194,6 +201,13 @@ uint32_t qs_default_group(const qs_model_config *m)
     return 0;
 }
 
+uint32_t qs_scheme_default_group(const qs_model_config *m, qs_scheme s)
+{
+    if (s == QS_SCHEME_W8A8)
+        return QS_W8A8_GROUP;
+    return is_weight_quantized(s) ? qs_default_group(m) : 0;
+}
+
 /* ---- Byte counts -------------------------------------------------------- */
 
 static uint64_t cdiv(uint64_t a, uint64_t b)
@@ -209,8 +223,10 @@ static uint64_t linear_bytes(const qs_quant *q, uint64_t n, uint64_t k)
         return n * k * FP16;
     case QS_SCHEME_W8A8:
         /* int8 codes (k padded to 4 for the 4-byte dot products), an fp32
-         * scale and an int32 code sum per output channel: kernels/ qs_w8. */
-        return n * (cdiv(k, 4) * 4) + n * FP32 + n * 4;
+         * scale per output channel and an int32 code sum per output channel
+         * and activation group: kernels/ qs_w8. */
+        return n * (cdiv(k, 4) * 4) + n * FP32 +
+               n * 4 * (q->group_size && q->group_size < k ? cdiv(k, q->group_size) : 1);
     case QS_SCHEME_BCQ:
     case QS_SCHEME_RTN: {
         /* Packed planes: 32 signs per word along k. fp16 alpha per plane per
@@ -278,8 +294,10 @@ static void rank_bytes(const qs_model_config *m, const qs_quant *q, uint32_t tp,
     ws += (uint64_t)w->batch * heads * chunk * w->seq * FP32; /* scores */
     ws += t * ffn * (m->gated_ffn ? 2 : 1) * FP16;            /* FFN intermediate */
     ws += (uint64_t)w->batch * (vocab + m->vocab) * FP32;     /* local and gathered logits */
-    if (q->scheme == QS_SCHEME_W8A8)
-        ws += t * (h > ffn ? h : ffn) + t * FP32; /* int8 activations and per-token scales */
+    if (q->scheme == QS_SCHEME_W8A8) { /* int8 activations, their scales per token and group */
+        uint64_t width = h > ffn ? h : ffn;
+        ws += t * width + t * FP32 * (q->group_size ? cdiv(width, q->group_size) : 1);
+    }
     r->workspace = ws;
 
     r->reserve = w->reserve;

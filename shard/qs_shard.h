@@ -66,14 +66,20 @@ typedef enum qs_scheme {
     QS_SCHEME_RTN   /* uniform round-to-nearest q bits, stored as BCQ */
 } qs_scheme;
 
-/* group_size: input columns that share one alpha per plane and one offset;
- * a multiple of 32, or 0 for the whole row. Only BCQ and RTN use bits and
- * group_size; fp16 has bits 16, w8a8 bits 8. */
+/* group_size: BCQ and RTN: input columns that share one alpha per plane and
+ * one offset, a multiple of 32, or 0 for the whole row. W8A8: input channels
+ * that share one activation scale per token, a multiple of 4, or 0 for one
+ * scale per token (SmoothQuant's original; weights are per output channel
+ * either way). fp16 has bits 16 and no groups, w8a8 bits 8. */
 typedef struct qs_quant {
     qs_scheme scheme;
     int bits;
     uint32_t group_size;
 } qs_quant;
+
+/* W8A8's default activation group. On SmolLM2 it takes W8A8 + SmoothQuant
+ * from +1.9% to +0.5% perplexity over fp32 (docs/accuracy.md). */
+#define QS_W8A8_GROUP 128u
 
 const char *qs_scheme_name(qs_scheme s);
 /* Parses "fp16", "w8a8", "bcq", "rtn". */
@@ -152,6 +158,9 @@ int qs_plan_min_gpus(const qs_model_config *m, const qs_quant *q, const qs_workl
 /* The default group size for a model at tp 1: 128 where it divides every
  * input width, else the largest multiple of 32 below it that does, else 0. */
 uint32_t qs_default_group(const qs_model_config *m);
+/* The group a scheme gets when none is asked for: qs_default_group for BCQ
+ * and RTN, QS_W8A8_GROUP for W8A8, 0 for fp16. */
+uint32_t qs_scheme_default_group(const qs_model_config *m, qs_scheme s);
 
 /* Parses a byte size: a plain integer, or a number with a binary unit
  * (KiB, MiB, GiB, TiB), e.g. "80GiB", "79.5GiB". Decimal units (GB) are

@@ -1,6 +1,6 @@
 /* w8.c: the W8A8 formats. INT8 weights per output channel in the tiled order
- * the GEMM wants (see qs_kernels.h), and INT8 activations per token or per
- * tensor. */
+ * the GEMM wants (see qs_kernels.h), and INT8 activations per token (in
+ * channel groups) or per tensor. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -8,15 +8,43 @@
 #include "cpu.h"
 #include "w8.h"
 
-size_t qs_w8_bytes(size_t N, size_t K)
+/* The group the kernels use for act_group: per token is one group of Kp. */
+static size_t effective_group(size_t K, size_t act_group)
 {
-    size_t Kp = (K + 3) / 4 * 4, b;
-    if (__builtin_mul_overflow(N, Kp + 8, &b))
+    size_t Kp = (K + 3) / 4 * 4;
+    return act_group == 0 || act_group >= K ? Kp : act_group;
+}
+
+size_t qs_w8_groups(size_t K, size_t act_group)
+{
+    size_t g = effective_group(K, act_group);
+    return (K + g - 1) / g;
+}
+
+size_t qs_w8_bytes(size_t N, size_t K, size_t act_group)
+{
+    size_t Kp = (K + 3) / 4 * 4, b, ng = qs_w8_groups(K, act_group), per;
+    if (__builtin_mul_overflow(ng, 4, &per) || __builtin_add_overflow(per, Kp + 4, &per) ||
+        __builtin_mul_overflow(N, per, &b))
         return 0;
     return b;
 }
 
-int qs_w8_quantize(qs_w8 *out, const float *W, size_t N, size_t K)
+void qs_w8_sums(qs_w8 *w)
+{
+    size_t ng = qs_w8_groups(w->K, w->group);
+#pragma omp parallel for schedule(static)
+    for (size_t n = 0; n < w->N; n++)
+        for (size_t g = 0; g < ng; g++) {
+            int32_t sum = 0;
+            size_t k1 = (g + 1) * w->group < w->K ? (g + 1) * w->group : w->K;
+            for (size_t k = g * w->group; k < k1; k++)
+                sum += w->w[qs_w8_index(w->N, w->Kp, n, k)];
+            w->sum[g * w->N + n] = sum;
+        }
+}
+
+int qs_w8_quantize(qs_w8 *out, const float *W, size_t N, size_t K, size_t act_group)
 {
     if (!out || !W)
         return qs_seterr(QS_EINVAL, "qs_w8_quantize got a NULL pointer: pass the output struct "
@@ -24,17 +52,23 @@ int qs_w8_quantize(qs_w8 *out, const float *W, size_t N, size_t K)
     memset(out, 0, sizeof(*out));
     if (N == 0 || K == 0)
         return qs_seterr(QS_EINVAL, "W8 matrix is empty (N=%zu, K=%zu)", N, K);
-    if (qs_w8_bytes(N, K) == 0 || K > SIZE_MAX / 2)
+    /* The kernels step through K four columns at a time. */
+    if (act_group % 4)
+        return qs_seterr(QS_EINVAL,
+                         "activation group of %zu channels: use a multiple of 4 (128 is the "
+                         "usual), or 0 for one scale per token",
+                         act_group);
+    if (qs_w8_bytes(N, K, act_group) == 0 || K > SIZE_MAX / 2)
         return qs_seterr(QS_EOVERFLOW, "W8 sizes overflow for N=%zu K=%zu: split the matrix", N, K);
-    size_t Kp = (K + 3) / 4 * 4;
+    size_t Kp = (K + 3) / 4 * 4, ng = qs_w8_groups(K, act_group);
     out->w = calloc(N, Kp);
     out->scale = malloc(N * sizeof(float));
-    out->sum = malloc(N * sizeof(int32_t));
+    out->sum = malloc(ng * N * sizeof(int32_t));
     if (!out->w || !out->scale || !out->sum) {
         qs_w8_close(out);
         return qs_seterr(QS_ENOMEM, "out of memory for a %zu x %zu W8 matrix", N, K);
     }
-    out->N = N, out->K = K, out->Kp = Kp;
+    out->N = N, out->K = K, out->Kp = Kp, out->group = effective_group(K, act_group);
     int bad = 0;
 #pragma omp parallel for schedule(static) reduction(| : bad)
     for (size_t n = 0; n < N; n++) {
@@ -46,21 +80,19 @@ int qs_w8_quantize(qs_w8 *out, const float *W, size_t N, size_t K)
             mx = fmaxf(mx, fabsf(row[k]));
         }
         float s = mx / 127.0f, inv = mx > 0 ? 127.0f / mx : 0;
-        int32_t sum = 0;
         for (size_t k = 0; k < K; k++) {
             float c = nearbyintf(row[k] * inv);
             c = c > 127 ? 127 : (c < -127 ? -127 : c);
             out->w[qs_w8_index(N, Kp, n, k)] = (int8_t)c;
-            sum += (int32_t)c;
         }
         out->scale[n] = s;
-        out->sum[n] = sum;
     }
     if (bad) {
         qs_w8_close(out);
         return qs_seterr(QS_EINVAL, "weights hold NaN or Inf: fix the checkpoint before "
                                     "quantizing it");
     }
+    qs_w8_sums(out);
     return QS_OK;
 }
 

@@ -1,9 +1,10 @@
 /* w8a8.c: SmoothQuant W8A8 GEMM, Y[M x N] = X[M x K] W^T, int8 x int8 -> int32.
  *
- *   X  M x K fp32, quantized here per token (dynamic) or per tensor (static)
+ *   X  M x K fp32, quantized here per token in groups of G = w->group
+ *      channels (dynamic) or per tensor (static)
  *   W  N x K int8 codes in the tiled order of qs_w8 (8 rows x 4 columns per
  *      256-bit vector), fp32 scale per row
- *   Y  M x N fp32 = sx[m] * sw[n] * sum_k xq[m,k] wq[n,k]
+ *   Y  M x N fp32 = sw[n] * sum_g sx[m,g] * sum_{k in g} xq[m,k] wq[n,k]
  *
  * Three paths, chosen at run time (qs_cpu_path): scalar; AVX2, where
  * vpmaddubsw multiplies |w| (u8) by x with w's sign (s8) so that a pair sum
@@ -13,7 +14,10 @@
  * the int16 step, fed with x + 128 as u8 and corrected by 128 * sum_k w[n,k]
  * (kept in qs_w8.sum). Each 256-bit weight vector holds 8 rows x 4 columns,
  * so one broadcast of 4 activation bytes serves 8 rows and the int32 lanes
- * come out as 8 finished row sums: no horizontal reduction anywhere.
+ * come out as 8 finished row sums: no horizontal reduction anywhere. Each
+ * group's int32 sums are scaled into Y (an L1-resident tile) when the group
+ * ends, so groups cost no extra registers; one group (per token) is the
+ * SmoothQuant kernel unchanged.
  */
 #include <immintrin.h>
 #include <math.h>
@@ -27,7 +31,8 @@
 typedef struct acts {
     int8_t *xq;  /* M x Kp codes */
     uint8_t *xa; /* AVX2: |xq|; VNNI: xq + 128 */
-    float *sx;   /* per-token scale, NaN where the token held NaN/Inf */
+    float *sx;   /* M x ng scales, NaN where the token held NaN/Inf */
+    size_t ng;   /* groups per token */
 } acts;
 
 static void acts_free(acts *a)
@@ -39,27 +44,36 @@ static void acts_free(acts *a)
 
 static int acts_make(const qs_w8 *w, const float *X, size_t M, float act_scale, int vnni, acts *a)
 {
-    size_t K = w->K, Kp = w->Kp;
+    size_t K = w->K, Kp = w->Kp, G = w->group, ng = (K + G - 1) / G;
+    a->ng = ng;
     a->xq = calloc(M, Kp);
     a->xa = calloc(M, Kp);
-    a->sx = malloc(M * sizeof(float));
+    a->sx = malloc(M * ng * sizeof(float));
     if (!a->xq || !a->xa || !a->sx) {
         acts_free(a);
         return qs_seterr(QS_ENOMEM, "out of memory for %zu quantized activation rows", M);
     }
 #pragma omp parallel for schedule(static) if (M > 1)
     for (size_t m = 0; m < M; m++) {
-        const float *x = X + m * K;
-        float s = act_scale, inv;
-        if (act_scale > 0) {
-            inv = 1.0f / act_scale;
-        } else {
-            float mx = qs_act_absmax(x, K);
-            s = mx / 127.0f;
-            inv = mx > 0 ? 127.0f / mx : 0;
+        int bad = 0;
+        for (size_t g = 0; g < ng; g++) {
+            const float *x = X + m * K + g * G;
+            size_t n = K - g * G < G ? K - g * G : G;
+            float s = act_scale, inv;
+            if (act_scale > 0) {
+                inv = 1.0f / act_scale;
+            } else {
+                float mx = qs_act_absmax(x, n);
+                s = mx / 127.0f;
+                inv = mx > 0 ? 127.0f / mx : 0;
+            }
+            bad |= qs_act_row(x, n, inv, a->xq + m * Kp + g * G);
+            a->sx[m * ng + g] = s;
         }
-        int8_t *q = a->xq + m * Kp;
-        a->sx[m] = qs_act_row(x, K, inv, q) ? NAN : s;
+        /* A NaN or Inf anywhere makes the whole token's outputs NaN. */
+        for (size_t g = 0; bad && g < ng; g++)
+            a->sx[m * ng + g] = NAN;
+        const int8_t *q = a->xq + m * Kp;
         for (size_t k = 0; k < Kp; k++)
             a->xa[m * Kp + k] = vnni ? (uint8_t)(q[k] + 128) : (uint8_t)(q[k] < 0 ? -q[k] : q[k]);
     }
@@ -71,6 +85,11 @@ static int w8a8_args(const qs_w8 *w, const float *X, size_t M, float act_scale, 
     if (!w || !X || !Y || !w->w || !w->scale || !w->sum)
         return qs_seterr(QS_EINVAL, "W8A8 GEMM got a NULL pointer: quantize the weights with "
                                     "qs_w8_quantize and pass M x K inputs and M x N outputs");
+    if (w->group == 0 || w->group % 4 || w->group > w->Kp)
+        return qs_seterr(QS_EINVAL,
+                         "W8 matrix has activation group %zu for K=%zu: quantize it with "
+                         "qs_w8_quantize",
+                         w->group, w->K);
     if (isnan(act_scale) || isinf(act_scale))
         return qs_seterr(QS_EINVAL,
                          "static activation scale is %g: pass a finite scale > 0, "
@@ -89,10 +108,15 @@ int qs_w8a8_gemm_ref_f64(const qs_w8 *w, const float *X, size_t M, float act_sca
         return err;
     for (size_t m = 0; m < M; m++)
         for (size_t n = 0; n < w->N; n++) {
-            int64_t acc = 0;
-            for (size_t k = 0; k < w->K; k++)
-                acc += (int64_t)a.xq[m * w->Kp + k] * w->w[qs_w8_index(w->N, w->Kp, n, k)];
-            Y[m * w->N + n] = (double)a.sx[m] * (double)w->scale[n] * (double)acc;
+            double y = 0;
+            for (size_t g = 0; g < a.ng; g++) {
+                int64_t acc = 0;
+                size_t k1 = (g + 1) * w->group < w->K ? (g + 1) * w->group : w->K;
+                for (size_t k = g * w->group; k < k1; k++)
+                    acc += (int64_t)a.xq[m * w->Kp + k] * w->w[qs_w8_index(w->N, w->Kp, n, k)];
+                y += (double)a.sx[m * a.ng + g] * (double)acc;
+            }
+            Y[m * w->N + n] = (double)w->scale[n] * y;
         }
     acts_free(&a);
     return QS_OK;
@@ -104,11 +128,16 @@ static void rows_scalar(const qs_w8 *w, const acts *a, size_t M, size_t n0, size
 {
     for (size_t n = n0; n < n1; n++)
         for (size_t m = 0; m < M; m++) {
-            int32_t acc = 0;
             const int8_t *x = a->xq + m * w->Kp;
-            for (size_t k = 0; k < w->Kp; k++)
-                acc += (int32_t)x[k] * w->w[qs_w8_index(w->N, w->Kp, n, k)];
-            Y[m * w->N + n] = a->sx[m] * w->scale[n] * (float)acc;
+            float y = 0;
+            for (size_t g = 0; g < a->ng; g++) {
+                int32_t acc = 0;
+                size_t k1 = (g + 1) * w->group < w->Kp ? (g + 1) * w->group : w->Kp;
+                for (size_t k = g * w->group; k < k1; k++)
+                    acc += (int32_t)x[k] * w->w[qs_w8_index(w->N, w->Kp, n, k)];
+                y += a->sx[m * a->ng + g] * (float)acc;
+            }
+            Y[m * w->N + n] = w->scale[n] * y;
         }
 }
 
@@ -123,14 +152,19 @@ static void rows_scalar(const qs_w8 *w, const acts *a, size_t M, size_t n0, size
  * hardware prefetcher alone left a core well below its streaming rate. */
 #define PF_AHEAD 4096
 
-INLINE ATTR_AVX2 void epilogue(const qs_w8 *w, const acts *a, size_t n, size_t m, __m256i acc,
-                               int vnni, float *Y)
+/* Group g's int32 sums of rows n..n+7 for token m, scaled into Y (stored
+ * for the first group, added after). */
+INLINE ATTR_AVX2 void epilogue(const qs_w8 *w, const acts *a, size_t n, size_t m, size_t g,
+                               __m256i acc, int vnni, float *Y)
 {
     if (vnni) /* undo the +128 on the activations */
         acc = _mm256_sub_epi32(
-            acc, _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(w->sum + n)), 7));
-    __m256 s = _mm256_mul_ps(_mm256_loadu_ps(w->scale + n), _mm256_set1_ps(a->sx[m]));
-    _mm256_storeu_ps(Y + m * w->N + n, _mm256_mul_ps(s, _mm256_cvtepi32_ps(acc)));
+            acc,
+            _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(w->sum + g * w->N + n)), 7));
+    __m256 s = _mm256_mul_ps(_mm256_loadu_ps(w->scale + n), _mm256_set1_ps(a->sx[m * a->ng + g]));
+    float *y = Y + m * w->N + n;
+    __m256 prev = g ? _mm256_loadu_ps(y) : _mm256_setzero_ps();
+    _mm256_storeu_ps(y, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(acc), prev));
 }
 
 static inline int32_t load4(const uint8_t *p)
@@ -143,40 +177,44 @@ static inline int32_t load4(const uint8_t *p)
 INLINE ATTR_AVX2 void mk_avx2(const qs_w8 *w, const acts *a, size_t tile, size_t m0, int RT, int TT,
                               float *Y)
 {
-    const size_t Kp = w->Kp;
+    const size_t Kp = w->Kp, G4 = w->group / 4;
     const __m256i ones = _mm256_set1_epi16(1);
-    __m256i acc[3][4];
-#pragma GCC unroll 4
-    for (int r = 0; r < RT; r++)
-#pragma GCC unroll 4
-        for (int t = 0; t < TT; t++)
-            acc[r][t] = _mm256_setzero_si256();
     const int8_t *wt = w->w + tile * 8 * Kp;
-    for (size_t k4 = 0; k4 < Kp / 4; k4++) {
-        __m256i wa[3], wv[3];
+    for (size_t g = 0; g < a->ng; g++) {
+        __m256i acc[3][4];
 #pragma GCC unroll 4
-        for (int r = 0; r < RT; r++) {
-            wv[r] = _mm256_loadu_si256((const __m256i *)(wt + r * 8 * Kp + k4 * 32));
-            wa[r] = _mm256_abs_epi8(wv[r]);
-            if (TT == 1 && k4 % 2 == 0)
-                _mm_prefetch((const char *)(wt + r * 8 * Kp + k4 * 32) + PF_AHEAD, _MM_HINT_T0);
-        }
+        for (int r = 0; r < RT; r++)
 #pragma GCC unroll 4
-        for (int t = 0; t < TT; t++) {
-            __m256i xb = _mm256_set1_epi32(load4((const uint8_t *)a->xq + (m0 + t) * Kp + 4 * k4));
+            for (int t = 0; t < TT; t++)
+                acc[r][t] = _mm256_setzero_si256();
+        size_t kend = (g + 1) * G4 < Kp / 4 ? (g + 1) * G4 : Kp / 4;
+        for (size_t k4 = g * G4; k4 < kend; k4++) {
+            __m256i wa[3], wv[3];
 #pragma GCC unroll 4
             for (int r = 0; r < RT; r++) {
-                /* |w| * (x with w's sign) = w * x, pairs summed in int16 */
-                __m256i p = _mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(xb, wv[r]));
-                acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(p, ones));
+                wv[r] = _mm256_loadu_si256((const __m256i *)(wt + r * 8 * Kp + k4 * 32));
+                wa[r] = _mm256_abs_epi8(wv[r]);
+                if (TT == 1 && k4 % 2 == 0)
+                    _mm_prefetch((const char *)(wt + r * 8 * Kp + k4 * 32) + PF_AHEAD, _MM_HINT_T0);
+            }
+#pragma GCC unroll 4
+            for (int t = 0; t < TT; t++) {
+                __m256i xb =
+                    _mm256_set1_epi32(load4((const uint8_t *)a->xq + (m0 + t) * Kp + 4 * k4));
+#pragma GCC unroll 4
+                for (int r = 0; r < RT; r++) {
+                    /* |w| * (x with w's sign) = w * x, pairs summed in int16 */
+                    __m256i p = _mm256_maddubs_epi16(wa[r], _mm256_sign_epi8(xb, wv[r]));
+                    acc[r][t] = _mm256_add_epi32(acc[r][t], _mm256_madd_epi16(p, ones));
+                }
             }
         }
+#pragma GCC unroll 4
+        for (int r = 0; r < RT; r++)
+#pragma GCC unroll 4
+            for (int t = 0; t < TT; t++)
+                epilogue(w, a, (tile + r) * 8, m0 + t, g, acc[r][t], 0, Y);
     }
-#pragma GCC unroll 4
-    for (int r = 0; r < RT; r++)
-#pragma GCC unroll 4
-        for (int t = 0; t < TT; t++)
-            epilogue(w, a, (tile + r) * 8, m0 + t, acc[r][t], 0, Y);
 }
 
 /* acc += u8 a . s8 b, 4 products per int32 lane. Inline asm because GCC 12
@@ -191,35 +229,38 @@ INLINE ATTR_VNNI __m256i dpbusd(__m256i acc, __m256i a, __m256i b)
 INLINE ATTR_VNNI void mk_vnni(const qs_w8 *w, const acts *a, size_t tile, size_t m0, int RT, int TT,
                               float *Y)
 {
-    const size_t Kp = w->Kp;
-    __m256i acc[3][4];
-#pragma GCC unroll 4
-    for (int r = 0; r < RT; r++)
-#pragma GCC unroll 4
-        for (int t = 0; t < TT; t++)
-            acc[r][t] = _mm256_setzero_si256();
+    const size_t Kp = w->Kp, G4 = w->group / 4;
     const int8_t *wt = w->w + tile * 8 * Kp;
-    for (size_t k4 = 0; k4 < Kp / 4; k4++) {
-        __m256i wv[3];
+    for (size_t g = 0; g < a->ng; g++) {
+        __m256i acc[3][4];
 #pragma GCC unroll 4
-        for (int r = 0; r < RT; r++) {
-            wv[r] = _mm256_loadu_si256((const __m256i *)(wt + r * 8 * Kp + k4 * 32));
-            if (TT == 1 && k4 % 2 == 0) /* GEMV streams: see PF_AHEAD */
-                _mm_prefetch((const char *)(wt + r * 8 * Kp + k4 * 32) + PF_AHEAD, _MM_HINT_T0);
+        for (int r = 0; r < RT; r++)
+#pragma GCC unroll 4
+            for (int t = 0; t < TT; t++)
+                acc[r][t] = _mm256_setzero_si256();
+        size_t kend = (g + 1) * G4 < Kp / 4 ? (g + 1) * G4 : Kp / 4;
+        for (size_t k4 = g * G4; k4 < kend; k4++) {
+            __m256i wv[3];
+#pragma GCC unroll 4
+            for (int r = 0; r < RT; r++) {
+                wv[r] = _mm256_loadu_si256((const __m256i *)(wt + r * 8 * Kp + k4 * 32));
+                if (TT == 1 && k4 % 2 == 0) /* GEMV streams: see PF_AHEAD */
+                    _mm_prefetch((const char *)(wt + r * 8 * Kp + k4 * 32) + PF_AHEAD, _MM_HINT_T0);
+            }
+#pragma GCC unroll 4
+            for (int t = 0; t < TT; t++) {
+                __m256i xb = _mm256_set1_epi32(load4(a->xa + (m0 + t) * Kp + 4 * k4));
+#pragma GCC unroll 4
+                for (int r = 0; r < RT; r++)
+                    acc[r][t] = dpbusd(acc[r][t], xb, wv[r]);
+            }
         }
 #pragma GCC unroll 4
-        for (int t = 0; t < TT; t++) {
-            __m256i xb = _mm256_set1_epi32(load4(a->xa + (m0 + t) * Kp + 4 * k4));
+        for (int r = 0; r < RT; r++)
 #pragma GCC unroll 4
-            for (int r = 0; r < RT; r++)
-                acc[r][t] = dpbusd(acc[r][t], xb, wv[r]);
-        }
+            for (int t = 0; t < TT; t++)
+                epilogue(w, a, (tile + r) * 8, m0 + t, g, acc[r][t], 1, Y);
     }
-#pragma GCC unroll 4
-    for (int r = 0; r < RT; r++)
-#pragma GCC unroll 4
-        for (int t = 0; t < TT; t++)
-            epilogue(w, a, (tile + r) * 8, m0 + t, acc[r][t], 1, Y);
 }
 
 /* One block of RT tiles (RT = 3: 24 rows) against all M tokens, TT = 4 at a

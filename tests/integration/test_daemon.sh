@@ -201,6 +201,14 @@ PY
     expect 1 "$qctl" generate opt-125m "Hello"
     grep -q 'FAILED_PRECONDITION' "$tmp/err" && grep -q 'load it first' "$tmp/err" ||
         fail "generate on an unloaded model: $(cat "$tmp/err")"
+    # W8A8 activation groups: a group the kernels cannot step through is refused
+    # with what to use; a valid one is accepted.
+    expect 1 "$qctl" load opt-125m --name g6 --scheme w8a8 --group 6 --calib none
+    grep -q 'INVALID_ARGUMENT' "$tmp/err" && grep -q 'multiple of 4' "$tmp/err" ||
+        fail "w8a8 group 6: $(cat "$tmp/err")"
+    expect 0 "$qctl" --json bench --gpus 1 --shape 256x512 --scheme w8a8 --group 64 --iterations 3
+    python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["results"]; assert len(r) == 1 and r[0]["quant_us"] > 0, r' "$tmp/out" ||
+        fail "w8a8 bench: $(cat "$tmp/out")"
     # Too big for the 2 GiB devices: the refusal names what would fit.
     expect 1 "$qctl" load opt-6.7b --scheme fp16
     grep -q 'RESOURCE_EXHAUSTED' "$tmp/err" && grep -q -- '--gpus\|fewer bits' "$tmp/err" ||

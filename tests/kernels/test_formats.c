@@ -110,13 +110,16 @@ static void test_invalid(void **state)
     w.q = 3;
     qs_bcq_close(&w);
     qs_w8 w8;
-    expect_err(qs_w8_quantize(&w8, NULL, 4, 4), QS_EINVAL);
-    expect_err(qs_w8_quantize(&w8, W, 0, 4), QS_EINVAL);
-    expect_err(qs_w8_quantize(&w8, W, SIZE_MAX / 2, 4), QS_EOVERFLOW);
-    assert_int_equal(qs_w8_quantize(&w8, W, 64, 96), QS_OK);
+    expect_err(qs_w8_quantize(&w8, NULL, 4, 4, 0), QS_EINVAL);
+    expect_err(qs_w8_quantize(&w8, W, 0, 4, 0), QS_EINVAL);
+    expect_err(qs_w8_quantize(&w8, W, SIZE_MAX / 2, 4, 0), QS_EOVERFLOW);
+    expect_err(qs_w8_quantize(&w8, W, 64, 96, 6), QS_EINVAL); /* not a multiple of 4 */
+    assert_int_equal(qs_w8_quantize(&w8, W, 64, 96, 0), QS_OK);
     expect_err(qs_w8a8_gemm(&w8, X, 1, NAN, Y), QS_EINVAL);
     expect_err(qs_w8a8_gemm(&w8, NULL, 1, 0, Y), QS_EINVAL);
     expect_err(qs_w8a8_gemm(&w8, X, 0, 0, Y), QS_EINVAL);
+    w8.group = 5;
+    expect_err(qs_w8a8_gemm(&w8, X, 1, 0, Y), QS_EINVAL);
     qs_w8_close(&w8);
     int8_t xq[96];
     expect_err(qs_quant_act_static(X, 1, 96, 0.0f, xq), QS_EINVAL);

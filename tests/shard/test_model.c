@@ -665,8 +665,9 @@ static void run_model(qs_comm *comm, const char *dir, int opt)
         double tol;
     } schemes[] = {{{QS_SCHEME_RTN, 4, 32}, 0.25},
                    {{QS_SCHEME_BCQ, 3, 32}, 0.35},
-                   {{QS_SCHEME_W8A8, 8, 0}, 0.05}};
-    for (size_t i = 0; i < 3; i++) {
+                   {{QS_SCHEME_W8A8, 8, 0}, 0.05},
+                   {{QS_SCHEME_W8A8, 8, 32}, 0.05}};
+    for (size_t i = 0; i < sizeof schemes / sizeof schemes[0]; i++) {
         o.quant = schemes[i].q;
         err = qs_model_init(&c, &o, comm, &m);
         CHECK(err == QS_OK, "%s: init %s", c.name, qs_scheme_name(o.quant.scheme));
@@ -794,9 +795,10 @@ static void run_smoothquant(qs_comm *all, const char *name)
     qs_model_close(m);
     CHECK(exact < 1e-5, "%s: smoothing changed fp32 logits by relative L2 %.3g", name, exact);
 
-    double e[2] = {0, 0};
-    for (int smooth = 0; smooth < 2; smooth++) {
-        o.quant = (qs_quant){QS_SCHEME_W8A8, 8, 0};
+    /* per token without and with smoothing; activation groups of 32 with */
+    double e[3] = {0, 0, 0};
+    for (int smooth = 0; smooth < 3; smooth++) {
+        o.quant = (qs_quant){QS_SCHEME_W8A8, 8, smooth == 2 ? 32 : 0};
         o.calib = smooth ? &cal : NULL;
         err = qs_model_init(&c, &o, all, &m);
         if (!err)
@@ -808,9 +810,11 @@ static void run_smoothquant(qs_comm *all, const char *name)
     }
     if (rank == 0)
         printf("%s (2 layers, 8 outlier channels) on %d ranks: fp32 smoothed vs not %.2g; W8A8 "
-               "relative L2 %.4f without smoothing, %.4f with\n",
-               name, world, exact, e[0], e[1]);
+               "relative L2 %.4f without smoothing, %.4f with, %.4f with and groups of 32\n",
+               name, world, exact, e[0], e[1], e[2]);
     CHECK(e[1] < e[0], "%s: smoothing did not help: %.4f vs %.4f", name, e[1], e[0]);
+    CHECK(e[2] < e[0], "%s: groups with smoothing no better than neither: %.4f vs %.4f", name,
+          e[2], e[0]);
     qs_calib_close(&cal);
     free(fp), free(q), free(ref);
 }
