@@ -152,19 +152,47 @@ static void rows_scalar(const qs_w8 *w, const acts *a, size_t M, size_t n0, size
  * hardware prefetcher alone left a core well below its streaming rate. */
 #define PF_AHEAD 4096
 
-/* Group g's int32 sums of rows n..n+7 for token m, scaled into Y (stored
- * for the first group, added after). */
-INLINE ATTR_AVX2 void epilogue(const qs_w8 *w, const acts *a, size_t n, size_t m, size_t g,
-                               __m256i acc, int vnni, float *Y)
+/* Where the tokens m0..m0+TT-1 of one tile block read their scales and
+ * write their outputs: computed once per block, not once per group. */
+typedef struct outs {
+    float *y[4];        /* Y + m * N + the block's first row */
+    const float *sx[4]; /* the token's group scales */
+} outs;
+
+INLINE void outs_make(const qs_w8 *w, const acts *a, size_t tile, size_t m0, int TT, float *Y,
+                      outs *o)
 {
-    if (vnni) /* undo the +128 on the activations */
-        acc = _mm256_sub_epi32(
-            acc,
-            _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(w->sum + g * w->N + n)), 7));
-    __m256 s = _mm256_mul_ps(_mm256_loadu_ps(w->scale + n), _mm256_set1_ps(a->sx[m * a->ng + g]));
-    float *y = Y + m * w->N + n;
-    __m256 prev = g ? _mm256_loadu_ps(y) : _mm256_setzero_ps();
-    _mm256_storeu_ps(y, _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(acc), prev));
+    for (int t = 0; t < TT; t++) {
+        o->y[t] = Y + (m0 + t) * w->N + tile * 8;
+        o->sx[t] = a->sx + (m0 + t) * a->ng;
+    }
+}
+
+/* Group g's int32 sums, rows tile*8.. of the block, scaled into Y: times the
+ * token's group scale, added to the earlier groups' (kept in Y, an L1-resident
+ * tile), times the row scales after the last group. VNNI first takes off
+ * 128 * the group's weight sums (the +128 on its activations). */
+INLINE ATTR_AVX2 void flush_group(const qs_w8 *w, const acts *a, size_t tile, size_t g, int RT,
+                                  int TT, __m256i acc[3][4], int vnni, const outs *o)
+{
+    int last = g + 1 == a->ng;
+#pragma GCC unroll 4
+    for (int r = 0; r < RT; r++) {
+        size_t n = (tile + r) * 8;
+        __m256i corr =
+            vnni
+                ? _mm256_slli_epi32(_mm256_loadu_si256((const __m256i *)(w->sum + g * w->N + n)), 7)
+                : _mm256_setzero_si256();
+        __m256 sw = _mm256_loadu_ps(w->scale + n);
+#pragma GCC unroll 4
+        for (int t = 0; t < TT; t++) {
+            __m256 f = _mm256_cvtepi32_ps(_mm256_sub_epi32(acc[r][t], corr));
+            __m256 sx = _mm256_set1_ps(o->sx[t][g]);
+            float *y = o->y[t] + r * 8;
+            __m256 v = g ? _mm256_fmadd_ps(sx, f, _mm256_loadu_ps(y)) : _mm256_mul_ps(sx, f);
+            _mm256_storeu_ps(y, last ? _mm256_mul_ps(v, sw) : v);
+        }
+    }
 }
 
 static inline int32_t load4(const uint8_t *p)
@@ -180,6 +208,8 @@ INLINE ATTR_AVX2 void mk_avx2(const qs_w8 *w, const acts *a, size_t tile, size_t
     const size_t Kp = w->Kp, G4 = w->group / 4;
     const __m256i ones = _mm256_set1_epi16(1);
     const int8_t *wt = w->w + tile * 8 * Kp;
+    outs o;
+    outs_make(w, a, tile, m0, TT, Y, &o);
     for (size_t g = 0; g < a->ng; g++) {
         __m256i acc[3][4];
 #pragma GCC unroll 4
@@ -209,11 +239,7 @@ INLINE ATTR_AVX2 void mk_avx2(const qs_w8 *w, const acts *a, size_t tile, size_t
                 }
             }
         }
-#pragma GCC unroll 4
-        for (int r = 0; r < RT; r++)
-#pragma GCC unroll 4
-            for (int t = 0; t < TT; t++)
-                epilogue(w, a, (tile + r) * 8, m0 + t, g, acc[r][t], 0, Y);
+        flush_group(w, a, tile, g, RT, TT, acc, 0, &o);
     }
 }
 
@@ -231,6 +257,8 @@ INLINE ATTR_VNNI void mk_vnni(const qs_w8 *w, const acts *a, size_t tile, size_t
 {
     const size_t Kp = w->Kp, G4 = w->group / 4;
     const int8_t *wt = w->w + tile * 8 * Kp;
+    outs o;
+    outs_make(w, a, tile, m0, TT, Y, &o);
     for (size_t g = 0; g < a->ng; g++) {
         __m256i acc[3][4];
 #pragma GCC unroll 4
@@ -255,11 +283,7 @@ INLINE ATTR_VNNI void mk_vnni(const qs_w8 *w, const acts *a, size_t tile, size_t
                     acc[r][t] = dpbusd(acc[r][t], xb, wv[r]);
             }
         }
-#pragma GCC unroll 4
-        for (int r = 0; r < RT; r++)
-#pragma GCC unroll 4
-            for (int t = 0; t < TT; t++)
-                epilogue(w, a, (tile + r) * 8, m0 + t, g, acc[r][t], 1, Y);
+        flush_group(w, a, tile, g, RT, TT, acc, 1, &o);
     }
 }
 
