@@ -813,8 +813,8 @@ static void run_smoothquant(qs_comm *all, const char *name)
                "relative L2 %.4f without smoothing, %.4f with, %.4f with and groups of 32\n",
                name, world, exact, e[0], e[1], e[2]);
     CHECK(e[1] < e[0], "%s: smoothing did not help: %.4f vs %.4f", name, e[1], e[0]);
-    CHECK(e[2] < e[0], "%s: groups with smoothing no better than neither: %.4f vs %.4f", name,
-          e[2], e[0]);
+    CHECK(e[2] < e[0], "%s: groups with smoothing no better than neither: %.4f vs %.4f", name, e[2],
+          e[0]);
     qs_calib_close(&cal);
     free(fp), free(q), free(ref);
 }
