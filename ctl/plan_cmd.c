@@ -213,6 +213,7 @@ int qs_ctl_plan(int argc, char **argv)
     qs_quant q = {QS_SCHEME_BCQ, 0, 0};
     int have_scheme = 0, have_bits = 0, have_group = 0, json = 0;
     uint32_t gpus = 0, bits = 0, group = 0;
+    const char *group_arg = NULL; /* as typed, for the messages */
     uint64_t dev = 80ull << 30;
     qs_workload w = {1, 0, QS_PLAN_DEFAULT_RESERVE};
 
@@ -235,7 +236,7 @@ int qs_ctl_plan(int argc, char **argv)
         case 'g':
             if (parse_u32(optarg, 0, 65536, &group))
                 return usage_error("--group '%s' is out of range: use 0 to 65536", optarg);
-            have_group = 1;
+            have_group = 1, group_arg = optarg;
             break;
         case 'n':
             if (parse_u32(optarg, 1, 4096, &gpus))
@@ -298,7 +299,7 @@ int qs_ctl_plan(int argc, char **argv)
         q.bits = (int)bits;
         q.group_size = have_group ? group : qs_scheme_default_group(m, q.scheme);
         if (have_group && q.scheme == QS_SCHEME_FP16 && group)
-            return usage_error("--group applies to w8a8, bcq and rtn, not %s", "fp16");
+            return usage_error("--group %s: fp16 has no groups (w8a8, bcq and rtn do)", group_arg);
         if (qs_quant_check(&q))
             return usage_error("%s", qs_errmsg());
         rows[nrows++] = q;
@@ -307,8 +308,9 @@ int qs_ctl_plan(int argc, char **argv)
         if (!have_group)
             group = qs_default_group(m);
         else if (group % 32)
-            return usage_error("--group is not a multiple of 32 (or 0 for one group per row)%s",
-                               "");
+            return usage_error("--group '%s' is not a multiple of 32 (or 0 for one group "
+                               "per row)",
+                               group_arg);
         rows[nrows++] = (qs_quant){QS_SCHEME_W8A8, 8, QS_W8A8_GROUP};
         rows[nrows++] = (qs_quant){QS_SCHEME_BCQ, 4, group};
         rows[nrows++] = (qs_quant){QS_SCHEME_BCQ, 3, group};

@@ -90,10 +90,8 @@ int qs_quant_resolve(const Qshard__V1__Quantization *in, const qs_model_config *
     out->bits = in ? (int)in->bits : 0;
     if (in && in->group_case == QSHARD__V1__QUANTIZATION__GROUP_GROUP_SIZE)
         out->group_size = in->group_size;
-    else if (uses_groups(out->scheme))
-        out->group_size = m ? qs_default_group(m) : 128;
     else
-        out->group_size = out->scheme == QS_SCHEME_W8A8 ? QS_W8A8_GROUP : 0;
+        out->group_size = qs_scheme_default_group(m, out->scheme);
     return qs_quant_check(out);
 }
 

@@ -193,7 +193,7 @@ static int make_copies(copies *c, int scheme, size_t N, size_t K)
             qs_w8 *w = &c->w[i];
             free(w->w), free(w->scale), free(w->sum);
             w->N = N, w->K = K, w->Kp = (K + 3) / 4 * 4;
-            w->group = scheme == S_W8A8G && K > 128 ? 128 : w->Kp;
+            w->group = qs_w8_group(K, scheme == S_W8A8G ? 128 : 0);
             size_t ng = qs_w8_groups(K, w->group);
             w->w = malloc(N * w->Kp), w->scale = malloc(N * 4), w->sum = malloc(ng * N * 4);
             if (!w->w || !w->scale || !w->sum)

@@ -200,7 +200,9 @@ typedef struct qs_w8 {
 int qs_w8_quantize(qs_w8 *out, const float *W, size_t N, size_t K, size_t act_group);
 void qs_w8_close(qs_w8 *w);
 size_t qs_w8_bytes(size_t N, size_t K, size_t act_group);
-/* Groups of the activations for act_group (0 = per token): ceil(K / G). */
+/* The group the kernels use for act_group: act_group, or Kp (= 4*ceil(K/4))
+ * for one scale per token (0 or >= K); and the groups per token, ceil(K / G). */
+size_t qs_w8_group(size_t K, size_t act_group);
 size_t qs_w8_groups(size_t K, size_t act_group);
 /* Fills w->sum from the codes (after the codes are in place). */
 void qs_w8_sums(qs_w8 *w);

@@ -435,7 +435,7 @@ static int take_linear(qs_model *m, const qs_weights *w, const char *prefix, lin
         uint32_t g = m->quant.group_size;
         size_t ng = qs_w8_groups(K, g);
         l->w8.N = N, l->w8.K = K, l->w8.Kp = (K + 3) / 4 * 4;
-        l->w8.group = g == 0 || g >= K ? l->w8.Kp : g;
+        l->w8.group = qs_w8_group(K, g);
         snprintf(n, sizeof n, "%s.w8", prefix);
         if ((err = alloc_take(w, n, "I8", (uint64_t)N * l->w8.Kp, (void **)&l->w8.w)))
             break;

@@ -505,7 +505,7 @@ static int smooth_layer(qs_model *m, uint32_t l, const qs_calib *cal, float alph
         err = smooth_pair(cal->absmax + calib_at(cal, l, QS_CALIB_O) + m->q_first * hd, Wv,
                           L->v.bias, L->v.N, H, Wo, L->o.N, cols, map, alpha);
     }
-    if (!err && (m->quant.group_size == 0 || m->quant.group_size >= F)) {
+    if (!err && qs_w8_groups(F, m->quant.group_size) == 1) {
         for (size_t j = 0; j < F; j++)
             map[j] = (uint32_t)j;
         err = smooth_pair(cal->absmax + calib_at(cal, l, QS_CALIB_DOWN) + (size_t)m->rank * m->fr,

@@ -205,7 +205,9 @@ uint32_t qs_scheme_default_group(const qs_model_config *m, qs_scheme s)
 {
     if (s == QS_SCHEME_W8A8)
         return QS_W8A8_GROUP;
-    return is_weight_quantized(s) ? qs_default_group(m) : 0;
+    if (!is_weight_quantized(s))
+        return 0;
+    return m ? qs_default_group(m) : 128;
 }
 
 /* ---- Byte counts -------------------------------------------------------- */

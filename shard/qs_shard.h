@@ -159,7 +159,8 @@ int qs_plan_min_gpus(const qs_model_config *m, const qs_quant *q, const qs_workl
  * input width, else the largest multiple of 32 below it that does, else 0. */
 uint32_t qs_default_group(const qs_model_config *m);
 /* The group a scheme gets when none is asked for: qs_default_group for BCQ
- * and RTN, QS_W8A8_GROUP for W8A8, 0 for fp16. */
+ * and RTN (128 when m is NULL: a bare kernel shape), QS_W8A8_GROUP for W8A8,
+ * 0 for fp16. */
 uint32_t qs_scheme_default_group(const qs_model_config *m, qs_scheme s);
 
 /* Parses a byte size: a plain integer, or a number with a binary unit

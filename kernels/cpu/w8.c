@@ -8,8 +8,7 @@
 #include "cpu.h"
 #include "w8.h"
 
-/* The group the kernels use for act_group: per token is one group of Kp. */
-static size_t effective_group(size_t K, size_t act_group)
+size_t qs_w8_group(size_t K, size_t act_group)
 {
     size_t Kp = (K + 3) / 4 * 4;
     return act_group == 0 || act_group >= K ? Kp : act_group;
@@ -17,7 +16,7 @@ static size_t effective_group(size_t K, size_t act_group)
 
 size_t qs_w8_groups(size_t K, size_t act_group)
 {
-    size_t g = effective_group(K, act_group);
+    size_t g = qs_w8_group(K, act_group);
     return (K + g - 1) / g;
 }
 
@@ -68,7 +67,7 @@ int qs_w8_quantize(qs_w8 *out, const float *W, size_t N, size_t K, size_t act_gr
         qs_w8_close(out);
         return qs_seterr(QS_ENOMEM, "out of memory for a %zu x %zu W8 matrix", N, K);
     }
-    out->N = N, out->K = K, out->Kp = Kp, out->group = effective_group(K, act_group);
+    out->N = N, out->K = K, out->Kp = Kp, out->group = qs_w8_group(K, act_group);
     int bad = 0;
 #pragma omp parallel for schedule(static) reduction(| : bad)
     for (size_t n = 0; n < N; n++) {
