@@ -55,6 +55,10 @@ void qs_clearerr(void);
 /* Number of usable CUDA devices; 0 when the build has no CUDA or the machine
  * has no GPU (then qs_errmsg() says why, e.g. CUDA error 100). */
 int qs_cuda_device_count(void);
+/* 1 when the CUDA code runs on the CPU under the project's execution
+ * harness (tests/cuda-emu) instead of a GPU: tests then pick shapes that
+ * the emulator runs in seconds. */
+int qs_cuda_emulated(void);
 
 /* ---- fp16 ----------------------------------------------------------------
  * IEEE binary16 stored as uint16_t bits, round to nearest even, subnormals

@@ -163,9 +163,9 @@ extern "C" int qs_cuda_u3_fill_random(qs_cuda_u3 *d, uint64_t seed, void *stream
 {
     if (!d || !d->codes)
         return qs_seterr(QS_EINVAL, "qs_cuda_u3_fill_random: weights not allocated");
-    u3_fill_kernel<<<1024, 256, 0, QS_CU_STREAM(stream)>>>(
-        (uint32_t *)d->codes, (__half *)d->scale, (__half *)d->zero, d->nb * 3 * d->N,
-        d->ngroups * d->N, (int)d->N, (int)d->K, seed);
+    QS_LAUNCH(1024, 256, 0, QS_CU_STREAM(stream), u3_fill_kernel)
+    ((uint32_t *)d->codes, (__half *)d->scale, (__half *)d->zero, d->nb * 3 * d->N,
+     d->ngroups * d->N, (int)d->N, (int)d->K, seed);
     QS_CU_LAUNCH("u3_fill_kernel");
     return QS_OK;
 }
@@ -178,7 +178,7 @@ __global__ void __launch_bounds__(256)
               const __half *__restrict__ zero, const __half *__restrict__ X, __half *__restrict__ Y,
               float *__restrict__ ws, int M, int N, int K, int gs, int ng, int nb, int splits)
 {
-    __shared__ __align__(16) float xs[U3_SLICE * 32 * MT]; /* [k][m] */
+    QS_SHARED_ALIGNED(16, float, xs, [U3_SLICE * 32 * MT]); /* [k][m] */
     const int n = blockIdx.x * 256 + threadIdx.x, sp = blockIdx.y;
     const bool row = n < N;
     const int b0 = (int)((long long)nb * sp / splits),
@@ -260,13 +260,13 @@ extern "C" int qs_cuda_u3_gemv(qs_cuda_u3 *d, const void *X, size_t M, void *Y, 
     int Mi = (int)M, N = (int)d->N, K = (int)d->K, ng = (int)d->ngroups, nb = (int)d->nb;
     int sp = (int)splits;
     if (M == 1)
-        u3_kernel<1><<<grid, 256, 0, st>>>(c, s, z, x, y, ws, Mi, N, K, gs, ng, nb, sp);
+        QS_LAUNCH(grid, 256, 0, st, u3_kernel<1>)(c, s, z, x, y, ws, Mi, N, K, gs, ng, nb, sp);
     else if (M == 2)
-        u3_kernel<2><<<grid, 256, 0, st>>>(c, s, z, x, y, ws, Mi, N, K, gs, ng, nb, sp);
+        QS_LAUNCH(grid, 256, 0, st, u3_kernel<2>)(c, s, z, x, y, ws, Mi, N, K, gs, ng, nb, sp);
     else if (M <= 4)
-        u3_kernel<4><<<grid, 256, 0, st>>>(c, s, z, x, y, ws, Mi, N, K, gs, ng, nb, sp);
+        QS_LAUNCH(grid, 256, 0, st, u3_kernel<4>)(c, s, z, x, y, ws, Mi, N, K, gs, ng, nb, sp);
     else
-        u3_kernel<8><<<grid, 256, 0, st>>>(c, s, z, x, y, ws, Mi, N, K, gs, ng, nb, sp);
+        QS_LAUNCH(grid, 256, 0, st, u3_kernel<8>)(c, s, z, x, y, ws, Mi, N, K, gs, ng, nb, sp);
     QS_CU_LAUNCH("u3_kernel");
     if (splits > 1)
         return qs_cuda_reduce_splits(ws, Y, M, d->N, (unsigned)splits, st);

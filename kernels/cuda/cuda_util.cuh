@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include "cuda_compat.cuh"
 #include "qs_kernels.h"
 
 static inline int qs_cuda_fail(cudaError_t e, const char *what, const char *file, int line)

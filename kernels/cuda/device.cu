@@ -18,3 +18,12 @@ extern "C" int qs_cuda_device_count(void)
     }
     return n;
 }
+
+extern "C" int qs_cuda_emulated(void)
+{
+#ifdef QS_CUDA_EMU
+    return 1;
+#else
+    return 0;
+#endif
+}

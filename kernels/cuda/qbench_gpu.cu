@@ -30,6 +30,7 @@
 #include <string.h>
 #include <vector>
 
+#include "cuda_compat.cuh"
 #include "qs_kernels.h"
 
 #define CK(call)                                                                                   \
@@ -214,7 +215,7 @@ int main(int argc, char **argv)
         void *X[4], *Y = NULL;
         for (int i = 0; i < 4; i++) {
             CK(cudaMalloc(&X[i], Mmax * K * 2));
-            fill_half<<<1024, 256>>>((__half *)X[i], Mmax * K, 3000 + i);
+            QS_LAUNCH(1024, 256, 0, 0, fill_half)((__half *)X[i], Mmax * K, 3000 + i);
             CK(cudaGetLastError());
         }
         CK(cudaMalloc(&Y, Mmax * N * 2));
