@@ -228,11 +228,11 @@ extern "C" int qs_cuda_bcq_fill_random(qs_cuda_bcq *d, uint64_t seed, void *stre
         return qs_seterr(QS_EINVAL, "qs_cuda_bcq_fill_random: weights not allocated");
     cudaStream_t st = QS_CU_STREAM(stream);
     size_t nb = (size_t)d->q * d->N * d->nc * 4, na = (size_t)d->q * d->N * d->ngroups;
-    bcq_fill_bits<<<1024, 256, 0, st>>>((uint32_t *)d->bits, nb, (int)d->N, (int)d->q, (int)d->nw,
-                                        (int)d->K, seed);
+    QS_LAUNCH(1024, 256, 0, st, bcq_fill_bits)
+    ((uint32_t *)d->bits, nb, (int)d->N, (int)d->q, (int)d->nw, (int)d->K, seed);
     QS_CU_LAUNCH("bcq_fill_bits");
-    bcq_fill_scales<<<1024, 256, 0, st>>>((__half *)d->alpha, (__half *)d->z, na, d->N * d->ngroups,
-                                          (int)d->N, (int)d->q, seed);
+    QS_LAUNCH(1024, 256, 0, st, bcq_fill_scales)
+    ((__half *)d->alpha, (__half *)d->z, na, d->N * d->ngroups, (int)d->N, (int)d->q, seed);
     QS_CU_LAUNCH("bcq_fill_scales");
     return QS_OK;
 }
@@ -274,9 +274,9 @@ extern "C" int qs_cuda_bcq_dequant_f16(const qs_cuda_bcq *d, void *W, void *stre
     if (!d || !d->bits || !W)
         return qs_seterr(QS_EINVAL, "qs_cuda_bcq_dequant_f16: NULL weights or output");
     size_t total = d->N * d->nw;
-    bcq_dequant_kernel<<<(unsigned)((total + 255) / 256), 256, 0, QS_CU_STREAM(stream)>>>(
-        (const uint32_t *)d->bits, (const __half *)d->alpha, (const __half *)d->z, (__half *)W,
-        (int)d->N, (int)d->K, (int)d->q, (int)d->nw, (int)bcq_gs(d->K, d->g), (int)d->ngroups);
+    QS_LAUNCH((unsigned)((total + 255) / 256), 256, 0, QS_CU_STREAM(stream), bcq_dequant_kernel)
+    ((const uint32_t *)d->bits, (const __half *)d->alpha, (const __half *)d->z, (__half *)W,
+     (int)d->N, (int)d->K, (int)d->q, (int)d->nw, (int)bcq_gs(d->K, d->g), (int)d->ngroups);
     QS_CU_LAUNCH("bcq_dequant_kernel");
     return QS_OK;
 }
@@ -302,7 +302,7 @@ int qs_cuda_reduce_splits(const float *ws, void *Y, size_t M, size_t N, unsigned
     unsigned blocks = (unsigned)((MN + 255) / 256);
     if (blocks > 4096)
         blocks = 4096;
-    reduce_splits_kernel<<<blocks, 256, 0, st>>>(ws, (__half *)Y, MN, (int)splits);
+    QS_LAUNCH(blocks, 256, 0, st, reduce_splits_kernel)(ws, (__half *)Y, MN, (int)splits);
     QS_CU_LAUNCH("reduce_splits_kernel");
     return QS_OK;
 }
@@ -311,13 +311,6 @@ int qs_cuda_reduce_splits(const float *ws, void *Y, size_t M, size_t N, unsigned
 
 #define LUT_CHUNKS  16  /* 8-column chunks per 128-column slice */
 #define LUT_CSTRIDE 272 /* entries per chunk table: 256 + 16 of bank padding */
-
-/* #pragma unroll in code that the host compiler also sees. */
-#ifdef __CUDA_ARCH__
-#define QS_UNROLL _Pragma("unroll")
-#else
-#define QS_UNROLL
-#endif
 
 template <int MT> struct vecf;
 template <> struct vecf<1> {
@@ -455,11 +448,16 @@ __device__ __forceinline__ void load_x8(const __half *__restrict__ X, int M, int
                                         bool vec, float *x)
 {
     if (m < M && vec && k0 + 8 <= K) {
-        uint4 r = __ldg(reinterpret_cast<const uint4 *>(X + (size_t)m * K + k0));
-        const __half2 *h = reinterpret_cast<const __half2 *>(&r);
+        /* A union, not a __half2 pointer into a uint4: that is undefined in
+         * C++ and g++ miscompiles it (the harness showed garbage). */
+        union {
+            uint4 u;
+            __half2 h[4];
+        } r;
+        r.u = __ldg(reinterpret_cast<const uint4 *>(X + (size_t)m * K + k0));
 #pragma unroll
         for (int j = 0; j < 4; j++) {
-            float2 f = __half22float2(h[j]);
+            float2 f = __half22float2(r.h[j]);
             x[2 * j] = f.x, x[2 * j + 1] = f.y;
         }
     } else {
@@ -476,7 +474,7 @@ __global__ void __launch_bounds__(THREADS)
                float *__restrict__ ws, int M, int N, int K, int q, int gs, int ng, int nc,
                int splits)
 {
-    extern __shared__ float4 lut_smem[];
+    QS_DYN_SMEM(float4, lut_smem);
     float *T = reinterpret_cast<float *>(lut_smem); /* [16][LUT_CSTRIDE][MT] */
     const int n = blockIdx.x * THREADS + threadIdx.x;
     const bool row = n < N;
@@ -652,10 +650,10 @@ static int lut_launch(qs_cuda_bcq *w, const void *X, size_t M, void *Y, unsigned
         QS_CU(cudaFuncSetAttribute(lut_kernel<MT, QMAX, TH, HT>,
                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((unsigned)((w->N + TH - 1) / TH), splits);
-    lut_kernel<MT, QMAX, TH, HT><<<grid, TH, smem, st>>>(
-        (const uint4 *)w->bits, (const __half *)w->alpha, (const __half *)w->z, (const __half *)X,
-        (__half *)Y, (float *)w->ws, (int)M, (int)w->N, (int)w->K, (int)w->q,
-        (int)bcq_gs(w->K, w->g), (int)w->ngroups, (int)w->nc, (int)splits);
+    QS_LAUNCH(grid, TH, smem, st, lut_kernel<MT, QMAX, TH, HT>)
+    ((const uint4 *)w->bits, (const __half *)w->alpha, (const __half *)w->z, (const __half *)X,
+     (__half *)Y, (float *)w->ws, (int)M, (int)w->N, (int)w->K, (int)w->q, (int)bcq_gs(w->K, w->g),
+     (int)w->ngroups, (int)w->nc, (int)splits);
     QS_CU_LAUNCH("lut_kernel");
     if (splits > 1)
         return qs_cuda_reduce_splits((const float *)w->ws, Y, M, w->N, splits, st);
@@ -876,7 +874,7 @@ __global__ void __launch_bounds__(MMA_THREADS)
     constexpr int XS = BM * MMA_LD, WS = BN * MMA_LD;
     constexpr int CS = BM * (BN + 4) * 2; /* fp32 as halves */
     constexpr int SMEM = (XS + WS) > CS ? (XS + WS) : CS;
-    __shared__ __align__(128) __half sm[SMEM];
+    QS_SHARED_ALIGNED(128, __half, sm, [SMEM]);
     __half *Xs = sm, *Ws = sm + XS;
     float *Cs = reinterpret_cast<float *>(sm);
 
@@ -1028,10 +1026,10 @@ static int mma_launch(const qs_cuda_bcq *w, const void *X, size_t M, void *Y, un
     if (grid.y > 65535 || grid.x > 65535)
         return qs_seterr(QS_EINVAL, "qs_cuda_bcq_gemm_mma: M=%zu x N=%zu is over the grid", M,
                          w->N);
-    mma_kernel<BM, BN, QMAX><<<grid, MMA_THREADS, 0, st>>>(
-        (const uint32_t *)w->bits, (const __half *)w->alpha, (const __half *)w->z,
-        (const __half *)X, (__half *)Y, (float *)w->ws, (int)M, (int)w->N, (int)w->K, (int)w->q,
-        (int)bcq_gs(w->K, w->g), (int)w->ngroups, (int)w->nw, (int)w->nc, (int)splits);
+    QS_LAUNCH(grid, MMA_THREADS, 0, st, mma_kernel<BM, BN, QMAX>)
+    ((const uint32_t *)w->bits, (const __half *)w->alpha, (const __half *)w->z, (const __half *)X,
+     (__half *)Y, (float *)w->ws, (int)M, (int)w->N, (int)w->K, (int)w->q, (int)bcq_gs(w->K, w->g),
+     (int)w->ngroups, (int)w->nw, (int)w->nc, (int)splits);
     QS_CU_LAUNCH("mma_kernel");
     if (splits > 1)
         return qs_cuda_reduce_splits((const float *)w->ws, Y, M, w->N, splits, st);
@@ -1076,10 +1074,11 @@ extern "C" int qs_cuda_bcq_gemm_mma(qs_cuda_bcq *w, const void *X, size_t M, voi
         return qs_seterr(QS_EINVAL, "qs_cuda_bcq_gemm_mma: bm=%u, use 16, 64 or 0", bm);
     if (splits == 0)
         splits = (unsigned)qs_cuda_mma_splits(M, w->N, w->K, bm, 0);
-    if (splits * M > QS_CUDA_WS_ROWS || splits > w->nc)
+    /* One split writes Y directly; only partial sums need the workspace. */
+    if ((splits > 1 && splits * M > QS_CUDA_WS_ROWS) || splits > w->nc)
         return qs_seterr(QS_EINVAL,
-                         "qs_cuda_bcq_gemm_mma: splits=%u for M=%zu: need splits * M <= %d and "
-                         "splits <= %zu (128-column steps)",
+                         "qs_cuda_bcq_gemm_mma: splits=%u for M=%zu: need splits * M <= %d when "
+                         "splitting, and splits <= %zu (128-column steps)",
                          splits, M, QS_CUDA_WS_ROWS, w->nc);
     cudaStream_t st = QS_CU_STREAM(stream);
     if (bm == 16)

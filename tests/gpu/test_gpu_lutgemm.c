@@ -47,12 +47,14 @@ int main(int argc, char **argv)
             gt_bcq_case(513, 2048, 3, 128, M, GT_LUT, &odd, LUT_BOUND);
             gt_bcq_case(129, 1000, 2, 0, M, GT_LUT, &odd, LUT_BOUND);
         }
-    /* fp16 tables (tokens in pairs): every batch 2..8, both CTA sizes, splits. */
+    /* fp16 tables (tokens in pairs): every batch 2..8, both CTA sizes,
+     * 1 to 4 splits, at most the shape's 128-column slices (300 x 384 has 3). */
     for (size_t M = 2; M <= 8; M++) {
-        qs_cuda_lut_cfg h = {M % 2 ? 128 : 256, (unsigned)(1 + M % 4), 1};
+        unsigned sp = (unsigned)(1 + M % 4);
+        qs_cuda_lut_cfg h = {M % 2 ? 128 : 256, sp, 1}, h3 = {h.threads, sp < 3 ? sp : 3, 1};
         gt_bcq_case(1000, 4128, 3, 32, M, GT_LUT, &h, LUT_BOUND_HALF);
         gt_bcq_case(129, 1000, 1 + (unsigned)M % 8, 0, M, GT_LUT, &h, LUT_BOUND_HALF);
-        gt_bcq_case(300, 384, 8, 128, M, GT_LUT, &h, LUT_BOUND_HALF);
+        gt_bcq_case(300, 384, 8, 128, M, GT_LUT, &h3, LUT_BOUND_HALF);
     }
     /* X not 16-byte aligned: the scalar input path at K % 8 == 0. */
     gt_x_off = 1;
