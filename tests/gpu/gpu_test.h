@@ -23,6 +23,24 @@ static inline void gt_need_gpu(void)
         printf("SKIP: no GPU: %s\n", qs_errmsg());
         exit(77);
     }
+    if (qs_cuda_emulated())
+        printf("# on the CPU execution harness (tests/cuda-emu): rows over 320 cut to 257 + "
+               "N %% 64, batches from 65 to 128 to 33 + M %% 31; the full shapes run on a GPU\n");
+}
+
+/* Rows of a case: as asked on a GPU; under the harness, which runs a
+ * thread at a time, long matrices keep their raggedness and more than two
+ * CTAs of rows but not their length. */
+static inline size_t gt_n(size_t n)
+{
+    return qs_cuda_emulated() && n > 320 ? 257 + n % 64 : n;
+}
+
+/* Batches likewise: ragged and over two tiles of 16, not 100 long. Batches
+ * over 128 stay (they test the one-split path that needs no workspace). */
+static inline size_t gt_m(size_t m)
+{
+    return qs_cuda_emulated() && m > 64 && m <= 128 ? 33 + m % 31 : m;
 }
 
 #define GT_OK(call)                                                                                \
@@ -128,6 +146,7 @@ static size_t gt_x_off = 0;
 static inline void gt_bcq_case(size_t N, size_t K, unsigned q, size_t g, size_t M, int run,
                                const qs_cuda_lut_cfg *cfg, double bound)
 {
+    N = gt_n(N), M = gt_m(M);
     qs_bcq w = {0};
     qs_cuda_bcq d = {0};
     void *dX = NULL, *dY = NULL, *dW = NULL;
