@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs what is missing, builds,
 # runs ctest; then rebuilds the host code with AddressSanitizer and
-# UndefinedBehaviorSanitizer and runs the unit and integration tests again.
+# UndefinedBehaviorSanitizer and runs the unit, integration and cuda-emu
+# tests again (the CUDA code on the CPU execution harness, docs/cuda-emu.md).
 #
 #   deploy/test.sh              everything (what CI runs)
 #   deploy/test.sh --no-sanitize   skip the sanitizer pass
@@ -31,13 +32,14 @@ if [ $plain = 1 ]; then
 fi
 
 if [ $sanitize = 1 ]; then
-    # Host code only: nvcc does not take the sanitizer flags, and the CUDA
-    # path has its own checker (compute-sanitizer) on a GPU machine.
+    # Without nvcc, which does not take the sanitizer flags: the CUDA code
+    # runs here as the harness builds it (label cuda-emu), and on a GPU
+    # machine under compute-sanitizer (tests/gpu/gpu_session.sh).
     cmake -S . -B build-sanitize -DQS_WERROR=ON -DQS_WITH_CUDA=OFF \
         -DQS_SANITIZE=address,undefined -DCMAKE_BUILD_TYPE=Debug
     cmake --build build-sanitize -j "$jobs"
     export ASAN_OPTIONS=abort_on_error=1:detect_leaks=1
     export LSAN_OPTIONS=suppressions=$PWD/tests/lsan.supp:print_suppressions=0
     export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-    ctest --test-dir build-sanitize --output-on-failure -j "$jobs" -L 'unit|integration'
+    ctest --test-dir build-sanitize --output-on-failure -j "$jobs" -L 'unit|integration|cuda-emu'
 fi
