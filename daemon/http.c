@@ -42,6 +42,7 @@ typedef struct req {
     size_t len;
     int too_big;
     unsigned status;
+    qs_oa *stream; /* closed when the request completes, never before */
 } req;
 
 int qs_http_in_flight(qs_http *h)
@@ -120,19 +121,18 @@ static ssize_t stream_read(void *cls, uint64_t pos, char *buf, size_t max)
     return n ? (ssize_t)n : MHD_CONTENT_READER_END_OF_STREAM;
 }
 
-static void stream_free(void *cls)
-{
-    qs_openai_close(cls);
-}
-
 static enum MHD_Result send_stream(req *r, qs_http_reply *rep)
 {
-    struct MHD_Response *resp = MHD_create_response_from_callback(
-        MHD_SIZE_UNKNOWN, STREAM_BLOCK, stream_read, rep->stream, stream_free);
+    /* The request, not the response, owns the stream: MHD may free the
+     * response after it says the request completed, and the stream's job
+     * probes the connection until then. */
+    struct MHD_Response *resp = MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, STREAM_BLOCK,
+                                                                  stream_read, rep->stream, NULL);
     if (!resp) {
         qs_openai_close(rep->stream);
         return MHD_NO;
     }
+    r->stream = rep->stream;
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CONTENT_TYPE, rep->type);
     MHD_add_response_header(resp, MHD_HTTP_HEADER_CACHE_CONTROL, "no-cache");
     r->status = rep->status;
@@ -238,6 +238,8 @@ static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
         qs_log(r->status >= 500 ? QS_LOG_WARN : QS_LOG_INFO, "HTTP %s from %s: %u in %.2f ms%s",
                r->what, r->peer, r->status, (qs_now() - r->started) * 1e3,
                toe == MHD_REQUEST_TERMINATED_COMPLETED_OK ? "" : " (the connection ended early)");
+    if (r->stream)
+        qs_openai_close(r->stream);
     if (r->status)
         atomic_fetch_add(&h->d->served, 1);
     atomic_fetch_sub(&h->in_flight, 1);
