@@ -137,7 +137,7 @@ int qs_models_catalog(qs_daemon *d, qs_catalog_entry **out, size_t *n)
     pthread_mutex_lock(&d->catalog_mu);
     *n = d->ncatalog;
     *out = malloc((d->ncatalog + 1) * sizeof **out);
-    if (*out)
+    if (*out && d->ncatalog)
         memcpy(*out, d->catalog, d->ncatalog * sizeof **out);
     pthread_mutex_unlock(&d->catalog_mu);
     return *out ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory listing the models");

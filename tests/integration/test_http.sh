@@ -97,6 +97,14 @@ wait_exit() {
 case $case_name in
 metrics)
     command -v promtool >/dev/null || skip "promtool is needed (Debian's prometheus package)"
+    # Bad --http options: exit 2 with the reason, before MPI starts.
+    "$qdaemon" --http 0.0.0.0:0 >"$tmp/out" 2>&1
+    [ $? = 2 ] && grep -q -- '--allow-remote' "$tmp/out" || fail "--http 0.0.0.0:0: $(cat "$tmp/out")"
+    "$qdaemon" --http 127.0.0.1:http >"$tmp/out" 2>&1
+    [ $? = 2 ] && grep -q 'not a port' "$tmp/out" || fail "--http 127.0.0.1:http: $(cat "$tmp/out")"
+    "$qdaemon" --http-address-file "$tmp/x" >"$tmp/out" 2>&1
+    [ $? = 2 ] && grep -q 'needs --http' "$tmp/out" || fail "--http-address-file alone: $(cat "$tmp/out")"
+    "$qdaemon" --help | grep -q -- '--http HOST:PORT' || fail "qdaemon --help does not name --http"
     start --drain-timeout 20
     get_status GET /health
     [ "$code" = 200 ] || fail "/health: $code: $(cat "$tmp/body")"
@@ -169,6 +177,30 @@ PY
     get_status GET /v1/models
     python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); assert d["object"] == "list" and [m["id"] for m in d["data"]] == ["opt-125m"], d' "$tmp/body" ||
         fail "/v1/models: $(cat "$tmp/body")"
+    # 12 requests at once, streamed and whole, gRPC among them: queued, each
+    # answered in full.
+    pids=()
+    for i in $(seq 4); do
+        curl -s --max-time 60 "$http/v1/completions" -H 'Content-Type: application/json' \
+            -d "{\"model\":\"opt-125m\",\"prompt\":\"p$i\",\"max_tokens\":4,\"seed\":$i}" >"$tmp/w$i" & pids+=($!)
+        curl -sN --max-time 60 "$http/v1/completions" -H 'Content-Type: application/json' \
+            -d "{\"model\":\"opt-125m\",\"prompt\":\"p$i\",\"max_tokens\":4,\"stream\":true}" >"$tmp/s$i" & pids+=($!)
+        "$qctl" --json generate opt-125m "p$i" --max-tokens 4 >"$tmp/g$i" & pids+=($!)
+    done
+    for p in "${pids[@]}"; do wait "$p" || fail "a concurrent request failed"; done
+    python3 - "$tmp" <<'PY' || fail "concurrent requests"
+import json, sys
+d = sys.argv[1]
+for i in range(1, 5):
+    w = json.load(open(f"{d}/w{i}"))
+    assert w["usage"]["completion_tokens"] == 4 and w["choices"][0]["finish_reason"] == "length", w
+    events = [l[6:] for l in open(f"{d}/s{i}").read().split("\n") if l.startswith("data: ")]
+    assert events[-1] == "[DONE]", events
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length", chunks
+    assert len(json.load(open(f"{d}/g{i}"))["tokens"]) == 4
+PY
+    note "12 concurrent requests answered in full"
     # Draining: /health says 503 while a request is in flight (rank 1 paused).
     kill -STOP "${rank_pids[1]}"
     "$qctl" --timeout 30 stats >/dev/null 2>&1 &
