@@ -22,7 +22,7 @@
 #define MAX_CTX        32768u
 #define MAX_BATCH      4096u
 #define MAX_ITERATIONS 100000u
-#define MAX_STOPS      4u /* as OpenAI's API */
+#define MAX_STOPS      8u /* OpenAI's API takes 4, and adds ChatML's end */
 #define MAX_STOP_LEN   256u
 
 grpc_status_code qs_err_status(int err)

@@ -911,6 +911,18 @@ static int stop_met(gen_ctx *g, const char *p)
     return 0;
 }
 
+/* A control token is no text to match, but one named as a stop string
+ * whole ends the generation: a chat stops at ChatML's "<|im_end|>" even
+ * where it is not the model's EOS. */
+static int control_stop(const gen_ctx *g, const char *p)
+{
+    const Qshard__V1__GenerateRequest *r = (const void *)g->cmd->req;
+    for (size_t i = 0; i < r->n_stop; i++)
+        if (!strcmp(r->stop[i], p))
+            return 1;
+    return 0;
+}
+
 /* Rank 0: one token to the client; 0 to go on. */
 static int stream_token(gen_ctx *g, int32_t t)
 {
@@ -934,7 +946,7 @@ static int stream_token(gen_ctx *g, int32_t t)
     g->count++;
     /* The token that completes a stop string still goes out: the receiver
      * cuts the text at the string (the OpenAI endpoint does). */
-    int stop = !tk.control && stop_met(g, tk.text);
+    int stop = tk.control ? control_stop(g, tk.text) : stop_met(g, tk.text);
     if (qs_cmd_stream(g->cmd, &ev) != QS_OK || qs_cmd_cancelled(g->cmd)) {
         g->stopped = 1;
         if (job && !job->stopped)

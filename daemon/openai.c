@@ -872,6 +872,13 @@ static void serve_generate(qs_daemon *d, int chat, const char *body, size_t len,
     for (size_t i = 0; i < p.nstop; i++)
         if ((a->stops[a->nstop] = strdup(p.stops[i])))
             a->nstop++;
+    /* A chat ends with the assistant's turn, EOS or not: rank 0 stops at
+     * the control token (not text, so the sink never sees it as text). */
+    char *stops[MAX_STOPS + 1];
+    memcpy(stops, a->stops, a->nstop * sizeof *stops);
+    size_t nstops = a->nstop;
+    if (chat)
+        stops[nstops++] = "<|im_end|>";
 
     Qshard__V1__GenerateRequest req = QSHARD__V1__GENERATE_REQUEST__INIT;
     req.model = a->model;
@@ -885,8 +892,8 @@ static void serve_generate(qs_daemon *d, int chat, const char *body, size_t len,
     req.top_k = p.top_k > 0 ? (uint32_t)p.top_k : 0;
     /* 0 asks the daemon to pick: a client's seed 0 must stay fixed. */
     req.seed = p.have_seed ? (p.seed == 0 ? 0x5eed5eed5eed5eedull : (uint64_t)(int64_t)p.seed) : 0;
-    req.n_stop = a->nstop;
-    req.stop = a->stops;
+    req.n_stop = nstops;
+    req.stop = stops;
     req.special_tokens = chat;
     qs_submit(d, (qs_sink){&oa_ops, a}, qs_command_for_op(QS_OP_GENERATE), &req.base);
     free(prompt.p);
