@@ -377,11 +377,11 @@ int main(int argc, char **argv)
     if (!all_ok) {
         if (!ok)
             qs_log(QS_LOG_ERROR, "cannot start: %s", why);
+        qs_http_close(d.http); /* it asks the gRPC server whether it drains */
         if (d.server) {
             qs_server_drain(d.server);
             qs_server_close(d.server);
         }
-        qs_http_close(d.http);
         qs_metrics_close(d.metrics);
         MPI_Finalize();
         return 1;
@@ -408,13 +408,15 @@ int main(int argc, char **argv)
                 qs_log(QS_LOG_INFO, "serving HTTP (/metrics, /health, /v1) on %s", http_bound);
         }
         qs_ranks_lead(&d);
+        /* Every job is answered: the HTTP threads end, and before the gRPC
+         * server goes, which they ask whether the daemon drains. */
+        qs_http_close(d.http);
         /* The server thread ends once its last call is done; if it is wedged,
          * exit without waiting for it. */
         if (qs_server_wait(d.server, 5))
             qs_server_close(d.server);
         else
             qs_log(QS_LOG_WARN, "the gRPC server did not stop in time");
-        qs_http_close(d.http);
         if (d.opts.address_file[0])
             remove(d.opts.address_file);
         if (d.opts.http_address_file[0])
