@@ -2,7 +2,9 @@
  *
  *   qctl plan MODEL                      the comparison table: fp16, w8a8, 4-bit, 3-bit
  *   qctl plan MODEL --bits 3 --gpus 1    one scheme in detail, and whether it fits
+ *   qctl plan MODEL --svg chart.svg      the comparison as a chart (plan_svg.c)
  */
+#include "qs_ctl.h"
 #include "qs_shard.h"
 
 #include <cjson/cJSON.h>
@@ -19,6 +21,7 @@ static const char usage[] =
     "usage: qctl plan MODEL [--scheme fp16|w8a8|bcq|rtn] [--bits N] [--group G] [--gpus N]\n"
     "                       [--device-memory SIZE] [--batch B] [--seq S] [--reserve SIZE] "
     "[--json]\n"
+    "                       [--svg FILE]\n"
     "\n"
     "Plans the memory of MODEL per GPU, with no daemon. Without --scheme or --bits it\n"
     "compares fp16, W8A8 (SmoothQuant), 4-bit and 3-bit BCQ (LUT-GEMM): weight bytes,\n"
@@ -38,6 +41,9 @@ static const char usage[] =
     "                      context)\n"
     "  --reserve S         per-GPU runtime reserve: CUDA context, cuBLAS, NCCL (default 1GiB)\n"
     "  --json              print one JSON object\n"
+    "  --svg FILE          also draw the schemes as an SVG chart in FILE ('-': stdout, then\n"
+    "                      nothing else is printed): weight bytes, and GPUs needed against\n"
+    "                      GPU memory from 16 to 192 GiB with --device-memory marked\n"
     "\n"
     "Models: run `qctl plan --list`.\n";
 
@@ -207,11 +213,13 @@ int qs_ctl_plan(int argc, char **argv)
                                          {"seq", required_argument, 0, 'S'},
                                          {"reserve", required_argument, 0, 'r'},
                                          {"json", no_argument, 0, 'j'},
+                                         {"svg", required_argument, 0, 'v'},
                                          {"list", no_argument, 0, 'l'},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     qs_quant q = {QS_SCHEME_BCQ, 0, 0};
     int have_scheme = 0, have_bits = 0, have_group = 0, json = 0;
+    const char *svg = NULL;
     uint32_t gpus = 0, bits = 0, group = 0;
     const char *group_arg = NULL; /* as typed, for the messages */
     uint64_t dev = 80ull << 30;
@@ -261,6 +269,11 @@ int qs_ctl_plan(int argc, char **argv)
             break;
         case 'j':
             json = 1;
+            break;
+        case 'v':
+            if (!*optarg)
+                return usage_error("%s", "--svg needs a file name ('-' for stdout)");
+            svg = optarg;
             break;
         case 'l':
             for (size_t i = 0; i < qs_preset_count(); i++)
@@ -328,6 +341,18 @@ int qs_ctl_plan(int argc, char **argv)
             return usage_error("%s", qs_errmsg());
     }
 
+    if (svg) {
+        char labels[4][64];
+        const char *lp[4];
+        for (size_t i = 0; i < nrows; i++)
+            lp[i] = quant_label(&rows[i], labels[i], sizeof labels[i]);
+        if (qs_ctl_plan_svg(svg, m, rows, lp, nrows, &w, dev)) {
+            fprintf(stderr, "qctl plan: %s\n", qs_errmsg());
+            return 1;
+        }
+        if (!strcmp(svg, "-"))
+            return 0;
+    }
     if (json) {
         cJSON *o = cJSON_CreateObject();
         cJSON *mo = cJSON_AddObjectToObject(o, "model");

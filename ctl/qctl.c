@@ -16,7 +16,7 @@ static const char usage[] =
     "\n"
     "commands:\n"
     "  plan MODEL        memory and GPUs a model needs (locally; --daemon: on the\n"
-    "                    daemon's own devices)\n"
+    "                    daemon's own devices; --svg FILE: also as a chart)\n"
     "  load MODEL        quantize and load a model across the daemon's ranks\n"
     "  unload NAME       free a loaded model\n"
     "  stats             devices, memory and loaded models\n"

@@ -4,6 +4,7 @@
 #define QS_CTL_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include "qs_proto.h"
 
@@ -71,5 +72,14 @@ int qs_ctl_shutdown(qs_ctl_global *g, int argc, char **argv);
 
 /* `qctl plan` without --daemon: the planner, locally (plan_cmd.c). */
 int qs_ctl_plan(int argc, char **argv);
+
+/* `qctl plan --svg FILE` (plan_svg.c): weight bytes of each scheme, and the
+ * GPUs each needs against the size of one GPU, as a plain SVG chart; path
+ * "-" is stdout. labels[i] names rows[i]. */
+struct qs_model_config;
+struct qs_quant;
+struct qs_workload;
+int qs_ctl_plan_svg(const char *path, const struct qs_model_config *m, const struct qs_quant *rows,
+                    const char *const *labels, size_t n, const struct qs_workload *w, uint64_t dev);
 
 #endif /* QS_CTL_H */

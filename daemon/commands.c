@@ -22,6 +22,8 @@
 #define MAX_CTX        32768u
 #define MAX_BATCH      4096u
 #define MAX_ITERATIONS 100000u
+#define MAX_STOPS      8u /* OpenAI's API takes 4, and adds ChatML's end */
+#define MAX_STOP_LEN   256u
 
 grpc_status_code qs_err_status(int err)
 {
@@ -252,10 +254,10 @@ static int reply_health(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, d
 
 /* grpc.health.v1.Health/Check, answered without the ranks so that probes are
  * cheap; qshard.v1.Qshard/Health is the deep check that reaches every rank. */
-static int answer_check(qs_daemon *d, qs_call *call, const ProtobufCMessage *req,
+static int answer_check(qs_daemon *d, const qs_sink *sink, const ProtobufCMessage *req,
                         grpc_byte_buffer **out)
 {
-    (void)call;
+    (void)sink;
     const Grpc__Health__V1__HealthCheckRequest *r = (const void *)req;
     Grpc__Health__V1__HealthCheckResponse resp = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
     if (!*r->service || strcmp(r->service, QS_SERVICE) == 0)
@@ -444,12 +446,17 @@ static int validate_load(qs_daemon *d, const ProtobufCMessage *req)
 
 int qs_cmd_stream(const qs_cmd *cmd, const void *msg)
 {
-    if (!cmd->job || !cmd->job->call)
+    if (!cmd->job || !cmd->job->sink.ops)
         return QS_OK;
     grpc_byte_buffer *bb = qs_proto_pack(msg);
     if (!bb)
         return qs_seterr(QS_ENOMEM, "out of memory packing a streamed message");
-    return qs_call_write(cmd->job->call, bb);
+    return qs_sink_write(&cmd->job->sink, bb);
+}
+
+int qs_cmd_cancelled(const qs_cmd *cmd)
+{
+    return cmd->job && qs_sink_cancelled(&cmd->job->sink);
 }
 
 static int validate_unload(qs_daemon *d, const ProtobufCMessage *req)
@@ -487,6 +494,14 @@ static int validate_generate(qs_daemon *d, const ProtobufCMessage *req)
     if (!isfinite(r->top_p) || r->top_p < 0 || r->top_p > 1)
         return qs_seterr(QS_EINVAL, "top_p must be in (0, 1] (0: no cut), got %g",
                          (double)r->top_p);
+    if (r->n_stop > MAX_STOPS)
+        return qs_seterr(QS_EINVAL, "at most %u stop strings, got %zu", MAX_STOPS, r->n_stop);
+    for (size_t i = 0; i < r->n_stop; i++) {
+        size_t n = strlen(r->stop[i]);
+        if (n == 0 || n > MAX_STOP_LEN)
+            return qs_seterr(QS_EINVAL, "stop string %zu is %zu bytes long: give 1 to %u", i + 1, n,
+                             MAX_STOP_LEN);
+    }
     return QS_OK;
 }
 
@@ -551,13 +566,14 @@ static int validate_bench(qs_daemon *d, const ProtobufCMessage *req)
 
 /* ---- Shutdown ------------------------------------------------------------- */
 
-static int answer_shutdown(qs_daemon *d, qs_call *call, const ProtobufCMessage *req,
+static int answer_shutdown(qs_daemon *d, const qs_sink *sink, const ProtobufCMessage *req,
                            grpc_byte_buffer **out)
 {
     (void)req;
-    qs_log(QS_LOG_INFO, "shutdown requested by %s", qs_call_peer(call));
+    qs_log(QS_LOG_INFO, "shutdown requested by %s", qs_sink_peer(sink));
     Qshard__V1__ShutdownReply r = QSHARD__V1__SHUTDOWN_REPLY__INIT;
-    int n = qs_server_in_flight(d->server) - 1; /* not counting this call */
+    /* Not counting this call; HTTP requests drain too. */
+    int n = qs_server_in_flight(d->server) - 1 + qs_http_in_flight(d->http);
     r.in_flight = n > 0 ? (uint32_t)n : 0;
     r.drain_timeout_seconds = d->opts.drain_timeout;
     return pack_reply(&r, out);
@@ -635,8 +651,57 @@ const qs_command *qs_command_for_op(uint32_t op)
     return NULL;
 }
 
+const qs_command *qs_command_for_method(const char *method)
+{
+    for (size_t i = 0; i < qs_command_count; i++)
+        if (strcmp(qs_commands[i].method, method) == 0)
+            return &qs_commands[i];
+    return NULL;
+}
+
+/* ---- Sinks ---------------------------------------------------------------- */
+
+int qs_sink_write(const qs_sink *s, grpc_byte_buffer *msg)
+{
+    if (!s->ops) {
+        grpc_byte_buffer_destroy(msg);
+        return QS_OK;
+    }
+    return s->ops->write(s->ctx, msg);
+}
+
+void qs_sink_finish(const qs_sink *s, grpc_status_code code, const char *details,
+                    grpc_byte_buffer *reply)
+{
+    if (s->ops)
+        s->ops->finish(s->ctx, code, details, reply);
+    else if (reply)
+        grpc_byte_buffer_destroy(reply);
+}
+
+int qs_sink_cancelled(const qs_sink *s)
+{
+    return s->ops ? s->ops->cancelled(s->ctx) : 0;
+}
+
+void qs_sink_release(qs_sink *s)
+{
+    if (s->ops)
+        s->ops->release(s->ctx);
+    s->ops = NULL;
+    s->ctx = NULL;
+}
+
+const char *qs_sink_peer(const qs_sink *s)
+{
+    return s->ops ? s->ops->peer(s->ctx) : "the daemon";
+}
+
+/* ---- Dispatch ------------------------------------------------------------- */
+
 void qs_dispatch(qs_daemon *d, qs_call *call, const qs_command *c, grpc_byte_buffer *bb)
 {
+    qs_sink sink = qs_call_sink(call);
     ProtobufCMessage *req = qs_proto_unpack(c->request, bb);
     if (!req) {
         char msg[256];
@@ -644,38 +709,51 @@ void qs_dispatch(qs_daemon *d, qs_call *call, const qs_command *c, grpc_byte_buf
                  "the request is not a valid %s message: are qctl and qdaemon from the same "
                  "qshard version?",
                  c->request->name);
-        qs_call_finish(call, GRPC_STATUS_INVALID_ARGUMENT, msg, NULL);
-        qs_call_release(call);
+        qs_sink_finish(&sink, GRPC_STATUS_INVALID_ARGUMENT, msg, NULL);
+        qs_sink_release(&sink);
         return;
     }
+    qs_submit(d, sink, c, req);
+    protobuf_c_message_free_unpacked(req, NULL);
+}
+
+void qs_submit(qs_daemon *d, qs_sink sink, const qs_command *c, const ProtobufCMessage *req)
+{
     qs_clearerr();
     int err = c->validate ? c->validate(d, req) : QS_OK;
     if (err) {
-        qs_call_finish(call, qs_err_status(err), qs_errmsg(), NULL);
-        qs_call_release(call);
-    } else if (c->answer) {
+        qs_sink_finish(&sink, qs_err_status(err), qs_errmsg(), NULL);
+        qs_sink_release(&sink);
+        return;
+    }
+    if (c->answer) {
         grpc_byte_buffer *reply = NULL;
-        err = c->answer(d, call, req, &reply);
-        qs_call_finish(call, qs_err_status(err), err ? qs_errmsg() : NULL, reply);
-        qs_call_release(call);
+        err = c->answer(d, &sink, req, &reply);
+        qs_sink_finish(&sink, qs_err_status(err), err ? qs_errmsg() : NULL, reply);
+        qs_sink_release(&sink);
         if (!err && c->drains)
             qs_server_drain(d->server);
-    } else {
-        /* The job takes the call (and its reference) to the main thread. */
-        qs_job *job = calloc(1, sizeof *job);
-        if (job)
-            job->payload = qs_proto_pack_bytes(req, &job->len);
-        if (!job || !job->payload) {
-            free(job);
-            qs_call_finish(call, GRPC_STATUS_RESOURCE_EXHAUSTED, "the daemon is out of memory",
-                           NULL);
-            qs_call_release(call);
-        } else {
-            job->command = c;
-            job->call = call;
-            if (qs_daemon_enqueue(d, job) != QS_OK)
-                qs_job_free(job); /* answers UNAVAILABLE */
-        }
+        return;
     }
-    protobuf_c_message_free_unpacked(req, NULL);
+    /* The job takes the sink (and its reference) to the main thread. */
+    qs_job *job = calloc(1, sizeof *job);
+    if (job)
+        job->payload = qs_proto_pack_bytes(req, &job->len);
+    if (!job || !job->payload) {
+        free(job);
+        qs_sink_finish(&sink, GRPC_STATUS_RESOURCE_EXHAUSTED, "the daemon is out of memory", NULL);
+        qs_sink_release(&sink);
+        return;
+    }
+    job->command = c;
+    job->sink = sink;
+    job->queued = qs_now();
+    if (c->op == QS_OP_GENERATE) {
+        const Qshard__V1__GenerateRequest *g = (const void *)req;
+        snprintf(job->model, sizeof job->model, "%s", g->model);
+    }
+    /* Counted as waiting before the main thread can see it. */
+    qs_metrics_job(d->metrics, job, QS_JOB_WAITING);
+    if (qs_daemon_enqueue(d, job) != QS_OK)
+        qs_job_free(job); /* answers UNAVAILABLE */
 }

@@ -1,6 +1,7 @@
 /* qdaemon: one MPI process per device; rank 0 also serves the gRPC API.
  *
- *   mpirun -np 2 qdaemon [--listen 127.0.0.1:50551] [--device-memory 16GiB]
+ *   mpirun -np 2 qdaemon [--listen 127.0.0.1:50551] [--http 127.0.0.1:8000]
+ *                        [--device-memory 16GiB]
  */
 #define _POSIX_C_SOURCE 200809L
 #include "qs_daemon.h"
@@ -33,9 +34,15 @@ static const char usage_text[] =
     "options:\n"
     "  --listen HOST:PORT     where rank 0 listens (default 127.0.0.1:50551; port 0\n"
     "                         picks a free port, see --address-file)\n"
-    "  --allow-remote         allow a non-loopback --listen address (the API has no\n"
-    "                         authentication: put it behind a firewall or a proxy)\n"
+    "  --http HOST:PORT       also serve HTTP on rank 0: GET /metrics (Prometheus),\n"
+    "                         GET /health, and the OpenAI API: POST /v1/completions,\n"
+    "                         POST /v1/chat/completions, GET /v1/models (default: off;\n"
+    "                         port 0 picks a free port, see --http-address-file)\n"
+    "  --allow-remote         allow non-loopback --listen and --http addresses (the APIs\n"
+    "                         have no authentication: put them behind a firewall or a\n"
+    "                         proxy)\n"
     "  --address-file PATH    write the bound HOST:PORT here once every rank is ready\n"
+    "  --http-address-file PATH  the same for --http\n"
     "  --device-memory SIZE   memory of each CPU device, and a cap on each GPU's\n"
     "                         (binary units: 512MiB, 16GiB; default 16GiB)\n"
     "  --drain-timeout SECS   on SIGTERM or Shutdown, how long requests in flight may\n"
@@ -75,22 +82,22 @@ static int parse_seconds(const char *opt, const char *v, double lo, double *out)
     return QS_OK;
 }
 
-/* Loopback only unless --allow-remote: the API can load models and shut the
- * daemon down, and it has no authentication. */
-static int check_listen(const char *listen, int allow_remote)
+/* Loopback only unless --allow-remote: the gRPC API can load models and shut
+ * the daemon down, the HTTP one can run generations, and neither has
+ * authentication. */
+static int check_listen(const char *opt, const char *example, const char *listen, int allow_remote)
 {
     const char *colon = strrchr(listen, ':');
     if (!colon || colon == listen || !colon[1])
-        return qs_seterr(QS_EINVAL, "--listen takes HOST:PORT, e.g. 127.0.0.1:50551, got '%s'",
-                         listen);
+        return qs_seterr(QS_EINVAL, "%s takes HOST:PORT, e.g. %s, got '%s'", opt, example, listen);
     char *end;
     long port = strtol(colon + 1, &end, 10);
     if (*end || port < 0 || port > 65535)
-        return qs_seterr(QS_EINVAL, "--listen: '%s' is not a port (0..65535)", colon + 1);
+        return qs_seterr(QS_EINVAL, "%s: '%s' is not a port (0..65535)", opt, colon + 1);
     char host[256];
     size_t n = (size_t)(colon - listen);
     if (n >= sizeof host)
-        return qs_seterr(QS_EINVAL, "--listen: the host name is too long");
+        return qs_seterr(QS_EINVAL, "%s: the host name is too long", opt);
     memcpy(host, listen, n);
     host[n] = '\0';
     if (n >= 2 && host[0] == '[' && host[n - 1] == ']') {
@@ -104,9 +111,10 @@ static int check_listen(const char *listen, int allow_remote)
                     memcmp(a, "\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\1", 16) == 0);
     if (!loopback && !allow_remote)
         return qs_seterr(QS_EINVAL,
-                         "refusing to listen on '%s', which is not a loopback address: the API "
-                         "has no authentication; add --allow-remote if the network is trusted",
-                         listen);
+                         "%s: refusing to listen on '%s', which is not a loopback address: the "
+                         "API has no authentication; add --allow-remote if the network is "
+                         "trusted",
+                         opt, listen);
     return QS_OK;
 }
 
@@ -145,9 +153,9 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
             o->allow_remote = 1;
             continue;
         }
-        static const char *const takes[] = {"--listen",        "--address-file", "--device-memory",
-                                            "--drain-timeout", "--heartbeat",    "--log-level",
-                                            "--rank-timeout"};
+        static const char *const takes[] = {
+            "--listen",    "--address-file", "--device-memory", "--drain-timeout",    "--heartbeat",
+            "--log-level", "--rank-timeout", "--http",          "--http-address-file"};
         int known = 0;
         for (size_t k = 0; k < sizeof takes / sizeof takes[0]; k++)
             known |= !strcmp(name, takes[k]);
@@ -170,11 +178,21 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
                 err = qs_seterr(QS_EINVAL, "--listen: the address is too long");
             else
                 snprintf(o->listen, sizeof o->listen, "%s", val);
+        } else if (!strcmp(name, "--http")) {
+            if (strlen(val) >= sizeof o->http || !*val)
+                err = qs_seterr(QS_EINVAL, "--http takes HOST:PORT, e.g. 127.0.0.1:8000");
+            else
+                snprintf(o->http, sizeof o->http, "%s", val);
         } else if (!strcmp(name, "--address-file")) {
             if (strlen(val) >= sizeof o->address_file)
                 err = qs_seterr(QS_EINVAL, "--address-file: the path is too long");
             else
                 snprintf(o->address_file, sizeof o->address_file, "%s", val);
+        } else if (!strcmp(name, "--http-address-file")) {
+            if (strlen(val) >= sizeof o->http_address_file)
+                err = qs_seterr(QS_EINVAL, "--http-address-file: the path is too long");
+            else
+                snprintf(o->http_address_file, sizeof o->http_address_file, "%s", val);
         } else if (!strcmp(name, "--device-memory")) {
             err = qs_parse_bytes(val, &o->device_memory);
             if (!err && o->device_memory < (1ull << 20))
@@ -195,9 +213,15 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
             return 2;
         }
     }
-    if (check_listen(o->listen, o->allow_remote) != QS_OK) {
+    if (check_listen("--listen", "127.0.0.1:50551", o->listen, o->allow_remote) != QS_OK ||
+        (o->http[0] && check_listen("--http", "127.0.0.1:8000", o->http, o->allow_remote))) {
         if (print)
             fprintf(stderr, "qdaemon: %s\n", qs_errmsg());
+        return 2;
+    }
+    if (o->http_address_file[0] && !o->http[0]) {
+        if (print)
+            fprintf(stderr, "qdaemon: --http-address-file needs --http\n");
         return 2;
     }
     return 0;
@@ -311,6 +335,7 @@ int main(int argc, char **argv)
     atomic_init(&d.served, 0);
     pthread_mutex_init(&d.mu, NULL);
     pthread_cond_init(&d.cv, NULL);
+    pthread_mutex_init(&d.catalog_mu, NULL);
 
     /* Every rank takes the signals; only rank 0 acts on them (mpirun forwards
      * SIGTERM to all ranks, and the leader decides when they exit). */
@@ -333,9 +358,14 @@ int main(int argc, char **argv)
                d.dev.hostname, d.dev.cuda ? "GPU" : "device", d.dev.name,
                (double)d.dev.budget / (double)(1ull << 30));
     }
-    char bound[300] = "";
+    char bound[300] = "", http_bound[300] = "";
     if (ok && d.rank == 0) {
-        if (qs_server_start(&d, d.opts.listen, bound, sizeof bound, &d.server) != QS_OK) {
+        if (qs_metrics_init(&d.metrics) != QS_OK ||
+            qs_server_start(&d, d.opts.listen, bound, sizeof bound, &d.server) != QS_OK) {
+            ok = 0;
+            snprintf(why, sizeof why, "%s", qs_errmsg());
+        } else if (d.opts.http[0] && qs_http_start(&d, d.opts.http, http_bound, sizeof http_bound,
+                                                   &d.http) != QS_OK) {
             ok = 0;
             snprintf(why, sizeof why, "%s", qs_errmsg());
         }
@@ -347,10 +377,12 @@ int main(int argc, char **argv)
     if (!all_ok) {
         if (!ok)
             qs_log(QS_LOG_ERROR, "cannot start: %s", why);
+        qs_http_close(d.http); /* it asks the gRPC server whether it drains */
         if (d.server) {
             qs_server_drain(d.server);
             qs_server_close(d.server);
         }
+        qs_metrics_close(d.metrics);
         MPI_Finalize();
         return 1;
     }
@@ -363,14 +395,22 @@ int main(int argc, char **argv)
 
     int rc = 0;
     if (d.rank == 0) {
-        if (d.opts.address_file[0] && write_address_file(d.opts.address_file, bound) != QS_OK) {
+        /* The HTTP address first: whoever waits for the gRPC one may use both. */
+        if ((d.opts.http_address_file[0] &&
+             write_address_file(d.opts.http_address_file, http_bound) != QS_OK) ||
+            (d.opts.address_file[0] && write_address_file(d.opts.address_file, bound) != QS_OK)) {
             qs_log(QS_LOG_ERROR, "%s", qs_errmsg());
             qs_server_drain(d.server);
             rc = 1;
         } else {
             qs_log(QS_LOG_INFO, "serving qshard.v1 on %s with %d rank(s)", bound, d.world);
+            if (d.http)
+                qs_log(QS_LOG_INFO, "serving HTTP (/metrics, /health, /v1) on %s", http_bound);
         }
         qs_ranks_lead(&d);
+        /* Every job is answered: the HTTP threads end, and before the gRPC
+         * server goes, which they ask whether the daemon drains. */
+        qs_http_close(d.http);
         /* The server thread ends once its last call is done; if it is wedged,
          * exit without waiting for it. */
         if (qs_server_wait(d.server, 5))
@@ -379,12 +419,16 @@ int main(int argc, char **argv)
             qs_log(QS_LOG_WARN, "the gRPC server did not stop in time");
         if (d.opts.address_file[0])
             remove(d.opts.address_file);
+        if (d.opts.http_address_file[0])
+            remove(d.opts.http_address_file);
         qs_log(QS_LOG_INFO, "stopped after %llu request(s)",
                (unsigned long long)atomic_load(&d.served));
     } else {
         qs_ranks_follow(&d);
     }
     qs_models_close(&d);
+    qs_metrics_close(d.metrics);
+    free(d.catalog);
     MPI_Finalize();
     return rc;
 }

@@ -25,6 +25,7 @@
 #include <unistd.h>
 
 #include <mpi.h>
+#include <pthread.h>
 
 #define MAX_MODELS    16
 #define LATENCY_RING  4096
@@ -49,6 +50,11 @@ struct qs_served {
     uint32_t max_seq; /* KV-cache tokens per sequence it was loaded with */
     qs_plan plan;
     qs_rank_bytes actual; /* this rank's (on rank 0: the leader's, from its reply) */
+    int chat;             /* QS_CHAT_*: the kind of the GGUF's chat template */
+    char system[256];     /* ChatML: the template's default system message, "" for none */
+    double load_s;        /* the whole Load, on this rank */
+    double quantize_s;    /* reading and quantizing (on rank 0: the leader's) */
+    double created;       /* Unix time */
     /* rank 0: what the clients saw */
     uint64_t tokens;
     double decode_s;
@@ -95,6 +101,59 @@ qs_served *qs_models_find(const qs_daemon *d, const char *name)
             return d->models[i];
     qs_seterr(QS_ENOTFOUND, "no model named '%s' is loaded (qctl stats lists them)", name);
     return NULL;
+}
+
+/* ---- The catalog (rank 0) ------------------------------------------------ */
+
+/* Rank 0, main thread: copies what the HTTP thread may read. A failed copy
+ * keeps the previous catalog: it only names models for the OpenAI API. */
+static void publish(qs_daemon *d)
+{
+    if (d->rank != 0)
+        return;
+    qs_catalog_entry *c = calloc(d->nmodels + 1, sizeof *c);
+    if (!c) {
+        qs_log(QS_LOG_WARN, "out of memory publishing the model list to the HTTP server");
+        return;
+    }
+    for (size_t i = 0; i < d->nmodels; i++) {
+        const qs_served *s = d->models[i];
+        snprintf(c[i].name, sizeof c[i].name, "%s", s->name);
+        c[i].chat = s->chat;
+        snprintf(c[i].system, sizeof c[i].system, "%s", s->system);
+        c[i].tokenizer = s->tok != NULL;
+        c[i].max_seq = s->max_seq;
+        c[i].created = s->created;
+    }
+    pthread_mutex_lock(&d->catalog_mu);
+    free(d->catalog);
+    d->catalog = c;
+    d->ncatalog = d->nmodels;
+    pthread_mutex_unlock(&d->catalog_mu);
+}
+
+int qs_models_catalog(qs_daemon *d, qs_catalog_entry **out, size_t *n)
+{
+    pthread_mutex_lock(&d->catalog_mu);
+    *n = d->ncatalog;
+    *out = malloc((d->ncatalog + 1) * sizeof **out);
+    if (*out && d->ncatalog)
+        memcpy(*out, d->catalog, d->ncatalog * sizeof **out);
+    pthread_mutex_unlock(&d->catalog_mu);
+    return *out ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory listing the models");
+}
+
+int qs_models_catalog_find(qs_daemon *d, const char *name, qs_catalog_entry *out)
+{
+    int found = 0;
+    pthread_mutex_lock(&d->catalog_mu);
+    for (size_t i = 0; i < d->ncatalog && !found; i++)
+        if (strcmp(d->catalog[i].name, name) == 0) {
+            *out = d->catalog[i];
+            found = 1;
+        }
+    pthread_mutex_unlock(&d->catalog_mu);
+    return found;
 }
 
 /* This rank's share of every model it serves, for Stats. */
@@ -248,6 +307,46 @@ static int read_text(const char *path, size_t max, char **out, size_t *len)
 }
 
 /* ---- Load --------------------------------------------------------------- */
+
+static int contains(const char *s, size_t n, const char *needle)
+{
+    size_t k = strlen(needle);
+    for (size_t i = 0; i + k <= n; i++)
+        if (memcmp(s + i, needle, k) == 0)
+            return 1;
+    return 0;
+}
+
+/* ChatML is the one template the OpenAI endpoint applies: recognised by its
+ * two markers, whatever Jinja surrounds them. A template that writes a
+ * system message of its own when the first message is not one (SmolLM2's
+ * does) gives it as the default. */
+static int chat_kind(const qs_weights *f, char *system, size_t size)
+{
+    const char *t;
+    size_t n;
+    system[0] = '\0';
+    if (qs_weights_meta_str(f, "tokenizer.chat_template", &t, &n) != QS_OK)
+        return QS_CHAT_NONE;
+    if (!contains(t, n, "<|im_start|>") || !contains(t, n, "<|im_end|>"))
+        return QS_CHAT_OTHER;
+    static const char open[] = "<|im_start|>system\n", close[] = "<|im_end|>";
+    if (contains(t, n, "messages[0]['role'] != 'system'")) {
+        for (size_t i = 0; i + sizeof open - 1 <= n; i++) {
+            if (memcmp(t + i, open, sizeof open - 1) != 0)
+                continue;
+            size_t a = i + sizeof open - 1, b = a;
+            while (b + sizeof close - 1 <= n && memcmp(t + b, close, sizeof close - 1) != 0)
+                b++;
+            /* Literal text only: a Jinja expression is not ours to run. */
+            if (b + sizeof close - 1 <= n && b - a < size && !contains(t + a, b - a, "{") &&
+                !contains(t + a, b - a, "'"))
+                snprintf(system, size, "%.*s", (int)(b - a), t + a);
+            break;
+        }
+    }
+    return QS_CHAT_CHATML;
+}
 
 /* What to load: a preset (synthetic weights, a weights path, or for
  * smollm2-135m the cached default GGUF), a GGUF file, a Hugging Face
@@ -414,16 +513,20 @@ static void on_layer(void *ctx, uint32_t done, uint32_t layers)
     progress_at(l->d, l->cmd, l->stage, done, layers, l->total, l->t0);
 }
 
-static int rank_bytes_part(const qs_rank_bytes *b, qs_buf *out)
+static int load_part(const qs_served *s, qs_buf *out)
 {
+    const qs_rank_bytes *b = &s->actual;
     Qshard__V1__RankBytes rb = QSHARD__V1__RANK_BYTES__INIT;
+    Qshard__V1__LoadPart lp = QSHARD__V1__LOAD_PART__INIT;
     rb.linear = b->linear;
     rb.fp16 = b->fp16;
     rb.kv_cache = b->kv_cache;
     rb.workspace = b->workspace;
     rb.reserve = b->reserve;
     rb.total = b->total;
-    out->data = qs_proto_pack_bytes(&rb.base, &out->len);
+    lp.actual = &rb;
+    lp.quantize_seconds = s->quantize_s;
+    out->data = qs_proto_pack_bytes(&lp.base, &out->len);
     return out->data ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory");
 }
 
@@ -518,9 +621,10 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
     const char *tokpath = *r->tokenizer ? r->tokenizer : checkpoint ? NULL : s->weights;
     if (tokpath && strcmp(tokpath, "synthetic") != 0) {
         qs_weights *f = NULL;
-        if (qs_weights_open(tokpath, &f) == QS_OK && qs_weights_find(f, "token_embd.weight"))
+        if (qs_weights_open(tokpath, &f) == QS_OK && qs_weights_find(f, "token_embd.weight")) {
             err = qs_tokenizer_init_gguf(f, &s->tok);
-        else if (*r->tokenizer)
+            s->chat = chat_kind(f, s->system, sizeof s->system);
+        } else if (*r->tokenizer)
             err = qs_seterr(QS_EINVAL, "'%s' is not a GGUF file with a tokenizer", r->tokenizer);
         qs_weights_close(f);
         qs_clearerr();
@@ -552,7 +656,9 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
             load_ctx lc = {d, cmd, stage, s->plan.rank.total, t0};
             o.progress = on_layer;
             o.progress_ctx = &lc;
+            double tq = qs_now();
             err = qs_model_init(&s->cfg, &o, s->comm, &s->model);
+            s->quantize_s = qs_now() - tq;
         }
         if (!err && *r->save_path) {
             progress(d, cmd, "saving", s->cfg.layers, s->plan.rank.total, t0);
@@ -573,9 +679,12 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
         return err;
     }
     d->models[d->nmodels++] = s;
+    s->load_s = qs_now() - t0;
+    s->created = (double)time(NULL);
+    publish(d);
     qs_log(QS_LOG_INFO, "loaded %s (%s %d-bit) on %u rank(s) in %.1f s", s->name,
-           qs_scheme_name(s->quant.scheme), s->quant.bits, s->tp, qs_now() - t0);
-    return s->member && s->ranks[0] == d->rank ? rank_bytes_part(&s->actual, out) : QS_OK;
+           qs_scheme_name(s->quant.scheme), s->quant.bits, s->tp, s->load_s);
+    return s->member && s->ranks[0] == d->rank ? load_part(s, out) : QS_OK;
 }
 
 static void info_fill(const qs_served *s, Qshard__V1__ModelInfo *mi, Qshard__V1__Quantization *qm,
@@ -608,6 +717,12 @@ static void info_fill(const qs_served *s, Qshard__V1__ModelInfo *mi, Qshard__V1_
     mi->tokens_per_second = s->decode_s > 0 ? (double)s->tokens / s->decode_s : 0;
     mi->tokenizer = s->tok ? "gguf" : "";
     mi->smoothing = s->smoothing;
+    mi->load_seconds = s->load_s;
+    mi->quantize_seconds = s->quantize_s;
+    mi->max_seq = s->max_seq;
+    mi->chat_template = s->chat == QS_CHAT_CHATML  ? "chatml"
+                        : s->chat == QS_CHAT_OTHER ? "other"
+                                                   : "";
 }
 
 static int by_double(const void *a, const void *b)
@@ -704,13 +819,18 @@ int qs_model_reply_load(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, d
     qs_served *s = d->nmodels ? d->models[d->nmodels - 1] : NULL;
     if (!s)
         return qs_seterr(QS_EINTERNAL, "the loaded model is not in the registry");
-    const qs_part *lp = &parts[s->ranks[0]];
-    Qshard__V1__RankBytes *rb = qshard__v1__rank_bytes__unpack(NULL, lp->len, lp->data);
-    if (rb) {
-        s->actual = (qs_rank_bytes){rb->linear,    rb->fp16,    rb->kv_cache,
-                                    rb->workspace, rb->reserve, rb->total};
-        qshard__v1__rank_bytes__free_unpacked(rb, NULL);
+    const qs_part *part = &parts[s->ranks[0]];
+    Qshard__V1__LoadPart *lp = qshard__v1__load_part__unpack(NULL, part->len, part->data);
+    if (lp) {
+        const Qshard__V1__RankBytes *rb = lp->actual;
+        if (rb)
+            s->actual = (qs_rank_bytes){rb->linear,    rb->fp16,    rb->kv_cache,
+                                        rb->workspace, rb->reserve, rb->total};
+        s->quantize_s = lp->quantize_seconds;
+        qshard__v1__load_part__free_unpacked(lp, NULL);
     }
+    s->load_s = seconds;
+    qs_metrics_model(d->metrics, s->name, s->load_s, s->quantize_s);
     Qshard__V1__ModelInfo **infos = NULL;
     size_t n = 0;
     int err = qs_models_info(d, d->dev.budget, &infos, &n);
@@ -740,6 +860,7 @@ int qs_model_run_unload(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
         memmove(&d->models[i], &d->models[i + 1], (d->nmodels - i - 1) * sizeof *d->models);
         d->nmodels--;
         served_free(s);
+        publish(d);
         return QS_OK;
     }
     return qs_seterr(QS_ENOTFOUND, "no model named '%s' is loaded (qctl stats lists them)",
@@ -752,9 +873,55 @@ typedef struct gen_ctx {
     qs_daemon *d;
     const qs_cmd *cmd;
     qs_served *s;
-    double last; /* rank 0: when the previous token went out */
-    int stopped; /* the client went away */
+    double last;     /* rank 0: when the previous token went out */
+    int stopped;     /* rank 0 stopped it (leader: rank 0 said so) */
+    uint32_t prompt; /* rank 0: prompt tokens, for the KV-cache gauge */
+    uint32_t count;  /* rank 0: tokens streamed */
+    /* rank 0, with stop strings: the text so far */
+    char *text;
+    size_t len, cap;
+    size_t stop_max; /* the longest stop string */
 } gen_ctx;
+
+/* Rank 0: appends a piece and says whether the text now holds a stop
+ * string; only its tail can hold a new one. */
+static int stop_met(gen_ctx *g, const char *p)
+{
+    const Qshard__V1__GenerateRequest *r = (const void *)g->cmd->req;
+    if (!r->n_stop)
+        return 0;
+    size_t n = strlen(p), old = g->len;
+    if (g->len + n + 1 > g->cap) {
+        size_t cap = (g->len + n + 1) * 2;
+        char *t = realloc(g->text, cap);
+        if (!t)
+            return 1; /* cannot watch for it: stop rather than run past it */
+        g->text = t;
+        g->cap = cap;
+    }
+    memcpy(g->text + g->len, p, n + 1);
+    g->len += n;
+    size_t from = old >= g->stop_max ? old - g->stop_max + 1 : 0;
+    for (size_t i = 0; i < r->n_stop; i++) {
+        size_t k = strlen(r->stop[i]);
+        for (size_t j = from; j + k <= g->len; j++)
+            if (memcmp(g->text + j, r->stop[i], k) == 0)
+                return 1;
+    }
+    return 0;
+}
+
+/* A control token is no text to match, but one named as a stop string
+ * whole ends the generation: a chat stops at ChatML's "<|im_end|>" even
+ * where it is not the model's EOS. */
+static int control_stop(const gen_ctx *g, const char *p)
+{
+    const Qshard__V1__GenerateRequest *r = (const void *)g->cmd->req;
+    for (size_t i = 0; i < r->n_stop; i++)
+        if (!strcmp(r->stop[i], p))
+            return 1;
+    return 0;
+}
 
 /* Rank 0: one token to the client; 0 to go on. */
 static int stream_token(gen_ctx *g, int32_t t)
@@ -764,15 +931,32 @@ static int stream_token(gen_ctx *g, int32_t t)
     Qshard__V1__GenerateEvent ev = QSHARD__V1__GENERATE_EVENT__INIT;
     tk.text = (char *)piece(g->s, t, buf, sizeof buf);
     tk.token_id = (uint32_t)t;
+    tk.control = g->s->tok && qs_tokenizer_is_control(g->s->tok, t);
     ev.event_case = QSHARD__V1__GENERATE_EVENT__EVENT_TOKEN;
     ev.token = &tk;
     double now = qs_now();
+    qs_job *job = g->cmd->job;
     if (g->last > 0)
         g->s->lat_ms[g->s->nlat++ % LATENCY_RING] = (now - g->last) * 1e3;
+    if (job)
+        qs_metrics_token(g->d->metrics, job, g->count == 0,
+                         g->count == 0 ? now - job->queued : now - g->last,
+                         g->prompt + g->count + 1, g->s->max_seq);
     g->last = now;
-    if (qs_cmd_stream(g->cmd, &ev) != QS_OK ||
-        (g->cmd->job && qs_call_cancelled(g->cmd->job->call)))
+    g->count++;
+    /* The token that completes a stop string still goes out: the receiver
+     * cuts the text at the string (the OpenAI endpoint does). */
+    int stop = tk.control ? control_stop(g, tk.text) : stop_met(g, tk.text);
+    if (qs_cmd_stream(g->cmd, &ev) != QS_OK || qs_cmd_cancelled(g->cmd)) {
         g->stopped = 1;
+        if (job && !job->stopped)
+            job->stopped = "abort";
+    }
+    if (stop) {
+        g->stopped = 1;
+        if (job)
+            job->stopped = "stop";
+    }
     return g->stopped;
 }
 
@@ -782,7 +966,9 @@ static int on_token(void *ctx, int32_t t)
     if (g->d->rank == 0)
         return stream_token(g, t);
     relay_msg m = {.kind = RELAY_TOKEN, .token = t};
-    return !relay_send(&m);
+    if (!relay_send(&m))
+        g->stopped = 1;
+    return g->stopped;
 }
 
 /* Generate and Eval need a loaded model: not a missing file, a state. */
@@ -797,6 +983,42 @@ static qs_served *loaded(const qs_daemon *d, const char *name)
     return s;
 }
 
+/* The prompt's ids and the tokens to generate, the same on every rank that
+ * computes them. */
+static int generate_inputs(const qs_served *s, const Qshard__V1__GenerateRequest *r, int32_t **ids,
+                           size_t *n, uint32_t *max_new)
+{
+    int err;
+    if (s->tok)
+        err = qs_tokenizer_encode(s->tok, r->prompt, strlen(r->prompt),
+                                  (qs_tokenizer_wants_bos(s->tok) ? QS_TOK_ADD_BOS : 0) |
+                                      (r->special_tokens ? QS_TOK_SPECIAL : 0),
+                                  ids, n);
+    else
+        err = encode(s, r->prompt, strlen(r->prompt), ids, n);
+    if (err)
+        return err;
+    if (*n == 0)
+        return qs_seterr(QS_EINVAL, "the prompt encodes to no tokens");
+    /* The last token sampled is never fed back: n + max_new - 1 positions. */
+    uint32_t cap = s->max_seq;
+    if (*n >= cap)
+        return qs_seterr(QS_EINVAL,
+                         "the prompt's %zu tokens fill %s's KV cache of %u tokens: shorten it, "
+                         "or load the model with a larger --max-seq",
+                         *n, s->name, cap);
+    uint32_t left = (uint32_t)(cap + 1 - *n);
+    *max_new = r->max_tokens ? r->max_tokens : r->fit_context ? left : 64;
+    if (r->fit_context && *max_new > left)
+        *max_new = left;
+    if (*n + *max_new > (size_t)cap + 1)
+        return qs_seterr(QS_EINVAL,
+                         "%zu prompt tokens and %u new ones exceed %s's KV cache of %u tokens: "
+                         "ask for at most %u, or load the model with a larger --max-seq",
+                         *n, *max_new, s->name, cap, left);
+    return QS_OK;
+}
+
 int qs_model_run_generate(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
 {
     const Qshard__V1__GenerateRequest *r = (const void *)cmd->req;
@@ -804,11 +1026,22 @@ int qs_model_run_generate(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
     if (!s)
         return QS_ESTATE;
     int leader = s->ranks[0];
-    gen_ctx g = {d, cmd, s, 0, 0};
+    gen_ctx g = {d, cmd, s, 0, 0, 0, 0, NULL, 0, 0, 0};
+    for (size_t i = 0; i < r->n_stop; i++)
+        if (strlen(r->stop[i]) > g.stop_max)
+            g.stop_max = strlen(r->stop[i]);
+    if (!s->member && d->rank != 0)
+        return QS_OK;
+    int32_t *ids = NULL;
+    size_t n = 0;
+    uint32_t max_new = 0;
+    int err = generate_inputs(s, r, &ids, &n, &max_new);
+    g.prompt = (uint32_t)n;
     if (!s->member) {
-        if (d->rank != 0)
-            return QS_OK;
-        /* Rank 0 outside the group: stream what the leader relays. */
+        /* Rank 0 outside the group: stream what the leader relays. It ends
+         * with RELAY_END even when the members refused, with the same
+         * error as ours, which the leader's part reports. */
+        free(ids);
         for (;;) {
             relay_msg m;
             if (relay_recv(leader, &m) || m.kind == RELAY_END)
@@ -816,17 +1049,9 @@ int qs_model_run_generate(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
             stream_token(&g, m.token);
             relay_reply(leader, !g.stopped);
         }
+        free(g.text);
         return QS_OK;
     }
-    int32_t *ids = NULL;
-    size_t n = 0;
-    int err = encode(s, r->prompt, strlen(r->prompt), &ids, &n);
-    if (!err && n == 0)
-        err = qs_seterr(QS_EINVAL, "the prompt encodes to no tokens");
-    uint32_t max_new = r->max_tokens ? r->max_tokens : 64;
-    if (!err && n + max_new > qs_model_cfg(s->model)->max_pos)
-        err = qs_seterr(QS_EINVAL, "%zu prompt tokens and %u new ones exceed the context of %u", n,
-                        max_new, qs_model_cfg(s->model)->max_pos);
     uint64_t seed = r->seed ? r->seed : 0x9e3779b97f4a7c15ull ^ cmd->seq;
     qs_sampler smp;
     qs_sampler_init(&smp, r->temperature, r->top_p > 0 ? r->top_p : 1.0f, r->top_k, seed);
@@ -836,6 +1061,7 @@ int qs_model_run_generate(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
         err = qs_model_generate(s->model, 0, ids, n, max_new, &smp, eos,
                                 d->rank == leader ? on_token : NULL, &g, &st);
     free(ids);
+    free(g.text);
     if (d->rank == leader && leader != 0) {
         relay_msg m = {.kind = RELAY_END};
         relay_send(&m);
@@ -845,7 +1071,9 @@ int qs_model_run_generate(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
     Qshard__V1__GenerateDone done = QSHARD__V1__GENERATE_DONE__INIT;
     done.prompt_tokens = (uint32_t)st.prompt_tokens;
     done.generated_tokens = (uint32_t)st.new_tokens;
-    done.finish_reason = st.new_tokens < max_new ? "eos" : "length";
+    /* Rank 0 alone knows whether a stop was a stop string: it says so in
+     * its reply. */
+    done.finish_reason = g.stopped ? "cancelled" : st.new_tokens < max_new ? "eos" : "length";
     done.first_token_seconds = st.prefill_ms / 1e3;
     done.tokens_per_second =
         st.decode_ms > 0
@@ -865,6 +1093,16 @@ static const qs_part *leader_part(const qs_daemon *d, const char *model, const q
     return *s ? &parts[(*s)->ranks[0]] : NULL;
 }
 
+/* GenerateDone's finish_reason in OpenAI's words. */
+static const char *openai_reason(const char *r)
+{
+    if (!strcmp(r, "length"))
+        return "length";
+    if (!strcmp(r, "cancelled"))
+        return "abort";
+    return "stop"; /* eos, or a stop string */
+}
+
 int qs_model_reply_generate(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
                             grpc_byte_buffer **reply)
 {
@@ -878,12 +1116,22 @@ int qs_model_reply_generate(qs_daemon *d, const qs_cmd *cmd, const qs_part *part
     if (!done)
         return qs_seterr(QS_EINTERNAL, "rank %d sent a malformed generation summary", s->ranks[0]);
     s->tokens += done->generated_tokens;
+    double decode_s = 0;
     if (done->tokens_per_second > 0 && done->generated_tokens > 1)
-        s->decode_s += (double)(done->generated_tokens - 1) / done->tokens_per_second;
+        decode_s = (double)(done->generated_tokens - 1) / done->tokens_per_second;
+    s->decode_s += decode_s;
+    char *reason = done->finish_reason; /* owned by done: put back before freeing */
+    if (cmd->job && cmd->job->stopped && !strcmp(cmd->job->stopped, "stop"))
+        done->finish_reason = "stop";
+    if (cmd->job)
+        qs_metrics_generated(d->metrics, cmd->job, done->prompt_tokens, done->generated_tokens,
+                             openai_reason(done->finish_reason), decode_s,
+                             decode_s * done->decode_allreduce_share);
     Qshard__V1__GenerateEvent ev = QSHARD__V1__GENERATE_EVENT__INIT;
     ev.event_case = QSHARD__V1__GENERATE_EVENT__EVENT_DONE;
     ev.done = done;
     *reply = qs_proto_pack(&ev.base);
+    done->finish_reason = reason;
     qshard__v1__generate_done__free_unpacked(done, NULL);
     return *reply ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory");
 }
@@ -908,8 +1156,7 @@ static int stream_progress(eval_ctx *e, double chunks, double ppl)
     pr.seconds = qs_now() - e->t0;
     ev.event_case = QSHARD__V1__EVAL_EVENT__EVENT_PROGRESS;
     ev.progress = &pr;
-    if (qs_cmd_stream(e->cmd, &ev) != QS_OK ||
-        (e->cmd->job && qs_call_cancelled(e->cmd->job->call)))
+    if (qs_cmd_stream(e->cmd, &ev) != QS_OK || qs_cmd_cancelled(e->cmd))
         e->stopped = 1;
     return e->stopped;
 }

@@ -4,7 +4,9 @@
  * thread (server.c) receives and validates requests and queues them as jobs;
  * rank 0's main thread, the only thread that calls MPI, broadcasts each job
  * as a command (ranks.c) that every rank runs (commands.c) and gathers the
- * replies, which rank 0 turns into the gRPC answer.
+ * replies, which rank 0 turns into the gRPC answer. An HTTP thread
+ * (http.c, openai.c, metrics.c) queues the same jobs for the OpenAI API and
+ * answers Prometheus scrapes.
  */
 #ifndef QS_DAEMON_H
 #define QS_DAEMON_H
@@ -41,10 +43,12 @@ double qs_now(void);
 /* ---- Options (main.c) ----------------------------------------------------- */
 
 typedef struct qs_daemon_opts {
-    char listen[256];        /* HOST:PORT for rank 0's gRPC server */
-    int allow_remote;        /* permit a non-loopback listen address */
-    char address_file[4096]; /* where to write the bound address; "" for none */
-    uint64_t device_memory;  /* CPU device budget; caps a GPU's when given */
+    char listen[256];             /* HOST:PORT for rank 0's gRPC server */
+    char http[256];               /* HOST:PORT for rank 0's HTTP server; "" for none */
+    int allow_remote;             /* permit non-loopback listen and http addresses */
+    char address_file[4096];      /* where to write the bound address; "" for none */
+    char http_address_file[4096]; /* the same for the HTTP address */
+    uint64_t device_memory;       /* CPU device budget; caps a GPU's when given */
     int device_memory_given;
     double drain_timeout; /* seconds to finish in-flight requests on shutdown */
     double heartbeat;     /* seconds between rank 0's heartbeats when idle */
@@ -78,13 +82,56 @@ typedef struct qs_daemon qs_daemon;
 typedef struct qs_server qs_server;
 typedef struct qs_call qs_call;
 typedef struct qs_command qs_command;
+typedef struct qs_http qs_http;       /* http.c */
+typedef struct qs_metrics qs_metrics; /* metrics.c */
 
-/* A request waiting for rank 0's main thread (queued by the gRPC thread). */
+/* Where a job's answer goes: a gRPC call (server.c), an HTTP request
+ * (openai.c) or the daemon itself (metrics.c). The commands speak to it in
+ * packed protobuf messages, the same bytes whoever listens. */
+typedef struct qs_sink_ops {
+    /* One message on a stream (taken); QS_ECOMM once the receiver has gone. */
+    int (*write)(void *ctx, grpc_byte_buffer *msg);
+    /* The answer (reply taken, may be NULL): the first wins, later ones are
+     * dropped. Any thread. */
+    void (*finish)(void *ctx, grpc_status_code code, const char *details, grpc_byte_buffer *reply);
+    /* 1 once the receiver wants nothing more: gone, cancelled, past its
+     * deadline, or satisfied (a stop string was met). */
+    int (*cancelled)(void *ctx);
+    /* Drops the reference the job holds. */
+    void (*release)(void *ctx);
+    const char *(*peer)(void *ctx);
+} qs_sink_ops;
+
+typedef struct qs_sink {
+    const qs_sink_ops *ops;
+    void *ctx;
+} qs_sink;
+
+int qs_sink_write(const qs_sink *s, grpc_byte_buffer *msg);
+void qs_sink_finish(const qs_sink *s, grpc_status_code code, const char *details,
+                    grpc_byte_buffer *reply);
+int qs_sink_cancelled(const qs_sink *s);
+/* Releases the sink and clears it; a cleared sink is a no-op everywhere. */
+void qs_sink_release(qs_sink *s);
+const char *qs_sink_peer(const qs_sink *s);
+
+/* Where a Generate job stands, for the request gauges (metrics.c). */
+enum { QS_JOB_NEW, QS_JOB_WAITING, QS_JOB_RUNNING, QS_JOB_DONE };
+
+/* A request waiting for rank 0's main thread (queued by the gRPC or HTTP
+ * thread). */
 typedef struct qs_job {
     const qs_command *command;
-    qs_call *call;
+    qs_sink sink;
     void *payload; /* the packed request, broadcast to every rank */
     size_t len;
+    double queued; /* when it arrived (monotonic seconds) */
+    /* Generate only (rank 0): the model, for the metrics; how rank 0 ended
+     * it early: "stop" (a stop string) or "abort" (the receiver went). */
+    char model[64];
+    int state;                /* QS_JOB_* */
+    struct qs_series *series; /* the model's metrics; NULL: not counted */
+    const char *stopped;
     struct qs_job *next;
 } qs_job;
 
@@ -99,6 +146,8 @@ struct qs_daemon {
     atomic_uint_fast64_t served; /* requests answered */
     uint64_t seq;                /* commands broadcast so far */
     qs_server *server;           /* rank 0 only */
+    qs_http *http;               /* rank 0 with --http only */
+    qs_metrics *metrics;         /* rank 0 only */
 
     /* The job queue between the gRPC thread and rank 0's main thread. */
     pthread_mutex_t mu;
@@ -110,11 +159,17 @@ struct qs_daemon {
     qs_comm *world_comm;
     qs_served **models;
     size_t nmodels;
+
+    /* Rank 0: what the HTTP thread may know of the models, published by the
+     * main thread after each Load and Unload (models.c). */
+    pthread_mutex_t catalog_mu;
+    struct qs_catalog_entry *catalog;
+    size_t ncatalog;
 };
 
 /* Queue a job for the main thread; QS_EBUSY once the queue is closed. */
 int qs_daemon_enqueue(qs_daemon *d, qs_job *job);
-/* Answers the call UNAVAILABLE unless it was answered, releases it, frees. */
+/* Answers the sink UNAVAILABLE unless it was answered, releases it, frees. */
 void qs_job_free(qs_job *job);
 
 /* Set by the SIGTERM/SIGINT handler; rank 0's main thread polls it. */
@@ -167,8 +222,8 @@ struct qs_command {
     int drains;     /* answering it starts the drain (Shutdown) */
     /* Rank 0, gRPC thread: refuses a bad request before any rank sees it. */
     int (*validate)(qs_daemon *d, const ProtobufCMessage *req);
-    /* Rank 0, gRPC thread, op == 0 only: the whole answer. */
-    int (*answer)(qs_daemon *d, qs_call *call, const ProtobufCMessage *req,
+    /* Rank 0, gRPC or HTTP thread, op == 0 only: the whole answer. */
+    int (*answer)(qs_daemon *d, const qs_sink *sink, const ProtobufCMessage *req,
                   grpc_byte_buffer **reply);
     /* Every rank: runs the command on this rank's device; fills out. */
     int (*run)(qs_daemon *d, const qs_cmd *cmd, qs_buf *out);
@@ -181,12 +236,20 @@ extern const qs_command qs_commands[];
 extern const size_t qs_command_count;
 const qs_command *qs_command_for_op(uint32_t op);
 
-/* Rank 0, gRPC thread: unpack, validate, then answer or queue a job. */
+/* Rank 0, gRPC thread: unpack, then qs_submit. */
 void qs_dispatch(qs_daemon *d, qs_call *call, const qs_command *c, grpc_byte_buffer *bb);
+/* Rank 0, any thread but the main one: validate req (which stays the
+ * caller's), then answer it or queue it as a job. The sink is answered and
+ * released either way. */
+void qs_submit(qs_daemon *d, qs_sink sink, const qs_command *c, const ProtobufCMessage *req);
+/* The command that serves a gRPC method path; NULL if none. */
+const qs_command *qs_command_for_method(const char *method);
 
 /* Rank 0: one message on a server-streaming call; QS_ECOMM once the client
  * has gone (the command should stop). A no-op on other ranks. */
 int qs_cmd_stream(const qs_cmd *cmd, const void *msg);
+/* Rank 0: 1 once the receiver of the command's answer wants nothing more. */
+int qs_cmd_cancelled(const qs_cmd *cmd);
 
 /* Request quantization -> qs_quant with defaults filled in (m may be NULL:
  * the default group is then 128). */
@@ -225,10 +288,93 @@ int qs_model_run_eval(qs_daemon *d, const qs_cmd *cmd, qs_buf *out);
 int qs_model_reply_eval(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
                         grpc_byte_buffer **reply);
 
+/* The catalog: what the HTTP thread may read of the loaded models without
+ * racing the main thread. Rank 0 publishes it after each Load and Unload. */
+enum { QS_CHAT_NONE, QS_CHAT_CHATML, QS_CHAT_OTHER };
+typedef struct qs_catalog_entry {
+    char name[64];
+    int chat;         /* QS_CHAT_*: the GGUF's tokenizer.chat_template, by kind */
+    char system[256]; /* ChatML: the template's default system message, "" for none */
+    int tokenizer;    /* 1: text prompts; 0: bytes as token ids (synthetic) */
+    uint32_t max_seq; /* KV-cache tokens per sequence */
+    double created;   /* Unix time of the load */
+} qs_catalog_entry;
+/* A copy of the catalog (free() it; *out may be NULL when *n is 0). */
+int qs_models_catalog(qs_daemon *d, qs_catalog_entry **out, size_t *n);
+/* 1 and *out when a model of that name is loaded, else 0. */
+int qs_models_catalog_find(qs_daemon *d, const char *name, qs_catalog_entry *out);
+
 /* Bench (bench.c): kernel timings on each rank asked. */
 int qs_run_bench(qs_daemon *d, const qs_cmd *cmd, qs_buf *out);
 int qs_reply_bench(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
                    grpc_byte_buffer **reply);
+
+/* ---- Metrics (metrics.c), rank 0 only ------------------------------------ */
+
+int qs_metrics_init(qs_metrics **out);
+void qs_metrics_close(qs_metrics *m);
+/* Rank 0, after a Load: the model's series (kept after an Unload, so that
+ * counters never go back), and the load's durations. */
+void qs_metrics_model(qs_metrics *m, const char *model, double load_s, double quantize_s);
+/* A Generate job moves to state (QS_JOB_*): the running and waiting gauges,
+ * the queue time (on RUNNING) and the aborted requests. Any thread. */
+void qs_metrics_job(qs_metrics *m, qs_job *job, int state);
+/* Rank 0 streamed a token of job: the time to first token or the latency
+ * since the previous one; kv_used of kv_size cache tokens now held. */
+void qs_metrics_token(qs_metrics *m, const qs_job *job, int first, double seconds, uint32_t kv_used,
+                      uint32_t kv_size);
+/* A generation ended: its tokens, why (OpenAI's "stop", "length" or
+ * "abort"), its decode and all-reduce seconds. */
+void qs_metrics_generated(qs_metrics *m, const qs_job *job, uint32_t prompt, uint32_t generated,
+                          const char *reason, double decode_s, double allreduce_s);
+/* The Prometheus text exposition of everything (malloc'ed). Asks the ranks
+ * for fresh device figures when they are older than a second and waits up
+ * to wait seconds for them; otherwise serves the last ones. */
+int qs_metrics_render(qs_daemon *d, double wait, char **text, size_t *len);
+
+/* ---- HTTP server (http.c, openai.c), rank 0 only -------------------------- */
+
+/* Binds listen (port 0: a free one) and starts serving /metrics, /health and
+ * the OpenAI API (/v1/...). *bound receives the address bound. */
+int qs_http_start(qs_daemon *d, const char *listen, char *bound, size_t bound_size, qs_http **out);
+/* Requests started and not yet answered (the drain waits for them). */
+int qs_http_in_flight(qs_http *h);
+/* Stops accepting and ends the connections (after the drain). */
+void qs_http_close(qs_http *h);
+
+/* ---- The OpenAI API (openai.c), served by http.c -------------------------- */
+
+typedef struct qs_oa qs_oa; /* one request */
+
+/* An HTTP answer: a whole body, or a stream of server-sent events. */
+typedef struct qs_http_reply {
+    unsigned status;
+    const char *type; /* Content-Type */
+    char *body;       /* malloc'ed; NULL for a stream */
+    size_t len;
+    qs_oa *stream; /* read it with qs_openai_read until 0, then qs_openai_close */
+} qs_http_reply;
+
+/* http.c's probe: 1 once the client of ctx has hung up. Called with the
+ * request's lock held, never after qs_openai_close. */
+typedef int (*qs_http_gone_fn)(void *ctx);
+
+/* Serves METHOD /v1/... with its body; blocks until the answer is known (a
+ * stream: until its first event, so that a refusal gets its own status). */
+void qs_openai_serve(qs_daemon *d, const char *method, const char *path, const char *body,
+                     size_t len, const char *peer, qs_http_gone_fn gone, void *gone_ctx,
+                     qs_http_reply *out);
+/* The next bytes of a stream, waiting for them; 0 once it has ended. */
+size_t qs_openai_read(qs_oa *o, char *buf, size_t max);
+/* The connection is done with the stream (whether it ended or not). */
+void qs_openai_close(qs_oa *o);
+/* An answer in OpenAI's error shape: {"error": {"message", "type", "param",
+ * "code"}}. */
+void qs_openai_error(qs_http_reply *out, unsigned status, const char *code, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 4, 5)))
+#endif
+    ;
 
 /* ---- Rank coordination (ranks.c) ----------------------------------------- */
 
@@ -248,6 +394,8 @@ int qs_server_start(qs_daemon *d, const char *listen, char *bound, size_t bound_
  * server cancels them. Idempotent, any thread. */
 void qs_server_drain(qs_server *s);
 int qs_server_draining(qs_server *s);
+/* 1 once draining has gone on past --drain-timeout. */
+int qs_server_drain_expired(qs_server *s);
 /* Calls started and not yet finished. */
 int qs_server_in_flight(qs_server *s);
 /* Waits up to timeout seconds for the server to finish its shutdown; 1 when it
@@ -255,6 +403,8 @@ int qs_server_in_flight(qs_server *s);
 int qs_server_wait(qs_server *s, double timeout);
 void qs_server_close(qs_server *s);
 
+/* The call as the sink a job answers (it takes the handler's reference). */
+qs_sink qs_call_sink(qs_call *call);
 /* Answers a call (any thread; the first answer wins, later ones are
  * dropped): status, details and an optional reply message (taken). */
 void qs_call_finish(qs_call *call, grpc_status_code code, const char *details,

@@ -161,7 +161,7 @@ static void execute(qs_daemon *d, const int64_t hdr[HDR_N], const void *payload,
         }
         double secs = qs_now() - t0;
         if (!parts) {
-            qs_call_finish(job->call, GRPC_STATUS_RESOURCE_EXHAUSTED,
+            qs_sink_finish(&job->sink, GRPC_STATUS_RESOURCE_EXHAUSTED,
                            "the daemon ran out of memory", NULL);
         } else if (first >= 0) {
             char sentence[512];
@@ -169,14 +169,14 @@ static void execute(qs_daemon *d, const int64_t hdr[HDR_N], const void *payload,
                 snprintf(sentence, sizeof sentence, "%s", parts[first].msg);
             else
                 snprintf(sentence, sizeof sentence, "rank %d: %s", first, parts[first].msg);
-            qs_call_finish(job->call, qs_err_status(parts[first].err), sentence, NULL);
+            qs_sink_finish(&job->sink, qs_err_status(parts[first].err), sentence, NULL);
         } else {
             qs_clearerr();
             int e = c->reply(d, &cmd, parts, secs, &reply);
             if (e)
-                qs_call_finish(job->call, qs_err_status(e), qs_errmsg(), reply);
+                qs_sink_finish(&job->sink, qs_err_status(e), qs_errmsg(), reply);
             else
-                qs_call_finish(job->call, GRPC_STATUS_OK, NULL, reply);
+                qs_sink_finish(&job->sink, GRPC_STATUS_OK, NULL, reply);
         }
         free(parts);
     }
@@ -250,11 +250,12 @@ static void send_header(qs_daemon *d, int64_t op, int64_t len)
 
 static void lead_one(qs_daemon *d, qs_job *job)
 {
-    if (qs_call_cancelled(job->call)) {
-        qs_call_finish(job->call, GRPC_STATUS_CANCELLED,
+    if (qs_sink_cancelled(&job->sink)) {
+        qs_sink_finish(&job->sink, GRPC_STATUS_CANCELLED,
                        "the client cancelled or its deadline passed before the command ran", NULL);
         return;
     }
+    qs_metrics_job(d->metrics, job, QS_JOB_RUNNING);
     int64_t hdr[HDR_N] = {job->command->op, (int64_t)job->len, 0, (int64_t)d->seq + 1};
     send_header(d, hdr[HDR_OP], hdr[HDR_LEN]);
     MPI_Request r;
@@ -262,6 +263,7 @@ static void lead_one(qs_daemon *d, qs_job *job)
     if (wait_req(&r, d->opts.rank_timeout, 1e-3, "broadcasting a command's payload") != QS_OK)
         die(d, qs_errmsg());
     execute(d, hdr, job->payload, job);
+    qs_metrics_job(d->metrics, job, QS_JOB_DONE);
 }
 
 /* Waits until a job arrives or until deadline (monotonic seconds). */
@@ -312,11 +314,12 @@ void qs_job_free(qs_job *job)
 {
     if (!job)
         return;
-    if (job->call) {
-        qs_call_finish(job->call, GRPC_STATUS_UNAVAILABLE,
-                       "the daemon is shutting down: the request was not run", NULL);
-        qs_call_release(job->call);
-    }
+    qs_sink_finish(&job->sink, GRPC_STATUS_UNAVAILABLE,
+                   "the daemon is shutting down: the request was not run", NULL);
+    qs_sink_release(&job->sink);
+    /* A job that never ran still leaves the waiting gauge. */
+    if (job->state != QS_JOB_DONE)
+        qs_metrics_job(NULL, job, QS_JOB_DONE);
     free(job->payload);
     free(job);
 }
@@ -344,9 +347,11 @@ int qs_ranks_lead(qs_daemon *d)
         if (qs_server_draining(d->server)) {
             if (!drain_start)
                 drain_start = qs_now();
-            /* Done once the server has no call left: nothing can be queued.
-             * The server itself cancels what is left at the drain timeout. */
-            if (qs_server_wait(d->server, 0))
+            /* Done once the servers have no request left: nothing can be
+             * queued. The gRPC server cancels what is left at the drain
+             * timeout; HTTP requests still queued then are refused below. */
+            if (qs_server_wait(d->server, 0) &&
+                (!d->http || qs_http_in_flight(d->http) == 0 || qs_server_drain_expired(d->server)))
                 break;
             if (qs_now() - drain_start > d->opts.drain_timeout + 5) {
                 qs_log(QS_LOG_ERROR, "the gRPC server did not stop; exiting anyway");

@@ -235,6 +235,42 @@ int qs_call_write(qs_call *call, grpc_byte_buffer *msg)
     return ok ? QS_OK : qs_seterr(QS_ECOMM, "the client went away");
 }
 
+/* ---- The call as a job's sink ---------------------------------------------- */
+
+static int sink_write(void *ctx, grpc_byte_buffer *msg)
+{
+    return qs_call_write(ctx, msg);
+}
+
+static void sink_finish(void *ctx, grpc_status_code code, const char *details,
+                        grpc_byte_buffer *reply)
+{
+    qs_call_finish(ctx, code, details, reply);
+}
+
+static int sink_cancelled(void *ctx)
+{
+    return qs_call_cancelled(ctx);
+}
+
+static void sink_release(void *ctx)
+{
+    qs_call_release(ctx);
+}
+
+static const char *sink_peer(void *ctx)
+{
+    return qs_call_peer(ctx);
+}
+
+static const qs_sink_ops call_sink_ops = {sink_write, sink_finish, sink_cancelled, sink_release,
+                                          sink_peer};
+
+qs_sink qs_call_sink(qs_call *call)
+{
+    return (qs_sink){&call_sink_ops, call};
+}
+
 static qs_log_level status_level(grpc_status_code c)
 {
     switch (c) {
@@ -531,6 +567,14 @@ void qs_server_drain(qs_server *s)
 int qs_server_draining(qs_server *s)
 {
     return atomic_load(&s->draining);
+}
+
+int qs_server_drain_expired(qs_server *s)
+{
+    pthread_mutex_lock(&s->mu);
+    int expired = atomic_load(&s->draining) && qs_now() > s->drain_deadline;
+    pthread_mutex_unlock(&s->mu);
+    return expired;
 }
 
 int qs_server_in_flight(qs_server *s)

@@ -13,6 +13,8 @@ pkgs=(
     libopenmpi-dev openmpi-bin                          # MPI ranks under mpirun
     libopenblas-dev                                     # fp32 baseline for qbench
     libcjson-dev libcmocka-dev                          # JSON output, unit tests
+    libmicrohttpd-dev                                   # qdaemon --http: metrics, OpenAI API
+    prometheus librsvg2-bin curl python3-venv           # tests: promtool, rsvg-convert, clients
 )
 if [ "${1:-}" = "--slurm" ]; then
     pkgs+=(slurm-wlm munge procps)   # procps: pgrep in tests/slurm
