@@ -371,6 +371,138 @@ int qs_cuda_bcq_matmul(qs_cuda_bcq *w, const void *X, size_t M, void *Y, void *s
  * qbench_gpu reports both paths at M <= 8 to pick it per device. */
 int qs_cuda_set_lut_max_m(unsigned m);
 
+/* ==== The device forward pass (kernels/cuda; docs/architecture.md) ==========
+ * What shard/'s layer loop calls on a GPU rank, each the counterpart of a CPU
+ * operation (shard/ops_cpu.c) that its cuda-emu test compares it with.
+ * Activations are fp16 [token][width] row-major, but the residual stream x
+ * stays fp32; weights of norms, embeddings and the LM head are fp16. Index
+ * arrays (tokens, slots, positions) are device arrays. Every call only
+ * enqueues work on `stream` (NULL: the default stream): no host
+ * synchronisation, no allocation, and launch shapes that depend on sizes,
+ * never on the values in device arrays, so that one decode step can be
+ * captured in a CUDA graph and replayed with new tokens and positions.
+ * QS_EINVAL for bad shapes, QS_ENODEV/QS_EINTERNAL with CUDA's message. */
+
+/* x (n x H fp32) += d (n x H fp16, or NULL: nothing added); then y (n x H
+ * fp16) = LayerNorm(x) * w + b when b is non-NULL, else RMSNorm(x) * w
+ * (x / sqrt(mean(x^2) + eps)); w, b fp16 [H]; sums in fp32. post != 0
+ * (post-LN, OPT-350m): x = that normalised row as well (fp32). */
+int qs_cuda_add_norm(float *x, const void *d, const void *w, const void *b, size_t n, size_t H,
+                     float eps, int post, void *y, void *stream);
+/* x (fp32) += d (fp16), count elements. */
+int qs_cuda_add_f16(float *x, const void *d, size_t count, void *stream);
+/* Conversions of count elements. */
+int qs_cuda_f32_to_f16(const float *x, size_t count, void *y, void *stream);
+int qs_cuda_f16_to_f32(const void *x, size_t count, float *y, void *stream);
+
+/* RoPE, then the KV cache. q (n x hq*hd) and k (n x hkv*hd), fp16, are
+ * rotated in place at each token's position pos[i] with cs (fp32
+ * [positions][hd/2][cos, sin], the CPU's table; NULL: no rotation, OPT),
+ * on pairs (2j, 2j+1) when adjacent (GGUF) else (j, j + hd/2) (Hugging
+ * Face). Then token i's rows of k and v go to the caches at (slot[i],
+ * pos[i]): kc, vc fp16 [slots][max_seq][hkv*hd], one layer's. */
+int qs_cuda_rope_kv(void *q, void *k, const void *v, size_t n, unsigned hq, unsigned hkv,
+                    unsigned hd, const float *cs, int adjacent, const uint32_t *slot,
+                    const uint32_t *pos, void *kc, void *vc, unsigned max_seq, void *stream);
+
+/* Causal grouped-query attention over the KV cache: out (n x hq*hd fp16),
+ * token i and local head h = softmax(q[i,h] . K^T / sqrt(hd)) V over
+ * positions 0..pos[i] of slot[i]'s cache, read from KV head
+ * (q_first + h) / group - kv_first (group = query heads per KV head,
+ * global). Positions are split across CTAs for long contexts
+ * (flash-decoding: partial maxima, sums and outputs in ws, combined by a
+ * second kernel); the split depends on max_seq, not on the positions. */
+size_t qs_cuda_attention_ws_bytes(size_t n, unsigned hq, unsigned hd, unsigned max_seq);
+int qs_cuda_attention(const void *q, const void *kc, const void *vc, size_t n, const uint32_t *slot,
+                      const uint32_t *pos, unsigned hq, unsigned hkv, unsigned hd, unsigned group,
+                      unsigned q_first, unsigned kv_first, unsigned max_seq, void *ws, void *out,
+                      void *stream);
+
+/* FFN activations on count fp16 elements; out may be an input. SwiGLU:
+ * out = silu(gate) * up = gate / (1 + exp(-gate)) * up; ReLU: max(a, 0). */
+int qs_cuda_swiglu(const void *gate, const void *up, size_t count, void *out, void *stream);
+int qs_cuda_relu(const void *a, size_t count, void *out, void *stream);
+
+/* Vocabulary-parallel embedding: x (n x E fp32) row i = row
+ * tokens[i] - v_first of table (fp16, vr x E) when that is in [0, vr),
+ * zeros otherwise (a sum over the ranks then gathers the rows). */
+int qs_cuda_embed(const int32_t *tokens, size_t n, const void *table, uint32_t v_first, uint32_t vr,
+                  size_t E, float *x, void *stream);
+/* x (n x H fp32) += table row pos[i] + offset (fp16; OPT's learned
+ * positions, offset 2). */
+int qs_cuda_add_pos(float *x, const uint32_t *pos, size_t n, size_t H, const void *table,
+                    uint32_t offset, void *stream);
+
+/* Y (M x N) = X (M x K, fp16) W^T (W fp16 N x K row-major) by cuBLAS with
+ * fp32 sums; Y fp32 when y_fp32 (logits), else fp16. */
+int qs_cuda_linear_f16(const void *W, const void *X, size_t M, size_t N, size_t K, void *Y,
+                       int y_fp32, void *stream);
+/* Logits gathered from P ranks' vocabulary blocks: all (P x nl x vr fp32,
+ * rank-major as an all-gather leaves them) -> logits (nl x V), dropping the
+ * padding rows past V. */
+int qs_cuda_gather_logits(const float *all, size_t P, size_t nl, size_t vr, size_t V, float *logits,
+                          void *stream);
+
+/* Sampling on the device, one token per row of logits (n x V fp32) into
+ * tokens (int32, device), as the CPU sampler does (shard/sampler.c):
+ * greedy (the first maximum) where temperature is 0, else p = exp((l -
+ * max) / temperature), the top_k most likely (0: all), of those the most
+ * likely up to top_p of their mass, candidates in order of probability
+ * then id, and u from the same xorshift64* stream: state[i] (device) is
+ * advanced once per non-greedy draw. params: device array of n. */
+typedef struct qs_cuda_sample_params {
+    float temperature, top_p;
+    uint32_t top_k;
+    uint32_t pad;
+} qs_cuda_sample_params;
+size_t qs_cuda_sample_ws_bytes(size_t n, size_t V);
+int qs_cuda_sample(const float *logits, size_t n, size_t V, const qs_cuda_sample_params *params,
+                   uint64_t *state, void *ws, int32_t *tokens, void *stream);
+
+/* ---- W8A8 on the device -----------------------------------------------------
+ * The codes, scales and group sums of a host qs_w8 in a device layout of
+ * the kernel's choosing; activations quantized on the device per token and
+ * group as the CPU kernel does (qs_quant_act_token's rule per group: scale
+ * = max|x| / 127, codes rounded to nearest, +-127), or with a static
+ * per-tensor scale; int8 tensor-core products (mma.sync s8, int32 sums)
+ * scaled per group into fp32; fp16 out. */
+typedef struct qs_cuda_w8 {
+    size_t N, K, group, ngroups;
+    void *codes; /* int8, device layout */
+    void *scale; /* fp32 [N] */
+    void *ws;    /* the kernel's workspace (quantized activations, partial sums) */
+    size_t ws_bytes, bytes;
+} qs_cuda_w8;
+int qs_cuda_w8_upload(qs_cuda_w8 *d, const qs_w8 *w);
+void qs_cuda_w8_free(qs_cuda_w8 *d);
+/* Y (M x N fp16) = X (M x K fp16) W^T; act_scale <= 0: dynamic per token
+ * and group, > 0: static. M up to the workspace's rows (QS_CUDA_W8_ROWS). */
+#define QS_CUDA_W8_ROWS 512
+int qs_cuda_w8a8_gemm(qs_cuda_w8 *d, const void *X, size_t M, float act_scale, void *Y,
+                      void *stream);
+
+/* ---- Quantizers and synthetic weights on the device -------------------------
+ * So that a large model is quantized at GPU speed and, synthetic, never held
+ * on the host: W (N x K fp32, device) -> device-layout weights, the same
+ * fits as the CPU quantizers (qs_bcq_quantize's greedy init and alternating
+ * least squares, qs_bcq_from_rtn, qs_w8_quantize) within the tolerance
+ * their tests state. */
+int qs_cuda_bcq_quantize(qs_cuda_bcq *d, const float *W, size_t N, size_t K, unsigned q, size_t g,
+                         unsigned iters, void *stream);
+int qs_cuda_rtn_quantize(qs_cuda_bcq *d, const float *W, size_t N, size_t K, unsigned q, size_t g,
+                         void *stream);
+int qs_cuda_w8_quantize(qs_cuda_w8 *d, const float *W, size_t N, size_t K, size_t act_group,
+                        void *stream);
+/* W (nr x nc fp32, device, rows ld apart) = rows r0.. and columns c0.. of
+ * the synthetic tensor shard/ generates on the host (kernels/qs_synth.h:
+ * the same counter-based function of (key, row * cols + col); kind 0 a
+ * weight N(0, 0.02), 1 a bias N(0, 0.01), 2 a norm gain 1 + N(0, 0.05), 20
+ * in the first `outliers` columns). Equal to the host's but for the last
+ * bit where the GPU's double log/cos round differently (bit for bit under
+ * the harness). */
+int qs_cuda_synth_fill(float *W, uint64_t key, uint64_t cols, uint64_t r0, uint64_t nr, uint64_t c0,
+                       uint64_t nc, uint64_t ld, int kind, uint64_t outliers, void *stream);
+
 /* ---- Baselines ------------------------------------------------------------- */
 /* cuBLAS: Y = X W^T with W an N x K row-major fp16 device matrix,
  * cublasGemmEx with CUBLAS_COMPUTE_32F. One handle per thread, created on

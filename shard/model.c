@@ -13,6 +13,7 @@
 
 #include "qs_collectives.h"
 #include "qs_kernels.h"
+#include "qs_synth.h"
 
 #include <cblas.h>
 #include <math.h>
@@ -209,24 +210,6 @@ static void tensor_name(const source *s, role r, int l, int bias, char *out, siz
     }
 }
 
-/* Counter-based normal variates: the value at (tensor, row, col) is the same
- * whichever rank generates it, so a split model equals the whole one. */
-static uint64_t mix(uint64_t x)
-{
-    x += 0x9e3779b97f4a7c15ull;
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
-}
-
-static float synth_normal(uint64_t key, uint64_t i)
-{
-    uint64_t a = mix(key ^ mix(2 * i)), b = mix(key ^ mix(2 * i + 1));
-    double u1 = ((a >> 11) + 1) * (1.0 / 9007199254740993.0),
-           u2 = (b >> 11) * (1.0 / 9007199254740992.0);
-    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
-}
-
 /* Reads rows [r0, r0+nr) x cols [c0, c0+nc) of a tensor whose whole shape is
  * rows x cols; allocates *out. Missing optional tensors (biases) give NULL. */
 static int source_read(const source *s, role r, int l, int bias, uint64_t rows, uint64_t cols,
@@ -241,24 +224,16 @@ static int source_read(const source *s, role r, int l, int bias, uint64_t rows, 
     tensor_name(s, r, l, bias, name, sizeof name);
     if (!s->w) {
         int is_norm = r == R_ATTN_NORM || r == R_FFN_NORM || r == R_FINAL_NORM;
-        uint64_t key =
-            mix(s->seed ^ mix((uint64_t)r << 32 | (uint64_t)(l + 1) << 1 | (uint64_t)bias));
+        uint64_t key = qs_synth_mix(
+            s->seed ^ qs_synth_mix((uint64_t)r << 32 | (uint64_t)(l + 1) << 1 | (uint64_t)bias));
         /* Pre-trained scale: N(0, 0.02) weights, unit norm gains; the first
          * `outliers` hidden channels get 20x gains, so the activations that
          * feed the linears carry the outlier channels SmoothQuant targets. */
-        for (uint64_t i = 0; i < nr; i++) {
-            for (uint64_t j = 0; j < nc; j++) {
-                uint64_t gi = (r0 + i) * cols + c0 + j;
-                float v;
-                if (bias)
-                    v = 0.01f * synth_normal(key, gi);
-                else if (is_norm)
-                    v = (c0 + j < s->outliers ? 20.0f : 1.0f) + 0.05f * synth_normal(key, gi);
-                else
-                    v = 0.02f * synth_normal(key, gi);
-                dst[i * nc + j] = v;
-            }
-        }
+        int kind = bias ? QS_SYNTH_BIAS : is_norm ? QS_SYNTH_NORM : QS_SYNTH_WEIGHT;
+        for (uint64_t i = 0; i < nr; i++)
+            for (uint64_t j = 0; j < nc; j++)
+                dst[i * nc + j] =
+                    qs_synth_value(key, (r0 + i) * cols + c0 + j, c0 + j, kind, s->outliers);
         *out = dst;
         return QS_OK;
     }
