@@ -1,5 +1,6 @@
-/* Private to shard/: one rank's model shard, shared by the forward pass
- * (model.c) and quantized checkpoints (checkpoint.c). */
+/* Private to shard/: one rank's model shard, shared by loading (load.c),
+ * SmoothQuant (smooth.c), the forward pass (forward.c and the devices' ops)
+ * and quantized checkpoints (checkpoint.c). */
 #ifndef QS_MODEL_INTERNAL_H
 #define QS_MODEL_INTERNAL_H
 
@@ -52,10 +53,27 @@ struct qs_model {
     float *rope_cs;         /* RoPE cos, sin per position and pair; NULL without RoPE */
     double comm_ms;         /* time in all-reduce and all-gather, since load */
     qs_rank_bytes bytes;
+    const struct qs_ops *ops; /* the device's operations (ops.h); NULL: the CPU's */
+    size_t chunk;             /* tokens per forward call the device takes (0: any) */
+    void *dev;                /* the device's state (ops_cuda.c) */
 };
 
 /* Bytes of a linear layer in its format. */
 uint64_t qs_linear_bytes(const linear *l);
+/* Takes ownership of W (N x K fp32) and stores it in the scheme's format. */
+int qs_linear_set(linear *l, float *W, size_t N, size_t K, const qs_quant *q, unsigned iters);
+void qs_linear_close(linear *l);
+void qs_norm_close(norm *n);
+
+/* ---- SmoothQuant (smooth.c) ----------------------------------------------- */
+/* Where site's statistics of layer l start in a qs_calib (layout in qs_shard.h). */
+size_t qs_calib_at(const qs_calib *c, uint32_t l, int site);
+int qs_calib_check(const qs_calib *c, const qs_model_config *cfg);
+/* Each rank's recorded columns merged over the group; out->absmax is the caller's. */
+int qs_calib_merge(qs_model *m, const qs_calib *c, qs_calib *out);
+/* Folds layer l's smoothing factors into its norms and fp32 weights. */
+int qs_smooth_layer(qs_model *m, uint32_t l, const qs_calib *cal, float alpha, float *Wq, float *Wk,
+                    float *Wv, float *Wo, float *Wu, float *Wg, float *Wd);
 
 /* Checkpoints: a directory of rank-RRRRR-of-PPPPP.safetensors files. */
 int qs_checkpoint_load(qs_model *m, const char *dir);

@@ -1,0 +1,59 @@
+/* Linear layers in any scheme: the CPU formats (fp32, BCQ/RTN, W8A8), their
+ * sizes and their lifetime. The forward products are the devices' (ops_cpu.c,
+ * ops_cuda.c). */
+#include "model_internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+uint64_t qs_linear_bytes(const linear *l)
+{
+    size_t a = 0, b = 0, c = 0;
+    switch (l->scheme) {
+    case QS_SCHEME_FP16:
+        a = l->N * l->K * sizeof(float);
+        break;
+    case QS_SCHEME_W8A8:
+        a = qs_w8_bytes(l->N, l->K, l->w8.group);
+        break;
+    case QS_SCHEME_BCQ:
+    case QS_SCHEME_RTN:
+        qs_bcq_sizes(l->N, l->K, l->bcq.q, l->bcq.g, &a, &b, &c);
+        break;
+    }
+    return a + b + c;
+}
+
+/* Takes ownership of W (N x K fp32) and stores it in the scheme's format. */
+int qs_linear_set(linear *l, float *W, size_t N, size_t K, const qs_quant *q, unsigned iters)
+{
+    l->N = N, l->K = K, l->scheme = q->scheme;
+    int err = QS_OK;
+    switch (q->scheme) {
+    case QS_SCHEME_FP16:
+        l->w32 = W;
+        return QS_OK;
+    case QS_SCHEME_W8A8:
+        err = qs_w8_quantize(&l->w8, W, N, K, q->group_size);
+        break;
+    case QS_SCHEME_RTN:
+        err = qs_bcq_from_rtn(&l->bcq, W, N, K, (unsigned)q->bits, q->group_size);
+        break;
+    case QS_SCHEME_BCQ:
+        err = qs_bcq_quantize(&l->bcq, W, N, K, (unsigned)q->bits, q->group_size, iters);
+        break;
+    }
+    free(W);
+    return err;
+}
+
+void qs_linear_close(linear *l)
+{
+    free(l->w32);
+    qs_bcq_close(&l->bcq);
+    qs_w8_close(&l->w8);
+    free(l->bias);
+    memset(l, 0, sizeof *l);
+}
+
+/* Y (M x N) = X (M x K) W^T (+ bias). */
