@@ -383,6 +383,14 @@ int qs_cuda_set_lut_max_m(unsigned m);
  * captured in a CUDA graph and replayed with new tokens and positions.
  * QS_EINVAL for bad shapes, QS_ENODEV/QS_EINTERNAL with CUDA's message. */
 
+/* Copies on a stream (host memory pageable or pinned), and the wait for
+ * one; a NULL stream is the default stream. */
+int qs_cuda_h2d_async(void *dst, const void *src, size_t bytes, void *stream);
+int qs_cuda_d2h_async(void *dst, const void *src, size_t bytes, void *stream);
+int qs_cuda_stream_sync(void *stream);
+/* Y (n x N fp16) += bias (fp16 [N]), row by row. */
+int qs_cuda_add_bias(void *Y, const void *bias, size_t n, size_t N, void *stream);
+
 /* x (n x H fp32) += d (n x H fp16, or NULL: nothing added); then y (n x H
  * fp16) = LayerNorm(x) * w + b when b is non-NULL, else RMSNorm(x) * w
  * (x / sqrt(mean(x^2) + eps)); w, b fp16 [H]; sums in fp32. post != 0

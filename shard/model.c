@@ -36,10 +36,26 @@ void qs_norm_close(norm *n)
     free(n->b);
 }
 
+#ifndef QS_SHARD_GPU
+int qs_model_use_device(qs_model *m, int device)
+{
+    (void)m, (void)device;
+    return qs_seterr(QS_ENOTSUP, "this build of qshard has no CUDA: the model stays on the CPU");
+}
+#endif
+
+int qs_model_on_device(const qs_model *m)
+{
+    return m && m->dev != NULL;
+}
+
 void qs_model_close(qs_model *m)
 {
     if (!m)
         return;
+#ifdef QS_SHARD_GPU
+    qs_model_gpu_free(m);
+#endif
     for (uint32_t l = 0; m->layers && l < m->cfg.layers; l++) {
         layer *L = &m->layers[l];
         qs_norm_close(&L->attn_norm);

@@ -17,12 +17,14 @@ typedef struct linear {
     qs_w8 w8;     /* w8a8 */
     float *bias;  /* N, or NULL */
     int add_bias; /* 0 for row-parallel layers on ranks > 0: added once */
+    void *dev;    /* the device's copy (ops_cuda.c), or NULL */
 } linear;
 
 /* ---- The shard ---------------------------------------------------------- */
 
 typedef struct norm {
     float *w, *b; /* b NULL for RMSNorm */
+    void *dev;    /* the device's copy (ops_cuda.c), or NULL */
 } norm;
 
 typedef struct layer {
@@ -74,6 +76,9 @@ int qs_calib_merge(qs_model *m, const qs_calib *c, qs_calib *out);
 /* Folds layer l's smoothing factors into its norms and fp32 weights. */
 int qs_smooth_layer(qs_model *m, uint32_t l, const qs_calib *cal, float alpha, float *Wq, float *Wk,
                     float *Wv, float *Wo, float *Wu, float *Wg, float *Wd);
+
+/* Frees a model's GPU state (ops_cuda.c, in the library when QS_SHARD_GPU). */
+void qs_model_gpu_free(qs_model *m);
 
 /* Checkpoints: a directory of rank-RRRRR-of-PPPPP.safetensors files. */
 int qs_checkpoint_load(qs_model *m, const char *dir);

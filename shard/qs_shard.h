@@ -318,6 +318,14 @@ int qs_checkpoint_info(const char *dir, qs_model_config *cfg, qs_quant *q, uint3
 int qs_is_checkpoint(const char *dir);
 /* Bytes this rank actually allocated, by part. */
 void qs_model_bytes(const qs_model *m, qs_rank_bytes *out);
+/* Moves the loaded shard to this rank's GPU (collective over the group:
+ * every rank calls it, with its own device): weights in the device formats,
+ * the KV cache in fp16, a workspace for one prefill chunk, NCCL on the
+ * group. The host copies of the weights are freed, so save a checkpoint
+ * before. QS_ENOTSUP in a build without CUDA. */
+int qs_model_use_device(qs_model *m, int device);
+/* 1 when the model runs on a GPU. */
+int qs_model_on_device(const qs_model *m);
 
 /* Runs n tokens (collective over tp). Token i goes to KV slot slot[i] at
  * position pos[i]; the earlier positions of that slot must already be in the

@@ -15,9 +15,10 @@
 #define QS_CUDA_COMPAT_CUH
 
 #ifndef QS_CUDA_EMU
-#define QS_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
-#define QS_DYN_SMEM(T, name)                      extern __shared__ T name[]
-#define QS_SHARED(T, name, dims)                  __shared__ T name dims
+#define QS_LAUNCH(grid, block, smem, stream, ...)                                                  \
+    __VA_ARGS__<<<grid, block, smem, (cudaStream_t)(stream)>>>
+#define QS_DYN_SMEM(T, name)     extern __shared__ T name[]
+#define QS_SHARED(T, name, dims) __shared__ T name dims
 #define QS_SHARED_ALIGNED(a, T, name, dims)                                                        \
     __shared__ __align__(a)                                                                        \
     T name dims

@@ -1,0 +1,456 @@
+/* The forward pass's operations on the rank's GPU (ops.h), through the
+ * kernels of kernels/cuda: the residual stream in fp32, activations in fp16,
+ * the linear layers in their device formats (fp16, BCQ/RTN for LUT-GEMM
+ * and the tensor-core path, W8A8 int8), the KV cache in fp16, NCCL for the
+ * group's sums (collectives/, on the communicator's stream, which every
+ * kernel here uses too). qs_model_use_device moves a loaded shard here:
+ * weights, caches and a workspace for `chunk` tokens are allocated once,
+ * so a forward call only enqueues kernels. */
+#include "ops.h"
+
+#include "qs_collectives.h"
+#include "qs_kernels.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct gpu_linear {
+    qs_cuda_bcq bcq; /* bcq, rtn */
+    qs_cuda_w8 w8;   /* w8a8 */
+    void *w16;       /* fp16: N x K */
+    void *bias;      /* fp16 [N] where this rank adds it, else NULL */
+} gpu_linear;
+
+typedef struct gpu_norm {
+    void *w, *b; /* fp16 [H]; b NULL for RMSNorm */
+} gpu_norm;
+
+typedef struct gpu {
+    int device;
+    void *stream;   /* the communicator's */
+    void *kc, *vc;  /* fp16 [layer][slot][pos][hkv * hd] */
+    float *cs;      /* RoPE cos, sin per position and pair; NULL without RoPE */
+    void *embed;    /* fp16 vr x E */
+    void *lm_head;  /* fp16 vr x H, or NULL when tied */
+    void *pos;      /* fp16 (max_pos + 2) x H (OPT), or NULL */
+    void *proj_in;  /* fp16 H x E (opt-350m), or NULL */
+    void *proj_out; /* fp16 E x H */
+    gpu_norm final_norm;
+    gpu_linear *lins; /* 7 per layer */
+    gpu_norm *norms;  /* 2 per layer */
+    /* Workspace for `rows` tokens. */
+    size_t rows;
+    float *x;
+    void *h, *q, *k, *v, *att, *proj, *ff1, *ff2, *e16;
+    void *att_ws;
+    float *lg_local, *lg_all, *lg;
+    int32_t *tokens;
+    uint32_t *slot, *posd;
+    size_t bytes; /* everything above */
+} gpu;
+
+static int gpu_alloc(gpu *g, void **p, size_t bytes)
+{
+    int err = qs_cuda_malloc(p, bytes ? bytes : 1);
+    if (!err)
+        g->bytes += bytes;
+    return err;
+}
+
+/* fp32 host values as fp16 on the device. */
+static int upload_f16(gpu *g, const float *src, size_t count, void **out)
+{
+    *out = NULL;
+    if (!src)
+        return QS_OK;
+    uint16_t *h = malloc(count * sizeof *h + 1);
+    if (!h)
+        return qs_seterr(QS_ENOMEM, "out of host memory staging %zu fp16 values", count);
+    for (size_t i = 0; i < count; i++)
+        h[i] = qs_fp32_to_fp16(src[i]);
+    int err = gpu_alloc(g, out, count * 2);
+    if (!err)
+        err = qs_cuda_h2d(*out, h, count * 2);
+    free(h);
+    return err;
+}
+
+static int upload_norm(gpu *g, const norm *nm, size_t H, gpu_norm *out)
+{
+    int err = upload_f16(g, nm->w, H, &out->w);
+    if (!err)
+        err = upload_f16(g, nm->b, H, &out->b);
+    return err;
+}
+
+/* The linear's weights in its device format; the host copy is freed. */
+static int upload_linear(gpu *g, linear *l, gpu_linear *d)
+{
+    int err = QS_OK;
+    switch (l->scheme) {
+    case QS_SCHEME_FP16:
+        err = upload_f16(g, l->w32, l->N * l->K, &d->w16);
+        break;
+    case QS_SCHEME_BCQ:
+    case QS_SCHEME_RTN:
+        if (!(err = qs_cuda_bcq_upload(&d->bcq, &l->bcq)))
+            g->bytes += d->bcq.bytes;
+        break;
+    case QS_SCHEME_W8A8:
+        if (!(err = qs_cuda_w8_upload(&d->w8, &l->w8)))
+            g->bytes += d->w8.bytes;
+        break;
+    }
+    if (!err && l->bias && l->add_bias)
+        err = upload_f16(g, l->bias, l->N, &d->bias);
+    if (err)
+        return err;
+    free(l->w32);
+    l->w32 = NULL;
+    qs_bcq_close(&l->bcq);
+    qs_w8_close(&l->w8);
+    l->dev = d;
+    return QS_OK;
+}
+
+static void free_linear(gpu_linear *d)
+{
+    qs_cuda_bcq_free(&d->bcq);
+    qs_cuda_w8_free(&d->w8);
+    qs_cuda_free(d->w16);
+    qs_cuda_free(d->bias);
+}
+
+static void free_norm(gpu_norm *n)
+{
+    qs_cuda_free(n->w);
+    qs_cuda_free(n->b);
+}
+
+static linear *layer_linear(layer *L, int i)
+{
+    linear *lins[] = {&L->q, &L->k, &L->v, &L->o, &L->up, &L->gate, &L->down};
+    return lins[i];
+}
+
+void qs_model_gpu_free(qs_model *m)
+{
+    gpu *g = m->dev;
+    if (!g)
+        return;
+    for (uint32_t l = 0; g->lins && l < m->cfg.layers; l++)
+        for (int i = 0; i < 7; i++)
+            free_linear(&g->lins[l * 7 + i]);
+    for (uint32_t i = 0; g->norms && i < 2 * m->cfg.layers; i++)
+        free_norm(&g->norms[i]);
+    free_norm(&g->final_norm);
+    void *bufs[] = {g->kc,       g->vc,     g->cs,   g->embed, g->lm_head, g->pos,      g->proj_in,
+                    g->proj_out, g->x,      g->h,    g->q,     g->k,       g->v,        g->att,
+                    g->proj,     g->ff1,    g->ff2,  g->e16,   g->att_ws,  g->lg_local, g->lg_all,
+                    g->lg,       g->tokens, g->slot, g->posd};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        qs_cuda_free(bufs[i]);
+    free(g->lins);
+    free(g->norms);
+    free(g);
+    m->dev = NULL;
+}
+
+static int alloc_workspace(qs_model *m, gpu *g, size_t rows)
+{
+    size_t H = m->cfg.hidden, E = m->cfg.embed_dim, w = H > E ? H : E, P = (size_t)m->size;
+    size_t qd = (size_t)m->hq * m->hd, kvd = (size_t)m->hkv * m->hd, V = m->cfg.vocab;
+    g->rows = rows;
+    int err;
+    if ((err = gpu_alloc(g, (void **)&g->x, rows * w * 4)) ||
+        (err = gpu_alloc(g, &g->h, rows * w * 2)) || (err = gpu_alloc(g, &g->q, rows * qd * 2)) ||
+        (err = gpu_alloc(g, &g->k, rows * kvd * 2)) ||
+        (err = gpu_alloc(g, &g->v, rows * kvd * 2)) ||
+        (err = gpu_alloc(g, &g->att, rows * qd * 2)) ||
+        (err = gpu_alloc(g, &g->proj, rows * w * 2)) ||
+        (err = gpu_alloc(g, &g->ff1, rows * m->fr * 2)) ||
+        (err = gpu_alloc(g, &g->ff2, rows * m->fr * 2)) ||
+        (err = gpu_alloc(g, &g->e16, rows * w * 2)) ||
+        (err = gpu_alloc(g, &g->att_ws,
+                         qs_cuda_attention_ws_bytes(rows, m->hq, m->hd, m->max_seq))) ||
+        (err = gpu_alloc(g, (void **)&g->lg_local, rows * m->vr * 4)) ||
+        (err = gpu_alloc(g, (void **)&g->lg_all, P * rows * m->vr * 4)) ||
+        (err = gpu_alloc(g, (void **)&g->lg, rows * V * 4)) ||
+        (err = gpu_alloc(g, (void **)&g->tokens, rows * 4)) ||
+        (err = gpu_alloc(g, (void **)&g->slot, rows * 4)) ||
+        (err = gpu_alloc(g, (void **)&g->posd, rows * 4)))
+        return err;
+    return QS_OK;
+}
+
+extern const qs_ops qs_ops_cuda;
+
+int qs_model_use_device(qs_model *m, int device)
+{
+    if (!m)
+        return qs_seterr(QS_EINVAL, "qs_model_use_device: no model");
+    if (m->dev)
+        return qs_seterr(QS_EBUSY, "the model is on a GPU already");
+    if (m->record)
+        return qs_seterr(QS_EBUSY, "the model is recording SmoothQuant statistics: move it to "
+                                   "the GPU after calibration");
+    /* Collective: every rank of the group enables NCCL on its device. */
+    int err = qs_comm_device(m->tp) >= 0 ? QS_OK : qs_comm_enable_device(m->tp, device, NULL);
+    if (err)
+        return err;
+    const qs_model_config *c = &m->cfg;
+    gpu *g = calloc(1, sizeof *g);
+    if (!g)
+        return qs_seterr(QS_ENOMEM, "out of memory");
+    g->device = qs_comm_device(m->tp);
+    g->stream = qs_comm_stream(m->tp);
+    m->dev = g;
+    size_t H = c->hidden, E = c->embed_dim;
+    g->lins = calloc((size_t)c->layers * 7, sizeof *g->lins);
+    g->norms = calloc((size_t)c->layers * 2, sizeof *g->norms);
+    if (!g->lins || !g->norms) {
+        err = qs_seterr(QS_ENOMEM, "out of memory");
+        goto fail;
+    }
+    for (uint32_t l = 0; l < c->layers && !err; l++) {
+        layer *L = &m->layers[l];
+        for (int i = 0; i < 7 && !err; i++) {
+            linear *lin = layer_linear(L, i);
+            if (lin->N)
+                err = upload_linear(g, lin, &g->lins[l * 7 + i]);
+        }
+        if (!err && !(err = upload_norm(g, &L->attn_norm, H, &g->norms[2 * l])))
+            err = upload_norm(g, &L->ffn_norm, H, &g->norms[2 * l + 1]);
+        if (!err)
+            L->attn_norm.dev = &g->norms[2 * l], L->ffn_norm.dev = &g->norms[2 * l + 1];
+    }
+    if (err || (err = upload_f16(g, m->embed, (size_t)m->vr * E, &g->embed)) ||
+        (err = upload_f16(g, m->lm_head, (size_t)m->vr * H, &g->lm_head)) ||
+        (err = upload_f16(g, m->pos, ((size_t)c->max_pos + 2) * H, &g->pos)) ||
+        (err = upload_f16(g, m->proj_in, H * E, &g->proj_in)) ||
+        (err = upload_f16(g, m->proj_out, E * H, &g->proj_out)))
+        goto fail;
+    if (c->final_norm) {
+        if ((err = upload_norm(g, &m->final_norm, H, &g->final_norm)))
+            goto fail;
+        m->final_norm.dev = &g->final_norm;
+    }
+    if (m->rope_cs) {
+        size_t bytes = (size_t)m->max_seq * (m->hd / 2) * 2 * sizeof(float);
+        if ((err = gpu_alloc(g, (void **)&g->cs, bytes)) ||
+            (err = qs_cuda_h2d(g->cs, m->rope_cs, bytes)))
+            goto fail;
+    }
+    size_t kv = (size_t)c->layers * m->max_slots * m->max_seq * m->hkv * m->hd;
+    if ((err = gpu_alloc(g, &g->kc, kv * 2)) || (err = gpu_alloc(g, &g->vc, kv * 2)) ||
+        (err = qs_cuda_memset(g->kc, 0, kv * 2)) || (err = qs_cuda_memset(g->vc, 0, kv * 2)))
+        goto fail;
+    /* One prefill chunk of up to 256 tokens (llama.cpp's default batch is
+     * 512; 256 keeps the logits of a chunk small) and at most the cache. */
+    size_t rows = m->max_seq < 256 ? m->max_seq : 256;
+    if ((err = alloc_workspace(m, g, rows)) || (err = qs_cuda_sync()))
+        goto fail;
+
+    /* The host copies go: the GPU holds the shard now. */
+    free(m->embed), free(m->lm_head), free(m->pos), free(m->proj_in), free(m->proj_out);
+    m->embed = m->lm_head = m->pos = m->proj_in = m->proj_out = NULL;
+    free(m->kcache), free(m->vcache);
+    m->kcache = m->vcache = NULL;
+    m->ops = &qs_ops_cuda;
+    m->chunk = rows;
+    m->bytes.kv_cache = kv * 2 * 2;
+    m->bytes.total = g->bytes;
+    return QS_OK;
+fail:
+    qs_model_gpu_free(m);
+    return err;
+}
+
+/* ---- The table ---------------------------------------------------------- */
+
+static gpu *G(const qs_fwd *f)
+{
+    return f->m->dev;
+}
+
+static int cuda_begin(qs_fwd *f)
+{
+    gpu *g = G(f);
+    if (f->n > g->rows)
+        return qs_seterr(QS_EINTERNAL, "forward call of %zu tokens over the workspace of %zu", f->n,
+                         g->rows);
+    f->x = g->x, f->h = g->h, f->q = g->q, f->k = g->k, f->v = g->v, f->att = g->att;
+    f->proj = g->proj, f->ff1 = g->ff1, f->ff2 = g->ff2;
+    int err;
+    if ((err = qs_cuda_h2d_async(g->tokens, f->tokens, f->n * 4, g->stream)) ||
+        (err = qs_cuda_h2d_async(g->slot, f->slot, f->n * 4, g->stream)) ||
+        (err = qs_cuda_h2d_async(g->posd, f->pos, f->n * 4, g->stream)))
+        return err;
+    return QS_OK;
+}
+
+static void cuda_end(qs_fwd *f)
+{
+    (void)f;
+}
+
+static int timed_allreduce(qs_model *m, void *y, size_t count, qs_coll_dtype dt)
+{
+    return qs_comm_allreduce_sum(m->tp, y, y, count, dt, QS_COLL_DEVICE);
+}
+
+static int cuda_embed(qs_fwd *f)
+{
+    qs_model *m = f->m;
+    gpu *g = G(f);
+    size_t n = f->n, E = m->cfg.embed_dim, H = m->cfg.hidden;
+    int err;
+    if ((err = qs_cuda_embed(g->tokens, n, g->embed, m->v_first, m->vr, E, g->x, g->stream)) ||
+        (err = timed_allreduce(m, g->x, n * E, QS_COLL_F32)))
+        return err;
+    if (E != H) {
+        /* project_in: E -> H through fp16, the residual stream back in fp32. */
+        if ((err = qs_cuda_f32_to_f16(g->x, n * E, g->e16, g->stream)) ||
+            (err = qs_cuda_linear_f16(g->proj_in, g->e16, n, H, E, g->h, 0, g->stream)) ||
+            (err = qs_cuda_f16_to_f32(g->h, n * H, g->x, g->stream)))
+            return err;
+    }
+    if (g->pos)
+        err = qs_cuda_add_pos(g->x, g->posd, n, H, g->pos, 2, g->stream);
+    return err;
+}
+
+static int cuda_add_norm(qs_fwd *f, const void *d, const norm *nm, int post, void *y)
+{
+    const qs_model *m = f->m;
+    const gpu_norm *gn = nm->dev;
+    return qs_cuda_add_norm(f->x, d, gn->w, gn->b, f->n, m->cfg.hidden, m->cfg.norm_eps, post, y,
+                            G(f)->stream);
+}
+
+static int cuda_to_input(qs_fwd *f, void *y)
+{
+    return qs_cuda_f32_to_f16(f->x, f->n * f->m->cfg.hidden, y, G(f)->stream);
+}
+
+static int cuda_linear(qs_fwd *f, const linear *l, const void *in, void *out)
+{
+    gpu_linear *d = l->dev;
+    void *st = G(f)->stream;
+    int err = QS_OK;
+    switch (l->scheme) {
+    case QS_SCHEME_FP16:
+        err = qs_cuda_linear_f16(d->w16, in, f->n, l->N, l->K, out, 0, st);
+        break;
+    case QS_SCHEME_BCQ:
+    case QS_SCHEME_RTN:
+        err = qs_cuda_bcq_matmul(&d->bcq, in, f->n, out, st);
+        break;
+    case QS_SCHEME_W8A8:
+        err = qs_cuda_w8a8_gemm(&d->w8, in, f->n, 0.0f, out, st);
+        break;
+    }
+    if (!err && d->bias)
+        err = qs_cuda_add_bias(out, d->bias, f->n, l->N, st);
+    return err;
+}
+
+static size_t cache_layer(const qs_model *m)
+{
+    return (size_t)m->max_slots * m->max_seq * m->hkv * m->hd * 2;
+}
+
+static int cuda_rope_kv(qs_fwd *f, uint32_t l)
+{
+    const qs_model *m = f->m;
+    gpu *g = G(f);
+    size_t off = l * cache_layer(m);
+    return qs_cuda_rope_kv(g->q, g->k, g->v, f->n, m->hq, m->hkv, m->hd, g->cs, m->rope_adjacent,
+                           g->slot, g->posd, (char *)g->kc + off, (char *)g->vc + off, m->max_seq,
+                           g->stream);
+}
+
+static int cuda_attention(qs_fwd *f, uint32_t l)
+{
+    const qs_model *m = f->m;
+    gpu *g = G(f);
+    size_t off = l * cache_layer(m);
+    return qs_cuda_attention(g->q, (char *)g->kc + off, (char *)g->vc + off, f->n, g->slot, g->posd,
+                             m->hq, m->hkv, m->hd, m->cfg.heads / m->cfg.kv_heads, m->q_first,
+                             m->kv_first, m->max_seq, g->att_ws, g->att, g->stream);
+}
+
+static int cuda_ffn_act(qs_fwd *f, int gated)
+{
+    gpu *g = G(f);
+    size_t count = f->n * f->m->fr;
+    return gated ? qs_cuda_swiglu(g->ff2, g->ff1, count, g->ff1, g->stream)
+                 : qs_cuda_relu(g->ff1, count, g->ff1, g->stream);
+}
+
+static int cuda_reduce(qs_fwd *f, void *y, size_t count)
+{
+    return timed_allreduce(f->m, y, count, QS_COLL_F16);
+}
+
+static int cuda_logits(qs_fwd *f, const void *in, size_t first, size_t nl, float *logits)
+{
+    qs_model *m = f->m;
+    gpu *g = G(f);
+    size_t H = m->cfg.hidden, E = m->cfg.embed_dim, V = m->cfg.vocab, P = (size_t)m->size;
+    const char *x = (const char *)in + first * H * 2;
+    int err = QS_OK;
+    if (E != H) {
+        if ((err = qs_cuda_linear_f16(g->proj_out, x, nl, E, H, g->e16, 0, g->stream)))
+            return err;
+        x = g->e16;
+    }
+    const void *table = g->lm_head ? g->lm_head : g->embed;
+    if ((err = qs_cuda_linear_f16(table, x, nl, m->vr, E, g->lg_local, 1, g->stream)) ||
+        (err = qs_comm_allgather(m->tp, g->lg_local, g->lg_all, nl * m->vr, QS_COLL_F32,
+                                 QS_COLL_DEVICE)) ||
+        (err = qs_cuda_gather_logits(g->lg_all, P, nl, m->vr, V, g->lg, g->stream)) ||
+        (err = qs_cuda_d2h_async(logits, g->lg, nl * V * 4, g->stream)))
+        return err;
+    return qs_cuda_stream_sync(g->stream);
+}
+
+/* Calibration on the GPU: the activations come to the host for the maxima. */
+static int cuda_record(qs_fwd *f, uint32_t l, int site, const void *buf, size_t first, size_t width)
+{
+    qs_model *m = f->m;
+    size_t count = f->n * width;
+    uint16_t *h = malloc(count * 2 + 1);
+    if (!h)
+        return qs_seterr(QS_ENOMEM, "out of memory for calibration statistics");
+    int err = qs_cuda_d2h_async(h, buf, count * 2, G(f)->stream);
+    if (!err)
+        err = qs_cuda_stream_sync(G(f)->stream);
+    if (!err) {
+        float *mx = m->record->absmax + qs_calib_at(m->record, l, site) + first;
+        for (size_t i = 0; i < f->n; i++)
+            for (size_t j = 0; j < width; j++) {
+                float v = qs_fp16_to_fp32(h[i * width + j]);
+                v = v < 0 ? -v : v;
+                mx[j] = v > mx[j] ? v : mx[j];
+            }
+    }
+    free(h);
+    return err;
+}
+
+const qs_ops qs_ops_cuda = {
+    .name = "cuda",
+    .begin = cuda_begin,
+    .end = cuda_end,
+    .embed = cuda_embed,
+    .add_norm = cuda_add_norm,
+    .to_input = cuda_to_input,
+    .linear = cuda_linear,
+    .rope_kv = cuda_rope_kv,
+    .attention = cuda_attention,
+    .ffn_act = cuda_ffn_act,
+    .reduce = cuda_reduce,
+    .logits = cuda_logits,
+    .record = cuda_record,
+};
