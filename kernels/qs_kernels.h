@@ -388,6 +388,16 @@ int qs_cuda_set_lut_max_m(unsigned m);
 int qs_cuda_h2d_async(void *dst, const void *src, size_t bytes, void *stream);
 int qs_cuda_d2h_async(void *dst, const void *src, size_t bytes, void *stream);
 int qs_cuda_stream_sync(void *stream);
+/* Pinned host memory (what copies inside a CUDA graph need). */
+int qs_cuda_host_alloc(void **p, size_t bytes);
+void qs_cuda_host_free(void *p);
+/* Stream capture into a CUDA graph: begin, then end into an executable
+ * graph (*exec; NULL with an error when the capture failed: it is then
+ * abandoned), launched as often as wanted on a stream, and freed. */
+int qs_cuda_graph_begin(void *stream);
+int qs_cuda_graph_end(void *stream, void **exec);
+int qs_cuda_graph_launch(void *exec, void *stream);
+void qs_cuda_graph_free(void *exec);
 /* Y (n x N fp16) += bias (fp16 [N]), row by row. */
 int qs_cuda_add_bias(void *Y, const void *bias, size_t n, size_t N, void *stream);
 

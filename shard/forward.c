@@ -62,40 +62,44 @@ static int layer_forward(const qs_ops *op, qs_fwd *f, uint32_t l, const void **p
     return op->add_norm(f, f->proj, &L->ffn_norm, 1, f->h);
 }
 
-/* n tokens at most the device's chunk; logits of tokens [first, n). */
+/* n tokens at most the device's chunk: logits of tokens [first, n), or with
+ * a sampler the token after the last. */
 static int forward_chunk(qs_model *m, size_t n, const int32_t *tokens, const uint32_t *slot,
-                         const uint32_t *pos, size_t first, float *logits)
+                         const uint32_t *pos, size_t first, float *logits, qs_sampler *s,
+                         int32_t *next)
 {
     const qs_ops *op = qs_model_ops(m);
     qs_fwd f = {.m = m, .n = n, .tokens = tokens, .slot = slot, .pos = pos};
     int err = op->begin(&f);
     if (err)
         return err;
+    int replayed = 0, stepping = s && n == 1 && op->step_begin;
+    if (stepping && (err = op->step_begin(&f, s, &replayed)))
+        goto out;
+    if (replayed)
+        goto out;
     const void *pending = NULL;
     if ((err = op->embed(&f)))
         goto out;
     for (uint32_t l = 0; l < m->cfg.layers && !err; l++)
         err = layer_forward(op, &f, l, &pending);
-    if (err || first == n)
+    if (err || (!s && first == n))
         goto out;
     /* The last layer's output: through the final norm (pre-LN models all
      * have one), or as the last post-LN layer left it in h. */
     if (m->cfg.final_norm && (err = op->add_norm(&f, pending, &m->final_norm, 0, f.h)))
         goto out;
-    err = op->logits(&f, f.h, first, n - first, logits);
+    err = s ? op->sample(&f, f.h, s, next) : op->logits(&f, f.h, first, n - first, logits);
 out:
+    if (stepping)
+        err = op->step_end(&f, s, next, err);
     op->end(&f);
     return err;
 }
 
-int qs_model_forward(qs_model *m, size_t n, const int32_t *tokens, const uint32_t *slot,
-                     const uint32_t *pos, size_t first_logit, float *logits)
+static int check_tokens(const qs_model *m, size_t n, const int32_t *tokens, const uint32_t *slot,
+                        const uint32_t *pos)
 {
-    if (!m || !tokens || !slot || !pos || (first_logit < n && !logits) || first_logit > n)
-        return qs_seterr(QS_EINVAL, "qs_model_forward: tokens, slots, positions and (for "
-                                    "logits) an output are required");
-    if (n == 0)
-        return QS_OK;
     for (size_t i = 0; i < n; i++) {
         if (tokens[i] < 0 || (uint32_t)tokens[i] >= m->cfg.vocab)
             return qs_seterr(QS_EINVAL, "token id %d at %zu is outside the vocabulary of %u",
@@ -106,18 +110,45 @@ int qs_model_forward(qs_model *m, size_t n, const int32_t *tokens, const uint32_
                              "of %u slots x %u tokens",
                              i, slot[i], pos[i], m->max_slots, m->max_seq);
     }
+    return QS_OK;
+}
+
+int qs_model_forward(qs_model *m, size_t n, const int32_t *tokens, const uint32_t *slot,
+                     const uint32_t *pos, size_t first_logit, float *logits)
+{
+    if (!m || !tokens || !slot || !pos || (first_logit < n && !logits) || first_logit > n)
+        return qs_seterr(QS_EINVAL, "qs_model_forward: tokens, slots, positions and (for "
+                                    "logits) an output are required");
+    int err = check_tokens(m, n, tokens, slot, pos);
+    if (err || n == 0)
+        return err;
     /* A device with a fixed workspace takes the tokens in chunks; the cache
      * carries each chunk's keys and values to the next. */
-    size_t chunk = m->chunk ? m->chunk : n;
-    size_t V = m->cfg.vocab;
-    int err = QS_OK;
+    size_t chunk = m->chunk ? m->chunk : n, V = m->cfg.vocab;
     for (size_t at = 0; at < n && !err; at += chunk) {
         size_t k = n - at < chunk ? n - at : chunk;
         size_t first = first_logit > at ? first_logit - at : 0;
         if (first > k)
             first = k;
         float *out = first < k ? logits + (at + first - first_logit) * V : NULL;
-        err = forward_chunk(m, k, tokens + at, slot + at, pos + at, first, out);
+        err = forward_chunk(m, k, tokens + at, slot + at, pos + at, first, out, NULL, NULL);
+    }
+    return err;
+}
+
+int qs_model_next(qs_model *m, size_t n, const int32_t *tokens, const uint32_t *slot,
+                  const uint32_t *pos, qs_sampler *s, int32_t *next)
+{
+    if (!m || !tokens || !slot || !pos || !s || !next || n == 0)
+        return qs_seterr(QS_EINVAL, "qs_model_next: tokens, slots, positions, a sampler and an "
+                                    "output are required");
+    int err = check_tokens(m, n, tokens, slot, pos);
+    size_t chunk = m->chunk ? m->chunk : n;
+    for (size_t at = 0; at < n && !err; at += chunk) {
+        size_t k = n - at < chunk ? n - at : chunk;
+        int last = at + k == n;
+        err = forward_chunk(m, k, tokens + at, slot + at, pos + at, k, NULL, last ? s : NULL,
+                            last ? next : NULL);
     }
     return err;
 }

@@ -36,31 +36,31 @@ int qs_model_generate(qs_model *m, uint32_t slot, const int32_t *prompt, size_t 
     st->prompt_tokens = n;
     st->new_tokens = 0;
     st->prefill_ms = st->decode_ms = 0;
-    size_t V = c->vocab;
-    float *logits = malloc(V * sizeof *logits);
+    (void)c;
     uint32_t *slots = malloc(n * sizeof *slots), *pos = malloc(n * sizeof *pos);
     int err = QS_OK;
-    if (!logits || !slots || !pos) {
+    if (!slots || !pos) {
         err = qs_seterr(QS_ENOMEM, "out of memory for a %zu-token prompt", n);
         goto out;
     }
     for (size_t i = 0; i < n; i++)
         slots[i] = slot, pos[i] = (uint32_t)i;
     double t0 = now_ms();
-    if ((err = qs_model_forward(m, n, prompt, slots, pos, n - 1, logits)))
+    int32_t t;
+    if ((err = qs_model_next(m, n, prompt, slots, pos, s, &t)))
         goto out;
     st->prefill_ms = now_ms() - t0;
     double comm0 = qs_model_comm_ms(m);
     uint32_t p = (uint32_t)n;
     for (size_t k = 0; k < max_new; k++) {
-        int32_t t = qs_sample(s, logits, V);
         st->new_tokens++;
         int go = cb ? cb(ctx, t) == 0 : 1;
         go = agree(tp, go && t != eos && k + 1 < max_new, &err);
         if (!go)
             break;
         double t1 = now_ms();
-        if ((err = qs_model_forward(m, 1, &t, &slot, &p, 0, logits)))
+        int32_t in = t;
+        if ((err = qs_model_next(m, 1, &in, &slot, &p, s, &t)))
             break;
         double dt = now_ms() - t1;
         if (st->token_ms && k < st->token_ms_cap)
@@ -70,7 +70,6 @@ int qs_model_generate(qs_model *m, uint32_t slot, const int32_t *prompt, size_t 
     }
     st->decode_comm_ms = qs_model_comm_ms(m) - comm0;
 out:
-    free(logits);
     free(slots);
     free(pos);
     return err;

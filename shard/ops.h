@@ -50,6 +50,18 @@ typedef struct qs_ops {
     /* SmoothQuant statistics: the abs-max per column of buf (n x width)
      * into site's columns [first, first + width) of m->record. */
     int (*record)(qs_fwd *f, uint32_t l, int site, const void *buf, size_t first, size_t width);
+    /* The token after the call's last: the logits of in's last row sampled
+     * with s (advanced as qs_sample advances it). The result may arrive in
+     * step_end: a GPU leaves the logits on the device and copies only the
+     * token back. */
+    int (*sample)(qs_fwd *f, const void *in, qs_sampler *s, int32_t *next);
+    /* Optional (NULL on the CPU): a decode step (one token and a sampler)
+     * run as a captured CUDA graph. step_begin sets *replayed when it
+     * replayed the captured step, so the loop is skipped; otherwise the
+     * loop runs (captured when the device can) and step_end completes it:
+     * it waits for the step and delivers the sampled token. */
+    int (*step_begin)(qs_fwd *f, qs_sampler *s, int *replayed);
+    int (*step_end)(qs_fwd *f, qs_sampler *s, int32_t *next, int err);
 } qs_ops;
 
 extern const qs_ops qs_ops_cpu;

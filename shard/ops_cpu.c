@@ -326,6 +326,19 @@ static int cpu_record(qs_fwd *f, uint32_t l, int site, const void *buf, size_t f
     return QS_OK;
 }
 
+static int cpu_sample(qs_fwd *f, const void *in, qs_sampler *s, int32_t *next)
+{
+    size_t V = f->m->cfg.vocab;
+    float *logits = malloc(V * sizeof *logits);
+    if (!logits)
+        return qs_seterr(QS_ENOMEM, "out of memory for the logits");
+    int err = cpu_logits(f, in, f->n - 1, 1, logits);
+    if (!err)
+        *next = qs_sample(s, logits, V);
+    free(logits);
+    return err;
+}
+
 const qs_ops qs_ops_cpu = {
     .name = "cpu",
     .begin = cpu_begin,
@@ -340,4 +353,5 @@ const qs_ops qs_ops_cpu = {
     .reduce = cpu_reduce,
     .logits = cpu_logits,
     .record = cpu_record,
+    .sample = cpu_sample,
 };

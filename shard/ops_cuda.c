@@ -46,7 +46,21 @@ typedef struct gpu {
     float *lg_local, *lg_all, *lg;
     int32_t *tokens;
     uint32_t *slot, *posd;
-    size_t bytes; /* everything above */
+    /* Sampling on the device, and the decode step's graph. */
+    qs_cuda_sample_params *params;
+    uint64_t *state;
+    int32_t *next;
+    void *sample_ws;
+    struct staged { /* pinned: what a step sends and brings back */
+        qs_cuda_sample_params params;
+        uint64_t state;
+        int32_t next;
+    } * io;
+    void *graph;   /* the captured one-token step, or NULL */
+    int capturing; /* a step is being captured */
+    int in_step;   /* step_end delivers the sampled token */
+    int no_graph;  /* QS_NO_CUDA_GRAPH set, or a capture failed */
+    size_t bytes;  /* everything above */
 } gpu;
 
 static int gpu_alloc(gpu *g, void **p, size_t bytes)
@@ -178,8 +192,15 @@ static int alloc_workspace(qs_model *m, gpu *g, size_t rows)
         (err = gpu_alloc(g, (void **)&g->lg, rows * V * 4)) ||
         (err = gpu_alloc(g, (void **)&g->tokens, rows * 4)) ||
         (err = gpu_alloc(g, (void **)&g->slot, rows * 4)) ||
-        (err = gpu_alloc(g, (void **)&g->posd, rows * 4)))
+        (err = gpu_alloc(g, (void **)&g->posd, rows * 4)) ||
+        (err = gpu_alloc(g, (void **)&g->params, sizeof *g->params)) ||
+        (err = gpu_alloc(g, (void **)&g->state, sizeof *g->state)) ||
+        (err = gpu_alloc(g, (void **)&g->next, sizeof *g->next)) ||
+        (err = gpu_alloc(g, &g->sample_ws, qs_cuda_sample_ws_bytes(1, V))) ||
+        (err = qs_cuda_host_alloc((void **)&g->io, sizeof *g->io)))
         return err;
+    const char *ng = getenv("QS_NO_CUDA_GRAPH");
+    g->no_graph = ng && *ng && strcmp(ng, "0");
     return QS_OK;
 }
 
@@ -393,26 +414,16 @@ static int cuda_reduce(qs_fwd *f, void *y, size_t count)
     return timed_allreduce(f->m, y, count, QS_COLL_F16);
 }
 
+static int device_logits(qs_fwd *f, const void *in, size_t first, size_t nl);
+
+/* Logits to the host (perplexity, qs_model_forward's callers). */
 static int cuda_logits(qs_fwd *f, const void *in, size_t first, size_t nl, float *logits)
 {
-    qs_model *m = f->m;
     gpu *g = G(f);
-    size_t H = m->cfg.hidden, E = m->cfg.embed_dim, V = m->cfg.vocab, P = (size_t)m->size;
-    const char *x = (const char *)in + first * H * 2;
-    int err = QS_OK;
-    if (E != H) {
-        if ((err = qs_cuda_linear_f16(g->proj_out, x, nl, E, H, g->e16, 0, g->stream)))
-            return err;
-        x = g->e16;
-    }
-    const void *table = g->lm_head ? g->lm_head : g->embed;
-    if ((err = qs_cuda_linear_f16(table, x, nl, m->vr, E, g->lg_local, 1, g->stream)) ||
-        (err = qs_comm_allgather(m->tp, g->lg_local, g->lg_all, nl * m->vr, QS_COLL_F32,
-                                 QS_COLL_DEVICE)) ||
-        (err = qs_cuda_gather_logits(g->lg_all, P, nl, m->vr, V, g->lg, g->stream)) ||
-        (err = qs_cuda_d2h_async(logits, g->lg, nl * V * 4, g->stream)))
-        return err;
-    return qs_cuda_stream_sync(g->stream);
+    int err = device_logits(f, in, first, nl);
+    if (!err)
+        err = qs_cuda_d2h_async(logits, g->lg, nl * f->m->cfg.vocab * 4, g->stream);
+    return err ? err : qs_cuda_stream_sync(g->stream);
 }
 
 /* Calibration on the GPU: the activations come to the host for the maxima. */
@@ -439,6 +450,106 @@ static int cuda_record(qs_fwd *f, uint32_t l, int site, const void *buf, size_t 
     return err;
 }
 
+/* The next token on the device: the last row's logits stay there, the
+ * sampler's state goes there and back (8 bytes), the token comes back. */
+static int device_logits(qs_fwd *f, const void *in, size_t first, size_t nl)
+{
+    qs_model *m = f->m;
+    gpu *g = G(f);
+    size_t H = m->cfg.hidden, E = m->cfg.embed_dim, V = m->cfg.vocab, P = (size_t)m->size;
+    const char *x = (const char *)in + first * H * 2;
+    int err = QS_OK;
+    if (E != H) {
+        if ((err = qs_cuda_linear_f16(g->proj_out, x, nl, E, H, g->e16, 0, g->stream)))
+            return err;
+        x = g->e16;
+    }
+    const void *table = g->lm_head ? g->lm_head : g->embed;
+    if ((err = qs_cuda_linear_f16(table, x, nl, m->vr, E, g->lg_local, 1, g->stream)) ||
+        (err = qs_comm_allgather(m->tp, g->lg_local, g->lg_all, nl * m->vr, QS_COLL_F32,
+                                 QS_COLL_DEVICE)))
+        return err;
+    return qs_cuda_gather_logits(g->lg_all, P, nl, m->vr, V, g->lg, g->stream);
+}
+
+static int stage_sampler(gpu *g, const qs_sampler *s)
+{
+    g->io->params = (qs_cuda_sample_params){s->temperature, s->top_p, s->top_k, 0};
+    g->io->state = s->state;
+    int err = qs_cuda_h2d_async(g->params, &g->io->params, sizeof g->io->params, g->stream);
+    return err ? err : qs_cuda_h2d_async(g->state, &g->io->state, sizeof g->io->state, g->stream);
+}
+
+static int deliver(gpu *g, qs_sampler *s, int32_t *next)
+{
+    int err = qs_cuda_stream_sync(g->stream);
+    if (!err)
+        *next = g->io->next, s->state = g->io->state;
+    return err;
+}
+
+static int cuda_sample(qs_fwd *f, const void *in, qs_sampler *s, int32_t *next)
+{
+    gpu *g = G(f);
+    int err;
+    if (!g->in_step && (err = stage_sampler(g, s)))
+        return err;
+    if ((err = device_logits(f, in, f->n - 1, 1)) ||
+        (err = qs_cuda_sample(g->lg, 1, f->m->cfg.vocab, g->params, g->state, g->sample_ws, g->next,
+                              g->stream)) ||
+        (err = qs_cuda_d2h_async(&g->io->next, g->next, sizeof g->io->next, g->stream)) ||
+        (err = qs_cuda_d2h_async(&g->io->state, g->state, sizeof g->io->state, g->stream)))
+        return err;
+    return g->in_step ? QS_OK : deliver(g, s, next);
+}
+
+/* A decode step: the first one is captured into a graph (and then run
+ * from it), every later one replays it; the inputs (token, slot, position,
+ * sampler) were copied to their fixed device buffers before. */
+static int cuda_step_begin(qs_fwd *f, qs_sampler *s, int *replayed)
+{
+    gpu *g = G(f);
+    int err = stage_sampler(g, s);
+    if (err)
+        return err;
+    g->in_step = 1;
+    *replayed = 0;
+    if (g->graph) {
+        *replayed = 1;
+        return qs_cuda_graph_launch(g->graph, g->stream);
+    }
+    if (!g->no_graph) {
+        if ((err = qs_cuda_graph_begin(g->stream))) {
+            g->in_step = 0;
+            return err;
+        }
+        g->capturing = 1;
+    }
+    return QS_OK;
+}
+
+static int cuda_step_end(qs_fwd *f, qs_sampler *s, int32_t *next, int err)
+{
+    gpu *g = G(f);
+    if (g->capturing) {
+        void *exec = NULL;
+        int cerr = qs_cuda_graph_end(g->stream, &exec);
+        g->capturing = 0;
+        if (!err && cerr) {
+            /* Not capturable here: run the steps as they come from now on. */
+            g->no_graph = 1;
+            g->in_step = 0;
+            return cerr;
+        }
+        if (!err && !(err = qs_cuda_graph_launch(exec, g->stream)))
+            g->graph = exec;
+        else
+            qs_cuda_graph_free(exec);
+    }
+    g->in_step = 0;
+    return err ? err : deliver(g, s, next);
+}
+
 const qs_ops qs_ops_cuda = {
     .name = "cuda",
     .begin = cuda_begin,
@@ -453,4 +564,7 @@ const qs_ops qs_ops_cuda = {
     .reduce = cuda_reduce,
     .logits = cuda_logits,
     .record = cuda_record,
+    .sample = cuda_sample,
+    .step_begin = cuda_step_begin,
+    .step_end = cuda_step_end,
 };

@@ -335,6 +335,14 @@ int qs_model_on_device(const qs_model *m);
 int qs_model_forward(qs_model *m, size_t n, const int32_t *tokens, const uint32_t *slot,
                      const uint32_t *pos, size_t first_logit, float *logits);
 
+typedef struct qs_sampler qs_sampler;
+/* Runs n tokens as qs_model_forward does and samples the token after the
+ * last with s (advancing it as qs_sample does): every rank gets the same
+ * token. On a GPU the logits stay on the device (only the tokens travel),
+ * and a one-token step is replayed from a captured CUDA graph. */
+int qs_model_next(qs_model *m, size_t n, const int32_t *tokens, const uint32_t *slot,
+                  const uint32_t *pos, qs_sampler *s, int32_t *next);
+
 /* Perplexity scoring of one window, as llama.cpp's perplexity tool does:
  * tokens [0, n) run in KV slot `slot` from position 0, and the log-likelihood
  * of each token after position `first` given those before it is summed:

@@ -1,6 +1,7 @@
 /* glue_gpu.cu: the small pieces of the device forward pass around the
  * kernels that do the work (qs_kernels.h, "The device forward pass"):
- * copies and waits on a stream, and the bias of a linear layer. */
+ * copies and waits on a stream, pinned host memory, CUDA graphs, and the
+ * bias of a linear layer. */
 #include "cuda_util.cuh"
 
 extern "C" int qs_cuda_h2d_async(void *dst, const void *src, size_t bytes, void *stream)
@@ -21,7 +22,55 @@ extern "C" int qs_cuda_stream_sync(void *stream)
     return QS_OK;
 }
 
-/* Y (n x N fp16) += bias: one thread per two columns, rows over grid.y. */
+extern "C" int qs_cuda_host_alloc(void **p, size_t bytes)
+{
+    if (!p)
+        return qs_seterr(QS_EINVAL, "qs_cuda_host_alloc got a NULL pointer");
+    *p = NULL;
+    QS_CU(cudaMallocHost(p, bytes ? bytes : 1));
+    return QS_OK;
+}
+
+extern "C" void qs_cuda_host_free(void *p)
+{
+    if (p)
+        cudaFreeHost(p);
+}
+
+/* Global mode: a call that would break the capture (a synchronous copy,
+ * an allocation) fails instead of running outside the graph. */
+extern "C" int qs_cuda_graph_begin(void *stream)
+{
+    QS_CU(cudaStreamBeginCapture(QS_CU_STREAM(stream), cudaStreamCaptureModeGlobal));
+    return QS_OK;
+}
+
+extern "C" int qs_cuda_graph_end(void *stream, void **exec)
+{
+    cudaGraph_t g = NULL;
+    cudaGraphExec_t x = NULL;
+    *exec = NULL;
+    QS_CU(cudaStreamEndCapture(QS_CU_STREAM(stream), &g));
+    cudaError_t e = cudaGraphInstantiate(&x, g, 0);
+    cudaGraphDestroy(g);
+    QS_CU(e);
+    *exec = x;
+    return QS_OK;
+}
+
+extern "C" int qs_cuda_graph_launch(void *exec, void *stream)
+{
+    QS_CU(cudaGraphLaunch((cudaGraphExec_t)exec, QS_CU_STREAM(stream)));
+    return QS_OK;
+}
+
+extern "C" void qs_cuda_graph_free(void *exec)
+{
+    if (exec)
+        cudaGraphExecDestroy((cudaGraphExec_t)exec);
+}
+
+/* Y (n x N fp16) += bias: one thread per column, rows over grid.y. */
 __global__ void add_bias_kernel(__half *__restrict__ Y, const __half *__restrict__ bias, int n,
                                 int N)
 {
