@@ -639,6 +639,21 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
                        .bcq_iters = r->bcq_iters,
                        .smooth_alpha = r->smooth_alpha};
     qs_calib cal = {0};
+    int32_t gpus = 0;
+    if (!err && s->member) {
+        /* GPU ranks run their shards on their GPUs, loading layer by layer
+         * straight onto them (a save needs the host copies: then after it).
+         * A group of GPU and CPU ranks cannot share NCCL: refused. */
+        int32_t gpu = d->dev.cuda;
+        err = qs_comm_allreduce_sum(s->comm, &gpu, &gpus, 1, QS_COLL_I32, QS_COLL_HOST);
+        if (!err && gpus && gpus != (int32_t)s->tp)
+            err = qs_seterr(QS_EINVAL,
+                            "%d of the group's %u ranks have a GPU: a model runs on GPUs or on "
+                            "CPUs, not both; start qdaemon on nodes alike",
+                            gpus, s->tp);
+        o.on_gpu = gpus && !*r->save_path;
+        o.gpu = d->dev.index;
+    }
     if (!err && s->member) {
         /* Calibration needs text, so a tokenizer: a synthetic model is not
          * smoothed unless a calibration text is named (then it is refused). */
@@ -664,21 +679,14 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
             progress(d, cmd, "saving", s->cfg.layers, s->plan.rank.total, t0);
             err = qs_model_save(s->model, r->save_path);
         }
-        /* GPU ranks run their shards on their GPUs: the weights move there
-         * (after any save, which reads the host copies) and NCCL joins the
-         * group. A group of GPU and CPU ranks cannot share NCCL: refused. */
-        int32_t st[2] = {err != 0, d->dev.cuda}, sum[2] = {0, 0}; /* every member, even failed */
-        int cerr = qs_comm_allreduce_sum(s->comm, st, sum, 2, QS_COLL_I32, QS_COLL_HOST);
-        if (!err)
-            err = cerr;
-        if (!err && !sum[0] && sum[1] && sum[1] != (int32_t)s->tp)
-            err = qs_seterr(QS_EINVAL,
-                            "%d of the group's %u ranks have a GPU: a model runs on GPUs or on "
-                            "CPUs, not both; start qdaemon on nodes alike",
-                            sum[1], s->tp);
-        if (!err && !sum[0] && sum[1]) {
-            progress(d, cmd, "uploading", s->cfg.layers, s->plan.rank.total, t0);
-            err = qs_model_use_device(s->model, d->dev.index);
+        /* Saved from the host copies first, then moved to the GPUs. */
+        if (gpus && *r->save_path) {
+            int32_t bad = err != 0, any = 0; /* every member, even a failed one */
+            int cerr = qs_comm_allreduce_sum(s->comm, &bad, &any, 1, QS_COLL_I32, QS_COLL_HOST);
+            if (!err && (err = cerr) == QS_OK && !any) {
+                progress(d, cmd, "uploading", s->cfg.layers, s->plan.rank.total, t0);
+                err = qs_model_use_device(s->model, d->dev.index);
+            }
         }
         if (!err) {
             qs_model_bytes(s->model, &s->actual);

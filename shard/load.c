@@ -278,6 +278,37 @@ static int load_vocab_rows(qs_model *m, const source *s, role r, uint64_t width,
     return QS_OK;
 }
 
+/* The GPU steps of loading (ops_cuda.c), or a refusal in a build without. */
+static int gpu_open(qs_model *m, int device)
+{
+#ifdef QS_SHARD_GPU
+    return qs_gpu_open(m, device);
+#else
+    (void)m, (void)device;
+    return qs_seterr(QS_ENOTSUP, "this build of qshard has no CUDA: load on the CPU");
+#endif
+}
+
+static int gpu_upload_layer(qs_model *m, uint32_t l)
+{
+#ifdef QS_SHARD_GPU
+    return qs_gpu_upload_layer(m, l);
+#else
+    (void)m, (void)l;
+    return QS_ENOTSUP;
+#endif
+}
+
+static int gpu_finish(qs_model *m)
+{
+#ifdef QS_SHARD_GPU
+    return qs_gpu_finish(m);
+#else
+    (void)m;
+    return QS_ENOTSUP;
+#endif
+}
+
 /* cos and sin of every position's rotation angles, once per model:
  * rope_cs[(p * hd/2 + i) * 2 + {0,1}] for angle p * theta^(-2i/hd). */
 static int rope_table(qs_model *m)
@@ -366,14 +397,23 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
     if (opts->weights && qs_is_checkpoint(opts->weights)) {
         if ((err = qs_checkpoint_load(m, opts->weights)))
             goto fail;
+        if (opts->on_gpu && (err = gpu_open(m, opts->gpu)))
+            goto fail;
+        for (uint32_t l = 0; m->dev && l < cfg->layers && !err; l++)
+            err = gpu_upload_layer(m, l);
+        if (err)
+            goto fail;
         goto cache;
     }
     if (opts->calib && cfg->final_norm &&
         ((err = qs_calib_check(opts->calib, cfg)) ||
          (err = qs_calib_merge(m, opts->calib, &merged))))
         goto fail;
+    if (opts->on_gpu && (err = gpu_open(m, opts->gpu)))
+        goto fail;
     for (uint32_t l = 0; l < cfg->layers; l++) {
-        if ((err = load_layer(m, &s, (int)l, opts, merged.absmax ? &merged : NULL)))
+        if ((err = load_layer(m, &s, (int)l, opts, merged.absmax ? &merged : NULL)) ||
+            (m->dev && (err = gpu_upload_layer(m, l))))
             goto fail;
         if (opts->progress)
             opts->progress(opts->progress_ctx, l + 1, cfg->layers);
@@ -400,6 +440,14 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
 cache:
     if ((err = rope_table(m)))
         goto fail;
+    if (m->dev) {
+        if ((err = gpu_finish(m)))
+            goto fail;
+        qs_weights_close(file);
+        qs_calib_close(&merged);
+        *out = m;
+        return QS_OK;
+    }
     size_t kv = (size_t)cfg->layers * m->max_slots * m->max_seq * m->hkv * m->hd;
     m->kcache = calloc(kv, sizeof(float));
     m->vcache = calloc(kv, sizeof(float));

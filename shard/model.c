@@ -34,6 +34,7 @@ void qs_norm_close(norm *n)
 {
     free(n->w);
     free(n->b);
+    n->w = n->b = NULL;
 }
 
 #ifndef QS_SHARD_GPU

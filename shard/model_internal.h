@@ -77,7 +77,13 @@ int qs_calib_merge(qs_model *m, const qs_calib *c, qs_calib *out);
 int qs_smooth_layer(qs_model *m, uint32_t l, const qs_calib *cal, float alpha, float *Wq, float *Wk,
                     float *Wv, float *Wo, float *Wu, float *Wg, float *Wd);
 
-/* Frees a model's GPU state (ops_cuda.c, in the library when QS_SHARD_GPU). */
+/* The model's GPU (ops_cuda.c, in the library when QS_SHARD_GPU): opened
+ * (NCCL joins the group: collective), filled layer by layer as they load
+ * (each layer's host copies freed), finished with the tables, caches and
+ * workspace; freed with the model. */
+int qs_gpu_open(qs_model *m, int device);
+int qs_gpu_upload_layer(qs_model *m, uint32_t l);
+int qs_gpu_finish(qs_model *m);
 void qs_model_gpu_free(qs_model *m);
 
 /* Checkpoints: a directory of rank-RRRRR-of-PPPPP.safetensors files. */

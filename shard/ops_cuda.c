@@ -206,72 +206,88 @@ static int alloc_workspace(qs_model *m, gpu *g, size_t rows)
 
 extern const qs_ops qs_ops_cuda;
 
-int qs_model_use_device(qs_model *m, int device)
+/* A GPU for the model: NCCL on the group (collective), the per-layer
+ * tables. Layers then come one at a time (load.c streams them, so a large
+ * model never sits whole on the host), and gpu_finish adds the rest. */
+int qs_gpu_open(qs_model *m, int device)
 {
-    if (!m)
-        return qs_seterr(QS_EINVAL, "qs_model_use_device: no model");
     if (m->dev)
         return qs_seterr(QS_EBUSY, "the model is on a GPU already");
-    if (m->record)
-        return qs_seterr(QS_EBUSY, "the model is recording SmoothQuant statistics: move it to "
-                                   "the GPU after calibration");
-    /* Collective: every rank of the group enables NCCL on its device. */
     int err = qs_comm_device(m->tp) >= 0 ? QS_OK : qs_comm_enable_device(m->tp, device, NULL);
     if (err)
         return err;
-    const qs_model_config *c = &m->cfg;
     gpu *g = calloc(1, sizeof *g);
     if (!g)
         return qs_seterr(QS_ENOMEM, "out of memory");
     g->device = qs_comm_device(m->tp);
     g->stream = qs_comm_stream(m->tp);
+    g->lins = calloc((size_t)m->cfg.layers * 7, sizeof *g->lins);
+    g->norms = calloc((size_t)m->cfg.layers * 2, sizeof *g->norms);
     m->dev = g;
-    size_t H = c->hidden, E = c->embed_dim;
-    g->lins = calloc((size_t)c->layers * 7, sizeof *g->lins);
-    g->norms = calloc((size_t)c->layers * 2, sizeof *g->norms);
     if (!g->lins || !g->norms) {
-        err = qs_seterr(QS_ENOMEM, "out of memory");
-        goto fail;
+        qs_model_gpu_free(m);
+        return qs_seterr(QS_ENOMEM, "out of memory");
     }
-    for (uint32_t l = 0; l < c->layers && !err; l++) {
-        layer *L = &m->layers[l];
-        for (int i = 0; i < 7 && !err; i++) {
-            linear *lin = layer_linear(L, i);
-            if (lin->N)
-                err = upload_linear(g, lin, &g->lins[l * 7 + i]);
-        }
-        if (!err && !(err = upload_norm(g, &L->attn_norm, H, &g->norms[2 * l])))
-            err = upload_norm(g, &L->ffn_norm, H, &g->norms[2 * l + 1]);
-        if (!err)
-            L->attn_norm.dev = &g->norms[2 * l], L->ffn_norm.dev = &g->norms[2 * l + 1];
+    return QS_OK;
+}
+
+/* Layer l's weights to the GPU; the host copies are freed. */
+int qs_gpu_upload_layer(qs_model *m, uint32_t l)
+{
+    gpu *g = m->dev;
+    layer *L = &m->layers[l];
+    size_t H = m->cfg.hidden;
+    int err = QS_OK;
+    for (int i = 0; i < 7 && !err; i++) {
+        linear *lin = layer_linear(L, i);
+        if (lin->N && !lin->dev)
+            err = upload_linear(g, lin, &g->lins[l * 7 + i]);
     }
-    if (err || (err = upload_f16(g, m->embed, (size_t)m->vr * E, &g->embed)) ||
+    if (!err)
+        err = upload_norm(g, &L->attn_norm, H, &g->norms[2 * l]);
+    if (!err)
+        err = upload_norm(g, &L->ffn_norm, H, &g->norms[2 * l + 1]);
+    if (!err) {
+        qs_norm_close(&L->attn_norm), qs_norm_close(&L->ffn_norm);
+        L->attn_norm.dev = &g->norms[2 * l], L->ffn_norm.dev = &g->norms[2 * l + 1];
+    }
+    return err;
+}
+
+/* The tables, the caches and the workspace; the model then runs here. */
+int qs_gpu_finish(qs_model *m)
+{
+    gpu *g = m->dev;
+    const qs_model_config *c = &m->cfg;
+    size_t H = c->hidden, E = c->embed_dim;
+    int err;
+    if ((err = upload_f16(g, m->embed, (size_t)m->vr * E, &g->embed)) ||
         (err = upload_f16(g, m->lm_head, (size_t)m->vr * H, &g->lm_head)) ||
         (err = upload_f16(g, m->pos, ((size_t)c->max_pos + 2) * H, &g->pos)) ||
         (err = upload_f16(g, m->proj_in, H * E, &g->proj_in)) ||
         (err = upload_f16(g, m->proj_out, E * H, &g->proj_out)))
-        goto fail;
+        return err;
     if (c->final_norm) {
         if ((err = upload_norm(g, &m->final_norm, H, &g->final_norm)))
-            goto fail;
+            return err;
+        qs_norm_close(&m->final_norm);
         m->final_norm.dev = &g->final_norm;
     }
     if (m->rope_cs) {
         size_t bytes = (size_t)m->max_seq * (m->hd / 2) * 2 * sizeof(float);
         if ((err = gpu_alloc(g, (void **)&g->cs, bytes)) ||
             (err = qs_cuda_h2d(g->cs, m->rope_cs, bytes)))
-            goto fail;
+            return err;
     }
     size_t kv = (size_t)c->layers * m->max_slots * m->max_seq * m->hkv * m->hd;
     if ((err = gpu_alloc(g, &g->kc, kv * 2)) || (err = gpu_alloc(g, &g->vc, kv * 2)) ||
         (err = qs_cuda_memset(g->kc, 0, kv * 2)) || (err = qs_cuda_memset(g->vc, 0, kv * 2)))
-        goto fail;
+        return err;
     /* One prefill chunk of up to 256 tokens (llama.cpp's default batch is
-     * 512; 256 keeps the logits of a chunk small) and at most the cache. */
+     * 512; 256 keeps a chunk's logits small) and at most the cache. */
     size_t rows = m->max_seq < 256 ? m->max_seq : 256;
     if ((err = alloc_workspace(m, g, rows)) || (err = qs_cuda_sync()))
-        goto fail;
-
+        return err;
     /* The host copies go: the GPU holds the shard now. */
     free(m->embed), free(m->lm_head), free(m->pos), free(m->proj_in), free(m->proj_out);
     m->embed = m->lm_head = m->pos = m->proj_in = m->proj_out = NULL;
@@ -282,8 +298,22 @@ int qs_model_use_device(qs_model *m, int device)
     m->bytes.kv_cache = kv * 2 * 2;
     m->bytes.total = g->bytes;
     return QS_OK;
-fail:
-    qs_model_gpu_free(m);
+}
+
+int qs_model_use_device(qs_model *m, int device)
+{
+    if (!m)
+        return qs_seterr(QS_EINVAL, "qs_model_use_device: no model");
+    if (m->record)
+        return qs_seterr(QS_EBUSY, "the model is recording SmoothQuant statistics: move it to "
+                                   "the GPU after calibration");
+    int err = qs_gpu_open(m, device);
+    for (uint32_t l = 0; l < m->cfg.layers && !err; l++)
+        err = qs_gpu_upload_layer(m, l);
+    if (!err)
+        err = qs_gpu_finish(m);
+    if (err)
+        qs_model_gpu_free(m);
     return err;
 }
 

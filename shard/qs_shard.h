@@ -283,6 +283,9 @@ typedef struct qs_model_opts {
     const qs_calib *calib;     /* smooth with these statistics (NULL: none); exact in fp32, it
                                 * is for W8A8 (pre-LN models only) */
     float smooth_alpha;        /* SmoothQuant migration strength (0: 0.5) */
+    int on_gpu;                /* 1: load onto GPU `gpu` layer by layer (collective, as
+                                * qs_model_use_device); the host never holds the whole shard */
+    int gpu;
     /* Called after each layer is loaded (NULL: none), for progress bars. */
     void (*progress)(void *ctx, uint32_t layers_done, uint32_t layers);
     void *progress_ctx;

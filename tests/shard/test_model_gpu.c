@@ -1,0 +1,263 @@
+/* The device forward pass against the CPU's, under mpirun with 1 and 2
+ * ranks: on the CPU execution harness in CI (test_model_gpu_emu, label
+ * cuda-emu) and on GPUs (test_model_gpu, label gpu; skips without one).
+ *
+ * Every case loads one shard twice with the same synthetic weights and moves
+ * one copy to the GPU (qs_model_use_device); both then run the same tokens:
+ *   - a prefill: the last token's logits within fp16 tolerance of the CPU's
+ *     (relative L2 <= 2e-2: the GPU keeps activations, embeddings and norm
+ *     weights in fp16, the CPU in fp32; about 1e-3 per layer plus the
+ *     logits' rounding);
+ *   - greedy decoding of 12 tokens, one at a time through the KV cache: the
+ *     same tokens as the CPU while the CPU's top two logits are more than
+ *     0.05 apart (closer, fp16 may order them either way);
+ *   - perplexity over 2 windows of a token stream: within 0.5%;
+ *   - a prefill longer than the GPU's workspace chunk equals one in parts.
+ * Models: a tiny Llama (RoPE, grouped-query attention with an uneven head
+ * split on 2 ranks, SwiGLU, RMSNorm, untied head), a tiny OPT (LayerNorm,
+ * biases, learned positions, ReLU, tied head) and a post-LN OPT with
+ * project_in/out (opt-350m's form), in fp16, bcq 4-bit, rtn 3-bit and
+ * W8A8. */
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "qs_collectives.h"
+#include "qs_kernels.h"
+#include "qs_shard.h"
+
+static int rank, world, failures, cases;
+
+#define CHECK(cond, ...)                                                                           \
+    do {                                                                                           \
+        cases++;                                                                                   \
+        if (!(cond)) {                                                                             \
+            printf("rank %d FAIL %s:%d: ", rank, __FILE__, __LINE__);                              \
+            printf(__VA_ARGS__);                                                                   \
+            printf(" [%s]\n", qs_errmsg());                                                        \
+            failures++;                                                                            \
+        }                                                                                          \
+    } while (0)
+
+static void make_llama(qs_model_config *c)
+{
+    /* 3 KV heads with 2 query heads each: on 2 ranks, 4 + 2 query heads. */
+    *c = (qs_model_config){.name = "tiny-llama",
+                           .arch = QS_ARCH_LLAMA,
+                           .norm = QS_NORM_RMS,
+                           .layers = 2,
+                           .hidden = 192,
+                           .heads = 6,
+                           .kv_heads = 3,
+                           .head_dim = 32,
+                           .ffn = 320,
+                           .vocab = 389,
+                           .max_pos = 512,
+                           .embed_dim = 192,
+                           .gated_ffn = 1,
+                           .final_norm = 1,
+                           .norm_eps = 1e-5f,
+                           .rope_theta = 10000.0f};
+}
+
+static void make_opt(qs_model_config *c, int post_ln)
+{
+    *c = (qs_model_config){.name = "tiny-opt",
+                           .arch = QS_ARCH_OPT,
+                           .norm = QS_NORM_LAYER,
+                           .layers = 2,
+                           .hidden = 128,
+                           .heads = 4,
+                           .kv_heads = 4,
+                           .head_dim = 32,
+                           .ffn = 256,
+                           .vocab = 301,
+                           .max_pos = 512,
+                           .embed_dim = 128,
+                           .tied_embeddings = 1,
+                           .linear_bias = 1,
+                           .learned_pos = 1,
+                           .final_norm = 1,
+                           .norm_eps = 1e-5f};
+    if (post_ln) {
+        snprintf(c->name, sizeof c->name, "tiny-opt-350m");
+        c->final_norm = 0;
+        c->embed_dim = 64;
+    }
+}
+
+static double rel_l2(const float *a, const float *b, size_t n)
+{
+    double num = 0, den = 0;
+    for (size_t i = 0; i < n; i++) {
+        num += ((double)a[i] - b[i]) * ((double)a[i] - b[i]);
+        den += (double)b[i] * b[i];
+    }
+    return sqrt(num / (den > 0 ? den : 1));
+}
+
+static int32_t argmax(const float *l, size_t n, float *margin)
+{
+    size_t best = 0, second = n > 1 ? 1 : 0;
+    if (n > 1 && l[1] > l[0])
+        best = 1, second = 0;
+    for (size_t i = 2; i < n; i++) {
+        if (l[i] > l[best])
+            second = best, best = i;
+        else if (l[i] > l[second])
+            second = i;
+    }
+    *margin = l[best] - l[second];
+    return (int32_t)best;
+}
+
+static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int device)
+{
+    char what[160];
+    snprintf(what, sizeof what, "%s %s%s%d ranks", c->name,
+             q.scheme == QS_SCHEME_FP16   ? "fp16"
+             : q.scheme == QS_SCHEME_W8A8 ? "w8a8"
+             : q.scheme == QS_SCHEME_BCQ  ? "bcq"
+                                          : "rtn",
+             q.scheme == QS_SCHEME_BCQ || q.scheme == QS_SCHEME_RTN ? (q.bits == 3 ? "3 " : "4 ")
+                                                                    : " ",
+             world);
+    if (qs_tp_check(c, &q, (uint32_t)world) != QS_OK) {
+        if (rank == 0)
+            printf("skip %s: not a valid split (%s)\n", what, qs_errmsg());
+        return;
+    }
+    qs_model_opts o = {.quant = q, .seed = 11, .outlier_channels = 4, .max_seq = 320};
+    qs_model *cpu = NULL, *gpu = NULL;
+    int err = qs_model_init(c, &o, comm, &cpu);
+    CHECK(err == QS_OK, "%s: CPU load", what);
+    if (!err)
+        err = qs_model_init(c, &o, comm, &gpu);
+    if (!err)
+        err = qs_model_use_device(gpu, device);
+    CHECK(err == QS_OK && qs_model_on_device(gpu), "%s: load and move to the GPU", what);
+    if (err) {
+        qs_model_close(cpu), qs_model_close(gpu);
+        return;
+    }
+    size_t V = c->vocab;
+    enum { P = 20, T = 300 };
+    int32_t tok[T];
+    uint32_t slot[T], pos[T];
+    uint64_t x = 0x9e3779b97f4a7c15ull;
+    for (size_t i = 0; i < T; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        tok[i] = (int32_t)(x % V), slot[i] = 0, pos[i] = (uint32_t)i;
+    }
+    float *a = malloc(V * sizeof *a), *b = malloc(V * sizeof *b);
+
+    /* Prefill of P tokens: the last token's logits. */
+    err = qs_model_forward(cpu, P, tok, slot, pos, P - 1, a);
+    if (!err)
+        err = qs_model_forward(gpu, P, tok, slot, pos, P - 1, b);
+    double d = rel_l2(b, a, V);
+    CHECK(!err && d <= 2e-2, "%s: prefill logits relative L2 %.3g (bound 2e-2)", what, d);
+    if (rank == 0 && !err)
+        printf("ok   %-36s prefill logits rel L2 %.2e\n", what, d);
+
+    /* Greedy decoding through both caches. */
+    int32_t ta = 0, tb = 0;
+    float margin = 0;
+    int same = 0, compared = 0;
+    for (int k = 0; k < 12 && !err; k++) {
+        ta = argmax(a, V, &margin);
+        float mb;
+        tb = argmax(b, V, &mb);
+        if (margin <= 0.05f)
+            break; /* a near tie: fp16 may choose the other */
+        compared++;
+        if (ta != tb)
+            break;
+        same++;
+        uint32_t p = (uint32_t)(P + k), s0 = 0;
+        err = qs_model_forward(cpu, 1, &ta, &s0, &p, 0, a);
+        if (!err)
+            err = qs_model_forward(gpu, 1, &ta, &s0, &p, 0, b);
+    }
+    CHECK(!err && same == compared, "%s: greedy tokens: %d of %d the same (first difference %d vs %d)",
+          what, same, compared, ta, tb);
+    if (rank == 0 && !err)
+        printf("ok   %-36s greedy: %d tokens equal before a near tie or the end\n", what, same);
+
+    /* Perplexity over two windows of 64 (scored on their second halves). */
+    qs_ppl pa = {0}, pb = {0};
+    err = qs_model_perplexity(cpu, tok, 128, 64, 2, -1, NULL, NULL, &pa);
+    if (!err)
+        err = qs_model_perplexity(gpu, tok, 128, 64, 2, -1, NULL, NULL, &pb);
+    double ppa = exp(pa.nll / (double)(pa.count ? pa.count : 1)),
+           ppb = exp(pb.nll / (double)(pb.count ? pb.count : 1));
+    CHECK(!err && fabs(ppb / ppa - 1) <= 5e-3, "%s: perplexity %.4f on the GPU, %.4f on the CPU",
+          what, ppb, ppa);
+    if (rank == 0 && !err)
+        printf("ok   %-36s perplexity %.4f vs %.4f (%+.3f%%)\n", what, ppb, ppa,
+               100 * (ppb / ppa - 1));
+
+    /* A prefill of T tokens (over the workspace chunk of 256) in one call
+     * and in parts of 100 + 200 give the same last logits, on the GPU. */
+    uint32_t s1[T];
+    for (size_t i = 0; i < T; i++)
+        s1[i] = 0;
+    err = qs_model_forward(gpu, T, tok, s1, pos, T - 1, a);
+    if (!err)
+        err = qs_model_forward(gpu, 100, tok, s1, pos, 100, NULL);
+    if (!err)
+        err = qs_model_forward(gpu, T - 100, tok + 100, s1 + 100, pos + 100, T - 101, b);
+    d = rel_l2(b, a, V);
+    CHECK(!err && d <= 1e-3, "%s: a %d-token prefill in one call and in parts: rel L2 %.3g", what,
+          T, d);
+    free(a), free(b);
+    qs_model_close(cpu);
+    qs_model_close(gpu);
+}
+
+int main(int argc, char **argv)
+{
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &world);
+    int ndev = qs_cuda_device_count();
+    if (ndev < world) {
+        if (rank == 0)
+            printf("SKIP: %d rank(s) need as many GPUs, %d found: %s\n", world, ndev, qs_errmsg());
+        MPI_Finalize();
+        return 77;
+    }
+    qs_comm *comm = NULL;
+    if (qs_comm_init_mpi(MPI_COMM_WORLD, &comm) != QS_OK) {
+        printf("FAIL: qs_comm_init_mpi: %s\n", qs_errmsg());
+        MPI_Finalize();
+        return 1;
+    }
+    qs_model_config llama, opt, opt350;
+    make_llama(&llama);
+    make_opt(&opt, 0);
+    make_opt(&opt350, 1);
+    const qs_quant schemes[] = {{QS_SCHEME_FP16, 16, 0},
+                                {QS_SCHEME_BCQ, 4, 64},
+                                {QS_SCHEME_RTN, 3, 32},
+                                {QS_SCHEME_W8A8, 8, 32}};
+    const qs_model_config *models[] = {&llama, &opt, &opt350};
+    for (size_t mi = 0; mi < 3; mi++)
+        for (size_t s = 0; s < 4; s++) {
+            /* The post-LN model once, in fp16: its path is the norms'. */
+            if (mi == 2 && s > 0)
+                continue;
+            run_case(comm, models[mi], schemes[s], rank % ndev);
+        }
+    int total = 0, all_cases = 0;
+    MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    MPI_Allreduce(&cases, &all_cases, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+    if (rank == 0)
+        printf("# test_model_gpu: %d ranks, %d checks, %d failures\n", world, all_cases, total);
+    qs_comm_close(comm);
+    MPI_Finalize();
+    return total ? 1 : 0;
+}
