@@ -435,6 +435,21 @@ int qs_cuda_attention(const void *q, const void *kc, const void *vc, size_t n, c
                       const uint32_t *pos, unsigned hq, unsigned hkv, unsigned hd, unsigned group,
                       unsigned q_first, unsigned kv_first, unsigned max_seq, void *ws, void *out,
                       void *stream);
+/* The same for tokens that all share one slot (a prefill run: slot[i] ==
+ * slot[0] for every i, positions any, usually consecutive; the caller
+ * knows, the launch shape cannot): a tiled tensor-core kernel, 64 (token,
+ * head) rows of one KV head per CTA against K/V tiles in shared memory, P
+ * rounded to fp16 for P V (~2e-4 relative). No workspace. hd: a multiple of
+ * 8 up to 128 (both entries); q, the caches and out 16-byte aligned. */
+int qs_cuda_attention_prefill(const void *q, const void *kc, const void *vc, size_t n,
+                              const uint32_t *slot, const uint32_t *pos, unsigned hq, unsigned hkv,
+                              unsigned hd, unsigned group, unsigned q_first, unsigned kv_first,
+                              unsigned max_seq, void *out, void *stream);
+/* Positions per split of qs_cuda_attention (a multiple of 64; 0: the
+ * default 128), process-wide; more where max_seq would need over 256
+ * splits. For tests (small max_seq with several splits) and tuning: set it
+ * before sizing the workspace, not while attention runs on another thread. */
+int qs_cuda_attention_set_chunk(unsigned positions);
 
 /* FFN activations on count fp16 elements; out may be an input. SwiGLU:
  * out = silu(gate) * up = gate / (1 + exp(-gate)) * up; ReLU: max(a, 0). */
