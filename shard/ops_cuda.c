@@ -426,6 +426,15 @@ static int cuda_attention(qs_fwd *f, uint32_t l)
     const qs_model *m = f->m;
     gpu *g = G(f);
     size_t off = l * cache_layer(m);
+    /* Tokens of one sequence (a prefill) take the tiled kernel. */
+    int one_slot = f->n > 1;
+    for (size_t i = 1; i < f->n && one_slot; i++)
+        one_slot = f->slot[i] == f->slot[0];
+    if (one_slot)
+        return qs_cuda_attention_prefill(g->q, (char *)g->kc + off, (char *)g->vc + off, f->n,
+                                         g->slot, g->posd, m->hq, m->hkv, m->hd,
+                                         m->cfg.heads / m->cfg.kv_heads, m->q_first, m->kv_first,
+                                         m->max_seq, g->att, g->stream);
     return qs_cuda_attention(g->q, (char *)g->kc + off, (char *)g->vc + off, f->n, g->slot, g->posd,
                              m->hq, m->hkv, m->hd, m->cfg.heads / m->cfg.kv_heads, m->q_first,
                              m->kv_first, m->max_seq, g->att_ws, g->att, g->stream);
