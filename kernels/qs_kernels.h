@@ -493,23 +493,45 @@ int qs_cuda_sample(const float *logits, size_t n, size_t V, const qs_cuda_sample
                    uint64_t *state, void *ws, int32_t *tokens, void *stream);
 
 /* ---- W8A8 on the device -----------------------------------------------------
- * The codes, scales and group sums of a host qs_w8 in a device layout of
- * the kernel's choosing; activations quantized on the device per token and
- * group as the CPU kernel does (qs_quant_act_token's rule per group: scale
- * = max|x| / 127, codes rounded to nearest, +-127), or with a static
- * per-tensor scale; int8 tensor-core products (mma.sync s8, int32 sums)
- * scaled per group into fp32; fp16 out. */
+ * The codes and scales of a host qs_w8 in the device layout below;
+ * activations quantized on the device per token and group as the CPU kernel
+ * does (qs_quant_act_token's rule per group: scale = max|x| / 127, codes
+ * rounded to nearest even, +-127; bit for bit the CPU's codes and scales),
+ * or with a static per-tensor scale (1/scale as the CPU computes it); int8
+ * tensor-core products (mma.sync m16n8k32 s8, int32 sums) scaled per group
+ * into fp32; fp16 out. A token holding NaN or Inf gets NaN outputs.
+ *
+ * Device layout (kernels/cuda/w8a8_gpu.cu): row n of codes is kd bytes;
+ * group g (channels g*group .. g*group + group - 1) starts at byte g * gp,
+ * gp = 32 * ceil(group / 32), zeros after its channels and past the last
+ * group; kd = 128 * ceil(ngroups * gp / 128). So a 32-channel tensor-core
+ * step never straddles two groups. group as qs_w8_group (Kp for one scale
+ * per token), at most 131072 (the int32 sums). The qs_w8's group sums are
+ * not uploaded (s8 x s8 needs no offset correction).
+ * The workspace: xq int8 [QS_CUDA_W8_ROWS][kd] (the activation codes, same
+ * layout), sx fp32 [QS_CUDA_W8_ROWS][ngroups] (their scales, NaN for a
+ * group with NaN/Inf), then fp32 [QS_CUDA_WS_ROWS][N] split-K partial sums:
+ * calls on one handle must be ordered (one stream, or synced). */
 typedef struct qs_cuda_w8 {
     size_t N, K, group, ngroups;
-    void *codes; /* int8, device layout */
-    void *scale; /* fp32 [N] */
-    void *ws;    /* the kernel's workspace (quantized activations, partial sums) */
-    size_t ws_bytes, bytes;
+    size_t gp, kd;   /* bytes per group and per row, above */
+    void *codes;     /* int8 [N][kd] */
+    void *scale;     /* fp32 [N] */
+    void *ws;        /* the kernel's workspace, above */
+    size_t ws_bytes; /* its size */
+    size_t bytes;    /* device bytes of codes + scale */
+    unsigned splits; /* K-splits of the GEMM: 0 = the chooser's (tests and benchmarks force) */
 } qs_cuda_w8;
+/* Allocates the arrays for a shape (act_group as qs_w8_quantize's; contents
+ * undefined); qs_cuda_w8_upload allocates and copies a host qs_w8 into the
+ * layout. qs_cuda_w8_free is safe on a zeroed or freed struct. */
+int qs_cuda_w8_alloc(qs_cuda_w8 *d, size_t N, size_t K, size_t act_group);
 int qs_cuda_w8_upload(qs_cuda_w8 *d, const qs_w8 *w);
 void qs_cuda_w8_free(qs_cuda_w8 *d);
 /* Y (M x N fp16) = X (M x K fp16) W^T; act_scale <= 0: dynamic per token
- * and group, > 0: static. M up to the workspace's rows (QS_CUDA_W8_ROWS). */
+ * and group, > 0: static (NaN or Inf: QS_EINVAL). M up to the workspace's
+ * rows (QS_CUDA_W8_ROWS). Two launches (quantize, GEMM), three with
+ * K-splits; no allocation or host synchronisation. */
 #define QS_CUDA_W8_ROWS 512
 int qs_cuda_w8a8_gemm(qs_cuda_w8 *d, const void *X, size_t M, float act_scale, void *Y,
                       void *stream);

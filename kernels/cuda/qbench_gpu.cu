@@ -13,6 +13,9 @@
  *           the crossover (qs_cuda_set_lut_max_m)
  *   cublas  cublasGemmEx fp16 (fp32 compute) on dequantized fp16 weights
  *   u3      the OPTQ-style dequantizing 3-bit GEMV (M <= 8)
+ *   w8a8    SmoothQuant W8A8 (qs_cuda_w8a8_gemm: activations quantized on
+ *           the device per token and group of g channels, int8 tensor
+ *           cores), random codes, at every M
  * as the median of per-call CUDA event times over rotating weight copies
  * (enough that together they exceed twice the L2) and 4 rotating inputs,
  * after warm-up. Reports effective GB/s (weights + X + Y bytes over time),
@@ -107,6 +110,24 @@ struct timer {
         return t[iters / 2];
     }
 };
+
+/* Random W8A8 codes in [-127, 127] where the device layout holds channels
+ * (zeros in the group padding), scales ~ 0.02 / 127. */
+__global__ void fill_w8(int8_t *codes, float *scale, size_t N, size_t K, size_t group, size_t gp,
+                        size_t kd, unsigned long long seed)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < N * kd;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const size_t col = i % kd, j = col % gp, k = col / gp * group + j;
+        unsigned long long z = seed + (i + 1) * 0x9e3779b97f4a7c15ull;
+        z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+        z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+        z ^= z >> 31;
+        codes[i] = (j < group && k < K) ? (int8_t)((int)(z % 255) - 127) : (int8_t)0;
+        if (i < N)
+            scale[i] = 0.02f / 127 * (0.5f + (float)(z >> 40) * (1.0f / 16777216.0f));
+    }
+}
 
 struct row {
     size_t N, K, M;
@@ -212,6 +233,19 @@ int main(int argc, char **argv)
             QK(qs_cuda_u3_alloc(&u3[i], N, K, g));
             QK(qs_cuda_u3_fill_random(&u3[i], 2000 + i, NULL));
         }
+        qs_cuda_w8 w8probe;
+        QK(qs_cuda_w8_alloc(&w8probe, N, K, g));
+        const size_t w8_bytes = w8probe.bytes;
+        qs_cuda_w8_free(&w8probe);
+        const int nw8 = (int)std::max<size_t>(2, (l2x2 + w8_bytes - 1) / w8_bytes);
+        std::vector<qs_cuda_w8> w8(nw8);
+        for (int i = 0; i < nw8; i++) {
+            QK(qs_cuda_w8_alloc(&w8[i], N, K, g));
+            QS_LAUNCH(1024, 256, 0, 0, fill_w8)
+            ((int8_t *)w8[i].codes, (float *)w8[i].scale, N, K, w8[i].group, w8[i].gp, w8[i].kd,
+             4000 + i);
+            CK(cudaGetLastError());
+        }
         void *X[4], *Y = NULL;
         for (int i = 0; i < 4; i++) {
             CK(cudaMalloc(&X[i], Mmax * K * 2));
@@ -276,7 +310,12 @@ int main(int argc, char **argv)
                     [&](int i) { return qs_cuda_u3_gemv(&u3[i % nu], X[i % 4], M, Y, NULL); });
                 add("u3", t_u3, (double)u3_bytes, NULL);
             }
-            for (size_t k : {il, im, ih})
+            double t_w8 = tm.median_us(
+                [&](int i) { return qs_cuda_w8a8_gemm(&w8[i % nw8], X[i % 4], M, 0.0f, Y, NULL); });
+            char wc[48];
+            snprintf(wc, sizeof wc, "g=%zu", w8[0].group);
+            size_t iw = add("w8a8", t_w8, (double)w8_bytes, wc);
+            for (size_t k : {il, im, ih, iw})
                 if (k != (size_t)-1 && rows[k].us > 0) {
                     rows[k].vs_cublas = t_cub > 0 ? t_cub / rows[k].us : 0;
                     rows[k].vs_u3 = t_u3 > 0 ? t_u3 / rows[k].us : 0;
@@ -305,6 +344,8 @@ int main(int argc, char **argv)
             qs_cuda_bcq_free(&l);
         for (auto &u : u3)
             qs_cuda_u3_free(&u);
+        for (auto &w : w8)
+            qs_cuda_w8_free(&w);
         for (void *p : wf)
             CK(cudaFree(p));
         for (int i = 0; i < 4; i++)

@@ -3,7 +3,8 @@
 # kernels need checked and measured (docs/benchmarks.md, "GPU kernels"):
 #   build (standalone: gcc + nvcc, sm_90a), the device and its clocks,
 #   every GPU test, compute-sanitizer memcheck and racecheck on the LUT
-#   kernels, the SASS facts (16-byte loads, HMMA, no local memory), then
+#   and W8A8 kernels, the SASS facts (16-byte loads, HMMA, IMMA, ldmatrix,
+#   cp.async, no local memory), then
 #   qbench_gpu --quick, and the full qbench_gpu --json --sweep.
 # Logs go to $OUT (the device tool brings them back); the last lines
 # printed are the short summary. Usage (from the repository root):
@@ -32,7 +33,7 @@ cat "$b"/obj/*.ptxas.log > "$out/ptxas.txt" 2>/dev/null
 say "build: ok"
 
 fail=0
-for t in test_gpu_device test_gpu_emulate test_gpu_lutgemm test_gpu_mma test_gpu_baselines; do
+for t in test_gpu_device test_gpu_emulate test_gpu_lutgemm test_gpu_mma test_gpu_baselines test_gpu_w8a8; do
     "$b/$t" > "$out/$t.log" 2>&1
     rc=$?
     [ $rc -ne 0 ] && fail=1
@@ -60,16 +61,23 @@ if command -v compute-sanitizer > /dev/null; then
     sanitize memcheck sanitizer_memcheck.log "$b/test_gpu_lutgemm" --quick
     sanitize racecheck sanitizer_racecheck.log "$b/test_gpu_lutgemm" --quick
     sanitize memcheck sanitizer_baselines.log "$b/test_gpu_baselines"
+    sanitize memcheck sanitizer_w8a8.log "$b/test_gpu_w8a8" --quick
+    sanitize racecheck sanitizer_w8a8_race.log "$b/test_gpu_w8a8" --quick
 else
     say "compute-sanitizer: not found (NOT RUN)"
 fi
 
 # SASS: per kernel, counts of the instructions the design relies on.
-cuobjdump -sass "$b/test_gpu_lutgemm" > "$out/sass.txt" 2>&1
-awk '/Function :/ { f = $3 } f && /HMMA/ { h[f]++ } f && /LDG.E.128/ { g[f]++ } f && /LDS.128/ { s[f]++ }
-     f && /(LDL|STL)/ { l[f]++ } f && /LDS/ { a[f]++ } { if (f) seen[f] = 1 }
-     END { for (k in seen) printf "%-70s HMMA %4d LDG.128 %4d LDS %5d LDS.128 %4d local %3d\n",
-           substr(k, 1, 70), h[k], g[k], a[k], s[k], l[k] }' "$out/sass.txt" | sort > "$out/sass_summary.txt"
+# (test_gpu_w8a8 for the W8A8 kernels: IMMA, LDSM, LDGSTS = cp.async; a
+# kernel linked into both binaries gives the same line twice, kept once.)
+for bin in test_gpu_lutgemm test_gpu_w8a8; do
+    cuobjdump -sass "$b/$bin" > "$out/sass_$bin.txt" 2>&1
+    awk '/Function :/ { f = $3 } f && /HMMA/ { h[f]++ } f && /LDG.E.128/ { g[f]++ } f && /LDS.128/ { s[f]++ }
+         f && /(LDL|STL)/ { l[f]++ } f && /LDS/ { a[f]++ } f && /IMMA/ { im[f]++ } f && /LDSM/ { lm[f]++ }
+         f && /LDGSTS/ { cp[f]++ } { if (f) seen[f] = 1 }
+         END { for (k in seen) printf "%-70s HMMA %4d IMMA %4d LDSM %4d LDGSTS %4d LDG.128 %4d LDS %5d LDS.128 %4d local %3d\n",
+               substr(k, 1, 70), h[k], im[k], lm[k], cp[k], g[k], a[k], s[k], l[k] }' "$out/sass_$bin.txt"
+done | sort -u > "$out/sass_summary.txt"
 say "sass: $(grep -c . "$out/sass_summary.txt") kernels; any local memory: $(awk '$NF > 0' "$out/sass_summary.txt" | wc -l)"
 
 if [ -z "${QS_SKIP_BENCH:-}" ]; then
@@ -80,7 +88,7 @@ if [ -z "${QS_SKIP_BENCH:-}" ]; then
     "$b/qbench_gpu" > "$out/qbench.txt" 2>&1
     say "qbench_gpu: rc=$?"
     cat "$out/qbench_quick.txt"
-    grep -E '^(N x K|[0-9]+x[0-9]+ +1 +lut |[0-9]+x[0-9]+ +(8|64) +lut )' "$out/qbench.txt"
+    grep -E '^(N x K|[0-9]+x[0-9]+ +1 +lut |[0-9]+x[0-9]+ +(8|64) +lut |[0-9]+x[0-9]+ +[0-9]+ +w8a8 )' "$out/qbench.txt"
 fi
 echo "-----"
 cat "$summary"

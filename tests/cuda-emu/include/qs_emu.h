@@ -166,6 +166,30 @@ void wmma_mma(int M, int N, int K, int tin, const void *a, const void *b, int tc
               int td, void *d, const char *file, int line);
 unsigned active_mask();
 
+/* ---- PTX-level operations: what kernels/cuda/ptx.cuh's emulations call -------
+ * (runtime/tensor.cpp, sched.cpp, check.cpp). */
+/* Whether [p, p + bytes) lies in the block's shared-memory arena: the
+ * .shared state space that ldmatrix and cp.async's destination require. */
+bool in_shared(const void *p, size_t bytes);
+/* mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 for the calling lane:
+ * gathers the warp's A (4 registers) and B (2 registers) fragments, places
+ * their bytes by the PTX ISA's fragment tables and computes the lane's four
+ * elements of D = A B + C in int32 (wrapping, as the hardware's adder does
+ * without .satfinite). d may be c. All 32 lanes must take part. */
+void mma_s8_m16n8k32(const uint32_t a[4], const uint32_t b[2], const int32_t c[4], int32_t d[4],
+                     const char *file, int line);
+/* cp.async, per thread: a 16-byte copy issued (the caller has done it once
+ * already), a group committed, and the copies that cp.async.wait_group
+ * `keep` completes: the oldest copy of a group older than the `keep` most
+ * recent committed groups, removed from the thread's list (true), or none
+ * left (false). The caller performs the copy again then, so that a read of
+ * the destination by another thread before the issuing thread waited races
+ * with it (and a write into a buffer others still read races with the
+ * first copy). */
+void cp_async_issue(void *dst, const void *src, unsigned src_bytes);
+void cp_async_commit();
+bool cp_async_complete(unsigned keep, void **dst, const void **src, unsigned *src_bytes);
+
 void syncthreads(const char *file, int line);
 int syncthreads_count(int pred, const char *file, int line);
 

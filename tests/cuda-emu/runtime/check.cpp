@@ -408,6 +408,12 @@ void check_bank_block(block_run *b)
     (void)b; /* the last interval was folded in by check_end_interval */
 }
 
+bool in_shared(const void *p, size_t bytes)
+{
+    uintptr_t a = (uintptr_t)p, lo = (uintptr_t)g_smem;
+    return g_smem && a >= lo && bytes <= SMEM_CAPACITY && a - lo <= SMEM_CAPACITY - bytes;
+}
+
 } /* namespace qs_emu */
 
 /* ---- The instrumentation's entry points ------------------------------------------------ */

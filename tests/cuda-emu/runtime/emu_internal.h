@@ -34,6 +34,13 @@ struct access_rec { /* a shared access of a sampled block, for the bank model */
     uint8_t size, write;
 };
 
+struct async_copy { /* a cp.async issued and not yet waited for */
+    void *dst;
+    const void *src;
+    unsigned src_bytes;
+    uint64_t group; /* the groups committed before it was issued */
+};
+
 struct fiber {
     void *sp; /* saved stack pointer while switched out */
     char *lo, *hi;
@@ -52,6 +59,9 @@ struct fiber {
     size_t wbytes;
     char *args; /* the launch's argument tuple, on this stack */
     std::vector<access_rec> log;
+    std::vector<async_copy> async; /* cp.async in flight, oldest first from async_head */
+    size_t async_head;
+    uint64_t async_groups; /* cp.async.commit_group count */
 };
 
 /* ---- The running launch and block --------------------------------------------- */

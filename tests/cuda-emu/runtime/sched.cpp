@@ -433,6 +433,36 @@ void check_warp_uniform(const void *value, size_t bytes, const char *what, const
                   what, file, line, l);
 }
 
+/* ---- cp.async: the copies each thread has in flight ----------------------------------- */
+void cp_async_issue(void *dst, const void *src, unsigned src_bytes)
+{
+    fiber *f = g_cur;
+    if (!f)
+        trap("cp.async issued outside a kernel", __FILE__, __LINE__);
+    f->async.push_back(async_copy{dst, src, src_bytes, f->async_groups});
+}
+
+void cp_async_commit()
+{
+    if (g_cur)
+        g_cur->async_groups++;
+}
+
+bool cp_async_complete(unsigned keep, void **dst, const void **src, unsigned *src_bytes)
+{
+    fiber *f = g_cur;
+    if (!f || f->async_head == f->async.size())
+        return false;
+    const async_copy &c = f->async[f->async_head];
+    /* Its group is pending among the `keep` most recent, or not committed. */
+    if (c.group + keep >= f->async_groups)
+        return false;
+    *dst = c.dst, *src = c.src, *src_bytes = c.src_bytes;
+    if (++f->async_head == f->async.size())
+        f->async.clear(), f->async_head = 0;
+    return true;
+}
+
 /* ---- Shared memory -------------------------------------------------------------------- */
 void *dyn_smem(size_t align)
 {
@@ -604,6 +634,7 @@ static bool run_block(block_run *b, uint3 bid)
         f.tid = t;
         f.idx = uint3{t % d.block.x, (t / d.block.x) % d.block.y, t / (d.block.x * d.block.y)};
         f.state = F_READY, f.asan_fake = NULL, f.log.clear();
+        f.async.clear(), f.async_head = 0, f.async_groups = 0;
         fiber_prepare(&f, d);
     }
     for (;;) {

@@ -1,5 +1,6 @@
 /* tensor.cpp: the arithmetic of the tensor cores, for the warp-level
- * interfaces of the headers (WMMA in mma.h). A lane's call gathers the
+ * interfaces of the headers (WMMA in mma.h) and the PTX wrappers of
+ * kernels/cuda/ptx.cuh (mma.sync with s8 operands). A lane's call gathers the
  * warp's fragments (one copy per warp, sched.cpp) and computes the lane's
  * own elements of D (the A and B of one gather are converted once per
  * warp). Products are summed over k in order, in fp32 for
@@ -114,6 +115,61 @@ void wmma_mma(int M, int N, int K, int tin, const void *a, const void *b, int tc
         }
     }
     memcpy(d, out, (size_t)ne * elem_size(td));
+}
+
+/* mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32. Fragments (PTX ISA,
+ * "Matrix Fragments for mma.m16n8k32", .s8), g = lane >> 2, t = lane & 3,
+ * element i of a fragment is byte i % 4 of register i / 4 (low to high):
+ *   A (16 x 32, row): row g for i in 0..3 and 8..11, g + 8 otherwise;
+ *                     column 4t + (i & 3), + 16 for i >= 8
+ *   B (32 x 8, col):  row (k) 4t + (i & 3), + 16 for i >= 4; column g
+ *   C, D (16 x 8):    row g for i < 2, g + 8 otherwise; column 2t + (i & 1) */
+void mma_s8_m16n8k32(const uint32_t a[4], const uint32_t b[2], const int32_t c[4], int32_t d[4],
+                     const char *file, int line)
+{
+    const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    unsigned got = 0;
+    const uint32_t *all =
+        (const uint32_t *)warp_gather(W_MMA, 0xffffffffu, mine, sizeof mine, file, line, &got);
+    if (got != 0xffffffffu)
+        fatal(QS_EMU_WARP_ARGS, cudaErrorLaunchFailure,
+              "mma.sync at %s:%d needs all 32 lanes of the warp (.aligned); lanes 0x%08x took part",
+              file, line, got);
+    /* A and B placed once per warp and gather, as for WMMA. */
+    static struct {
+        const block_run *block;
+        uint32_t serial;
+        uint64_t gather;
+        int32_t A[16][32], B[32][8];
+    } cache[32];
+    auto &w = cache[g_warp];
+    if (w.block != g_block || w.serial != g_block->serial ||
+        w.gather != g_block->gather_serial[g_warp]) {
+        w.block = g_block, w.serial = g_block->serial, w.gather = g_block->gather_serial[g_warp];
+        for (int l = 0; l < 32; l++) {
+            const uint32_t *s = all + l * 6;
+            const int g = l >> 2, t = l & 3;
+            for (int i = 0; i < 16; i++) {
+                int row = (i < 4 || (i >= 8 && i < 12)) ? g : g + 8;
+                int col = 4 * t + (i & 3) + (i >= 8 ? 16 : 0);
+                w.A[row][col] = (int8_t)(s[i / 4] >> (8 * (i % 4)));
+            }
+            for (int i = 0; i < 8; i++) {
+                int row = 4 * t + (i & 3) + (i >= 4 ? 16 : 0);
+                w.B[row][g] = (int8_t)(s[4 + i / 4] >> (8 * (i % 4)));
+            }
+        }
+    }
+    const int g = (int)g_lane >> 2, t = (int)g_lane & 3;
+    int32_t out[4];
+    for (int i = 0; i < 4; i++) {
+        const int row = i < 2 ? g : g + 8, col = 2 * t + (i & 1);
+        uint32_t acc = (uint32_t)c[i]; /* two's complement wrap, no UB */
+        for (int k = 0; k < 32; k++)
+            acc += (uint32_t)(w.A[row][k] * w.B[k][col]);
+        out[i] = (int32_t)acc;
+    }
+    memcpy(d, out, sizeof out);
 }
 
 } /* namespace qs_emu */
