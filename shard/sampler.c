@@ -36,10 +36,15 @@ typedef struct cand {
     int32_t id;
 } cand;
 
+/* Probability descending, ties by id ascending: qsort is not stable, so
+ * without the id the order of equal probabilities (and with it the token)
+ * would be the C library's choice; the device sampler (kernels/cuda/
+ * sample_gpu.cu) orders candidates the same way. */
 static int by_prob_desc(const void *a, const void *b)
 {
-    float x = ((const cand *)a)->p, y = ((const cand *)b)->p;
-    return (x < y) - (x > y);
+    const cand *x = a, *y = b;
+    int c = (x->p < y->p) - (x->p > y->p);
+    return c ? c : (x->id > y->id) - (x->id < y->id);
 }
 
 int32_t qs_sample(qs_sampler *s, const float *logits, size_t vocab)

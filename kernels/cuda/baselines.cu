@@ -7,8 +7,6 @@
  * The OPTQ kernel (gptq quant_cuda_kernel.cu) is the same shape: one output
  * per thread, the x slice in shared memory, scale/zero per group, codes
  * unpacked with shifts across word boundaries. */
-#include <cublas_v2.h>
-
 #include <stdlib.h>
 #include <string.h>
 
@@ -16,50 +14,12 @@
 
 /* ---- cuBLAS ---------------------------------------------------------------------- */
 
-static thread_local cublasHandle_t tl_handle = NULL;
-static thread_local int tl_device = -1;
-
-static int cublas_fail(cublasStatus_t s, const char *what)
-{
-    return qs_seterr(s == CUBLAS_STATUS_NOT_INITIALIZED ? QS_ENODEV : QS_EINTERNAL,
-                     "%s failed: cuBLAS status %d (%s)", what, (int)s, cublasGetStatusString(s));
-}
-
+/* The fp16-output case of the forward pass's linear layer (linear_gpu.cu),
+ * whose per-thread handle it shares. */
 extern "C" int qs_cuda_gemm_f16_cublas(const void *W, const void *X, size_t M, size_t N, size_t K,
                                        void *Y, void *stream)
 {
-    if (!W || !X || !Y || M < 1 || N < 1 || K < 1 || M > 0x7fffffff || N > 0x7fffffff ||
-        K > 0x7fffffff)
-        return qs_seterr(QS_EINVAL,
-                         "qs_cuda_gemm_f16_cublas: NULL buffer or bad shape M=%zu "
-                         "N=%zu K=%zu",
-                         M, N, K);
-    int dev = 0;
-    QS_CU(cudaGetDevice(&dev));
-    if (!tl_handle || tl_device != dev) {
-        if (tl_handle)
-            cublasDestroy(tl_handle);
-        tl_handle = NULL;
-        cublasStatus_t s = cublasCreate(&tl_handle);
-        if (s != CUBLAS_STATUS_SUCCESS) {
-            tl_handle = NULL;
-            return cublas_fail(s, "cublasCreate");
-        }
-        tl_device = dev;
-    }
-    cublasStatus_t s = cublasSetStream(tl_handle, QS_CU_STREAM(stream));
-    if (s != CUBLAS_STATUS_SUCCESS)
-        return cublas_fail(s, "cublasSetStream");
-    /* Row-major Y (M x N) = X W^T is column-major Y^T (N x M) = W^T' X^T':
-     * W row-major N x K is column-major K x N, transposed; X row-major M x K
-     * is column-major K x M, as is. */
-    const float one = 1.0f, zero = 0.0f;
-    s = cublasGemmEx(tl_handle, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &one, W,
-                     CUDA_R_16F, (int)K, X, CUDA_R_16F, (int)K, &zero, Y, CUDA_R_16F, (int)N,
-                     CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-    if (s != CUBLAS_STATUS_SUCCESS)
-        return cublas_fail(s, "cublasGemmEx");
-    return QS_OK;
+    return qs_cuda_linear_f16(W, X, M, N, K, Y, 0, stream);
 }
 
 /* ---- Uniform 3-bit, dequantizing GEMV ------------------------------------------------ */
