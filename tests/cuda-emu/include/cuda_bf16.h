@@ -8,7 +8,7 @@
 
 #include "cuda_fp16.h"
 
-static inline unsigned short qs_emu_f2bf_rn(float f)
+static inline __attribute__((always_inline)) unsigned short qs_emu_f2bf_rn(float f)
 {
     uint32_t x;
     memcpy(&x, &f, 4);
@@ -16,7 +16,7 @@ static inline unsigned short qs_emu_f2bf_rn(float f)
         return 0x7fffu;
     return (unsigned short)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
 }
-static inline float qs_emu_bf2f(unsigned short b)
+static inline __attribute__((always_inline)) float qs_emu_bf2f(unsigned short b)
 {
     uint32_t x = (uint32_t)b << 16;
     float f;
@@ -47,31 +47,31 @@ struct __attribute__((aligned(4))) __nv_bfloat162 {
 typedef __nv_bfloat16 nv_bfloat16;
 typedef __nv_bfloat162 nv_bfloat162;
 
-static inline __nv_bfloat16 __float2bfloat16(float f)
+static inline __attribute__((always_inline)) __nv_bfloat16 __float2bfloat16(float f)
 {
     return __nv_bfloat16(__nv_bfloat16_raw{qs_emu_f2bf_rn(f)});
 }
-static inline __nv_bfloat16 __float2bfloat16_rn(float f)
+static inline __attribute__((always_inline)) __nv_bfloat16 __float2bfloat16_rn(float f)
 {
     return __float2bfloat16(f);
 }
-static inline float __bfloat162float(__nv_bfloat16 b)
+static inline __attribute__((always_inline)) float __bfloat162float(__nv_bfloat16 b)
 {
     return qs_emu_bf2f(b.__x);
 }
-static inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b)
+static inline __attribute__((always_inline)) __nv_bfloat162 __floats2bfloat162_rn(float a, float b)
 {
     return __nv_bfloat162(__float2bfloat16(a), __float2bfloat16(b));
 }
-static inline float2 __bfloat1622float2(__nv_bfloat162 h)
+static inline __attribute__((always_inline)) float2 __bfloat1622float2(__nv_bfloat162 h)
 {
     return make_float2(__bfloat162float(h.x), __bfloat162float(h.y));
 }
-static inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b)
+static inline __attribute__((always_inline)) unsigned short __bfloat16_as_ushort(__nv_bfloat16 b)
 {
     return b.__x;
 }
-static inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short b)
+static inline __attribute__((always_inline)) __nv_bfloat16 __ushort_as_bfloat16(unsigned short b)
 {
     return __nv_bfloat16(__nv_bfloat16_raw{b});
 }

@@ -13,7 +13,7 @@
 
 #include "cuda_runtime.h"
 
-static inline unsigned short qs_emu_f2h_rn(float f)
+static inline __attribute__((always_inline)) unsigned short qs_emu_f2h_rn(float f)
 {
     uint32_t x;
     memcpy(&x, &f, 4);
@@ -38,7 +38,7 @@ static inline unsigned short qs_emu_f2h_rn(float f)
     return (unsigned short)(sign | r);
 }
 
-static inline unsigned short qs_emu_f2h_rz(float f)
+static inline __attribute__((always_inline)) unsigned short qs_emu_f2h_rz(float f)
 {
     uint32_t x;
     memcpy(&x, &f, 4);
@@ -57,7 +57,7 @@ static inline unsigned short qs_emu_f2h_rz(float f)
     return (unsigned short)(sign | ((uint32_t)(e - 112) << 10) | ((ax >> 13) & 0x3ffu));
 }
 
-static inline float qs_emu_h2f(unsigned short h)
+static inline __attribute__((always_inline)) float qs_emu_h2f(unsigned short h)
 {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1fu, m = h & 0x3ffu, x;
     if (e == 0x1f) {
@@ -129,293 +129,293 @@ struct __attribute__((aligned(4))) __half2 {
 };
 typedef __half2 half2;
 
-static inline __half qs_emu_mkh(unsigned short b)
+static inline __attribute__((always_inline)) __half qs_emu_mkh(unsigned short b)
 {
     return __half(__half_raw{b});
 }
 
 /* ---- Conversions ---- */
-static inline __half __float2half(float f)
+static inline __attribute__((always_inline)) __half __float2half(float f)
 {
     return qs_emu_mkh(qs_emu_f2h_rn(f));
 }
-static inline __half __float2half_rn(float f)
+static inline __attribute__((always_inline)) __half __float2half_rn(float f)
 {
     return qs_emu_mkh(qs_emu_f2h_rn(f));
 }
-static inline __half __float2half_rz(float f)
+static inline __attribute__((always_inline)) __half __float2half_rz(float f)
 {
     return qs_emu_mkh(qs_emu_f2h_rz(f));
 }
-static inline __half __double2half(double d)
+static inline __attribute__((always_inline)) __half __double2half(double d)
 {
     return qs_emu_mkh(qs_emu_f2h_rn((float)d));
 }
-static inline float __half2float(__half h)
+static inline __attribute__((always_inline)) float __half2float(__half h)
 {
     return qs_emu_h2f(h.__x);
 }
-static inline __half2 __floats2half2_rn(float a, float b)
+static inline __attribute__((always_inline)) __half2 __floats2half2_rn(float a, float b)
 {
     return __half2(__float2half_rn(a), __float2half_rn(b));
 }
-static inline __half2 __float22half2_rn(float2 f)
+static inline __attribute__((always_inline)) __half2 __float22half2_rn(float2 f)
 {
     return __floats2half2_rn(f.x, f.y);
 }
-static inline __half2 __float2half2_rn(float f)
+static inline __attribute__((always_inline)) __half2 __float2half2_rn(float f)
 {
     return __floats2half2_rn(f, f);
 }
-static inline float2 __half22float2(__half2 h)
+static inline __attribute__((always_inline)) float2 __half22float2(__half2 h)
 {
     return make_float2(__half2float(h.x), __half2float(h.y));
 }
-static inline float __low2float(__half2 h)
+static inline __attribute__((always_inline)) float __low2float(__half2 h)
 {
     return __half2float(h.x);
 }
-static inline float __high2float(__half2 h)
+static inline __attribute__((always_inline)) float __high2float(__half2 h)
 {
     return __half2float(h.y);
 }
-static inline __half __low2half(__half2 h)
+static inline __attribute__((always_inline)) __half __low2half(__half2 h)
 {
     return h.x;
 }
-static inline __half __high2half(__half2 h)
+static inline __attribute__((always_inline)) __half __high2half(__half2 h)
 {
     return h.y;
 }
-static inline __half2 __halves2half2(__half a, __half b)
+static inline __attribute__((always_inline)) __half2 __halves2half2(__half a, __half b)
 {
     return __half2(a, b);
 }
-static inline __half2 __half2half2(__half a)
+static inline __attribute__((always_inline)) __half2 __half2half2(__half a)
 {
     return __half2(a, a);
 }
-static inline __half2 make_half2(__half a, __half b)
+static inline __attribute__((always_inline)) __half2 make_half2(__half a, __half b)
 {
     return __half2(a, b);
 }
-static inline __half2 __lows2half2(__half2 a, __half2 b)
+static inline __attribute__((always_inline)) __half2 __lows2half2(__half2 a, __half2 b)
 {
     return __half2(a.x, b.x);
 }
-static inline __half2 __highs2half2(__half2 a, __half2 b)
+static inline __attribute__((always_inline)) __half2 __highs2half2(__half2 a, __half2 b)
 {
     return __half2(a.y, b.y);
 }
-static inline unsigned short __half_as_ushort(__half h)
+static inline __attribute__((always_inline)) unsigned short __half_as_ushort(__half h)
 {
     return h.__x;
 }
-static inline short __half_as_short(__half h)
+static inline __attribute__((always_inline)) short __half_as_short(__half h)
 {
     return (short)h.__x;
 }
-static inline __half __ushort_as_half(unsigned short b)
+static inline __attribute__((always_inline)) __half __ushort_as_half(unsigned short b)
 {
     return qs_emu_mkh(b);
 }
-static inline __half __short_as_half(short b)
+static inline __attribute__((always_inline)) __half __short_as_half(short b)
 {
     return qs_emu_mkh((unsigned short)b);
 }
-static inline __half __int2half_rn(int i)
+static inline __attribute__((always_inline)) __half __int2half_rn(int i)
 {
     return __float2half_rn((float)i);
 }
-static inline int __half2int_rn(__half h)
+static inline __attribute__((always_inline)) int __half2int_rn(__half h)
 {
     return (int)nearbyintf(__half2float(h));
 }
-static inline int __half2int_rz(__half h)
+static inline __attribute__((always_inline)) int __half2int_rz(__half h)
 {
     return (int)__half2float(h);
 }
 
 /* ---- Arithmetic ---- */
-static inline __half __hadd(__half a, __half b)
+static inline __attribute__((always_inline)) __half __hadd(__half a, __half b)
 {
     return __float2half_rn(__half2float(a) + __half2float(b));
 }
-static inline __half __hsub(__half a, __half b)
+static inline __attribute__((always_inline)) __half __hsub(__half a, __half b)
 {
     return __float2half_rn(__half2float(a) - __half2float(b));
 }
-static inline __half __hmul(__half a, __half b)
+static inline __attribute__((always_inline)) __half __hmul(__half a, __half b)
 {
     return __float2half_rn(__half2float(a) * __half2float(b));
 }
-static inline __half __hdiv(__half a, __half b)
+static inline __attribute__((always_inline)) __half __hdiv(__half a, __half b)
 {
     return __float2half_rn(__half2float(a) / __half2float(b));
 }
-static inline __half __hfma(__half a, __half b, __half c)
+static inline __attribute__((always_inline)) __half __hfma(__half a, __half b, __half c)
 {
     return __float2half_rn(
         (float)fma((double)__half2float(a), (double)__half2float(b), (double)__half2float(c)));
 }
-static inline __half __hneg(__half a)
+static inline __attribute__((always_inline)) __half __hneg(__half a)
 {
     return qs_emu_mkh((unsigned short)(a.__x ^ 0x8000u));
 }
-static inline __half __habs(__half a)
+static inline __attribute__((always_inline)) __half __habs(__half a)
 {
     return qs_emu_mkh((unsigned short)(a.__x & 0x7fffu));
 }
-static inline bool __hisnan(__half a)
+static inline __attribute__((always_inline)) bool __hisnan(__half a)
 {
     return (a.__x & 0x7fffu) > 0x7c00u;
 }
-static inline bool __hisinf(__half a)
+static inline __attribute__((always_inline)) bool __hisinf(__half a)
 {
     return (a.__x & 0x7fffu) == 0x7c00u;
 }
-static inline __half __hmax(__half a, __half b)
+static inline __attribute__((always_inline)) __half __hmax(__half a, __half b)
 {
     return __float2half(fmaxf(__half2float(a), __half2float(b)));
 }
-static inline __half __hmin(__half a, __half b)
+static inline __attribute__((always_inline)) __half __hmin(__half a, __half b)
 {
     return __float2half(fminf(__half2float(a), __half2float(b)));
 }
-static inline bool __heq(__half a, __half b)
+static inline __attribute__((always_inline)) bool __heq(__half a, __half b)
 {
     return __half2float(a) == __half2float(b);
 }
-static inline bool __hne(__half a, __half b)
+static inline __attribute__((always_inline)) bool __hne(__half a, __half b)
 {
     return __half2float(a) != __half2float(b);
 }
-static inline bool __hlt(__half a, __half b)
+static inline __attribute__((always_inline)) bool __hlt(__half a, __half b)
 {
     return __half2float(a) < __half2float(b);
 }
-static inline bool __hle(__half a, __half b)
+static inline __attribute__((always_inline)) bool __hle(__half a, __half b)
 {
     return __half2float(a) <= __half2float(b);
 }
-static inline bool __hgt(__half a, __half b)
+static inline __attribute__((always_inline)) bool __hgt(__half a, __half b)
 {
     return __half2float(a) > __half2float(b);
 }
-static inline bool __hge(__half a, __half b)
+static inline __attribute__((always_inline)) bool __hge(__half a, __half b)
 {
     return __half2float(a) >= __half2float(b);
 }
-static inline __half hexp(__half a)
+static inline __attribute__((always_inline)) __half hexp(__half a)
 {
     return __float2half(expf(__half2float(a)));
 }
-static inline __half hlog(__half a)
+static inline __attribute__((always_inline)) __half hlog(__half a)
 {
     return __float2half(logf(__half2float(a)));
 }
-static inline __half hsqrt(__half a)
+static inline __attribute__((always_inline)) __half hsqrt(__half a)
 {
     return __float2half(sqrtf(__half2float(a)));
 }
-static inline __half hrsqrt(__half a)
+static inline __attribute__((always_inline)) __half hrsqrt(__half a)
 {
     return __float2half(1.0f / sqrtf(__half2float(a)));
 }
-static inline __half2 __hadd2(__half2 a, __half2 b)
+static inline __attribute__((always_inline)) __half2 __hadd2(__half2 a, __half2 b)
 {
     return __half2(__hadd(a.x, b.x), __hadd(a.y, b.y));
 }
-static inline __half2 __hsub2(__half2 a, __half2 b)
+static inline __attribute__((always_inline)) __half2 __hsub2(__half2 a, __half2 b)
 {
     return __half2(__hsub(a.x, b.x), __hsub(a.y, b.y));
 }
-static inline __half2 __hmul2(__half2 a, __half2 b)
+static inline __attribute__((always_inline)) __half2 __hmul2(__half2 a, __half2 b)
 {
     return __half2(__hmul(a.x, b.x), __hmul(a.y, b.y));
 }
-static inline __half2 __h2div(__half2 a, __half2 b)
+static inline __attribute__((always_inline)) __half2 __h2div(__half2 a, __half2 b)
 {
     return __half2(__hdiv(a.x, b.x), __hdiv(a.y, b.y));
 }
-static inline __half2 __hfma2(__half2 a, __half2 b, __half2 c)
+static inline __attribute__((always_inline)) __half2 __hfma2(__half2 a, __half2 b, __half2 c)
 {
     return __half2(__hfma(a.x, b.x, c.x), __hfma(a.y, b.y, c.y));
 }
-static inline __half2 __hmax2(__half2 a, __half2 b)
+static inline __attribute__((always_inline)) __half2 __hmax2(__half2 a, __half2 b)
 {
     return __half2(__hmax(a.x, b.x), __hmax(a.y, b.y));
 }
-static inline __half2 __hmin2(__half2 a, __half2 b)
+static inline __attribute__((always_inline)) __half2 __hmin2(__half2 a, __half2 b)
 {
     return __half2(__hmin(a.x, b.x), __hmin(a.y, b.y));
 }
-static inline __half2 __hneg2(__half2 a)
+static inline __attribute__((always_inline)) __half2 __hneg2(__half2 a)
 {
     return __half2(__hneg(a.x), __hneg(a.y));
 }
 
-static inline __half operator+(__half a, __half b)
+static inline __attribute__((always_inline)) __half operator+(__half a, __half b)
 {
     return __hadd(a, b);
 }
-static inline __half operator-(__half a, __half b)
+static inline __attribute__((always_inline)) __half operator-(__half a, __half b)
 {
     return __hsub(a, b);
 }
-static inline __half operator*(__half a, __half b)
+static inline __attribute__((always_inline)) __half operator*(__half a, __half b)
 {
     return __hmul(a, b);
 }
-static inline __half operator/(__half a, __half b)
+static inline __attribute__((always_inline)) __half operator/(__half a, __half b)
 {
     return __hdiv(a, b);
 }
-static inline __half operator-(__half a)
+static inline __attribute__((always_inline)) __half operator-(__half a)
 {
     return __hneg(a);
 }
-static inline __half &operator+=(__half &a, __half b)
+static inline __attribute__((always_inline)) __half &operator+=(__half &a, __half b)
 {
     return a = __hadd(a, b);
 }
-static inline __half &operator*=(__half &a, __half b)
+static inline __attribute__((always_inline)) __half &operator*=(__half &a, __half b)
 {
     return a = __hmul(a, b);
 }
-static inline bool operator==(__half a, __half b)
+static inline __attribute__((always_inline)) bool operator==(__half a, __half b)
 {
     return __heq(a, b);
 }
-static inline bool operator!=(__half a, __half b)
+static inline __attribute__((always_inline)) bool operator!=(__half a, __half b)
 {
     return __hne(a, b);
 }
-static inline bool operator<(__half a, __half b)
+static inline __attribute__((always_inline)) bool operator<(__half a, __half b)
 {
     return __hlt(a, b);
 }
-static inline bool operator>(__half a, __half b)
+static inline __attribute__((always_inline)) bool operator>(__half a, __half b)
 {
     return __hgt(a, b);
 }
-static inline bool operator<=(__half a, __half b)
+static inline __attribute__((always_inline)) bool operator<=(__half a, __half b)
 {
     return __hle(a, b);
 }
-static inline bool operator>=(__half a, __half b)
+static inline __attribute__((always_inline)) bool operator>=(__half a, __half b)
 {
     return __hge(a, b);
 }
-static inline __half2 operator+(__half2 a, __half2 b)
+static inline __attribute__((always_inline)) __half2 operator+(__half2 a, __half2 b)
 {
     return __hadd2(a, b);
 }
-static inline __half2 operator-(__half2 a, __half2 b)
+static inline __attribute__((always_inline)) __half2 operator-(__half2 a, __half2 b)
 {
     return __hsub2(a, b);
 }
-static inline __half2 operator*(__half2 a, __half2 b)
+static inline __attribute__((always_inline)) __half2 operator*(__half2 a, __half2 b)
 {
     return __hmul2(a, b);
 }

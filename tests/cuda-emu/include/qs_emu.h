@@ -491,27 +491,27 @@ unsigned atomicInc(unsigned *p, unsigned v);
 unsigned atomicDec(unsigned *p, unsigned v);
 
 /* ---- Loads and stores with cache hints: plain accesses here ---------------- */
-template <class T> static inline T __ldg(const T *p)
+template <class T> static inline __attribute__((always_inline)) T __ldg(const T *p)
 {
     return *p;
 }
-template <class T> static inline T __ldcg(const T *p)
+template <class T> static inline __attribute__((always_inline)) T __ldcg(const T *p)
 {
     return *p;
 }
-template <class T> static inline T __ldca(const T *p)
+template <class T> static inline __attribute__((always_inline)) T __ldca(const T *p)
 {
     return *p;
 }
-template <class T> static inline T __ldcs(const T *p)
+template <class T> static inline __attribute__((always_inline)) T __ldcs(const T *p)
 {
     return *p;
 }
-template <class T> static inline T __ldlu(const T *p)
+template <class T> static inline __attribute__((always_inline)) T __ldlu(const T *p)
 {
     return *p;
 }
-template <class T> static inline T __ldcv(const T *p)
+template <class T> static inline __attribute__((always_inline)) T __ldcv(const T *p)
 {
     return *p;
 }

@@ -613,3 +613,41 @@ extern "C" cudaError_t emu_convert(const float *in, int n, unsigned short *h, un
     cudaFree(di), cudaFree(db), cudaFree(dh), cudaFree(dz), cudaFree(dbf);
     return e;
 }
+
+/* A call's struct result stored straight to device memory (y[i] =
+ * __float2half_rn(x)) must count as a write: g++'s instrumentation does
+ * not see such stores unless the call is inlined, which the harness's
+ * headers force. The second kernel reads y; no uninitialised read may be
+ * reported. */
+__global__ void half_out(__half *y, const float *x, int n)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n)
+        y[i] = __float2half_rn(x[i]);
+}
+
+__global__ void half_back(const __half *y, float *x, int n)
+{
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n)
+        x[i] = __half2float(y[i]) * 2.0f;
+}
+
+extern "C" cudaError_t emu_half_chain(int n, float *out)
+{
+    float *x;
+    __half *y;
+    CK(cudaMalloc(&x, (size_t)n * 4));
+    CK(cudaMalloc(&y, (size_t)n * 2));
+    float *h = (float *)malloc((size_t)n * 4);
+    for (int i = 0; i < n; i++)
+        h[i] = (float)i / 4;
+    CK(cudaMemcpy(x, h, (size_t)n * 4, cudaMemcpyHostToDevice));
+    QS_LAUNCH((n + 63) / 64, 64, 0, 0, half_out)(y, x, n);
+    QS_LAUNCH((n + 63) / 64, 64, 0, 0, half_back)(y, x, n);
+    cudaError_t e = finish();
+    if (e == cudaSuccess)
+        e = cudaMemcpy(out, x, (size_t)n * 4, cudaMemcpyDeviceToHost);
+    cudaFree(x), cudaFree(y), free(h);
+    return e;
+}

@@ -29,6 +29,7 @@ cudaError_t emu_graph(int n, int times, const float *x, const float *y0, float *
 int emu_cublas(int m, int n, int k, const float *A, const float *B, float *C);
 cudaError_t emu_bank(int pattern);
 cudaError_t emu_fault(int which);
+cudaError_t emu_half_chain(int n, float *out);
 cudaError_t emu_convert(const float *in, int n, unsigned short *h, unsigned short *hz,
                         unsigned short *bf, float *back);
 
@@ -170,6 +171,15 @@ static void correct_kernels(void)
     snprintf(d, sizeof d, "max error %.2e", err);
     check(rc == 0 && err == 0, "cublasGemmEx fp16 in, fp32 out, A transposed", d);
     clean("cublas: no report");
+
+    float hc[100];
+    e = emu_half_chain(100, hc);
+    ok = e == cudaSuccess;
+    for (int i = 0; i < 100 && ok; i++)
+        ok = hc[i] == (float)i / 2;
+    check(ok, "fp16 results of a call stored to device memory, then read by the next kernel",
+          cudaGetErrorName(e));
+    clean("half chain: the stores count as writes (no uninitialised read)");
 }
 
 struct fault {
