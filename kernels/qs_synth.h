@@ -9,7 +9,7 @@
 #include <math.h>
 #include <stdint.h>
 
-#if defined(__CUDACC__) || defined(QS_CUDA_EMU)
+#if defined(__CUDACC__) || (defined(QS_CUDA_EMU) && defined(__cplusplus))
 #define QS_SYNTH_FN static inline __host__ __device__
 #else
 #define QS_SYNTH_FN static inline

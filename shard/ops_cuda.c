@@ -284,8 +284,12 @@ int qs_gpu_finish(qs_model *m)
         (err = qs_cuda_memset(g->kc, 0, kv * 2)) || (err = qs_cuda_memset(g->vc, 0, kv * 2)))
         return err;
     /* One prefill chunk of up to 256 tokens (llama.cpp's default batch is
-     * 512; 256 keeps a chunk's logits small) and at most the cache. */
+     * 512; 256 keeps a chunk's logits small) and at most the cache;
+     * QS_GPU_CHUNK lowers it (tests of the chunked path). */
     size_t rows = m->max_seq < 256 ? m->max_seq : 256;
+    const char *ch = getenv("QS_GPU_CHUNK");
+    if (ch && atol(ch) > 0 && (size_t)atol(ch) < rows)
+        rows = (size_t)atol(ch);
     if ((err = alloc_workspace(m, g, rows)) || (err = qs_cuda_sync()))
         return err;
     /* The host copies go: the GPU holds the shard now. */

@@ -4,15 +4,18 @@
  *
  * Every case loads one shard twice with the same synthetic weights and moves
  * one copy to the GPU (qs_model_use_device); both then run the same tokens:
- *   - a prefill: the last token's logits within fp16 tolerance of the CPU's
- *     (relative L2 <= 2e-2: the GPU keeps activations, embeddings and norm
- *     weights in fp16, the CPU in fp32; about 1e-3 per layer plus the
- *     logits' rounding);
+ *   - a prefill: the last token's logits within fp16 tolerance of the CPU's,
+ *     relative L2 <= 3e-3 in fp16 (the GPU keeps activations, embeddings
+ *     and norm weights in fp16, the CPU fp32: a few 1e-4 per layer), 2e-2
+ *     for the quantized schemes, whose CPU kernels add their own error
+ *     (LUT-GEMM's int8 tables, qs_lutgemm_err_bound; W8A8 codes of fp32
+ *     rather than fp16 inputs) where the GPU's tables are fp32;
  *   - greedy decoding of 12 tokens, one at a time through the KV cache: the
  *     same tokens as the CPU while the CPU's top two logits are more than
  *     0.05 apart (closer, fp16 may order them either way);
  *   - perplexity over 2 windows of a token stream: within 0.5%;
- *   - a prefill longer than the GPU's workspace chunk equals one in parts.
+ *   - a prefill longer than the GPU's workspace chunk (lowered to 48 tokens
+ *     here, QS_GPU_CHUNK) equals one in parts.
  * Models: a tiny Llama (RoPE, grouped-query attention with an uneven head
  * split on 2 ranks, SwiGLU, RMSNorm, untied head), a tiny OPT (LayerNorm,
  * biases, learned positions, ReLU, tied head) and a post-LN OPT with
@@ -130,7 +133,9 @@ static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int de
             printf("skip %s: not a valid split (%s)\n", what, qs_errmsg());
         return;
     }
-    qs_model_opts o = {.quant = q, .seed = 11, .outlier_channels = 4, .max_seq = 320};
+    /* No outlier channels: 20x activations would put the CPU kernels'
+     * int8 table error, not the GPU's, in the comparison. */
+    qs_model_opts o = {.quant = q, .seed = 11, .outlier_channels = 0, .max_seq = 128};
     qs_model *cpu = NULL, *gpu = NULL;
     int err = qs_model_init(c, &o, comm, &cpu);
     CHECK(err == QS_OK, "%s: CPU load", what);
@@ -144,7 +149,7 @@ static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int de
         return;
     }
     size_t V = c->vocab;
-    enum { P = 20, T = 300 };
+    enum { P = 20, T = 120 };
     int32_t tok[T];
     uint32_t slot[T], pos[T];
     uint64_t x = 0x9e3779b97f4a7c15ull;
@@ -158,8 +163,8 @@ static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int de
     err = qs_model_forward(cpu, P, tok, slot, pos, P - 1, a);
     if (!err)
         err = qs_model_forward(gpu, P, tok, slot, pos, P - 1, b);
-    double d = rel_l2(b, a, V);
-    CHECK(!err && d <= 2e-2, "%s: prefill logits relative L2 %.3g (bound 2e-2)", what, d);
+    double d = rel_l2(b, a, V), bound = q.scheme == QS_SCHEME_FP16 ? 3e-3 : 2e-2;
+    CHECK(!err && d <= bound, "%s: prefill logits relative L2 %.3g (bound %.0e)", what, d, bound);
     if (rank == 0 && !err)
         printf("ok   %-36s prefill logits rel L2 %.2e\n", what, d);
 
@@ -182,8 +187,9 @@ static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int de
         if (!err)
             err = qs_model_forward(gpu, 1, &ta, &s0, &p, 0, b);
     }
-    CHECK(!err && same == compared, "%s: greedy tokens: %d of %d the same (first difference %d vs %d)",
-          what, same, compared, ta, tb);
+    CHECK(!err && same == compared,
+          "%s: greedy tokens: %d of %d the same (first difference %d vs %d)", what, same, compared,
+          ta, tb);
     if (rank == 0 && !err)
         printf("ok   %-36s greedy: %d tokens equal before a near tie or the end\n", what, same);
 
@@ -200,8 +206,8 @@ static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int de
         printf("ok   %-36s perplexity %.4f vs %.4f (%+.3f%%)\n", what, ppb, ppa,
                100 * (ppb / ppa - 1));
 
-    /* A prefill of T tokens (over the workspace chunk of 256) in one call
-     * and in parts of 100 + 200 give the same last logits, on the GPU. */
+    /* A prefill of T tokens (over the workspace chunk) in one call and in
+     * parts of 100 + 20 give the same last logits, on the GPU. */
     uint32_t s1[T];
     for (size_t i = 0; i < T; i++)
         s1[i] = 0;
@@ -220,6 +226,7 @@ static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int de
 
 int main(int argc, char **argv)
 {
+    setenv("QS_GPU_CHUNK", "48", 1);
     MPI_Init(&argc, &argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &world);
