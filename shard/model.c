@@ -45,6 +45,14 @@ int qs_model_use_device(qs_model *m, int device)
 }
 #endif
 
+#ifndef QS_SHARD_GPU
+void qs_model_graph_steps(const qs_model *m, uint64_t *captured, uint64_t *replayed)
+{
+    (void)m;
+    *captured = *replayed = 0;
+}
+#endif
+
 int qs_model_on_device(const qs_model *m)
 {
     return m && m->dev != NULL;

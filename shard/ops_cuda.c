@@ -56,11 +56,12 @@ typedef struct gpu {
         uint64_t state;
         int32_t next;
     } * io;
-    void *graph;   /* the captured one-token step, or NULL */
-    int capturing; /* a step is being captured */
-    int in_step;   /* step_end delivers the sampled token */
-    int no_graph;  /* QS_NO_CUDA_GRAPH set, or a capture failed */
-    size_t bytes;  /* everything above */
+    void *graph;                 /* the captured one-token step, or NULL */
+    int capturing;               /* a step is being captured */
+    int in_step;                 /* step_end delivers the sampled token */
+    int no_graph;                /* QS_NO_CUDA_GRAPH set, or a capture failed */
+    uint64_t captured, replayed; /* decode steps */
+    size_t bytes;                /* everything above */
 } gpu;
 
 static int gpu_alloc(gpu *g, void **p, size_t bytes)
@@ -302,6 +303,13 @@ int qs_gpu_finish(qs_model *m)
     m->bytes.kv_cache = kv * 2 * 2;
     m->bytes.total = g->bytes;
     return QS_OK;
+}
+
+void qs_model_graph_steps(const qs_model *m, uint64_t *captured, uint64_t *replayed)
+{
+    const gpu *g = m ? m->dev : NULL;
+    *captured = g ? g->captured : 0;
+    *replayed = g ? g->replayed : 0;
 }
 
 int qs_model_use_device(qs_model *m, int device)
@@ -559,6 +567,7 @@ static int cuda_step_begin(qs_fwd *f, qs_sampler *s, int *replayed)
     *replayed = 0;
     if (g->graph) {
         *replayed = 1;
+        g->replayed++;
         return qs_cuda_graph_launch(g->graph, g->stream);
     }
     if (!g->no_graph) {
@@ -585,7 +594,7 @@ static int cuda_step_end(qs_fwd *f, qs_sampler *s, int32_t *next, int err)
             return cerr;
         }
         if (!err && !(err = qs_cuda_graph_launch(exec, g->stream)))
-            g->graph = exec;
+            g->graph = exec, g->captured++;
         else
             qs_cuda_graph_free(exec);
     }

@@ -329,6 +329,8 @@ void qs_model_bytes(const qs_model *m, qs_rank_bytes *out);
 int qs_model_use_device(qs_model *m, int device);
 /* 1 when the model runs on a GPU. */
 int qs_model_on_device(const qs_model *m);
+/* Decode steps captured as a CUDA graph and replayed from it (0 on a CPU). */
+void qs_model_graph_steps(const qs_model *m, uint64_t *captured, uint64_t *replayed);
 
 /* Runs n tokens (collective over tp). Token i goes to KV slot slot[i] at
  * position pos[i]; the earlier positions of that slot must already be in the

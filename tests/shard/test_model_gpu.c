@@ -117,6 +117,63 @@ static int32_t argmax(const float *l, size_t n, float *margin)
     return (int32_t)best;
 }
 
+typedef struct collect {
+    int32_t t[32];
+    int n;
+} collect;
+
+static int on_token(void *ctx, int32_t t)
+{
+    collect *c = ctx;
+    if (c->n < 32)
+        c->t[c->n++] = t;
+    return 0;
+}
+
+/* Sampling on the device and the decode step's CUDA graph: qs_model_generate
+ * on the GPU (the first step captured, every later one replayed, the
+ * sampler's draw on the device) gives the tokens and the RNG state that
+ * the host sampler gives on the same model's logits, step by step. */
+static void check_device_sampling(qs_model *gpu, const qs_model_config *c, const int32_t *prompt,
+                                  size_t P, float temperature, const char *what)
+{
+    size_t V = c->vocab;
+    qs_sampler s1, s2;
+    qs_sampler_init(&s1, temperature, 0.9f, 40, 5);
+    qs_sampler_init(&s2, temperature, 0.9f, 40, 5);
+    collect got = {{0}, 0};
+    qs_gen_stats st = {0};
+    uint64_t cap0, rep0, cap1, rep1;
+    qs_model_graph_steps(gpu, &cap0, &rep0);
+    int err = qs_model_generate(gpu, 0, prompt, P, 10, &s1, -1, on_token, &got, &st);
+    qs_model_graph_steps(gpu, &cap1, &rep1);
+    /* 9 decode steps: the first capture of the model, then replays. */
+    CHECK(cap1 == 1 && rep1 - rep0 == (cap0 ? 9 : 8), "%s: %llu captured and %llu replayed steps",
+          what, (unsigned long long)cap1, (unsigned long long)(rep1 - rep0));
+    float *l = malloc(V * sizeof *l);
+    uint32_t slot[64] = {0}, pos[64];
+    for (size_t i = 0; i < P; i++)
+        pos[i] = (uint32_t)i;
+    int32_t want[10];
+    if (!err)
+        err = qs_model_forward(gpu, P, prompt, slot, pos, P - 1, l);
+    for (int k = 0; k < 10 && !err; k++) {
+        want[k] = qs_sample(&s2, l, V);
+        uint32_t p = (uint32_t)(P + k), s0 = 0;
+        if (k < 9)
+            err = qs_model_forward(gpu, 1, &want[k], &s0, &p, 0, l);
+    }
+    int same = got.n == 10;
+    for (int k = 0; k < got.n && k < 10 && same; k++)
+        same = got.t[k] == want[k];
+    CHECK(!err && same && s1.state == s2.state,
+          "%s: device sampling (T %.1f) over a captured and replayed step: %d tokens, %s the host "
+          "sampler's, state %s",
+          what, temperature, got.n, same ? "equal to" : "unlike",
+          s1.state == s2.state ? "equal" : "differs");
+    free(l);
+}
+
 static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int device)
 {
     char what[160];
@@ -205,6 +262,11 @@ static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int de
     if (rank == 0 && !err)
         printf("ok   %-36s perplexity %.4f vs %.4f (%+.3f%%)\n", what, ppb, ppa,
                100 * (ppb / ppa - 1));
+
+    check_device_sampling(gpu, c, tok, P, 0.0f, what);
+    check_device_sampling(gpu, c, tok, P, 0.8f, what);
+    if (rank == 0 && !err)
+        printf("ok   %-36s device sampling over the decode graph = host sampling\n", what);
 
     /* A prefill of T tokens (over the workspace chunk) in one call and in
      * parts of 100 + 20 give the same last logits, on the GPU. */
