@@ -541,7 +541,10 @@ int qs_cuda_w8a8_gemm(qs_cuda_w8 *d, const void *X, size_t M, float act_scale, v
  * on the host: W (N x K fp32, device) -> device-layout weights, the same
  * fits as the CPU quantizers (qs_bcq_quantize's greedy init and alternating
  * least squares, qs_bcq_from_rtn, qs_w8_quantize) within the tolerance
- * their tests state. */
+ * their tests state. The BCQ and RTN ones (kernels/cuda/quant_gpu.cu) allocate d with
+ * qs_cuda_bcq_alloc and wait for `stream` once at the end: a NaN or Inf weight is QS_EINVAL
+ * naming it, as on the CPU, and d is freed. iters 0: qs_bcq_quantize's default (20).
+ * qs_cuda_w8_quantize is defined with qs_cuda_w8's device layout, by the W8A8 kernels. */
 int qs_cuda_bcq_quantize(qs_cuda_bcq *d, const float *W, size_t N, size_t K, unsigned q, size_t g,
                          unsigned iters, void *stream);
 int qs_cuda_rtn_quantize(qs_cuda_bcq *d, const float *W, size_t N, size_t K, unsigned q, size_t g,

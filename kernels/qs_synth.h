@@ -9,7 +9,9 @@
 #include <math.h>
 #include <stdint.h>
 
-#if defined(__CUDACC__) || (defined(QS_CUDA_EMU) && defined(__cplusplus))
+/* Device code: nvcc, or the harness's C++ (whose cuda_runtime.h defines __host__); not the
+ * C host code of a program that merely links the harness (it sees QS_CUDA_EMU too). */
+#if defined(__CUDACC__) || (defined(QS_CUDA_EMU) && defined(__host__))
 #define QS_SYNTH_FN static inline __host__ __device__
 #else
 #define QS_SYNTH_FN static inline
