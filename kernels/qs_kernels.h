@@ -364,7 +364,7 @@ int qs_cuda_bcq_gemm_mma(qs_cuda_bcq *w, const void *X, size_t M, void *Y, void 
 /* The K-splits the tensor-core path picks (sm_count 0 = ask the device). */
 int qs_cuda_mma_splits(size_t M, size_t N, size_t K, unsigned bm, int sm_count);
 
-/* The serving entry: LUT-GEMM for M <= the crossover (default 8), the
+/* The serving entry: LUT-GEMM for M <= the crossover (default 2), the
  * tensor-core path above it. */
 int qs_cuda_bcq_matmul(qs_cuda_bcq *w, const void *X, size_t M, void *Y, void *stream);
 /* Sets the crossover (0..8; 0 = always the tensor-core path), process-wide;

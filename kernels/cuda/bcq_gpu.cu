@@ -1086,7 +1086,12 @@ extern "C" int qs_cuda_bcq_gemm_mma(qs_cuda_bcq *w, const void *X, size_t M, voi
     return mma_launch_q<64, 64>(w, X, M, Y, splits, st);
 }
 
-static unsigned g_lut_max_m = 8; /* the crossover; set from qbench_gpu's measurements */
+/* The crossover: LUT-GEMM up to M = 2, the tensor-core path above. A model
+ * of the LUT kernel's shared-memory traffic (random table bytes: ~2.7
+ * wavefronts per look-up at M = 1, ~12 per request at M = 8 by the
+ * harness's bank model) puts the tensor cores ahead from batch 2 to 4;
+ * qbench_gpu measures both at M <= 8 to set it per device. */
+static unsigned g_lut_max_m = 2;
 
 extern "C" int qs_cuda_set_lut_max_m(unsigned m)
 {

@@ -176,17 +176,22 @@ void race(const char *what, uint32_t off, unsigned other, const void *other_pc,
 void shared_access(uint32_t off, size_t n, bool write, bool atomic, const void *pc)
 {
     block_run *blk = g_block;
-    for (size_t i = 0; i < n; i++)
-        if (off + i >= SMEM_CAPACITY || !g_smem_ok[off + i])
-            fatal(QS_EMU_OOB_SHARED, cudaErrorIllegalAddress,
-                  "invalid shared %s of %zu bytes at %s, %s", write ? "write" : "read", n,
-                  smem_where((uint32_t)(off + i)).c_str(), symbolize(pc).c_str());
+    /* Arrays are contiguous and red zones wider than any access, so the two
+     * ends decide the bounds. */
+    if (off + n > SMEM_CAPACITY || !g_smem_ok[off] || !g_smem_ok[off + n - 1])
+        for (size_t i = 0; i < n; i++)
+            if (off + i >= SMEM_CAPACITY || !g_smem_ok[off + i])
+                fatal(QS_EMU_OOB_SHARED, cudaErrorIllegalAddress,
+                      "invalid shared %s of %zu bytes at %s, %s", write ? "write" : "read", n,
+                      smem_where((uint32_t)(off + i)).c_str(), symbolize(pc).c_str());
     if (n > 1 && (off % n) && !atomic)
         fatal(QS_EMU_MISALIGNED, cudaErrorMisalignedAddress,
               "misaligned shared %s of %zu bytes at %s, %s", write ? "write" : "read", n,
               smem_where(off).c_str(), symbolize(pc).c_str());
     if (blk->sample_banks)
         g_cur->log.push_back(access_rec{pc, off, (uint8_t)n, (uint8_t)write});
+    if (!blk->full_checks)
+        return;
     const uint32_t bs = blk->serial, bar = blk->barriers, t = g_tid, w = t / 32;
     const uint32_t seq = w < 32 ? g_wseq[w] : 0;
     bool raced = false;
@@ -240,11 +245,12 @@ void shared_access(uint32_t off, size_t n, bool write, bool atomic, const void *
 void global_access(uintptr_t a, size_t n, bool write, bool atomic, const void *pc)
 {
     uint8_t *s = g_dev_shadow + (a - g_dev_base);
-    for (size_t i = 0; i < n; i++)
-        if (s[i] == SH_NONE)
-            fatal(QS_EMU_OOB_GLOBAL, cudaErrorIllegalAddress,
-                  "invalid global %s of %zu bytes at %p: %s, %s", write ? "write" : "read", n,
-                  (void *)a, dev_describe(a + i, n - i).c_str(), symbolize(pc).c_str());
+    if (s[0] == SH_NONE || s[n - 1] == SH_NONE) /* red zones are wider than an access */
+        for (size_t i = 0; i < n; i++)
+            if (s[i] == SH_NONE)
+                fatal(QS_EMU_OOB_GLOBAL, cudaErrorIllegalAddress,
+                      "invalid global %s of %zu bytes at %p: %s, %s", write ? "write" : "read", n,
+                      (void *)a, dev_describe(a + i, n - i).c_str(), symbolize(pc).c_str());
     if (n > 1 && (a % n) && !atomic)
         fatal(QS_EMU_MISALIGNED, cudaErrorMisalignedAddress,
               "misaligned global %s of %zu bytes at %p, %s", write ? "write" : "read", n, (void *)a,
@@ -253,6 +259,8 @@ void global_access(uintptr_t a, size_t n, bool write, bool atomic, const void *p
         memset(s, SH_INIT, n);
         return;
     }
+    if (!g_block->full_checks)
+        return;
     for (size_t i = 0; i < n; i++)
         if (s[i] != SH_INIT) {
             if (report_once(QS_EMU_UNINIT_GLOBAL, pc, NULL))

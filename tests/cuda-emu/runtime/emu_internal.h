@@ -89,6 +89,8 @@ struct block_run {
     bool aborted;
     cudaError_t err; /* why it aborted */
     bool sample_banks;
+    bool
+        full_checks; /* races, uninitialised reads: the first QS_EMU_CHECK_BLOCKS (2) of a launch */
     size_t dyn_bytes;
     uint32_t warp_waiting[32];    /* lanes at a warp collective, per warp */
     uint32_t warp_alive[32];      /* lanes that exist and have not exited */

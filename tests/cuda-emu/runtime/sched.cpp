@@ -711,6 +711,7 @@ cudaError_t run_launch(const launch_desc &d)
     ensure_stacks(b.nthreads);
     g_block_dim = d.block, g_grid_dim = d.grid;
     long sample = env_long("QS_EMU_BANK_BLOCKS", 1);
+    long full = env_long("QS_EMU_CHECK_BLOCKS", 2);
     g_block = &b;
     uint64_t n = 0;
     bool ok = true;
@@ -718,6 +719,7 @@ cudaError_t run_launch(const launch_desc &d)
         for (unsigned y = 0; y < d.grid.y && ok; y++)
             for (unsigned x = 0; x < d.grid.x && ok; x++, n++) {
                 b.sample_banks = g_hooks && (long long)n < sample;
+                b.full_checks = full < 0 || (long long)n < full;
                 ok = run_block(&b, uint3{x, y, z});
             }
     g_block = NULL;
