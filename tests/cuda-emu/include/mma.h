@@ -57,12 +57,28 @@ template <class Use, int M, int N, int K, class T, class Layout = void> class fr
     typedef Layout layout_type;
 };
 
-/* Entry (r, c) of lane `lane`'s element e. */
-template <int COLS> static inline void qs_rc(int e, int lane, int *r, int *c)
+/* Entry (r, c) of lane `lane`'s element e: the lane's NE elements are a
+ * run of one row (row-contiguous) or one column (a and b fragments with
+ * col_major), so a load or store of a lane is one 16-byte access where the
+ * memory layout agrees, as ldmatrix's are. */
+template <int ROWS, int COLS, int NE, bool COLC>
+static inline void qs_rc(int e, int lane, int *r, int *c)
 {
-    int idx = e * 32 + lane;
-    *r = idx / COLS, *c = idx % COLS;
+    int i = lane * NE + e;
+    if (COLC)
+        *c = i / ROWS, *r = i % ROWS;
+    else
+        *r = i / COLS, *c = i % COLS;
 }
+template <class Use, class Layout> struct qs_colc {
+    static constexpr bool v = false;
+};
+template <> struct qs_colc<matrix_a, col_major> {
+    static constexpr bool v = true;
+};
+template <> struct qs_colc<matrix_b, col_major> {
+    static constexpr bool v = true;
+};
 
 template <class T> static inline void qs_check_ptr(const T *p, unsigned ldm, const char *what)
 {
@@ -74,13 +90,51 @@ template <class T> static inline void qs_check_ptr(const T *p, unsigned ldm, con
         qs_emu::trap("WMMA ldm is not a multiple of 16 bytes", __FILE__, __LINE__);
 }
 
-template <class F, class T> static inline void qs_load(F &f, const T *p, unsigned ldm, bool row)
+/* bytes from src to dst in the widest accesses their alignment allows,
+ * as plain loads and stores (not memcpy, which the instrumentation does
+ * not see). */
+static inline void qs_copy_run(void *dst, const void *src, size_t bytes)
 {
-    for (int e = 0; e < F::num_elements; e++) {
-        int r, c;
-        qs_rc<F::cols>(e, (int)qs_emu::g_lane, &r, &c);
+    struct alignas(16) b16 {
+        unsigned char b[16];
+    };
+    size_t step = ((uintptr_t)dst | (uintptr_t)src | bytes) % 16 == 0  ? 16
+                  : ((uintptr_t)dst | (uintptr_t)src | bytes) % 8 == 0 ? 8
+                  : ((uintptr_t)dst | (uintptr_t)src | bytes) % 4 == 0 ? 4
+                                                                       : 2;
+    qs_emu::g_bank_mute = 1;
+    for (size_t o = 0; o < bytes; o += step) {
+        char *d = (char *)dst + o;
+        const char *s = (const char *)src + o;
+        if (step == 16)
+            *(b16 *)d = *(const b16 *)s;
+        else if (step == 8)
+            *(uint64_t *)d = *(const uint64_t *)s;
+        else if (step == 4)
+            *(uint32_t *)d = *(const uint32_t *)s;
+        else
+            *(uint16_t *)d = *(const uint16_t *)s;
+    }
+    qs_emu::g_bank_mute = 0;
+}
+
+/* row: memory is row-major. COLC: the fragment's runs are columns. */
+template <bool COLC, class F, class T>
+static inline void qs_load(F &f, const T *p, unsigned ldm, bool row)
+{
+    constexpr int NE = F::num_elements;
+    int r, c;
+    qs_rc<F::rows, F::cols, NE, COLC>(0, (int)qs_emu::g_lane, &r, &c);
+    if (row == !COLC) { /* the lane's run is contiguous in memory: one access */
+        qs_copy_run(f.x, row ? p + (size_t)r * ldm + c : p + (size_t)c * ldm + r, sizeof f.x);
+        return;
+    }
+    qs_emu::g_bank_mute = 1;
+    for (int e = 0; e < NE; e++) {
+        qs_rc<F::rows, F::cols, NE, COLC>(e, (int)qs_emu::g_lane, &r, &c);
         f.x[e] = row ? p[(size_t)r * ldm + c] : p[(size_t)c * ldm + r];
     }
+    qs_emu::g_bank_mute = 0;
 }
 
 template <class Use, int M, int N, int K, class T, class TP>
@@ -88,21 +142,21 @@ static inline void load_matrix_sync(fragment<Use, M, N, K, T, row_major> &f, con
                                     unsigned ldm)
 {
     qs_check_ptr(p, ldm, "wmma::load_matrix_sync");
-    qs_load(f, reinterpret_cast<const T *>(p), ldm, true);
+    qs_load<false>(f, reinterpret_cast<const T *>(p), ldm, true);
 }
 template <class Use, int M, int N, int K, class T, class TP>
 static inline void load_matrix_sync(fragment<Use, M, N, K, T, col_major> &f, const TP *p,
                                     unsigned ldm)
 {
     qs_check_ptr(p, ldm, "wmma::load_matrix_sync");
-    qs_load(f, reinterpret_cast<const T *>(p), ldm, false);
+    qs_load<qs_colc<Use, col_major>::v>(f, reinterpret_cast<const T *>(p), ldm, false);
 }
 template <int M, int N, int K, class T>
 static inline void load_matrix_sync(fragment<accumulator, M, N, K, T> &f, const T *p, unsigned ldm,
                                     layout_t layout)
 {
     qs_check_ptr(p, ldm, "wmma::load_matrix_sync");
-    qs_load(f, p, ldm, layout == mem_row_major);
+    qs_load<false>(f, p, ldm, layout == mem_row_major);
 }
 
 template <int M, int N, int K, class T>
@@ -111,14 +165,19 @@ static inline void store_matrix_sync(T *p, const fragment<accumulator, M, N, K, 
 {
     qs_check_ptr(p, ldm, "wmma::store_matrix_sync");
     typedef fragment<accumulator, M, N, K, T> F;
-    for (int e = 0; e < F::num_elements; e++) {
-        int r, c;
-        qs_rc<F::cols>(e, (int)qs_emu::g_lane, &r, &c);
-        if (layout == mem_row_major)
-            p[(size_t)r * ldm + c] = f.x[e];
-        else
-            p[(size_t)c * ldm + r] = f.x[e];
+    constexpr int NE = F::num_elements;
+    int r, c;
+    qs_rc<F::rows, F::cols, NE, false>(0, (int)qs_emu::g_lane, &r, &c);
+    if (layout == mem_row_major) {
+        qs_copy_run(p + (size_t)r * ldm + c, f.x, sizeof f.x);
+        return;
     }
+    qs_emu::g_bank_mute = 1;
+    for (int e = 0; e < NE; e++) {
+        qs_rc<F::rows, F::cols, NE, false>(e, (int)qs_emu::g_lane, &r, &c);
+        p[(size_t)c * ldm + r] = f.x[e];
+    }
+    qs_emu::g_bank_mute = 0;
 }
 
 template <class Use, int M, int N, int K, class T, class L, class V>
@@ -151,8 +210,9 @@ static inline void
 mma_sync(fragment<accumulator, M, N, K, TD> &d, const fragment<matrix_a, M, N, K, TA, LA> &a,
          const fragment<matrix_b, M, N, K, TA, LB> &b, const fragment<accumulator, M, N, K, TC> &c)
 {
-    qs_emu::wmma_mma(M, N, K, qs_elem<TA>::v, a.x, b.x, qs_elem<TC>::v, c.x, qs_elem<TD>::v, d.x,
-                     __FILE__, __LINE__);
+    qs_emu::wmma_mma(M, N, K, qs_elem<TA>::v, a.x, qs_colc<matrix_a, LA>::v, b.x,
+                     qs_colc<matrix_b, LB>::v, qs_elem<TC>::v, c.x, qs_elem<TD>::v, d.x, __FILE__,
+                     __LINE__);
 }
 
 } /* namespace wmma */

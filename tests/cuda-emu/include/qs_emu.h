@@ -130,6 +130,10 @@ extern uint3 g_block_idx;
 extern dim3 g_block_dim;
 extern dim3 g_grid_dim;
 extern unsigned g_lane, g_warp;
+/* Non-zero while a WMMA fragment is loaded or stored: the bank model leaves
+ * those accesses out (their per-lane layout is the emulator's, not the
+ * hardware's, which is unspecified). */
+extern int g_bank_mute;
 
 enum warp_kind {
     W_SYNCWARP,
@@ -159,11 +163,11 @@ const void *warp_gather(int kind, unsigned mask, const void *in, size_t bytes, c
 /* Element types of the tensor-core arithmetic (runtime/tensor.cpp). */
 enum elem { E_F16, E_BF16, E_F32, E_S8, E_U8, E_S32 };
 /* WMMA D = A B + C for the calling lane: gathers the warp's A and B
- * fragments (element e of lane l is entry e * 32 + l of the row-major
- * matrix) and computes the lane's elements of D, products summed over k
+ * fragments (lane l's elements are the l-th run of the matrix in row-major
+ * order, column-major where a_col / b_col) and computes the lane's elements of D, products summed over k
  * in order in fp32 (int32 for 8-bit inputs). */
-void wmma_mma(int M, int N, int K, int tin, const void *a, const void *b, int tc, const void *c,
-              int td, void *d, const char *file, int line);
+void wmma_mma(int M, int N, int K, int tin, const void *a, int a_col, const void *b, int b_col,
+              int tc, const void *c, int td, void *d, const char *file, int line);
 unsigned active_mask();
 
 /* ---- PTX-level operations: what kernels/cuda/ptx.cuh's emulations call -------

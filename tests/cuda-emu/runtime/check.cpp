@@ -43,6 +43,7 @@ namespace qs_emu
 
 bool g_hooks;
 volatile int g_in_kernel;
+int g_bank_mute;
 char *g_smem;
 
 namespace
@@ -188,7 +189,7 @@ void shared_access(uint32_t off, size_t n, bool write, bool atomic, const void *
         fatal(QS_EMU_MISALIGNED, cudaErrorMisalignedAddress,
               "misaligned shared %s of %zu bytes at %s, %s", write ? "write" : "read", n,
               smem_where(off).c_str(), symbolize(pc).c_str());
-    if (blk->sample_banks)
+    if (blk->sample_banks && !g_bank_mute)
         g_cur->log.push_back(access_rec{pc, off, (uint8_t)n, (uint8_t)write});
     if (!blk->full_checks)
         return;

@@ -60,8 +60,8 @@ void put(void *p, int t, size_t i, double v)
 
 } /* namespace */
 
-void wmma_mma(int M, int N, int K, int tin, const void *a, const void *b, int tc, const void *c,
-              int td, void *d, const char *file, int line)
+void wmma_mma(int M, int N, int K, int tin, const void *a, int a_col, const void *b, int b_col,
+              int tc, const void *c, int td, void *d, const char *file, int line)
 {
     const size_t es = elem_size(tin), na = (size_t)M * K / 32, nb = (size_t)K * N / 32;
     const size_t slot = (na + nb) * es;
@@ -85,21 +85,27 @@ void wmma_mma(int M, int N, int K, int tin, const void *a, const void *b, int tc
     if (w.block != g_block || w.serial != g_block->serial ||
         w.gather != g_block->gather_serial[g_warp]) {
         w.block = g_block, w.serial = g_block->serial, w.gather = g_block->gather_serial[g_warp];
-        for (int i = 0; i < M * K; i++) {
-            double v = get(all + (size_t)(i % 32) * slot, tin, (size_t)(i / 32));
-            integer ? (void)(w.Ai[i] = (int)v) : (void)(w.A[i] = (float)v);
-        }
-        for (int i = 0; i < K * N; i++) {
-            double v = get(all + (size_t)(i % 32) * slot + na * es, tin, (size_t)(i / 32));
-            integer ? (void)(w.Bi[i] = (int)v) : (void)(w.B[i] = (float)v);
-        }
+        /* Run i of a fragment is lane i / ne's element i % ne; A[r][k] is
+         * run r * K + k (row runs) or k * M + r (column runs). */
+        for (int r = 0; r < M; r++)
+            for (int k = 0; k < K; k++) {
+                size_t i = a_col ? (size_t)k * M + r : (size_t)r * K + k;
+                double v = get(all + (i / na) * slot, tin, i % na);
+                integer ? (void)(w.Ai[r * K + k] = (int)v) : (void)(w.A[r * K + k] = (float)v);
+            }
+        for (int k = 0; k < K; k++)
+            for (int n = 0; n < N; n++) {
+                size_t i = b_col ? (size_t)n * K + k : (size_t)k * N + n;
+                double v = get(all + (i / nb) * slot + na * es, tin, i % nb);
+                integer ? (void)(w.Bi[k * N + n] = (int)v) : (void)(w.B[k * N + n] = (float)v);
+            }
     }
     const float *A = w.A, *B = w.B;
     const int *Ai = w.Ai, *Bi = w.Bi;
     const int ne = M * N / 32, lane = (int)g_lane;
     char out[16 * 4];
     for (int e = 0; e < ne; e++) {
-        int idx = e * 32 + lane, r = idx / N, n = idx % N;
+        int idx = lane * ne + e, r = idx / N, n = idx % N;
         if (integer) {
             int32_t acc = (int32_t)get(c, tc, (size_t)e);
             for (int k = 0; k < K; k++)
