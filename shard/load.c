@@ -105,6 +105,13 @@ static void tensor_name(const source *s, role r, int l, int bias, char *out, siz
     }
 }
 
+/* The synthetic key of a tensor (source_read's). */
+static uint64_t synth_key(const source *s, role r, int l, int bias)
+{
+    return qs_synth_mix(s->seed ^
+                        qs_synth_mix((uint64_t)r << 32 | (uint64_t)(l + 1) << 1 | (uint64_t)bias));
+}
+
 /* Reads rows [r0, r0+nr) x cols [c0, c0+nc) of a tensor whose whole shape is
  * rows x cols; allocates *out. Missing optional tensors (biases) give NULL. */
 static int source_read(const source *s, role r, int l, int bias, uint64_t rows, uint64_t cols,
@@ -170,7 +177,8 @@ static int read_linear(qs_model *m, const source *s, role r, int l, linear *lin,
                        uint64_t cols, uint64_t r0, uint64_t nr, uint64_t c0, uint64_t nc,
                        int row_parallel, float **W)
 {
-    int err = source_read(s, r, l, 0, rows, cols, r0, nr, c0, nc, W);
+    /* W NULL: the weights are made on the GPU (device_linear), the bias here. */
+    int err = W ? source_read(s, r, l, 0, rows, cols, r0, nr, c0, nc, W) : QS_OK;
     if (err)
         return err;
     lin->N = nr, lin->K = nc;
@@ -211,9 +219,57 @@ static int load_norm(qs_model *m, const source *s, role r, int l, norm *nm)
     return err;
 }
 
+/* A synthetic layer on a GPU: each weight made in device memory and
+ * quantized there (fp16, BCQ, RTN), so the host never holds it: what lets
+ * OPT-175B load onto one GPU at the GPU's speed. Norms and biases, small,
+ * come from the host. */
+static int load_layer_device(qs_model *m, const source *s, int l, const qs_model_opts *o)
+{
+#ifdef QS_SHARD_GPU
+    const qs_model_config *c = &m->cfg;
+    layer *L = &m->layers[l];
+    uint64_t H = c->hidden, hd = c->head_dim, qd = (uint64_t)c->heads * hd;
+    uint64_t kvd = (uint64_t)c->kv_heads * hd, F = c->ffn, f0 = (uint64_t)m->rank * m->fr;
+    struct {
+        role r;
+        linear *lin;
+        uint64_t rows, cols, r0, nr, c0, nc;
+        int rp, which;
+    } t[] = {
+        {R_Q, &L->q, qd, H, m->q_first * hd, m->hq * hd, 0, H, 0, 0},
+        {R_K, &L->k, kvd, H, m->kv_first * hd, m->hkv * hd, 0, H, 0, 1},
+        {R_V, &L->v, kvd, H, m->kv_first * hd, m->hkv * hd, 0, H, 0, 2},
+        {R_O, &L->o, H, qd, 0, H, m->q_first * hd, m->hq * hd, 1, 3},
+        {R_UP, &L->up, F, H, f0, m->fr, 0, H, 0, 4},
+        {R_GATE, &L->gate, F, H, f0, m->fr, 0, H, 0, 5},
+        {R_DOWN, &L->down, H, F, 0, H, f0, m->fr, 1, 6},
+    };
+    int err;
+    if ((err = load_norm(m, s, R_ATTN_NORM, l, &L->attn_norm)) ||
+        (err = load_norm(m, s, R_FFN_NORM, l, &L->ffn_norm)))
+        return err;
+    for (size_t i = 0; i < sizeof t / sizeof t[0] && !err; i++) {
+        if (t[i].r == R_GATE && !c->gated_ffn)
+            continue;
+        linear *lin = t[i].lin;
+        lin->scheme = m->quant.scheme;
+        if (!(err = read_linear(m, s, t[i].r, l, lin, t[i].rows, t[i].cols, t[i].r0, t[i].nr,
+                                t[i].c0, t[i].nc, t[i].rp, NULL)))
+            err = qs_gpu_synth_linear(m, (uint32_t)l, t[i].which, lin, synth_key(s, t[i].r, l, 0),
+                                      t[i].cols, t[i].r0, t[i].c0, o->bcq_iters);
+    }
+    return err;
+#else
+    (void)m, (void)s, (void)l, (void)o;
+    return qs_seterr(QS_ENOTSUP, "this build of qshard has no CUDA");
+#endif
+}
+
 static int load_layer(qs_model *m, const source *s, int l, const qs_model_opts *o,
                       const qs_calib *calib)
 {
+    if (m->dev && !s->w && !calib && m->quant.scheme != QS_SCHEME_W8A8)
+        return load_layer_device(m, s, l, o);
     const qs_model_config *c = &m->cfg;
     layer *L = &m->layers[l];
     uint64_t H = c->hidden, hd = c->head_dim, qd = (uint64_t)c->heads * hd;
@@ -295,6 +351,16 @@ static int gpu_upload_layer(qs_model *m, uint32_t l)
     return qs_gpu_upload_layer(m, l);
 #else
     (void)m, (void)l;
+    return QS_ENOTSUP;
+#endif
+}
+
+static int gpu_synth_table(qs_model *m, int lm_head, uint64_t key)
+{
+#ifdef QS_SHARD_GPU
+    return qs_gpu_synth_table(m, lm_head, key);
+#else
+    (void)m, (void)lm_head, (void)key;
     return QS_ENOTSUP;
 #endif
 }
@@ -418,10 +484,17 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
         if (opts->progress)
             opts->progress(opts->progress_ctx, l + 1, cfg->layers);
     }
-    if ((err = load_vocab_rows(m, &s, R_EMBED, E, &m->embed)))
+    if (m->dev && !s.w) {
+        /* Synthetic tables too are made on the GPU. */
+        if ((err = gpu_synth_table(m, 0, synth_key(&s, R_EMBED, -1, 0))) ||
+            (!cfg->tied_embeddings &&
+             (err = gpu_synth_table(m, 1, synth_key(&s, R_LM_HEAD, -1, 0)))))
+            goto fail;
+    } else if ((err = load_vocab_rows(m, &s, R_EMBED, E, &m->embed)) ||
+               (!cfg->tied_embeddings &&
+                (err = load_vocab_rows(m, &s, R_LM_HEAD, H, &m->lm_head)))) {
         goto fail;
-    if (!cfg->tied_embeddings && (err = load_vocab_rows(m, &s, R_LM_HEAD, H, &m->lm_head)))
-        goto fail;
+    }
     if (cfg->final_norm && (err = load_norm(m, &s, R_FINAL_NORM, -1, &m->final_norm)))
         goto fail;
     if (cfg->learned_pos) {

@@ -84,6 +84,14 @@ int qs_smooth_layer(qs_model *m, uint32_t l, const qs_calib *cal, float alpha, f
 int qs_gpu_open(qs_model *m, int device);
 int qs_gpu_upload_layer(qs_model *m, uint32_t l);
 int qs_gpu_finish(qs_model *m);
+/* Layer l's linear `which` (q k v o up gate down: 0..6) made on the GPU:
+ * its synthetic weights (qs_cuda_synth_fill with key, of a tensor `cols`
+ * wide, rows r0.. and columns c0.. of lin->N x lin->K) quantized there; the
+ * host bias (if any) uploaded. */
+int qs_gpu_synth_linear(qs_model *m, uint32_t l, int which, linear *lin, uint64_t key,
+                        uint64_t cols, uint64_t r0, uint64_t c0, unsigned iters);
+/* The embedding (lm_head 0) or LM head table made on the GPU from its key. */
+int qs_gpu_synth_table(qs_model *m, int lm_head, uint64_t key);
 void qs_model_gpu_free(qs_model *m);
 
 /* Checkpoints: a directory of rank-RRRRR-of-PPPPP.safetensors files. */

@@ -10,6 +10,7 @@
 
 #include "qs_collectives.h"
 #include "qs_kernels.h"
+#include "qs_synth.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -255,6 +256,82 @@ int qs_gpu_upload_layer(qs_model *m, uint32_t l)
     return err;
 }
 
+int qs_gpu_synth_linear(qs_model *m, uint32_t l, int which, linear *lin, uint64_t key,
+                        uint64_t cols, uint64_t r0, uint64_t c0, unsigned iters)
+{
+    gpu *g = m->dev;
+    gpu_linear *d = &g->lins[l * 7 + which];
+    size_t N = lin->N, K = lin->K;
+    float *W = NULL;
+    const qs_quant *q = &m->quant;
+    int err = qs_cuda_malloc((void **)&W, N * K * sizeof(float));
+    if (!err)
+        err = qs_cuda_synth_fill(W, key, cols, r0, N, c0, K, K, QS_SYNTH_WEIGHT, 0, g->stream);
+    if (!err) {
+        switch (q->scheme) {
+        case QS_SCHEME_FP16:
+            if (!(err = gpu_alloc(g, &d->w16, N * K * 2)))
+                err = qs_cuda_f32_to_f16(W, N * K, d->w16, g->stream);
+            if (!err)
+                err = qs_cuda_stream_sync(g->stream);
+            break;
+        case QS_SCHEME_BCQ:
+            err = qs_cuda_bcq_quantize(&d->bcq, W, N, K, (unsigned)q->bits, q->group_size, iters,
+                                       g->stream);
+            break;
+        case QS_SCHEME_RTN:
+            err =
+                qs_cuda_rtn_quantize(&d->bcq, W, N, K, (unsigned)q->bits, q->group_size, g->stream);
+            break;
+        default:
+            err = qs_seterr(QS_ENOTSUP, "W8A8 weights are quantized on the host");
+        }
+    }
+    qs_cuda_free(W);
+    if (!err && (q->scheme == QS_SCHEME_BCQ || q->scheme == QS_SCHEME_RTN))
+        g->bytes += d->bcq.bytes;
+    if (!err && lin->bias && lin->add_bias)
+        err = upload_f16(g, lin->bias, N, &d->bias);
+    if (err)
+        return err;
+    free(lin->bias);
+    lin->bias = NULL;
+    m->bytes.linear += q->scheme == QS_SCHEME_FP16 ? N * K * 2 : d->bcq.bytes;
+    lin->dev = d;
+    return QS_OK;
+}
+
+/* A vocabulary table (the embedding or the LM head: vr rows of `width`,
+ * rows v_first.. of the whole vocab x width tensor, padding rows zero) made
+ * on the GPU in fp16, 1024 rows at a time through an fp32 slice. */
+int qs_gpu_synth_table(qs_model *m, int lm_head, uint64_t key)
+{
+    gpu *g = m->dev;
+    size_t width = lm_head ? m->cfg.hidden : m->cfg.embed_dim, vr = m->vr, V = m->cfg.vocab;
+    size_t have = m->v_first < V ? V - m->v_first : 0, chunk = 1024;
+    if (have > vr)
+        have = vr;
+    void **out = lm_head ? &g->lm_head : &g->embed;
+    float *W = NULL;
+    int err = gpu_alloc(g, out, vr * width * 2);
+    if (!err)
+        err = qs_cuda_memset(*out, 0, vr * width * 2);
+    if (!err)
+        err = qs_cuda_malloc((void **)&W, chunk * width * sizeof(float));
+    for (size_t r = 0; r < have && !err; r += chunk) {
+        size_t n = have - r < chunk ? have - r : chunk;
+        if (!(err = qs_cuda_synth_fill(W, key, width, m->v_first + r, n, 0, width, width,
+                                       QS_SYNTH_WEIGHT, 0, g->stream)))
+            err = qs_cuda_f32_to_f16(W, n * width, (char *)*out + r * width * 2, g->stream);
+        if (!err)
+            err = qs_cuda_stream_sync(g->stream);
+    }
+    qs_cuda_free(W);
+    if (!err)
+        m->bytes.fp16 += vr * width * 2;
+    return err;
+}
+
 /* The tables, the caches and the workspace; the model then runs here. */
 int qs_gpu_finish(qs_model *m)
 {
@@ -262,8 +339,8 @@ int qs_gpu_finish(qs_model *m)
     const qs_model_config *c = &m->cfg;
     size_t H = c->hidden, E = c->embed_dim;
     int err;
-    if ((err = upload_f16(g, m->embed, (size_t)m->vr * E, &g->embed)) ||
-        (err = upload_f16(g, m->lm_head, (size_t)m->vr * H, &g->lm_head)) ||
+    if ((!g->embed && (err = upload_f16(g, m->embed, (size_t)m->vr * E, &g->embed))) ||
+        (!g->lm_head && (err = upload_f16(g, m->lm_head, (size_t)m->vr * H, &g->lm_head))) ||
         (err = upload_f16(g, m->pos, ((size_t)c->max_pos + 2) * H, &g->pos)) ||
         (err = upload_f16(g, m->proj_in, H * E, &g->proj_in)) ||
         (err = upload_f16(g, m->proj_out, E * H, &g->proj_out)))
