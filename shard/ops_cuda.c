@@ -57,6 +57,12 @@ typedef struct gpu {
         uint64_t state;
         int32_t next;
     } * io;
+    /* One split-K / activation workspace for every linear layer (calls are
+     * ordered on one stream): a handle's own would cost OPT-175B 5 GB. */
+    void *ws;
+    size_t ws_bytes;
+    void ***ws_users; /* the handles' ws fields, repointed when it grows */
+    size_t nws_users, cap_ws_users;
     void *graph;                 /* the captured one-token step, or NULL */
     int capturing;               /* a step is being captured */
     int in_step;                 /* step_end delivers the sampled token */
@@ -71,6 +77,37 @@ static int gpu_alloc(gpu *g, void **p, size_t bytes)
     if (!err)
         g->bytes += bytes;
     return err;
+}
+
+/* A handle's workspace (*slot, bytes) traded for the shared one, grown to
+ * fit; every earlier handle is repointed. */
+static int share_ws(gpu *g, void **slot, size_t bytes)
+{
+    if (!*slot)
+        return QS_OK;
+    qs_cuda_free(*slot);
+    *slot = NULL;
+    if (bytes > g->ws_bytes) {
+        void *p = NULL;
+        int err = qs_cuda_malloc(&p, bytes);
+        if (err)
+            return err;
+        qs_cuda_free(g->ws);
+        g->bytes += bytes - g->ws_bytes;
+        g->ws = p, g->ws_bytes = bytes;
+        for (size_t i = 0; i < g->nws_users; i++)
+            *g->ws_users[i] = p;
+    }
+    if (g->nws_users == g->cap_ws_users) {
+        size_t cap = g->cap_ws_users ? 2 * g->cap_ws_users : 64;
+        void ***u = realloc(g->ws_users, cap * sizeof *u);
+        if (!u)
+            return qs_seterr(QS_ENOMEM, "out of memory");
+        g->ws_users = u, g->cap_ws_users = cap;
+    }
+    g->ws_users[g->nws_users++] = slot;
+    *slot = g->ws;
+    return QS_OK;
 }
 
 /* fp32 host values as fp16 on the device. */
@@ -111,10 +148,14 @@ static int upload_linear(gpu *g, linear *l, gpu_linear *d)
     case QS_SCHEME_RTN:
         if (!(err = qs_cuda_bcq_upload(&d->bcq, &l->bcq)))
             g->bytes += d->bcq.bytes;
+        if (!err)
+            err = share_ws(g, &d->bcq.ws, (size_t)QS_CUDA_WS_ROWS * l->N * sizeof(float));
         break;
     case QS_SCHEME_W8A8:
         if (!(err = qs_cuda_w8_upload(&d->w8, &l->w8)))
             g->bytes += d->w8.bytes;
+        if (!err)
+            err = share_ws(g, &d->w8.ws, d->w8.ws_bytes);
         break;
     }
     if (!err && l->bias && l->add_bias)
@@ -154,6 +195,10 @@ void qs_model_gpu_free(qs_model *m)
     gpu *g = m->dev;
     if (!g)
         return;
+    for (size_t i = 0; i < g->nws_users; i++)
+        *g->ws_users[i] = NULL; /* the shared workspace is freed once, below */
+    free(g->ws_users);
+    qs_cuda_free(g->ws);
     for (uint32_t l = 0; g->lins && l < m->cfg.layers; l++)
         for (int i = 0; i < 7; i++)
             free_linear(&g->lins[l * 7 + i]);
@@ -288,8 +333,10 @@ int qs_gpu_synth_linear(qs_model *m, uint32_t l, int which, linear *lin, uint64_
         }
     }
     qs_cuda_free(W);
-    if (!err && (q->scheme == QS_SCHEME_BCQ || q->scheme == QS_SCHEME_RTN))
+    if (!err && (q->scheme == QS_SCHEME_BCQ || q->scheme == QS_SCHEME_RTN)) {
         g->bytes += d->bcq.bytes;
+        err = share_ws(g, &d->bcq.ws, (size_t)QS_CUDA_WS_ROWS * N * sizeof(float));
+    }
     if (!err && lin->bias && lin->add_bias)
         err = upload_f16(g, lin->bias, N, &d->bias);
     if (err)
