@@ -398,6 +398,10 @@ int qs_cuda_graph_begin(void *stream);
 int qs_cuda_graph_end(void *stream, void **exec);
 int qs_cuda_graph_launch(void *exec, void *stream);
 void qs_cuda_graph_free(void *exec);
+/* Device-to-device copy bandwidth in GB/s (bytes read plus written, the
+ * median of 5 copies of `bytes`, as qbench_gpu measures it): the floor
+ * that memory-bound kernels are held to. 0 and a message on error. */
+double qs_cuda_copy_bandwidth(size_t bytes);
 /* Y (n x N fp16) += bias (fp16 [N]), row by row. */
 int qs_cuda_add_bias(void *Y, const void *bias, size_t n, size_t N, void *stream);
 

@@ -70,6 +70,43 @@ extern "C" void qs_cuda_graph_free(void *exec)
         cudaGraphExecDestroy((cudaGraphExec_t)exec);
 }
 
+extern "C" double qs_cuda_copy_bandwidth(size_t bytes)
+{
+    void *a = NULL, *b = NULL;
+    cudaEvent_t e0 = NULL, e1 = NULL;
+    float t[5];
+    double gbs = 0;
+    if (cudaMalloc(&a, bytes) != cudaSuccess || cudaMalloc(&b, bytes) != cudaSuccess ||
+        cudaEventCreate(&e0) != cudaSuccess || cudaEventCreate(&e1) != cudaSuccess) {
+        qs_seterr(QS_ENOMEM, "qs_cuda_copy_bandwidth: no room for two %zu-byte buffers", bytes);
+        goto out;
+    }
+    cudaMemset(a, 1, bytes);
+    cudaMemcpy(b, a, bytes, cudaMemcpyDeviceToDevice); /* warm-up */
+    for (int i = 0; i < 5; i++) {
+        cudaEventRecord(e0, 0);
+        cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, 0);
+        cudaEventRecord(e1, 0);
+        cudaEventSynchronize(e1);
+        cudaEventElapsedTime(&t[i], e0, e1);
+    }
+    for (int i = 1; i < 5; i++) /* insertion sort for the median */
+        for (int j = i; j > 0 && t[j] < t[j - 1]; j--) {
+            float x = t[j];
+            t[j] = t[j - 1], t[j - 1] = x;
+        }
+    if (t[2] > 0)
+        gbs = 2.0 * (double)bytes / (t[2] * 1e-3) / 1e9;
+out:
+    cudaGetLastError();
+    if (e0)
+        cudaEventDestroy(e0);
+    if (e1)
+        cudaEventDestroy(e1);
+    cudaFree(a), cudaFree(b);
+    return gbs;
+}
+
 /* Y (n x N fp16) += bias: one thread per column, rows over grid.y. */
 __global__ void add_bias_kernel(__half *__restrict__ Y, const __half *__restrict__ bias, int n,
                                 int N)
