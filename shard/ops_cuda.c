@@ -195,6 +195,7 @@ void qs_model_gpu_free(qs_model *m)
     gpu *g = m->dev;
     if (!g)
         return;
+    qs_cuda_graph_free(g->graph);
     for (size_t i = 0; i < g->nws_users; i++)
         *g->ws_users[i] = NULL; /* the shared workspace is freed once, below */
     free(g->ws_users);
@@ -205,12 +206,14 @@ void qs_model_gpu_free(qs_model *m)
     for (uint32_t i = 0; g->norms && i < 2 * m->cfg.layers; i++)
         free_norm(&g->norms[i]);
     free_norm(&g->final_norm);
-    void *bufs[] = {g->kc,       g->vc,     g->cs,   g->embed, g->lm_head, g->pos,      g->proj_in,
-                    g->proj_out, g->x,      g->h,    g->q,     g->k,       g->v,        g->att,
-                    g->proj,     g->ff1,    g->ff2,  g->e16,   g->att_ws,  g->lg_local, g->lg_all,
-                    g->lg,       g->tokens, g->slot, g->posd};
+    void *bufs[] = {g->kc,      g->vc,       g->cs,     g->embed, g->lm_head,  g->pos,
+                    g->proj_in, g->proj_out, g->x,      g->h,     g->q,        g->k,
+                    g->v,       g->att,      g->proj,   g->ff1,   g->ff2,      g->e16,
+                    g->att_ws,  g->lg_local, g->lg_all, g->lg,    g->tokens,   g->slot,
+                    g->posd,    g->params,   g->state,  g->next,  g->sample_ws};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         qs_cuda_free(bufs[i]);
+    qs_cuda_host_free(g->io);
     free(g->lins);
     free(g->norms);
     free(g);

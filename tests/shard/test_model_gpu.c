@@ -206,7 +206,7 @@ static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int de
         return;
     }
     size_t V = c->vocab;
-    enum { P = 20, T = 120 };
+    enum { P = 20, T = 128 };
     int32_t tok[T];
     uint32_t slot[T], pos[T];
     uint64_t x = 0x9e3779b97f4a7c15ull;
