@@ -411,6 +411,15 @@ int qs_cuda_add_bias(void *Y, const void *bias, size_t n, size_t N, void *stream
  * (post-LN, OPT-350m): x = that normalised row as well (fp32). */
 int qs_cuda_add_norm(float *x, const void *d, const void *w, const void *b, size_t n, size_t H,
                      float eps, int post, void *y, void *stream);
+/* The same, and y's W8A8 activation codes (its fp16 values quantized per
+ * token and group, the CPU's rule) into a (qs_cuda_w8_act of H channels, at
+ * least n rows). QS_ENOTSUP when a's groups are too many for one CTA's
+ * shared memory (over QS_CUDA_NORM_W8_MAX_GROUPS): use qs_cuda_add_norm and the GEMM's own
+ * quantization. */
+#define QS_CUDA_NORM_W8_MAX_GROUPS 6144
+struct qs_cuda_w8_act;
+int qs_cuda_add_norm_w8(float *x, const void *d, const void *w, const void *b, size_t n, size_t H,
+                        float eps, int post, void *y, struct qs_cuda_w8_act *a, void *stream);
 /* x (fp32) += d (fp16), count elements. */
 int qs_cuda_add_f16(float *x, const void *d, size_t count, void *stream);
 /* Conversions of count elements. */
@@ -539,6 +548,21 @@ void qs_cuda_w8_free(qs_cuda_w8 *d);
 #define QS_CUDA_W8_ROWS 512
 int qs_cuda_w8a8_gemm(qs_cuda_w8 *d, const void *X, size_t M, float act_scale, void *Y,
                       void *stream);
+/* Activation codes in that layout (xq int8 [rows][kd], sx fp32
+ * [rows][ngroups], dynamic scales), written by an operation that quantizes
+ * its own output in the same pass (qs_cuda_add_norm_w8, as SmoothQuant's and
+ * Atom's serving kernels fuse it), so that the GEMMs reading that output
+ * (q, k and v; up and gate) skip their quantization launch:
+ * qs_cuda_w8a8_gemm_act equals qs_cuda_w8a8_gemm on the same fp16 input bit
+ * for bit. The codes' K and group must be the matrix's. */
+typedef struct qs_cuda_w8_act {
+    size_t rows, K, group, ngroups, gp, kd;
+    void *xq;
+    float *sx;
+} qs_cuda_w8_act;
+int qs_cuda_w8_act_alloc(qs_cuda_w8_act *a, size_t rows, size_t K, size_t act_group);
+void qs_cuda_w8_act_free(qs_cuda_w8_act *a);
+int qs_cuda_w8a8_gemm_act(qs_cuda_w8 *d, const qs_cuda_w8_act *a, size_t M, void *Y, void *stream);
 
 /* ---- Quantizers and synthetic weights on the device -------------------------
  * So that a large model is quantized at GPU speed and, synthetic, never held

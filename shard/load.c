@@ -220,7 +220,7 @@ static int load_norm(qs_model *m, const source *s, role r, int l, norm *nm)
 }
 
 /* A synthetic layer on a GPU: each weight made in device memory and
- * quantized there (fp16, BCQ, RTN), so the host never holds it: what lets
+ * quantized there (fp16, BCQ, RTN, W8A8 without smoothing), so the host never holds it: what lets
  * OPT-175B load onto one GPU at the GPU's speed. Norms and biases, small,
  * come from the host. */
 static int load_layer_device(qs_model *m, const source *s, int l, const qs_model_opts *o)
@@ -268,7 +268,7 @@ static int load_layer_device(qs_model *m, const source *s, int l, const qs_model
 static int load_layer(qs_model *m, const source *s, int l, const qs_model_opts *o,
                       const qs_calib *calib)
 {
-    if (m->dev && !s->w && !calib && m->quant.scheme != QS_SCHEME_W8A8)
+    if (m->dev && !s->w && !calib)
         return load_layer_device(m, s, l, o);
     const qs_model_config *c = &m->cfg;
     layer *L = &m->layers[l];

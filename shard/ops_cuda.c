@@ -63,6 +63,10 @@ typedef struct gpu {
     size_t ws_bytes;
     void ***ws_users; /* the handles' ws fields, repointed when it grows */
     size_t nws_users, cap_ws_users;
+    /* W8A8: the layer norms write their output's activation codes too, and
+     * the GEMMs reading h (q, k, v; up, gate) take them (act_h set). */
+    qs_cuda_w8_act act;
+    int act_h;
     void *graph;                 /* the captured one-token step, or NULL */
     int capturing;               /* a step is being captured */
     int in_step;                 /* step_end delivers the sampled token */
@@ -214,6 +218,7 @@ void qs_model_gpu_free(qs_model *m)
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         qs_cuda_free(bufs[i]);
     qs_cuda_host_free(g->io);
+    qs_cuda_w8_act_free(&g->act);
     free(g->lins);
     free(g->norms);
     free(g);
@@ -249,6 +254,14 @@ static int alloc_workspace(qs_model *m, gpu *g, size_t rows)
         (err = gpu_alloc(g, &g->sample_ws, qs_cuda_sample_ws_bytes(1, V))) ||
         (err = qs_cuda_host_alloc((void **)&g->io, sizeof *g->io)))
         return err;
+    /* Fused norm + quantization where one CTA's shared memory holds the
+     * groups (else each GEMM quantizes its input, as before). */
+    if (m->quant.scheme == QS_SCHEME_W8A8 &&
+        qs_w8_groups(H, m->quant.group_size) <= QS_CUDA_NORM_W8_MAX_GROUPS) {
+        if ((err = qs_cuda_w8_act_alloc(&g->act, rows, H, m->quant.group_size)))
+            return err;
+        g->bytes += rows * (g->act.kd + g->act.ngroups * sizeof(float));
+    }
     const char *ng = getenv("QS_NO_CUDA_GRAPH");
     g->no_graph = ng && *ng && strcmp(ng, "0");
     return QS_OK;
@@ -331,14 +344,18 @@ int qs_gpu_synth_linear(qs_model *m, uint32_t l, int which, linear *lin, uint64_
             err =
                 qs_cuda_rtn_quantize(&d->bcq, W, N, K, (unsigned)q->bits, q->group_size, g->stream);
             break;
-        default:
-            err = qs_seterr(QS_ENOTSUP, "W8A8 weights are quantized on the host");
+        case QS_SCHEME_W8A8:
+            err = qs_cuda_w8_quantize(&d->w8, W, N, K, q->group_size, g->stream);
+            break;
         }
     }
     qs_cuda_free(W);
     if (!err && (q->scheme == QS_SCHEME_BCQ || q->scheme == QS_SCHEME_RTN)) {
         g->bytes += d->bcq.bytes;
         err = share_ws(g, &d->bcq.ws, (size_t)QS_CUDA_WS_ROWS * N * sizeof(float));
+    } else if (!err && q->scheme == QS_SCHEME_W8A8) {
+        g->bytes += d->w8.bytes;
+        err = share_ws(g, &d->w8.ws, d->w8.ws_bytes);
     }
     if (!err && lin->bias && lin->add_bias)
         err = upload_f16(g, lin->bias, N, &d->bias);
@@ -346,7 +363,9 @@ int qs_gpu_synth_linear(qs_model *m, uint32_t l, int which, linear *lin, uint64_
         return err;
     free(lin->bias);
     lin->bias = NULL;
-    m->bytes.linear += q->scheme == QS_SCHEME_FP16 ? N * K * 2 : d->bcq.bytes;
+    m->bytes.linear += q->scheme == QS_SCHEME_FP16   ? N * K * 2
+                       : q->scheme == QS_SCHEME_W8A8 ? d->w8.bytes
+                                                     : d->bcq.bytes;
     lin->dev = d;
     return QS_OK;
 }
@@ -498,6 +517,7 @@ static int cuda_embed(qs_fwd *f)
     if ((err = qs_cuda_embed(g->tokens, n, g->embed, m->v_first, m->vr, E, g->x, g->stream)) ||
         (err = timed_allreduce(m, g->x, n * E, QS_COLL_F32)))
         return err;
+    g->act_h = 0;
     if (E != H) {
         /* project_in: E -> H through fp16, the residual stream back in fp32. */
         if ((err = qs_cuda_f32_to_f16(g->x, n * E, g->e16, g->stream)) ||
@@ -514,12 +534,19 @@ static int cuda_add_norm(qs_fwd *f, const void *d, const norm *nm, int post, voi
 {
     const qs_model *m = f->m;
     const gpu_norm *gn = nm->dev;
+    gpu *g = G(f);
+    /* A layer's norm feeds W8A8 linears; the final norm feeds the fp16 LM head. */
+    g->act_h = g->act.xq && y == g->h && nm != &m->final_norm;
+    if (g->act_h)
+        return qs_cuda_add_norm_w8(f->x, d, gn->w, gn->b, f->n, m->cfg.hidden, m->cfg.norm_eps,
+                                   post, y, &g->act, g->stream);
     return qs_cuda_add_norm(f->x, d, gn->w, gn->b, f->n, m->cfg.hidden, m->cfg.norm_eps, post, y,
-                            G(f)->stream);
+                            g->stream);
 }
 
 static int cuda_to_input(qs_fwd *f, void *y)
 {
+    G(f)->act_h = 0;
     return qs_cuda_f32_to_f16(f->x, f->n * f->m->cfg.hidden, y, G(f)->stream);
 }
 
@@ -537,7 +564,10 @@ static int cuda_linear(qs_fwd *f, const linear *l, const void *in, void *out)
         err = qs_cuda_bcq_matmul(&d->bcq, in, f->n, out, st);
         break;
     case QS_SCHEME_W8A8:
-        err = qs_cuda_w8a8_gemm(&d->w8, in, f->n, 0.0f, out, st);
+        if (in == G(f)->h && G(f)->act_h)
+            err = qs_cuda_w8a8_gemm_act(&d->w8, &G(f)->act, f->n, out, st);
+        else
+            err = qs_cuda_w8a8_gemm(&d->w8, in, f->n, 0.0f, out, st);
         break;
     }
     if (!err && d->bias)

@@ -12,6 +12,7 @@
  * 16-byte loads when H % 8 == 0 and every pointer is 16-byte aligned, else
  * element by element (same units, same arithmetic). */
 #include "rowops.cuh"
+#include "w8_act.cuh"
 
 /* ---- Units of 8 columns: 16-byte accesses or a bounded scalar loop ------- */
 
@@ -63,21 +64,48 @@ template <bool VEC> __device__ __forceinline__ void st8(__half *p, int j0, int H
     }
 }
 
-/* ---- x += d; y = norm(x) * w (+ b) ----------------------------------------
+/* ---- x += d; y = norm(x) * w (+ b), and y's W8A8 codes --------------------
  * Pass 1 adds d and writes x back (each thread re-reads only what it wrote,
  * so no barrier is needed between the passes), summing x (LayerNorm) or x^2
  * (RMSNorm); LayerNorm's pass 2 sums the centred squares (two passes: no
  * cancellation for rows with a large mean); the last pass writes y and, for
- * post-LN, the normalised row back into x. */
+ * post-LN, the normalised row back into x.
+ *
+ * Q8 (qs_cuda_add_norm_w8): the last pass also takes each group's max |y|
+ * (of y's fp16 values, what the GEMM would read) into shared memory, one
+ * atomic per run of a unit's columns in one group; after a barrier each
+ * thread codes the columns it wrote (w8_act.cuh's rule) into the layout of
+ * qs_cuda_w8_act, the thread of a group's first column writing its scale
+ * and zero padding. Dynamic shared memory: the max bits and a NaN/Inf flag
+ * per group. */
 #define NORM_MAX_THREADS 512
 
-template <bool VEC>
+struct norm_w8 {
+    int8_t *xq;
+    float *sx;
+    int G, gp, ng, kd;
+};
+
+/* A run of columns of group g with max |v| mx and a NaN/Inf flag, into the
+ * block's group state. */
+__device__ __forceinline__ void norm_w8_flush(unsigned *gmax, unsigned *gbad, int g, float mx,
+                                              bool bad)
+{
+    if (g < 0)
+        return;
+    atomicMax(&gmax[g], __float_as_uint(mx)); /* non-negative floats order as their bits */
+    if (bad)
+        atomicOr(&gbad[g], 1u);
+}
+
+template <bool VEC, bool Q8>
 __global__ void __launch_bounds__(NORM_MAX_THREADS)
     add_norm_kernel(float *__restrict__ x, const __half *__restrict__ d,
                     const __half *__restrict__ w, const __half *__restrict__ b, int H, float eps,
-                    int post, __half *__restrict__ y)
+                    int post, __half *__restrict__ y, norm_w8 q)
 {
     QS_SHARED(float, red, [32]);
+    QS_DYN_SMEM(unsigned, gst); /* Q8: gmax [ng], then gbad [ng] */
     float *xr = x + (size_t)blockIdx.x * H;
     const __half *dr = d ? d + (size_t)blockIdx.x * H : nullptr;
     __half *yr = y + (size_t)blockIdx.x * H;
@@ -115,6 +143,12 @@ __global__ void __launch_bounds__(NORM_MAX_THREADS)
         }
         var = qs_block_sum(c2, red) / (float)H;
     }
+    unsigned *gmax = gst, *gbad = gst + q.ng;
+    if (Q8) {
+        for (int g = threadIdx.x; g < q.ng; g += blockDim.x)
+            gmax[g] = 0u, gbad[g] = 0u;
+        __syncthreads();
+    }
     const float inv = 1.0f / sqrtf(var + eps);
     for (int u = threadIdx.x; u < units; u += blockDim.x) {
         float v[8], g[8], o[8];
@@ -133,11 +167,60 @@ __global__ void __launch_bounds__(NORM_MAX_THREADS)
         st8<VEC>(yr, 8 * u, H, o);
         if (post)
             st8<VEC>(xr, 8 * u, H, o);
+        if (Q8) {
+            int rg = -1;
+            float mx = 0.0f;
+            bool bad = false;
+            for (int j = 0; j < 8 && 8 * u + j < H; j++) {
+                const int col = 8 * u + j, gi = col / q.G;
+                const float h = __half2float(__float2half_rn(o[j]));
+                if (gi != rg) {
+                    norm_w8_flush(gmax, gbad, rg, mx, bad);
+                    rg = gi, mx = 0.0f, bad = false;
+                }
+                bad |= !isfinite(h);
+                if (!isnan(h))
+                    mx = fmaxf(mx, fabsf(h));
+            }
+            norm_w8_flush(gmax, gbad, rg, mx, bad);
+        }
     }
+    if (!Q8)
+        return;
+    __syncthreads();
+    int8_t *qr = q.xq + (size_t)blockIdx.x * q.kd;
+    float *sr = q.sx + (size_t)blockIdx.x * q.ng;
+    for (int u = threadIdx.x; u < units; u += blockDim.x) {
+        float v[8];
+        ld8<VEC>(yr, 8 * u, H, v); /* this thread's own fp16 outputs */
+        for (int j = 0; j < 8 && 8 * u + j < H; j++) {
+            const int col = 8 * u + j, gi = col / q.G, c = col - gi * q.G;
+            float sc, iv;
+            w8_scale(__uint_as_float(gmax[gi]), sc, iv);
+            bool unused = false;
+            qr[gi * q.gp + c] = (int8_t)(uint8_t)w8_code(v[j], iv, unused);
+            if (c == 0) {
+                sr[gi] = gbad[gi] ? QS_W8_NAN_SCALE : sc;
+                const int len = min(q.G, H - gi * q.G);
+                for (int p = len; p < q.gp; p++)
+                    qr[gi * q.gp + p] = 0;
+            }
+        }
+    }
+    for (int p = q.ng * q.gp + threadIdx.x; p < q.kd; p += blockDim.x)
+        qr[p] = 0;
 }
 
-extern "C" int qs_cuda_add_norm(float *x, const void *d, const void *w, const void *b, size_t n,
-                                size_t H, float eps, int post, void *y, void *stream)
+template <bool VEC, bool Q8>
+static void norm_go(unsigned n, unsigned th, size_t smem, cudaStream_t st, float *x,
+                    const __half *d, const __half *w, const __half *b, int H, float eps, int post,
+                    __half *y, norm_w8 q)
+{
+    QS_LAUNCH(n, th, smem, st, add_norm_kernel<VEC, Q8>)(x, d, w, b, H, eps, post, y, q);
+}
+
+static int norm_launch(float *x, const void *d, const void *w, const void *b, size_t n, size_t H,
+                       float eps, int post, void *y, const qs_cuda_w8_act *a, void *stream)
 {
     if (!x || !w || !y || H < 1 || H > 0x7fffffff || n > 0x7fffffff || !(eps >= 0))
         return qs_seterr(QS_EINVAL,
@@ -155,15 +238,44 @@ extern "C" int qs_cuda_add_norm(float *x, const void *d, const void *w, const vo
     const __half *dh = (const __half *)d, *wh = (const __half *)w, *bh = (const __half *)b;
     __half *yh = (__half *)y;
     cudaStream_t st = QS_CU_STREAM(stream);
-    if (vec) {
-        QS_LAUNCH((unsigned)n, th, 0, st, add_norm_kernel<true>)
-        (xf, dh, wh, bh, (int)H, eps, post, yh);
-    } else {
-        QS_LAUNCH((unsigned)n, th, 0, st, add_norm_kernel<false>)
-        (xf, dh, wh, bh, (int)H, eps, post, yh);
+    norm_w8 q = {nullptr, nullptr, 1, 0, 0, 0};
+    size_t smem = 0;
+    if (a) {
+        q.xq = (int8_t *)a->xq, q.sx = a->sx;
+        q.G = (int)a->group, q.gp = (int)a->gp, q.ng = (int)a->ngroups, q.kd = (int)a->kd;
+        smem = 2 * sizeof(unsigned) * a->ngroups;
     }
+    typedef void (*go_fn)(unsigned, unsigned, size_t, cudaStream_t, float *, const __half *,
+                          const __half *, const __half *, int, float, int, __half *, norm_w8);
+    const go_fn go = vec ? (a ? norm_go<true, true> : norm_go<true, false>)
+                         : (a ? norm_go<false, true> : norm_go<false, false>);
+    go((unsigned)n, th, smem, st, xf, dh, wh, bh, (int)H, eps, post, yh, q);
     QS_CU_LAUNCH("add_norm_kernel");
     return QS_OK;
+}
+
+extern "C" int qs_cuda_add_norm(float *x, const void *d, const void *w, const void *b, size_t n,
+                                size_t H, float eps, int post, void *y, void *stream)
+{
+    return norm_launch(x, d, w, b, n, H, eps, post, y, NULL, stream);
+}
+
+extern "C" int qs_cuda_add_norm_w8(float *x, const void *d, const void *w, const void *b, size_t n,
+                                   size_t H, float eps, int post, void *y, qs_cuda_w8_act *a,
+                                   void *stream)
+{
+    if (!a || !a->xq || !a->sx || a->K != H || n > a->rows)
+        return qs_seterr(QS_EINVAL,
+                         "qs_cuda_add_norm_w8: activation codes for %zu tokens of %zu channels "
+                         "cannot take %zu tokens of %zu: allocate them with qs_cuda_w8_act_alloc "
+                         "for the norm's width",
+                         a ? a->rows : 0, a ? a->K : 0, n, H);
+    if (a->ngroups > QS_CUDA_NORM_W8_MAX_GROUPS)
+        return qs_seterr(QS_ENOTSUP,
+                         "qs_cuda_add_norm_w8: %zu activation groups are over one CTA's shared "
+                         "memory (%d): quantize in the GEMM",
+                         a->ngroups, QS_CUDA_NORM_W8_MAX_GROUPS);
+    return norm_launch(x, d, w, b, n, H, eps, post, y, a, stream);
 }
 
 /* ---- Elementwise: x += d, and the conversions ------------------------------

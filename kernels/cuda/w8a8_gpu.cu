@@ -45,6 +45,7 @@
 #include "cpu/w8.h"
 #include "cuda_util.cuh"
 #include "ptx.cuh"
+#include "w8_act.cuh"
 
 #define W8_BK       128    /* bytes (channels) per pipeline stage */
 #define W8_STAGES   4      /* pipeline depth */
@@ -69,6 +70,27 @@ extern "C" void qs_cuda_w8_free(qs_cuda_w8 *d)
     memset(d, 0, sizeof(*d));
 }
 
+/* The device layout of K channels in activation groups (qs_w8_group's
+ * rule): group G, ng groups of gp bytes, rows of kd bytes. */
+static int w8_layout(size_t K, size_t act_group, size_t *G, size_t *ng, size_t *gp, size_t *kd)
+{
+    if (act_group % 4)
+        return qs_seterr(QS_EINVAL,
+                         "activation group of %zu channels: use a multiple of 4 (128 is the "
+                         "usual), or 0 for one scale per token",
+                         act_group);
+    *G = qs_w8_group(K, act_group), *ng = qs_w8_groups(K, act_group);
+    if (*G > W8_MAX_G)
+        return qs_seterr(QS_EINVAL,
+                         "an activation group of %zu channels can overflow the int32 sums of "
+                         "the tensor cores (at most %d): use groups of 128",
+                         *G, W8_MAX_G);
+    *gp = w8_gp(*G), *kd = (*ng * *gp + W8_BK - 1) / W8_BK * W8_BK;
+    if (*kd > (1u << 30))
+        return qs_seterr(QS_EINVAL, "W8 rows of %zu padded channels are too long for the GPU", *kd);
+    return QS_OK;
+}
+
 extern "C" int qs_cuda_w8_alloc(qs_cuda_w8 *d, size_t N, size_t K, size_t act_group)
 {
     if (!d)
@@ -78,25 +100,14 @@ extern "C" int qs_cuda_w8_alloc(qs_cuda_w8 *d, size_t N, size_t K, size_t act_gr
         return qs_seterr(QS_EINVAL,
                          "W8 matrix of %zu x %zu: the GPU kernels take 1 to 2^30 rows and columns",
                          N, K);
-    if (act_group % 4)
-        return qs_seterr(QS_EINVAL,
-                         "activation group of %zu channels: use a multiple of 4 (128 is the "
-                         "usual), or 0 for one scale per token",
-                         act_group);
-    const size_t G = qs_w8_group(K, act_group), ng = qs_w8_groups(K, act_group);
-    if (G > W8_MAX_G)
-        return qs_seterr(QS_EINVAL,
-                         "an activation group of %zu channels can overflow the int32 sums of "
-                         "the tensor cores (at most %d): use groups of 128",
-                         G, W8_MAX_G);
-    const size_t gp = w8_gp(G), kd = (ng * gp + W8_BK - 1) / W8_BK * W8_BK;
-    if (kd > (1u << 30))
-        return qs_seterr(QS_EINVAL, "W8 rows of %zu padded channels are too long for the GPU", kd);
+    size_t G, ng, gp, kd;
+    int err = w8_layout(K, act_group, &G, &ng, &gp, &kd);
+    if (err)
+        return err;
     d->N = N, d->K = K, d->group = G, d->ngroups = ng, d->gp = gp, d->kd = kd;
     d->bytes = N * kd + N * sizeof(float);
     d->ws_bytes = (size_t)QS_CUDA_W8_ROWS * kd + (size_t)QS_CUDA_W8_ROWS * ng * sizeof(float) +
                   (size_t)QS_CUDA_WS_ROWS * N * sizeof(float);
-    int err;
     if ((err = qs_cuda_malloc(&d->codes, N * kd)) ||
         (err = qs_cuda_malloc(&d->scale, N * sizeof(float))) ||
         (err = qs_cuda_malloc(&d->ws, d->ws_bytes))) {
@@ -104,6 +115,35 @@ extern "C" int qs_cuda_w8_alloc(qs_cuda_w8 *d, size_t N, size_t K, size_t act_gr
         return err;
     }
     return QS_OK;
+}
+
+extern "C" int qs_cuda_w8_act_alloc(qs_cuda_w8_act *a, size_t rows, size_t K, size_t act_group)
+{
+    if (!a)
+        return qs_seterr(QS_EINVAL, "qs_cuda_w8_act_alloc got a NULL handle");
+    memset(a, 0, sizeof(*a));
+    if (rows == 0 || rows > QS_CUDA_W8_ROWS || K == 0 || K > (1u << 30))
+        return qs_seterr(QS_EINVAL,
+                         "W8 activation codes for %zu tokens of %zu channels: 1 to %d tokens, 1 "
+                         "to 2^30 channels",
+                         rows, K, QS_CUDA_W8_ROWS);
+    int err = w8_layout(K, act_group, &a->group, &a->ngroups, &a->gp, &a->kd);
+    if (err)
+        return err;
+    a->rows = rows, a->K = K;
+    if ((err = qs_cuda_malloc(&a->xq, rows * a->kd)) ||
+        (err = qs_cuda_malloc((void **)&a->sx, rows * a->ngroups * sizeof(float))))
+        qs_cuda_w8_act_free(a);
+    return err;
+}
+
+extern "C" void qs_cuda_w8_act_free(qs_cuda_w8_act *a)
+{
+    if (!a)
+        return;
+    qs_cuda_free(a->xq);
+    qs_cuda_free(a->sx);
+    memset(a, 0, sizeof(*a));
 }
 
 extern "C" int qs_cuda_w8_upload(qs_cuda_w8 *d, const qs_w8 *w)
@@ -137,6 +177,98 @@ extern "C" int qs_cuda_w8_upload(qs_cuda_w8 *d, const qs_w8 *w)
     return err;
 }
 
+/* ---- Weights quantized on the device -------------------------------------------------
+ * qs_w8_quantize's rule, one CTA per row: scale = max|w| / 127, codes
+ * nearbyintf(w * 127 / max) clamped to +-127 (the activations' rule with
+ * one group per row, w8_act.cuh), written in the device layout with its
+ * zero padding, a 4-byte word per thread at a time. A NaN or Inf sets *bad. */
+#define W8_WQ_THREADS 256
+
+__global__ void __launch_bounds__(W8_WQ_THREADS)
+    w8_weight_quant(const float *__restrict__ W, int K, int G, int gp, int ng, int kd,
+                    int8_t *__restrict__ codes, float *__restrict__ scale, int *bad)
+{
+    QS_SHARED(float, red, [W8_WQ_THREADS / 32]);
+    const int n = blockIdx.x, tid = threadIdx.x;
+    const float *row = W + (size_t)n * K;
+    float mx = 0.0f;
+    bool nf = false;
+    for (int k = tid; k < K; k += W8_WQ_THREADS) {
+        const float v = row[k];
+        nf |= !isfinite(v);
+        mx = fmaxf(mx, fabsf(v));
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    if ((tid & 31) == 0)
+        red[tid >> 5] = mx;
+    nf = __syncthreads_or(nf) != 0;
+    mx = red[0];
+#pragma unroll
+    for (int w = 1; w < W8_WQ_THREADS / 32; w++)
+        mx = fmaxf(mx, red[w]);
+    if (nf) {
+        if (tid == 0)
+            atomicOr(bad, 1);
+        return; /* the whole block: the load fails */
+    }
+    float s, inv;
+    w8_scale(mx, s, inv);
+    bool none = false; /* every weight is finite here */
+    int8_t *out = codes + (size_t)n * kd;
+    for (int j = 4 * tid; j < kd; j += 4 * W8_WQ_THREADS) {
+        uint32_t word = 0;
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int p = j + e, g = p / gp, c = p - g * gp, k = g * G + c;
+            if (g < ng && c < G && k < K)
+                word |= w8_code(row[k], inv, none) << (8 * e);
+        }
+        *reinterpret_cast<uint32_t *>(out + j) = word;
+    }
+    if (tid == 0)
+        scale[n] = s;
+}
+
+extern "C" int qs_cuda_w8_quantize(qs_cuda_w8 *d, const float *W, size_t N, size_t K,
+                                   size_t act_group, void *stream)
+{
+    if (!d || !W)
+        return qs_seterr(QS_EINVAL, "qs_cuda_w8_quantize got a NULL handle or weights");
+    int err = qs_cuda_w8_alloc(d, N, K, act_group);
+    if (err)
+        return err;
+    if (N > 0x7fffffff) {
+        qs_cuda_w8_free(d);
+        return qs_seterr(QS_EINVAL, "qs_cuda_w8_quantize: %zu rows are over the grid", N);
+    }
+    cudaStream_t st = QS_CU_STREAM(stream);
+    int *bad = NULL, hbad = 0;
+    if (!(err = qs_cuda_malloc((void **)&bad, sizeof *bad))) {
+        cudaError_t e = cudaMemsetAsync(bad, 0, sizeof *bad, st);
+        if (e == cudaSuccess) {
+            QS_LAUNCH((unsigned)N, W8_WQ_THREADS, 0, st, w8_weight_quant)
+            (W, (int)K, (int)d->group, (int)d->gp, (int)d->ngroups, (int)d->kd, (int8_t *)d->codes,
+             (float *)d->scale, bad);
+            e = cudaGetLastError();
+        }
+        if (e == cudaSuccess)
+            e = cudaMemcpyAsync(&hbad, bad, sizeof hbad, cudaMemcpyDeviceToHost, st);
+        if (e == cudaSuccess)
+            e = cudaStreamSynchronize(st);
+        if (e != cudaSuccess)
+            err = qs_cuda_fail(e, "w8_weight_quant", __FILE__, __LINE__);
+        qs_cuda_free(bad);
+    }
+    if (!err && hbad)
+        err = qs_seterr(QS_EINVAL, "weights hold NaN or Inf: fix the checkpoint before "
+                                   "quantizing it");
+    if (err)
+        qs_cuda_w8_free(d);
+    return err;
+}
+
 /* ---- Activation quantization ----------------------------------------------------------- */
 
 /* x[j..j+3] (zeros from len on) as fp32; vec: 8-byte loads allowed. */
@@ -156,17 +288,6 @@ __device__ __forceinline__ void w8_load4(const __half *x, int j, int len, bool v
         for (int e = 0; e < 4; e++)
             v[e] = j + e < len ? __half2float(x[j + e]) : 0.0f;
     }
-}
-
-/* The CPU's rule (qs_act_row): nearbyintf(x * inv) clamped to +-127, 0 and
- * bad for NaN or Inf. Clamped in float first, so the conversion is exact. */
-__device__ __forceinline__ uint32_t w8_code(float x, float inv, bool &bad)
-{
-    float c = rintf(__fmul_rn(x, inv));
-    c = fminf(fmaxf(c, -127.0f), 127.0f);
-    if (!isfinite(x))
-        bad = true, c = 0.0f;
-    return (uint32_t)(uint8_t)(int8_t)(int)c;
 }
 
 /* Codes 4j..4j+3 of one group (the padding past len is 0). */
@@ -214,8 +335,7 @@ __global__ void __launch_bounds__(128) w8_quant_warp(w8_quant_args a)
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1)
             mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-        s = __fdiv_rn(mx, 127.0f);
-        inv = mx > 0.0f ? __fdiv_rn(127.0f, mx) : 0.0f;
+        w8_scale(mx, s, inv);
     }
     bool bad = false;
     int8_t *q = a.xq + (size_t)m * a.kd;
@@ -224,7 +344,7 @@ __global__ void __launch_bounds__(128) w8_quant_warp(w8_quant_args a)
             w8_code4(x, j, len, vec, inv, bad);
     bad = __any_sync(0xffffffffu, bad);
     if (lane == 0)
-        a.sx[(size_t)m * a.ng + g] = bad ? __int_as_float(0x7fc00000) : s;
+        a.sx[(size_t)m * a.ng + g] = bad ? QS_W8_NAN_SCALE : s;
     if (g == a.ng - 1) /* the row's tail past the last group */
         for (int j = a.ng * a.gp + lane * 4; j < a.kd; j += 128)
             *reinterpret_cast<uint32_t *>(q + j) = 0u;
@@ -258,8 +378,7 @@ __global__ void __launch_bounds__(512) w8_quant_block(w8_quant_args a)
 #pragma unroll
         for (int w = 1; w < 16; w++)
             mx = fmaxf(mx, red[w]);
-        s = __fdiv_rn(mx, 127.0f);
-        inv = mx > 0.0f ? __fdiv_rn(127.0f, mx) : 0.0f;
+        w8_scale(mx, s, inv);
     }
     bool bad = false;
     int8_t *q = a.xq + (size_t)m * a.kd;
@@ -268,7 +387,7 @@ __global__ void __launch_bounds__(512) w8_quant_block(w8_quant_args a)
             w8_code4(x, j, len, vec, inv, bad);
     bad = __syncthreads_or(bad) != 0;
     if (tid == 0)
-        a.sx[(size_t)m * a.ng + g] = bad ? __int_as_float(0x7fc00000) : s;
+        a.sx[(size_t)m * a.ng + g] = bad ? QS_W8_NAN_SCALE : s;
     if (g == a.ng - 1)
         for (int j = a.ng * a.gp + tid * 4; j < a.kd; j += 2048)
             *reinterpret_cast<uint32_t *>(q + j) = 0u;
@@ -495,22 +614,10 @@ static unsigned w8_splits(size_t M, size_t N, size_t kd, int sms)
     return s < 1 ? 1u : (unsigned)s;
 }
 
-extern "C" int qs_cuda_w8a8_gemm(qs_cuda_w8 *d, const void *X, size_t M, float act_scale, void *Y,
-                                 void *stream)
+/* The K-splits for a call (the handle's, or the chooser's), checked before
+ * anything is launched. */
+static int w8_gemm_splits(const qs_cuda_w8 *d, size_t M, unsigned *out)
 {
-    if (!d || !d->codes || !d->scale || !d->ws || !X || !Y)
-        return qs_seterr(QS_EINVAL, "qs_cuda_w8a8_gemm: NULL weights, input or output (upload the "
-                                    "weights with qs_cuda_w8_upload first)");
-    if (M < 1 || M > QS_CUDA_W8_ROWS)
-        return qs_seterr(QS_EINVAL,
-                         "qs_cuda_w8a8_gemm: batch M=%zu, the workspace holds 1 to %d tokens: "
-                         "run larger batches in chunks",
-                         M, QS_CUDA_W8_ROWS);
-    if (isnan(act_scale) || isinf(act_scale))
-        return qs_seterr(QS_EINVAL,
-                         "static activation scale is %g: pass a finite scale > 0, or <= 0 for "
-                         "per-token scales",
-                         (double)act_scale);
     const size_t ktiles = d->kd / W8_BK;
     unsigned splits = d->splits;
     if (splits == 0)
@@ -520,28 +627,17 @@ extern "C" int qs_cuda_w8a8_gemm(qs_cuda_w8 *d, const void *X, size_t M, float a
                          "qs_cuda_w8a8_gemm: %u K-splits for M=%zu: at most %zu (K tiles of %d) "
                          "and splits * M <= %d",
                          splits, M, ktiles, W8_BK, QS_CUDA_WS_ROWS);
-    cudaStream_t st = QS_CU_STREAM(stream);
-    int8_t *xq = (int8_t *)d->ws;
-    float *sx = (float *)(xq + (size_t)QS_CUDA_W8_ROWS * d->kd);
-    float *part = sx + (size_t)QS_CUDA_W8_ROWS * d->ngroups;
+    *out = splits;
+    return QS_OK;
+}
 
-    w8_quant_args q;
-    q.X = (const __half *)X, q.xq = xq, q.sx = sx;
-    q.K = (int)d->K, q.G = (int)d->group, q.gp = (int)d->gp, q.ng = (int)d->ngroups;
-    q.kd = (int)d->kd;
-    q.vec = d->K % 4 == 0 && ((uintptr_t)X & 7) == 0;
-    q.s_st = act_scale > 0 ? act_scale : 0.0f;
-    q.i_st = act_scale > 0 ? 1.0f / act_scale : 0.0f; /* the CPU's 1.0f / scale */
-    if (d->group <= W8_WIDE_G) {
-        dim3 grid((unsigned)((d->ngroups + 3) / 4), (unsigned)M);
-        QS_LAUNCH(grid, 128, 0, st, w8_quant_warp)(q);
-        QS_CU_LAUNCH("w8_quant_warp");
-    } else {
-        dim3 grid((unsigned)d->ngroups, (unsigned)M);
-        QS_LAUNCH(grid, 512, 0, st, w8_quant_block)(q);
-        QS_CU_LAUNCH("w8_quant_block");
-    }
-
+/* The GEMM on activation codes already in the workspace layout (xq rows of
+ * kd bytes, sx rows of ngroups scales), with the K-splits reduced. */
+static int w8_gemm_run(const qs_cuda_w8 *d, const int8_t *xq, const float *sx, size_t M, void *Y,
+                       unsigned splits, cudaStream_t st)
+{
+    float *part = (float *)((int8_t *)d->ws + (size_t)QS_CUDA_W8_ROWS * d->kd) +
+                  (size_t)QS_CUDA_W8_ROWS * d->ngroups;
     w8_gemm_args a;
     a.xq = xq, a.wq = (const int8_t *)d->codes, a.sx = sx, a.sw = (const float *)d->scale;
     a.Y = (__half *)Y, a.part = part;
@@ -567,4 +663,72 @@ extern "C" int qs_cuda_w8a8_gemm(qs_cuda_w8 *d, const void *X, size_t M, float a
     if (err || splits == 1)
         return err;
     return qs_cuda_reduce_splits(part, Y, M, d->N, splits, st);
+}
+
+static int w8_check(const qs_cuda_w8 *d, const void *X, size_t M, const void *Y)
+{
+    if (!d || !d->codes || !d->scale || !d->ws || !X || !Y)
+        return qs_seterr(QS_EINVAL, "qs_cuda_w8a8_gemm: NULL weights, input or output (upload the "
+                                    "weights with qs_cuda_w8_upload first)");
+    if (M < 1 || M > QS_CUDA_W8_ROWS)
+        return qs_seterr(QS_EINVAL,
+                         "qs_cuda_w8a8_gemm: batch M=%zu, the workspace holds 1 to %d tokens: "
+                         "run larger batches in chunks",
+                         M, QS_CUDA_W8_ROWS);
+    return QS_OK;
+}
+
+extern "C" int qs_cuda_w8a8_gemm(qs_cuda_w8 *d, const void *X, size_t M, float act_scale, void *Y,
+                                 void *stream)
+{
+    int err = w8_check(d, X, M, Y);
+    if (err)
+        return err;
+    if (isnan(act_scale) || isinf(act_scale))
+        return qs_seterr(QS_EINVAL,
+                         "static activation scale is %g: pass a finite scale > 0, or <= 0 for "
+                         "per-token scales",
+                         (double)act_scale);
+    unsigned splits;
+    if ((err = w8_gemm_splits(d, M, &splits)))
+        return err;
+    cudaStream_t st = QS_CU_STREAM(stream);
+    int8_t *xq = (int8_t *)d->ws;
+    float *sx = (float *)(xq + (size_t)QS_CUDA_W8_ROWS * d->kd);
+
+    w8_quant_args q;
+    q.X = (const __half *)X, q.xq = xq, q.sx = sx;
+    q.K = (int)d->K, q.G = (int)d->group, q.gp = (int)d->gp, q.ng = (int)d->ngroups;
+    q.kd = (int)d->kd;
+    q.vec = d->K % 4 == 0 && ((uintptr_t)X & 7) == 0;
+    q.s_st = act_scale > 0 ? act_scale : 0.0f;
+    q.i_st = act_scale > 0 ? 1.0f / act_scale : 0.0f; /* the CPU's 1.0f / scale */
+    if (d->group <= W8_WIDE_G) {
+        dim3 grid((unsigned)((d->ngroups + 3) / 4), (unsigned)M);
+        QS_LAUNCH(grid, 128, 0, st, w8_quant_warp)(q);
+        QS_CU_LAUNCH("w8_quant_warp");
+    } else {
+        dim3 grid((unsigned)d->ngroups, (unsigned)M);
+        QS_LAUNCH(grid, 512, 0, st, w8_quant_block)(q);
+        QS_CU_LAUNCH("w8_quant_block");
+    }
+    return w8_gemm_run(d, xq, sx, M, Y, splits, st);
+}
+
+extern "C" int qs_cuda_w8a8_gemm_act(qs_cuda_w8 *d, const qs_cuda_w8_act *a, size_t M, void *Y,
+                                     void *stream)
+{
+    int err = w8_check(d, a ? a->xq : NULL, M, Y);
+    if (err)
+        return err;
+    if (a->K != d->K || a->group != d->group || M > a->rows || !a->sx)
+        return qs_seterr(QS_EINVAL,
+                         "qs_cuda_w8a8_gemm_act: codes of %zu tokens x %zu channels in groups of "
+                         "%zu for %zu tokens of a %zu-channel matrix in groups of %zu: quantize "
+                         "with the matrix's K and group",
+                         a->rows, a->K, a->group, M, d->K, d->group);
+    unsigned splits;
+    if ((err = w8_gemm_splits(d, M, &splits)))
+        return err;
+    return w8_gemm_run(d, (const int8_t *)a->xq, a->sx, M, Y, splits, QS_CU_STREAM(stream));
 }

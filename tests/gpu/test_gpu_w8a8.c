@@ -22,6 +22,10 @@
  *     2^-24 of the partial sums, which B bounds since s_g |xq| <= |x| +
  *     s_g / 2) and the one fp16 rounding of Y (half an ulp, 2^-11 relative,
  *     2^-25 absolute below fp16's normal range).
+ * Also: the device W8 quantizer (qs_cuda_w8_quantize) against the CPU's
+ * codes and scales bit for bit, and the norm with the activation
+ * quantization fused in (qs_cuda_add_norm_w8, qs_cuda_w8a8_gemm_act)
+ * against the unfused pair bit for bit and the CPU rule's codes.
  * Skips (77) without a GPU; under the harness (test_gpu_w8a8_emu) the same
  * cases run on the CPU, the large ones only on a GPU (and not with --quick,
  * which compute-sanitizer runs). */
@@ -217,6 +221,203 @@ out:
     qs_w8_close(&w);
 }
 
+/* qs_cuda_w8_quantize against qs_w8_quantize + qs_cuda_w8_upload: the
+ * device arrays equal bit for bit (codes with their padding, scales), on
+ * Gaussian rows with an outlier, a zero row, ragged K and padded groups; a
+ * NaN weight is refused and leaves the handle empty. */
+static void w8_quantize_case(size_t N, size_t K, size_t group, int nan)
+{
+    qs_w8 w = {0};
+    qs_cuda_w8 ref = {0}, dev = {0};
+    float *W = gt_alloc(N * K * 4), *dW = NULL;
+    int8_t *a = NULL, *b = NULL;
+    float *sa = gt_alloc(N * 4), *sb = gt_alloc(N * 4);
+    char what[96];
+    snprintf(what, sizeof what, "device W8 quantizer N=%zu K=%zu g=%zu%s", N, K, group,
+             nan ? " NaN" : "");
+    for (size_t i = 0; i < N * K; i++)
+        W[i] = (float)(0.05 * tu_gauss()) * (i % K == 5 ? 30 : 1);
+    for (size_t k = 0; k < K; k++)
+        W[(N / 2) * K + k] = 0; /* scale 0, codes 0 */
+    if (nan)
+        W[(N - 1) * K + K / 3] = NAN;
+    GT_OK(qs_cuda_malloc((void **)&dW, N * K * 4));
+    GT_OK(qs_cuda_h2d(dW, W, N * K * 4));
+    int err = qs_cuda_w8_quantize(&dev, dW, N, K, group, NULL);
+    if (nan) {
+        const int ok = err == QS_EINVAL && !dev.codes && strstr(qs_errmsg(), "NaN");
+        gt_cases++;
+        if (!ok)
+            gt_failures++;
+        printf("%s %s refused (%s)\n", ok ? "ok  " : "FAIL", what, qs_errmsg());
+        goto out;
+    }
+    GT_OK(err);
+    GT_OK(qs_w8_quantize(&w, W, N, K, group));
+    GT_OK(qs_cuda_w8_upload(&ref, &w));
+    a = gt_alloc(N * ref.kd), b = gt_alloc(N * dev.kd);
+    GT_OK(qs_cuda_d2h(a, ref.codes, N * ref.kd));
+    GT_OK(qs_cuda_d2h(b, dev.codes, N * dev.kd));
+    GT_OK(qs_cuda_d2h(sa, ref.scale, N * 4));
+    GT_OK(qs_cuda_d2h(sb, dev.scale, N * 4));
+    const int ok = ref.kd == dev.kd && ref.group == dev.group && dev.bytes == ref.bytes &&
+                   !memcmp(a, b, N * ref.kd) && !memcmp(sa, sb, N * 4);
+    gt_cases++;
+    if (!ok)
+        gt_failures++;
+    printf("%s %s: codes and scales equal the CPU's\n", ok ? "ok  " : "FAIL", what);
+out:
+    qs_cuda_free(dW);
+    qs_cuda_w8_free(&ref);
+    qs_cuda_w8_free(&dev);
+    qs_w8_close(&w);
+    free(W), free(a), free(b), free(sa), free(sb);
+}
+
+/* qs_cuda_add_norm_w8 against qs_cuda_add_norm followed by the GEMM's own
+ * quantization: x and y equal bit for bit; the codes and scales equal the
+ * CPU rule's on y's fp16 values (padding zero); the GEMM on those codes
+ * (qs_cuda_w8a8_gemm_act) equals qs_cuda_w8a8_gemm on y bit for bit. A
+ * row holding an Inf normalises to NaN: its scales are NaN. */
+static void w8_fused_norm(size_t n, size_t H, size_t group, int layer, int post, long inf_row)
+{
+    const size_t N = 40;
+    const float eps = 1e-5f;
+    float *x = gt_alloc(n * H * 4), *x1 = gt_alloc(n * H * 4), *x2 = gt_alloc(n * H * 4);
+    float *yf = gt_alloc(n * H * 4), *W = gt_alloc(N * H * 4);
+    uint16_t *dh = gt_alloc(n * H * 2), *wh = gt_alloc(H * 2), *bh = gt_alloc(H * 2);
+    uint16_t *y1 = gt_alloc(n * H * 2), *y2 = gt_alloc(n * H * 2);
+    uint16_t *Y1 = gt_alloc(n * N * 2), *Y2 = gt_alloc(n * N * 2);
+    int8_t *xq = NULL, *cq = NULL;
+    float *sx = NULL, *cs = NULL;
+    void *dx1 = NULL, *dx2 = NULL, *dd = NULL, *dw = NULL, *db = NULL, *dy1 = NULL, *dy2 = NULL;
+    void *dY1 = NULL, *dY2 = NULL;
+    qs_w8 w = {0};
+    qs_cuda_w8 d = {0};
+    qs_cuda_w8_act act = {0};
+    char what[128];
+    snprintf(what, sizeof what, "fused %s+W8 n=%zu H=%zu g=%zu%s%s",
+             layer ? "LayerNorm" : "RMSNorm", n, H, group, post ? " post" : "",
+             inf_row >= 0 ? " inf" : "");
+    for (size_t i = 0; i < n * H; i++) {
+        x[i] = (float)(tu_gauss() * (1 + i / H % 3)) * (i % H == 7 ? 25 : 1);
+        dh[i] = qs_fp32_to_fp16((float)tu_gauss());
+    }
+    if (inf_row >= 0)
+        x[(size_t)inf_row * H + H / 2] = INFINITY;
+    for (size_t j = 0; j < H; j++) {
+        wh[j] = qs_fp32_to_fp16((float)(1 + 0.1 * tu_gauss()));
+        bh[j] = qs_fp32_to_fp16((float)(0.1 * tu_gauss()));
+    }
+    for (size_t i = 0; i < N * H; i++)
+        W[i] = (float)(0.05 * tu_gauss());
+    GT_OK(qs_w8_quantize(&w, W, N, H, group));
+    GT_OK(qs_cuda_w8_upload(&d, &w));
+    GT_OK(qs_cuda_w8_act_alloc(&act, n, H, group));
+    void **bufs[] = {&dx1, &dx2, &dd, &dy1, &dy2};
+    size_t sizes[] = {n * H * 4, n * H * 4, n * H * 2, n * H * 2, n * H * 2};
+    for (int i = 0; i < 5; i++)
+        GT_OK(qs_cuda_malloc(bufs[i], sizes[i]));
+    GT_OK(qs_cuda_malloc(&dw, H * 2));
+    GT_OK(qs_cuda_malloc(&db, H * 2));
+    GT_OK(qs_cuda_malloc(&dY1, n * N * 2));
+    GT_OK(qs_cuda_malloc(&dY2, n * N * 2));
+    GT_OK(qs_cuda_h2d(dx1, x, n * H * 4));
+    GT_OK(qs_cuda_h2d(dx2, x, n * H * 4));
+    GT_OK(qs_cuda_h2d(dd, dh, n * H * 2));
+    GT_OK(qs_cuda_h2d(dw, wh, H * 2));
+    GT_OK(qs_cuda_h2d(db, bh, H * 2));
+    GT_OK(qs_cuda_memset(act.xq, 0x5A, n * act.kd)); /* poisoned: every byte must be written */
+    GT_OK(qs_cuda_memset(act.sx, 0x5A, n * act.ngroups * 4));
+    GT_OK(qs_cuda_add_norm(dx1, dd, dw, layer ? db : NULL, n, H, eps, post, dy1, NULL));
+    GT_OK(qs_cuda_add_norm_w8(dx2, dd, dw, layer ? db : NULL, n, H, eps, post, dy2, &act, NULL));
+    GT_OK(qs_cuda_w8a8_gemm(&d, dy1, n, 0, dY1, NULL));
+    GT_OK(qs_cuda_w8a8_gemm_act(&d, &act, n, dY2, NULL));
+    GT_OK(qs_cuda_sync());
+    GT_OK(qs_cuda_d2h(x1, dx1, n * H * 4));
+    GT_OK(qs_cuda_d2h(x2, dx2, n * H * 4));
+    GT_OK(qs_cuda_d2h(y1, dy1, n * H * 2));
+    GT_OK(qs_cuda_d2h(y2, dy2, n * H * 2));
+    GT_OK(qs_cuda_d2h(Y1, dY1, n * N * 2));
+    GT_OK(qs_cuda_d2h(Y2, dY2, n * N * 2));
+    const size_t G = act.group, ng = act.ngroups, gp = act.gp, kd = act.kd;
+    xq = gt_alloc(n * kd), cq = gt_alloc(n * kd);
+    sx = gt_alloc(n * ng * 4), cs = gt_alloc(n * ng * 4);
+    GT_OK(qs_cuda_d2h(xq, act.xq, n * kd));
+    GT_OK(qs_cuda_d2h(sx, act.sx, n * ng * 4));
+    for (size_t i = 0; i < n * H; i++)
+        yf[i] = qs_fp16_to_fp32(y1[i]);
+    size_t code_bad = 0, scale_bad = 0;
+    for (size_t m = 0; m < n; m++) {
+        for (size_t g = 0; g < ng; g++) {
+            size_t len = H - g * G < G ? H - g * G : G;
+            if (host_group(yf + m * H + g * G, len, 0, cq + m * kd + g * gp, &cs[m * ng + g])) {
+                printf("FAIL %s: host quantization: %s\n", what, qs_errmsg());
+                gt_failures++;
+                goto out;
+            }
+            for (size_t j = 0; j < gp; j++)
+                code_bad += xq[m * kd + g * gp + j] != (j < len ? cq[m * kd + g * gp + j] : 0);
+            float a = sx[m * ng + g], b = cs[m * ng + g];
+            scale_bad += isnan(b) ? !isnan(a) : memcmp(&a, &b, 4) != 0;
+        }
+        for (size_t j = ng * gp; j < kd; j++)
+            code_bad += xq[m * kd + j] != 0;
+    }
+    const int same_xy = !memcmp(x1, x2, n * H * 4) && !memcmp(y1, y2, n * H * 2);
+    const int same_Y = !memcmp(Y1, Y2, n * N * 2);
+    const int ok = same_xy && same_Y && !code_bad && !scale_bad;
+    gt_cases++;
+    if (!ok)
+        gt_failures++;
+    printf("%s %s: x, y%s; %zu codes and %zu scales differ from the CPU's; GEMM on them %s\n",
+           ok ? "ok  " : "FAIL", what, same_xy ? " equal" : " DIFFER", code_bad, scale_bad,
+           same_Y ? "equal" : "DIFFERS");
+out:
+    for (int i = 0; i < 5; i++)
+        qs_cuda_free(*bufs[i]);
+    qs_cuda_free(dw), qs_cuda_free(db), qs_cuda_free(dY1), qs_cuda_free(dY2);
+    qs_cuda_w8_act_free(&act);
+    qs_cuda_w8_free(&d);
+    qs_w8_close(&w);
+    free(x), free(x1), free(x2), free(yf), free(W), free(dh), free(wh), free(bh);
+    free(y1), free(y2), free(Y1), free(Y2), free(xq), free(cq), free(sx), free(cs);
+}
+
+/* What the fused path refuses: codes of another width or too few rows,
+ * and groups over one CTA's shared memory. */
+static void w8_fused_refusals(void)
+{
+    qs_cuda_w8_act a = {0}, big = {0};
+    qs_cuda_w8 d = {0};
+    void *x = NULL, *y = NULL;
+    int bad = 0;
+    GT_OK(qs_cuda_w8_act_alloc(&a, 4, 64, 16));
+    GT_OK(qs_cuda_w8_act_alloc(&big, 1, 4 * 6145, 4));
+    GT_OK(qs_cuda_w8_alloc(&d, 8, 64, 32));
+    GT_OK(qs_cuda_malloc(&x, 4 * 4 * 6145 * 4));
+    GT_OK(qs_cuda_malloc(&y, 2 * 4 * 6145 * 4));
+    bad += qs_cuda_add_norm_w8(x, NULL, y, NULL, 4, 96, 1e-5f, 0, y, &a, NULL) != QS_EINVAL;
+    bad += qs_cuda_add_norm_w8(x, NULL, y, NULL, 5, 64, 1e-5f, 0, y, &a, NULL) != QS_EINVAL;
+    bad +=
+        qs_cuda_add_norm_w8(x, NULL, y, NULL, 1, 4 * 6145, 1e-5f, 0, y, &big, NULL) != QS_ENOTSUP;
+    bad += qs_cuda_w8a8_gemm_act(&d, &a, 4, y, NULL) != QS_EINVAL; /* groups 16 vs 32 */
+    bad += qs_cuda_w8_act_alloc(&big, 0, 64, 0) != QS_EINVAL;
+    bad += qs_cuda_w8_act_alloc(&big, 4, 64, 6) != QS_EINVAL;
+    gt_cases++;
+    if (bad)
+        gt_failures++;
+    printf("%s fused refusals: another width, too many rows, 6145 groups, another group, 0 rows, "
+           "group 6 (%d accepted)\n",
+           bad ? "FAIL" : "ok  ", bad);
+out:
+    qs_cuda_w8_act_free(&a);
+    qs_cuda_w8_act_free(&big);
+    qs_cuda_w8_free(&d);
+    qs_cuda_free(x);
+    qs_cuda_free(y);
+}
+
 /* Under the harness: the bank model's count of the GEMM's shared-memory
  * accesses (ldmatrix rows, cp.async chunks) since the start. The swizzle
  * must make them conflict-free: wavefronts equal to the ideal. */
@@ -270,6 +471,17 @@ int main(int argc, char **argv)
     w8_run((w8_case){129, 384, 64, 16, 0, 0, 0, 5});
     w8_run((w8_case){129, 384, 0, 37, 1, 2, 0, 36});
     w8_refusals();
+    /* The device quantizer; the norm with the activation codes fused in. */
+    w8_quantize_case(37, 77, 0, 0);
+    w8_quantize_case(129, 1000, 128, 0);
+    w8_quantize_case(64, 384, 36, 0);
+    w8_quantize_case(16, 200, 12, 1);
+    w8_fused_norm(5, 576, 96, 0, 0, -1);  /* SmolLM2's width, 16-byte path */
+    w8_fused_norm(3, 1000, 128, 1, 0, 1); /* ragged last group, a row with an Inf */
+    w8_fused_norm(16, 77, 12, 0, 0, -1);  /* scalar path, units straddle groups */
+    w8_fused_norm(4, 384, 36, 1, 1, -1);  /* padded groups, post-LN */
+    w8_fused_norm(2, 300, 0, 0, 0, -1);   /* one scale per token */
+    w8_fused_refusals();
     w8_banks();
     if (!qs_cuda_emulated() && !quick) { /* GPU only: the full shapes */
         w8_run((w8_case){4100, 4096, 128, 512, 0, 0, 0, -1});

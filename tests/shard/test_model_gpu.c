@@ -289,7 +289,7 @@ static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int de
 /* Synthetic weights made and quantized on the GPU (opts.on_gpu: the host
  * never holds them): the same model as the CPU's host-quantized one, up to
  * the device BCQ fit's few groups that differ from the CPU's (test_gpu_quant
- * bounds them) and fp16. */
+ * bounds them) and fp16; the device W8 quantizer's codes are the CPU's. */
 static void run_device_synthetic(qs_comm *comm, const qs_model_config *c, qs_quant q, int device)
 {
     if (qs_tp_check(c, &q, (uint32_t)world) != QS_OK)
@@ -361,6 +361,7 @@ int main(int argc, char **argv)
     run_device_synthetic(comm, &llama, schemes[1], rank % ndev);
     run_device_synthetic(comm, &opt, schemes[2], rank % ndev);
     run_device_synthetic(comm, &opt, schemes[0], rank % ndev);
+    run_device_synthetic(comm, &llama, schemes[3], rank % ndev);
     int total = 0, all_cases = 0;
     MPI_Allreduce(&failures, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
     MPI_Allreduce(&cases, &all_cases, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
