@@ -1,7 +1,7 @@
 /* bench_decode: decode speed of a synthetic model on one GPU through shard/
  * directly (no daemon: the GPU machines have none of its dependencies).
  *
- *   bench_decode [--model opt-175b] [--scheme bcq|rtn|fp16] [--bits 3] [--group 128]
+ *   bench_decode [--model opt-175b] [--scheme bcq|rtn|w8a8|fp16] [--bits 3] [--group 128]
  *                [--batch 1,8] [--steps 32] [--prompt 32] [--max-seq 256] [--layers N] [--vocab N]
  * [--json]
  *
@@ -42,7 +42,7 @@ static int cmp_d(const void *a, const void *b)
 
 static int usage(void)
 {
-    fprintf(stderr, "usage: bench_decode [--model NAME] [--scheme bcq|rtn|fp16] [--bits Q] "
+    fprintf(stderr, "usage: bench_decode [--model NAME] [--scheme bcq|rtn|w8a8|fp16] [--bits Q] "
                     "[--group G] [--batch B[,B...]] [--steps N] [--prompt N] [--max-seq N] "
                     "[--layers N] [--vocab N] [--json]\n");
     return 2;
@@ -96,12 +96,15 @@ int main(int argc, char **argv)
         cfg.layers = (uint32_t)layers;
     if (vocab > 1 && (uint32_t)vocab < cfg.vocab)
         cfg.vocab = (uint32_t)vocab;
-    qs_quant q = {!strcmp(scheme, "fp16")  ? QS_SCHEME_FP16
-                  : !strcmp(scheme, "rtn") ? QS_SCHEME_RTN
-                                           : QS_SCHEME_BCQ,
+    qs_quant q = {!strcmp(scheme, "fp16")   ? QS_SCHEME_FP16
+                  : !strcmp(scheme, "rtn")  ? QS_SCHEME_RTN
+                  : !strcmp(scheme, "w8a8") ? QS_SCHEME_W8A8
+                                            : QS_SCHEME_BCQ,
                   bits, (uint32_t)group};
     if (q.scheme == QS_SCHEME_FP16)
         q.bits = 16, q.group_size = 0;
+    if (q.scheme == QS_SCHEME_W8A8)
+        q.bits = 8; /* group: the activation group */
     int maxb = 1;
     for (const char *p = batches; *p; p++)
         if (*p >= '0' && *p <= '9' && atoi(p) > maxb)

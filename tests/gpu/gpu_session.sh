@@ -4,11 +4,12 @@
 #   build (standalone: gcc + nvcc, sm_90a), the device and its clocks,
 #   every GPU test, compute-sanitizer memcheck and racecheck on the LUT
 #   and W8A8 kernels, the SASS facts (16-byte loads, HMMA, IMMA, ldmatrix,
-#   cp.async, no local memory), then
-#   qbench_gpu --quick, and the full qbench_gpu --json --sweep.
+#   cp.async, no local memory), then bench_decode (OPT-175B 3-bit decode
+#   on this GPU through shard/), qbench_gpu --quick, and the full
+#   qbench_gpu --json --sweep.
 # Logs go to $OUT (the device tool brings them back); the last lines
 # printed are the short summary. Usage (from the repository root):
-#   sh tests/gpu/gpu_session.sh            # everything (about 5 min on an H100)
+#   sh tests/gpu/gpu_session.sh            # everything (never run yet; meant to end in 9 min)
 #   QS_SKIP_BENCH=1 sh tests/gpu/gpu_session.sh   # correctness only
 set -u
 export PATH="$PATH:/usr/local/cuda/bin"
@@ -33,8 +34,10 @@ cat "$b"/obj/*.ptxas.log > "$out/ptxas.txt" 2>/dev/null
 say "build: ok"
 
 fail=0
-for t in test_gpu_device test_gpu_emulate test_gpu_lutgemm test_gpu_mma test_gpu_baselines test_gpu_w8a8; do
-    "$b/$t" > "$out/$t.log" 2>&1
+# Every GPU test the build made (kernels, device forward-pass ops, sampling,
+# quantizers), each bounded so that one hang cannot eat the lease.
+for t in $(cd "$b" && ls test_gpu_* | sort); do
+    timeout 180 "$b/$t" > "$out/$t.log" 2>&1
     rc=$?
     [ $rc -ne 0 ] && fail=1
     say "$t: rc=$rc; $(grep -c '^FAIL' "$out/$t.log") FAIL lines; $(tail -1 "$out/$t.log")"
@@ -79,6 +82,18 @@ for bin in test_gpu_lutgemm test_gpu_w8a8; do
                substr(k, 1, 70), h[k], im[k], lm[k], cp[k], g[k], a[k], s[k], l[k] }' "$out/sass_$bin.txt"
 done | sort -u > "$out/sass_summary.txt"
 say "sass: $(grep -c . "$out/sass_summary.txt") kernels; any local memory: $(awk '$NF > 0' "$out/sass_summary.txt" | wc -l)"
+
+if [ -z "${QS_SKIP_BENCH:-}" ] && [ -x "$b/bench_decode" ]; then
+    # OPT-175B at 3 bits on this one GPU, synthetic weights made and quantized
+    # on the device (RTN: the same bytes and kernels as BCQ, a faster fit);
+    # decode ms/step at batch 1 (the step's CUDA graph) and 8, against the
+    # weight-bytes floor at the copy bandwidth measured here. KV cache for
+    # 8 x 80 tokens so that the plan fits 78 GiB (qctl plan opt-175b --bits 3
+    # --gpus 1 --batch 8 --seq 80).
+    timeout 360 "$b/bench_decode" --model opt-175b --scheme rtn --bits 3 --batch 1,8 \
+        --max-seq 80 --prompt 16 --steps 48 > "$out/bench_decode.txt" 2>&1
+    say "bench_decode opt-175b rtn 3-bit: rc=$?; $(tr '\n' ' ' < "$out/bench_decode.txt" | cut -c1-400)"
+fi
 
 if [ -z "${QS_SKIP_BENCH:-}" ]; then
     "$b/qbench_gpu" --quick > "$out/qbench_quick.txt" 2>&1
