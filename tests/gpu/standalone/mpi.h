@@ -10,26 +10,26 @@
 
 typedef int MPI_Comm, MPI_Datatype, MPI_Op, MPI_Errhandler;
 typedef long MPI_Aint;
-#define MPI_SUCCESS           0
-#define MPI_ERR_OTHER         15
-#define MPI_COMM_NULL         0
-#define MPI_COMM_WORLD        1
-#define MPI_DATATYPE_NULL     0
-#define MPI_BYTE              1
-#define MPI_INT               2
-#define MPI_UNSIGNED          3
-#define MPI_FLOAT             4
-#define MPI_UINT8_T           5
-#define MPI_UINT16_T          6
-#define MPI_INT32_T           7
-#define MPI_SUM               1
-#define MPI_MIN               2
-#define MPI_MAX               3
-#define MPI_ERRORS_RETURN     1
-#define MPI_IN_PLACE          ((void *)1)
-#define MPI_UNDEFINED         (-32766)
-#define MPI_THREAD_MULTIPLE   3
-#define MPI_MAX_ERROR_STRING  256
+#define MPI_SUCCESS          0
+#define MPI_ERR_OTHER        15
+#define MPI_COMM_NULL        0
+#define MPI_COMM_WORLD       1
+#define MPI_DATATYPE_NULL    0
+#define MPI_BYTE             1
+#define MPI_INT              2
+#define MPI_UNSIGNED         3
+#define MPI_FLOAT            4
+#define MPI_UINT8_T          5
+#define MPI_UINT16_T         6
+#define MPI_INT32_T          7
+#define MPI_SUM              1
+#define MPI_MIN              2
+#define MPI_MAX              3
+#define MPI_ERRORS_RETURN    1
+#define MPI_IN_PLACE         ((void *)1)
+#define MPI_UNDEFINED        (-32766)
+#define MPI_THREAD_MULTIPLE  3
+#define MPI_MAX_ERROR_STRING 256
 
 int MPI_Init(int *argc, char ***argv);
 int MPI_Initialized(int *flag);
