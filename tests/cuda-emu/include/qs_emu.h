@@ -164,8 +164,8 @@ const void *warp_gather(int kind, unsigned mask, const void *in, size_t bytes, c
 enum elem { E_F16, E_BF16, E_F32, E_S8, E_U8, E_S32 };
 /* WMMA D = A B + C for the calling lane: gathers the warp's A and B
  * fragments (lane l's elements are the l-th run of the matrix in row-major
- * order, column-major where a_col / b_col) and computes the lane's elements of D, products summed over k
- * in order in fp32 (int32 for 8-bit inputs). */
+ * order, column-major where a_col / b_col) and computes the lane's elements of D, products summed
+ * over k in order in fp32 (int32 for 8-bit inputs). */
 void wmma_mma(int M, int N, int K, int tin, const void *a, int a_col, const void *b, int b_col,
               int tc, const void *c, int td, void *d, const char *file, int line);
 unsigned active_mask();

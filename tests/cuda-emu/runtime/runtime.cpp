@@ -315,21 +315,32 @@ extern "C" const char *cudaGetErrorName(cudaError_t e)
     switch (e) {
 #define N(x)                                                                                       \
     case x:                                                                                        \
-        return #x;
-        N(cudaSuccess)
-        N(cudaErrorInvalidValue)
-        N(cudaErrorMemoryAllocation)
-        N(cudaErrorInitializationError)
-        N(cudaErrorInvalidConfiguration) N(cudaErrorInvalidSymbol) N(cudaErrorInvalidDevicePointer)
-            N(cudaErrorInvalidMemcpyDirection) N(cudaErrorInsufficientDriver)
-                N(cudaErrorInvalidDeviceFunction) N(cudaErrorNoDevice) N(cudaErrorInvalidDevice)
-                    N(cudaErrorInvalidResourceHandle) N(cudaErrorNotReady)
-                        N(cudaErrorIllegalAddress) N(cudaErrorLaunchOutOfResources)
-                            N(cudaErrorAssert) N(cudaErrorIllegalInstruction)
-                                N(cudaErrorMisalignedAddress) N(cudaErrorLaunchFailure)
-                                    N(cudaErrorNotSupported) N(cudaErrorStreamCaptureUnsupported)
-                                        N(cudaErrorStreamCaptureInvalidated)
-                                            N(cudaErrorStreamCaptureUnmatched) N(cudaErrorUnknown)
+        return #x
+        N(cudaSuccess);
+        N(cudaErrorInvalidValue);
+        N(cudaErrorMemoryAllocation);
+        N(cudaErrorInitializationError);
+        N(cudaErrorInvalidConfiguration);
+        N(cudaErrorInvalidSymbol);
+        N(cudaErrorInvalidDevicePointer);
+        N(cudaErrorInvalidMemcpyDirection);
+        N(cudaErrorInsufficientDriver);
+        N(cudaErrorInvalidDeviceFunction);
+        N(cudaErrorNoDevice);
+        N(cudaErrorInvalidDevice);
+        N(cudaErrorInvalidResourceHandle);
+        N(cudaErrorNotReady);
+        N(cudaErrorIllegalAddress);
+        N(cudaErrorLaunchOutOfResources);
+        N(cudaErrorAssert);
+        N(cudaErrorIllegalInstruction);
+        N(cudaErrorMisalignedAddress);
+        N(cudaErrorLaunchFailure);
+        N(cudaErrorNotSupported);
+        N(cudaErrorStreamCaptureUnsupported);
+        N(cudaErrorStreamCaptureInvalidated);
+        N(cudaErrorStreamCaptureUnmatched);
+        N(cudaErrorUnknown);
 #undef N
     }
     return "cudaErrorUnknown";
