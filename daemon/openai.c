@@ -672,9 +672,16 @@ static int chatml(const cJSON *msgs, const qs_catalog_entry *e, buf *out, char *
         buf_str(out, r);
         buf_str(out, "\n");
         if (content_text(cJSON_GetObjectItemCaseSensitive(m, "content"), out, err, n)) {
-            char why[200];
+            /* "message i: " before the sentence, truncated to n. */
+            char why[512];
             snprintf(why, sizeof why, "%s", err);
-            snprintf(err, n, "message %d: %s", i, why);
+            int k = snprintf(err, n, "message %d: ", i);
+            if (k > 0 && (size_t)k < n) {
+                size_t len = strlen(why), room = n - (size_t)k - 1;
+                len = len < room ? len : room;
+                memcpy(err + k, why, len);
+                err[(size_t)k + len] = '\0';
+            }
             return -1;
         }
         buf_str(out, "<|im_end|>\n");

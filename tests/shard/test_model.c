@@ -421,7 +421,7 @@ static void make_opt(qs_model_config *c)
                            .learned_pos = 1,
                            .final_norm = 1,
                            .norm_eps = 1e-5f};
-    char nm[96];
+    char nm[128];
     for (int l = 0; l < 2; l++) {
 #define A(s, r, c, sc, o)                                                                          \
     (snprintf(nm, sizeof nm, "model.decoder.layers.%d.%s", l, s), add(nm, r, c, sc, o))
