@@ -219,6 +219,25 @@ static int load_norm(qs_model *m, const source *s, role r, int l, norm *nm)
     return err;
 }
 
+static int gpu_quantize_linear(qs_model *m, uint32_t l, int which, linear *lin, float *W,
+                               unsigned iters)
+{
+#ifdef QS_SHARD_GPU
+    return qs_gpu_quantize_linear(m, l, which, lin, W, iters);
+#else
+    (void)m, (void)l, (void)which, (void)lin, (void)iters;
+    free(W);
+    return QS_ENOTSUP;
+#endif
+}
+
+static int quantize_on_device(const qs_model_opts *o)
+{
+    if (o->quantize_on == QS_QUANTIZE_ON_AUTO)
+        return !qs_cuda_emulated();
+    return o->quantize_on == QS_QUANTIZE_ON_DEVICE;
+}
+
 /* A synthetic layer on a GPU: each weight made in device memory and
  * quantized there (fp16, BCQ, RTN, W8A8 without smoothing), so the host never holds it: what lets
  * OPT-175B load onto one GPU at the GPU's speed. Norms and biases, small,
@@ -297,12 +316,14 @@ static int load_layer(qs_model *m, const source *s, int l, const qs_model_opts *
                                    Wd)))
             goto out;
     }
-    /* Quantize; finish_linear takes ownership of each array. */
-    linear *lins[] = {&L->q, &L->k, &L->v, &L->o, &L->up, &L->down, &L->gate};
-    float **ws[] = {&Wq, &Wk, &Wv, &Wo, &Wu, &Wd, &Wg};
+    /* Quantize, on the GPU or here; each takes ownership of its array. */
+    linear *lins[] = {&L->q, &L->k, &L->v, &L->o, &L->up, &L->gate, &L->down};
+    float **ws[] = {&Wq, &Wk, &Wv, &Wo, &Wu, &Wg, &Wd};
+    int dev = m->dev && quantize_on_device(o);
     for (size_t i = 0; i < sizeof lins / sizeof lins[0] && !err; i++) {
         if (*ws[i])
-            err = finish_linear(m, lins[i], *ws[i], o->bcq_iters);
+            err = dev ? gpu_quantize_linear(m, (uint32_t)l, (int)i, lins[i], *ws[i], o->bcq_iters)
+                      : finish_linear(m, lins[i], *ws[i], o->bcq_iters);
         *ws[i] = NULL;
     }
 out:

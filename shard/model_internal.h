@@ -90,6 +90,10 @@ int qs_gpu_finish(qs_model *m);
  * host bias (if any) uploaded. */
 int qs_gpu_synth_linear(qs_model *m, uint32_t l, int which, linear *lin, uint64_t key,
                         uint64_t cols, uint64_t r0, uint64_t c0, unsigned iters);
+/* Layer l's linear `which` from host fp32 weights W (lin->N x lin->K,
+ * freed here), quantized on the GPU in the model's scheme. */
+int qs_gpu_quantize_linear(qs_model *m, uint32_t l, int which, linear *lin, float *W,
+                           unsigned iters);
 /* The embedding (lm_head 0) or LM head table made on the GPU from its key. */
 int qs_gpu_synth_table(qs_model *m, int lm_head, uint64_t key);
 void qs_model_gpu_free(qs_model *m);

@@ -317,39 +317,34 @@ int qs_gpu_upload_layer(qs_model *m, uint32_t l)
     return err;
 }
 
-int qs_gpu_synth_linear(qs_model *m, uint32_t l, int which, linear *lin, uint64_t key,
-                        uint64_t cols, uint64_t r0, uint64_t c0, unsigned iters)
+/* Device fp32 weights W (lin->N x lin->K) into layer l's linear `which` in
+ * the model's scheme (W is left to the caller); the host bias uploaded. */
+static int quantize_on_gpu(qs_model *m, uint32_t l, int which, linear *lin, const float *W,
+                           unsigned iters)
 {
     gpu *g = m->dev;
     gpu_linear *d = &g->lins[l * 7 + which];
     size_t N = lin->N, K = lin->K;
-    float *W = NULL;
     const qs_quant *q = &m->quant;
-    int err = qs_cuda_malloc((void **)&W, N * K * sizeof(float));
-    if (!err)
-        err = qs_cuda_synth_fill(W, key, cols, r0, N, c0, K, K, QS_SYNTH_WEIGHT, 0, g->stream);
-    if (!err) {
-        switch (q->scheme) {
-        case QS_SCHEME_FP16:
-            if (!(err = gpu_alloc(g, &d->w16, N * K * 2)))
-                err = qs_cuda_f32_to_f16(W, N * K, d->w16, g->stream);
-            if (!err)
-                err = qs_cuda_stream_sync(g->stream);
-            break;
-        case QS_SCHEME_BCQ:
-            err = qs_cuda_bcq_quantize(&d->bcq, W, N, K, (unsigned)q->bits, q->group_size, iters,
-                                       g->stream);
-            break;
-        case QS_SCHEME_RTN:
-            err =
-                qs_cuda_rtn_quantize(&d->bcq, W, N, K, (unsigned)q->bits, q->group_size, g->stream);
-            break;
-        case QS_SCHEME_W8A8:
-            err = qs_cuda_w8_quantize(&d->w8, W, N, K, q->group_size, g->stream);
-            break;
-        }
+    int err = QS_OK;
+    switch (q->scheme) {
+    case QS_SCHEME_FP16:
+        if (!(err = gpu_alloc(g, &d->w16, N * K * 2)))
+            err = qs_cuda_f32_to_f16(W, N * K, d->w16, g->stream);
+        if (!err)
+            err = qs_cuda_stream_sync(g->stream);
+        break;
+    case QS_SCHEME_BCQ:
+        err = qs_cuda_bcq_quantize(&d->bcq, W, N, K, (unsigned)q->bits, q->group_size, iters,
+                                   g->stream);
+        break;
+    case QS_SCHEME_RTN:
+        err = qs_cuda_rtn_quantize(&d->bcq, W, N, K, (unsigned)q->bits, q->group_size, g->stream);
+        break;
+    case QS_SCHEME_W8A8:
+        err = qs_cuda_w8_quantize(&d->w8, W, N, K, q->group_size, g->stream);
+        break;
     }
-    qs_cuda_free(W);
     if (!err && (q->scheme == QS_SCHEME_BCQ || q->scheme == QS_SCHEME_RTN)) {
         g->bytes += d->bcq.bytes;
         err = share_ws(g, &d->bcq.ws, (size_t)QS_CUDA_WS_ROWS * N * sizeof(float));
@@ -363,11 +358,42 @@ int qs_gpu_synth_linear(qs_model *m, uint32_t l, int which, linear *lin, uint64_
         return err;
     free(lin->bias);
     lin->bias = NULL;
+    lin->scheme = q->scheme;
     m->bytes.linear += q->scheme == QS_SCHEME_FP16   ? N * K * 2
                        : q->scheme == QS_SCHEME_W8A8 ? d->w8.bytes
                                                      : d->bcq.bytes;
     lin->dev = d;
     return QS_OK;
+}
+
+int qs_gpu_synth_linear(qs_model *m, uint32_t l, int which, linear *lin, uint64_t key,
+                        uint64_t cols, uint64_t r0, uint64_t c0, unsigned iters)
+{
+    gpu *g = m->dev;
+    size_t N = lin->N, K = lin->K;
+    float *W = NULL;
+    int err = qs_cuda_malloc((void **)&W, N * K * sizeof(float));
+    if (!err)
+        err = qs_cuda_synth_fill(W, key, cols, r0, N, c0, K, K, QS_SYNTH_WEIGHT, 0, g->stream);
+    if (!err)
+        err = quantize_on_gpu(m, l, which, lin, W, iters);
+    qs_cuda_free(W);
+    return err;
+}
+
+int qs_gpu_quantize_linear(qs_model *m, uint32_t l, int which, linear *lin, float *W,
+                           unsigned iters)
+{
+    size_t bytes = lin->N * lin->K * sizeof(float);
+    float *dW = NULL;
+    int err = qs_cuda_malloc((void **)&dW, bytes);
+    if (!err)
+        err = qs_cuda_h2d(dW, W, bytes);
+    free(W);
+    if (!err)
+        err = quantize_on_gpu(m, l, which, lin, dW, iters);
+    qs_cuda_free(dW);
+    return err;
 }
 
 /* A vocabulary table (the embedding or the LM head: vr rows of `width`,

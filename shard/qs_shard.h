@@ -272,6 +272,12 @@ typedef struct qs_calib {
 int qs_calib_init(qs_calib *c, const qs_model_config *cfg);
 void qs_calib_close(qs_calib *c);
 
+/* Where a GPU model's file weights are quantized. AUTO: on the GPU (the
+ * device quantizers of kernels/cuda, minutes for OPT-175B where the host
+ * takes hours), except under the CPU execution harness, whose emulated
+ * iterative fits would take hours for a real model: there on the host. */
+enum { QS_QUANTIZE_ON_AUTO = 0, QS_QUANTIZE_ON_HOST, QS_QUANTIZE_ON_DEVICE };
+
 typedef struct qs_model_opts {
     qs_quant quant;            /* scheme; bits 0 = the scheme's default */
     const char *weights;       /* GGUF or safetensors path; NULL = synthetic */
@@ -286,6 +292,7 @@ typedef struct qs_model_opts {
     int on_gpu;                /* 1: load onto GPU `gpu` layer by layer (collective, as
                                 * qs_model_use_device); the host never holds the whole shard */
     int gpu;
+    int quantize_on; /* on_gpu, weights from a file: QS_QUANTIZE_ON_* */
     /* Called after each layer is loaded (NULL: none), for progress bars. */
     void (*progress)(void *ctx, uint32_t layers_done, uint32_t layers);
     void *progress_ctx;
