@@ -390,9 +390,9 @@ static int resolve_source(const Qshard__V1__LoadRequest *r, qs_served *s, qs_qua
                     s->cfg = fc, snprintf(s->cfg.name, sizeof s->cfg.name, "%s", p->name);
             }
             qs_weights_close(f);
-            qs_clearerr();
             if (err)
                 return err;
+            qs_clearerr(); /* a lookup's miss */
         }
     } else if (stat(r->model, &st) == 0 && S_ISDIR(st.st_mode) && qs_is_checkpoint(r->model)) {
         uint32_t tp;
@@ -544,10 +544,13 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
     int checkpoint = 0, err = resolve_source(r, s, &q, &checkpoint);
     if (!err && !checkpoint)
         err = qs_quant_resolve(r->quant, &s->cfg, &q);
+    /* The name: --name, a preset's, or the file's; qs_preset_find's miss is
+     * not an error here, and must not replace one. */
     const char *slash = strrchr(s->source, '/');
-    const char *nm = *r->name                                    ? r->name
-                     : (checkpoint || !qs_preset_find(r->model)) ? (slash ? slash + 1 : s->source)
-                                                                 : s->cfg.name;
+    int preset = !err && !checkpoint && qs_preset_find(r->model);
+    if (!err)
+        qs_clearerr();
+    const char *nm = *r->name ? r->name : preset ? s->cfg.name : slash ? slash + 1 : s->source;
     if (strlen(nm) >= sizeof s->name && !err)
         err = qs_seterr(QS_EINVAL, "the model name '%s' is longer than %zu characters: pass --name",
                         nm, sizeof s->name - 1);
@@ -557,7 +560,6 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
                         "a model named '%s' is loaded already: unload it or pass "
                         "--name",
                         s->name);
-    qs_clearerr();
     s->quant = q;
     if (!s->tp)
         s->tp = r->gpus ? r->gpus : (uint32_t)d->world;
@@ -606,7 +608,7 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
     int32_t fails = err != 0, all = 0;
     if (qs_comm_allreduce_sum(d->world_comm, &fails, &all, 1, QS_COLL_I32, QS_COLL_HOST) || all) {
         if (!err)
-            err = qs_seterr(QS_EINVAL, "another rank refused the load");
+            err = qs_seterr(QS_ECOMM, "another rank refused the load");
         served_free(s);
         return err;
     }
@@ -627,7 +629,8 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
         } else if (*r->tokenizer)
             err = qs_seterr(QS_EINVAL, "'%s' is not a GGUF file with a tokenizer", r->tokenizer);
         qs_weights_close(f);
-        qs_clearerr();
+        if (!err)
+            qs_clearerr(); /* no tokenizer in the file: the lookups' misses */
     }
 
     qs_model_opts o = {.quant = s->quant,
@@ -698,7 +701,7 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
     fails = err != 0;
     if (qs_comm_allreduce_sum(d->world_comm, &fails, &all, 1, QS_COLL_I32, QS_COLL_HOST) || all) {
         if (!err)
-            err = qs_seterr(QS_EINVAL, "another rank failed to load its shard");
+            err = qs_seterr(QS_ECOMM, "another rank failed to load its shard");
         served_free(s);
         return err;
     }

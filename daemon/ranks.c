@@ -152,7 +152,9 @@ static void execute(qs_daemon *d, const int64_t hdr[HDR_N], const void *payload,
                 if (counts[i] > 0)
                     all[displs[i] + counts[i] - 1] = '\0';
                 parts[i].msg = counts[i] > 0 ? all + displs[i] : "";
-                if (first < 0)
+                /* The rank that failed first says why; the others only
+                 * followed it (QS_ECOMM: "another rank ..."). */
+                if (first < 0 || (parts[first].err == QS_ECOMM && parts[i].err != QS_ECOMM))
                     first = i;
             } else {
                 parts[i].data = all + displs[i];

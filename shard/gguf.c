@@ -24,8 +24,9 @@ typedef struct cursor {
 static int need(cursor *c, uint64_t n, const char *what)
 {
     if ((uint64_t)(c->end - c->p) < n)
-        return qs_seterr(QS_EFORMAT, "%s: truncated GGUF file: %s runs past the end", c->file,
-                         what);
+        return qs_seterr(QS_EFORMAT,
+                         "%s: truncated GGUF file: %s runs past the end (download it again)",
+                         c->file, what);
     return QS_OK;
 }
 
@@ -116,7 +117,9 @@ static int skip_value(cursor *c, uint32_t type, int depth, const char *key)
     }
     /* Each element takes at least 8 bytes (a string's length), which bounds count. */
     if (count > (uint64_t)(c->end - c->p) / 8)
-        return qs_seterr(QS_EFORMAT, "%s: metadata array '%s' of %llu elements runs past the end",
+        return qs_seterr(QS_EFORMAT,
+                         "%s: metadata array '%s' of %llu elements runs past the end: the "
+                         "file is truncated or damaged (download it again)",
                          c->file, key, (unsigned long long)count);
     for (uint64_t i = 0; i < count; i++)
         if ((err = skip_value(c, et, depth + 1, key)))
@@ -175,7 +178,8 @@ int qs_gguf_parse(qs_weights *w, const uint8_t *base, size_t size)
     if (nkv > MAX_KV || ntensors > (uint64_t)(c.end - c.p) / 24)
         return qs_seterr(QS_EFORMAT,
                          "%s: GGUF header claims %llu metadata entries and %llu "
-                         "tensors, more than the file can hold",
+                         "tensors, more than the file can hold: it is truncated or damaged "
+                         "(download it again)",
                          file, (unsigned long long)nkv, (unsigned long long)ntensors);
 
     /* Metadata: index each entry so that look-ups need not walk the file. */
@@ -272,11 +276,12 @@ int qs_gguf_parse(qs_weights *w, const uint8_t *base, size_t size)
             uint64_t off = offsets[i - first];
             if (off % alignment || data > size || off > size - data ||
                 t->nbytes > size - data - off) {
-                err = qs_seterr(QS_EFORMAT,
-                                "%s: tensor '%s' (%llu bytes at offset %llu) lies "
-                                "outside the file of %zu bytes or is misaligned",
-                                file, t->name, (unsigned long long)t->nbytes,
-                                (unsigned long long)off, size);
+                err = qs_seterr(
+                    QS_EFORMAT,
+                    "%s: tensor '%s' (%llu bytes at offset %llu) lies "
+                    "outside the file of %zu bytes or is misaligned: the file is truncated or "
+                    "damaged (download it again)",
+                    file, t->name, (unsigned long long)t->nbytes, (unsigned long long)off, size);
                 break;
             }
             t->data = base + data + off;

@@ -143,7 +143,8 @@ int qs_safetensors_parse(qs_weights *w, const uint8_t *base, size_t size)
         return qs_seterr(QS_EFORMAT,
                          "%s is neither GGUF (magic 'GGUF') nor safetensors (its "
                          "header length %llu does not fit the file of %zu bytes, or "
-                         "the header is not JSON)",
+                         "the header is not JSON): name a GGUF file, a .safetensors file or a "
+                         "directory with config.json",
                          file, (unsigned long long)n, size);
     cJSON *h = cJSON_ParseWithLength((const char *)base + 8, (size_t)n);
     if (!h || !cJSON_IsObject(h)) {

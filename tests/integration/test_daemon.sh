@@ -512,6 +512,77 @@ print(f"tokens equal {g['tokens']}; perplexity {pg:.3f} on GPUs, {pc:.3f} on CPU
 PY
     note "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["text"])' "$tmp/gpu.gen" | head -c 80)"
     ;;
+bad_files)
+    # Every refusal of a user's file reaches qctl (exit 1) with the daemon's
+    # sentence, never "no details", and the daemon keeps serving.
+    start
+    repo=$(cd "$(dirname "$0")/../.." && pwd)
+    gguf=
+    if bash "$repo/deploy/fetch-model.sh" >"$tmp/fetch" 2>&1; then
+        gguf=$(tail -n 1 "$tmp/fetch")
+    else
+        note "no default model ($(tail -n 1 "$tmp/fetch")): the truncated-GGUF cases are skipped"
+    fi
+    python3 - "$tmp" <<'PY' || fail "could not write the bad files"
+import json, os, struct, sys
+d = sys.argv[1]
+def s(x):
+    b = x.encode()
+    return struct.pack("<Q", len(b)) + b
+def gguf(path, arch, tensors):
+    kv = s("general.architecture") + struct.pack("<I", 8) + s(arch)
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), 1) + kv
+    for name, dims, typ in tensors:
+        out += s(name) + struct.pack("<I", len(dims))
+        out += b"".join(struct.pack("<Q", n) for n in dims) + struct.pack("<IQ", typ, 0)
+    out += b"\0" * (-len(out) % 32) + b"\0" * 4096
+    open(path, "wb").write(out)
+gguf(f"{d}/mamba.gguf", "mamba", [])
+gguf(f"{d}/q5k.gguf", "llama", [("token_embd.weight", [64, 32], 13)])
+# A safetensors file whose header promises 4 MB that the file does not hold.
+os.makedirs(f"{d}/lying", exist_ok=True)
+h = json.dumps({"model.decoder.embed_tokens.weight":
+                {"dtype": "F32", "shape": [1000, 1000], "data_offsets": [0, 4000000]}}).encode()
+open(f"{d}/lying/model.safetensors", "wb").write(struct.pack("<Q", len(h)) + h + b"\0" * 16)
+json.dump({"model_type": "opt", "num_hidden_layers": 2, "hidden_size": 64,
+           "num_attention_heads": 2, "ffn_dim": 128, "vocab_size": 1000,
+           "max_position_embeddings": 64, "word_embed_proj_dim": 64,
+           "do_layer_norm_before": True}, open(f"{d}/lying/config.json", "w"))
+os.makedirs(f"{d}/noconfig", exist_ok=True)
+open(f"{d}/passwd", "w").write(open("/etc/passwd").read())
+PY
+    # refused PHRASE QCTL-ARGS...: exit 1, the phrase in qctl's sentence.
+    refused() {
+        local phrase=$1
+        shift
+        expect 1 "$qctl" "$@"
+        grep -q "no details" "$tmp/err" && fail "'qctl $*' said no details: $(cat "$tmp/err")"
+        grep -qF -- "$phrase" "$tmp/err" || fail "'qctl $*': want '$phrase' in: $(cat "$tmp/err")"
+        note "qctl $* -> $(cat "$tmp/err")"
+    }
+    refused "neither GGUF" load "$tmp/passwd"
+    refused "architecture 'mamba' is not supported" load "$tmp/mamba.gguf"
+    refused "ggml type 13" load "$tmp/q5k.gguf"
+    refused "outside the" load "$tmp/lying" --scheme fp16
+    refused "config.json" load "$tmp/noconfig"
+    refused "more than this device" load opt-175b --bits 3 --gpus 1
+    if [ -n "$gguf" ]; then
+        for cut in 24 2000 400000 3000000; do
+            head -c "$cut" "$gguf" >"$tmp/cut$cut.gguf"
+            refused "cut$cut.gguf" load "$tmp/cut$cut.gguf" --scheme fp16
+            refused "cut$cut.gguf" load smollm2-135m --name "t$cut" --weights "$tmp/cut$cut.gguf"
+        done
+    fi
+    # Still serving, nothing half-loaded left behind.
+    expect 0 "$qctl" load opt-125m --bits 4 --gpus 1 --max-seq 32
+    expect 0 "$qctl" generate opt-125m "hello" --max-tokens 2
+    expect 0 "$qctl" --json stats
+    python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))["models"]; assert [x["name"] for x in m] == ["opt-125m"], m' "$tmp/out" ||
+        fail "stats after the refusals: $(cat "$tmp/out")"
+    expect 0 "$qctl" shutdown
+    wait_exit 30
+    [ "$rc" = 0 ] || fail "mpirun exited $rc after shutdown, want 0"
+    ;;
 bad_start)
     # A non-loopback address without --allow-remote: refused, exit 2, no hang.
     "$mpiexec" "${mpi_flags[@]}" -np 2 "$qdaemon" --listen 0.0.0.0:0 >"$log" 2>&1 &
