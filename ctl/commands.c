@@ -716,6 +716,22 @@ typedef struct load_ctx {
     int tty; /* stderr is a terminal: draw a bar */
 } load_ctx;
 
+/* ", 12.3 M weights/s, 40 s left": the stage's rate so far and the time
+ * its remaining layers take at that rate ("" before a rate exists). */
+static const char *load_rate(const Qshard__V1__LoadProgress *p, char *out, size_t n)
+{
+    out[0] = '\0';
+    if (p->layer == 0 || p->stage_seconds <= 0 || p->layers < p->layer)
+        return out;
+    double left = p->stage_seconds * (double)(p->layers - p->layer) / p->layer;
+    int k = 0;
+    if (p->params_done)
+        k = snprintf(out, n, ", %.1f M weights/s", (double)p->params_done / p->stage_seconds / 1e6);
+    if (k >= 0 && (size_t)k < n && p->layer < p->layers)
+        snprintf(out + k, n - (size_t)k, ", %.0f s left", left);
+    return out;
+}
+
 static int load_on_msg(ProtobufCMessage *msg, void *ud)
 {
     load_ctx *l = ud;
@@ -728,20 +744,22 @@ static int load_on_msg(ProtobufCMessage *msg, void *ud)
                     fmt_bytes(p->bytes_total, total, sizeof total), p->layers);
         else if (!l->g->json && p->layer && l->tty) {
             /* A bar on a terminal, redrawn in place. */
+            char rate[64];
             int w = 30, fill = p->layers ? (int)((uint64_t)w * p->layer / p->layers) : 0;
-            fprintf(stderr, "\r  %-12s [%.*s%*s] %u/%u layers, %.1f s", p->stage, fill,
-                    "##############################", w - fill, "", p->layer, p->layers,
-                    p->seconds);
+            fprintf(stderr, "\r  %-12s [%.*s%*s] %u/%u layers, %.1f s%s", p->stage, fill,
+                    "##############################", w - fill, "", p->layer, p->layers, p->seconds,
+                    load_rate(p, rate, sizeof rate));
             if (p->layer == p->layers)
                 fprintf(stderr, "\n");
         } else if (!l->g->json) {
             /* Plain lines elsewhere: the stage, then about every tenth of the layers. */
+            char rate[64];
             uint32_t step = p->layers > 10 ? (p->layers + 9) / 10 : 1;
             if (!p->layer)
                 fprintf(stderr, "  %-12s %.1f s\n", p->stage, p->seconds);
             else if (p->layer % step == 0 || p->layer == p->layers)
-                fprintf(stderr, "  %-12s %u/%u layers, %.1f s\n", p->stage, p->layer, p->layers,
-                        p->seconds);
+                fprintf(stderr, "  %-12s %u/%u layers, %.1f s%s\n", p->stage, p->layer, p->layers,
+                        p->seconds, load_rate(p, rate, sizeof rate));
         }
         protobuf_c_message_free_unpacked(msg, NULL);
         return 0;

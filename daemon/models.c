@@ -476,17 +476,20 @@ static int calibrate(qs_served *s, const Qshard__V1__LoadRequest *r, const qs_mo
 
 /* Rank 0: one progress event on the Load stream (layer 0: a stage starts). */
 static void progress_at(const qs_daemon *d, const qs_cmd *cmd, const char *stage, uint32_t layer,
-                        uint32_t layers, uint64_t total, double t0)
+                        uint32_t layers, uint64_t total, double t0, double t_stage, uint64_t params)
 {
     if (d->rank != 0)
         return;
     Qshard__V1__LoadProgress pr = QSHARD__V1__LOAD_PROGRESS__INIT;
     Qshard__V1__LoadEvent ev = QSHARD__V1__LOAD_EVENT__INIT;
+    double now = qs_now();
     pr.stage = (char *)stage;
     pr.layer = layer;
     pr.layers = layers;
     pr.bytes_total = total;
-    pr.seconds = qs_now() - t0;
+    pr.seconds = now - t0;
+    pr.stage_seconds = t_stage > 0 ? now - t_stage : 0;
+    pr.params_done = params;
     ev.event_case = QSHARD__V1__LOAD_EVENT__EVENT_PROGRESS;
     ev.progress = &pr;
     qs_cmd_stream(cmd, &ev);
@@ -495,22 +498,24 @@ static void progress_at(const qs_daemon *d, const qs_cmd *cmd, const char *stage
 static void progress(const qs_daemon *d, const qs_cmd *cmd, const char *stage, uint32_t layers,
                      uint64_t total, double t0)
 {
-    progress_at(d, cmd, stage, 0, layers, total, t0);
+    progress_at(d, cmd, stage, 0, layers, total, t0, qs_now(), 0);
 }
 
-/* Rank 0 in the group: a progress event per layer loaded. */
+/* Rank 0 in the group: a progress event per layer loaded, with the weights
+ * done so far (the whole model's, which the group quantizes together). */
 typedef struct load_ctx {
     const qs_daemon *d;
     const qs_cmd *cmd;
     const char *stage;
-    uint64_t total;
-    double t0;
+    uint64_t total, layer_params;
+    double t0, t_stage;
 } load_ctx;
 
 static void on_layer(void *ctx, uint32_t done, uint32_t layers)
 {
     const load_ctx *l = ctx;
-    progress_at(l->d, l->cmd, l->stage, done, layers, l->total, l->t0);
+    progress_at(l->d, l->cmd, l->stage, done, layers, l->total, l->t0, l->t_stage,
+                (uint64_t)done * l->layer_params);
 }
 
 static int load_part(const qs_served *s, qs_buf *out)
@@ -671,7 +676,9 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
         if (!err) {
             const char *stage = checkpoint ? "reading" : "quantizing";
             progress(d, cmd, stage, s->cfg.layers, s->plan.rank.total, t0);
-            load_ctx lc = {d, cmd, stage, s->plan.rank.total, t0};
+            load_ctx lc = {
+                d,  cmd,     stage, s->plan.rank.total, s->plan.linear_params / s->cfg.layers,
+                t0, qs_now()};
             o.progress = on_layer;
             o.progress_ctx = &lc;
             double tq = qs_now();
