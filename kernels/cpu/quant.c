@@ -167,50 +167,121 @@ typedef struct lvl {
     unsigned c;
 } lvl;
 
-static int lvl_cmp(const void *x, const void *y)
-{
-    double a = ((const lvl *)x)->v, b = ((const lvl *)y)->v;
-    return (a > b) - (a < b);
-}
-
-/* Best bits for fixed alpha and z: the nearest of the 2^q sorted levels,
- * found by bisection over the midpoints. Returns the squared error, each
- * element's weighted by h[k]. */
-static double assign_codes(const double *w, const double *h, size_t G, const double *a, double z,
-                           unsigned q, uint8_t *codes, lvl *L)
+/* The 2^q levels in ascending order; equal levels keep code order (a
+ * stable insertion sort: 16 or 256 entries, sorted every iteration). */
+static void sort_levels(const double *a, double z, unsigned q, lvl *L)
 {
     unsigned nl = 1u << q;
-    for (unsigned c = 0; c < nl; c++)
-        L[c].v = level(a, z, q, c), L[c].c = c;
-    qsort(L, nl, sizeof(lvl), lvl_cmp);
-    double err = 0;
-    for (size_t k = 0; k < G; k++) {
-        unsigned lo = 0, hi = nl - 1;
-        while (lo < hi) {
-            unsigned mid = (lo + hi) / 2;
-            if (w[k] > 0.5 * (L[mid].v + L[mid + 1].v))
-                lo = mid + 1;
-            else
-                hi = mid;
-        }
-        codes[k] = (uint8_t)L[lo].c;
-        double d = w[k] - L[lo].v;
-        err += h[k] * d * d;
+    for (unsigned c = 0; c < nl; c++) {
+        lvl x = {level(a, z, q, c), c};
+        unsigned j = c;
+        for (; j > 0 && L[j - 1].v > x.v; j--)
+            L[j] = L[j - 1];
+        L[j] = x;
     }
+}
+
+/* A group's weights in ascending order (their indices), once per group:
+ * assigning codes is then one merge of two sorted lists per iteration. */
+typedef struct wix {
+    double v;
+    uint32_t k;
+} wix;
+
+static int wix_less(const wix *a, const wix *b)
+{
+    return a->v < b->v || (a->v == b->v && a->k < b->k);
+}
+
+/* Bottom-up merge sort of tmp (ties by index, so the order is unique),
+ * through buf; the indices into order. */
+static void sort_weights(const double *w, size_t G, wix *tmp, wix *buf, uint32_t *order)
+{
+    for (size_t k = 0; k < G; k++)
+        tmp[k].v = w[k], tmp[k].k = (uint32_t)k;
+    wix *src = tmp, *dst = buf;
+    for (size_t width = 1; width < G; width *= 2) {
+        for (size_t lo = 0; lo < G; lo += 2 * width) {
+            size_t mid = lo + width < G ? lo + width : G,
+                   hi = lo + 2 * width < G ? lo + 2 * width : G;
+            size_t i = lo, j = mid, o = lo;
+            while (i < mid && j < hi)
+                dst[o++] = wix_less(&src[j], &src[i]) ? src[j++] : src[i++];
+            while (i < mid)
+                dst[o++] = src[i++];
+            while (j < hi)
+                dst[o++] = src[j++];
+        }
+        wix *t = src;
+        src = dst, dst = t;
+    }
+    for (size_t k = 0; k < G; k++)
+        order[k] = src[k].k;
+}
+
+/* The weighted code histogram the normal equations need: cnt[c] = sum of
+ * h, sw[c] = sum of h w over the elements with code c, in index order. */
+typedef struct hist {
+    double cnt[256], sw[256];
+} hist;
+
+/* Best bits for fixed alpha and z: the nearest of the sorted levels (the
+ * lowest whose midpoint with the next is at least w), walking the weights
+ * in ascending order (rank: scratch of G bytes). Returns the squared error,
+ * each element's weighted by h[k], summed in index order; fills the new
+ * codes' histogram and says whether any code changed. */
+static double assign_codes(const double *w, const double *h, const uint32_t *order, size_t G,
+                           const double *a, double z, unsigned q, uint8_t *codes, uint8_t *rank,
+                           lvl *L, hist *hs, int *changed)
+{
+    unsigned nl = 1u << q, j = 0;
+    sort_levels(a, z, q, L);
+    double mid[255];
+    for (unsigned m = 0; m + 1 < nl; m++)
+        mid[m] = 0.5 * (L[m].v + L[m + 1].v);
+    for (size_t i = 0; i < G; i++) {
+        size_t k = order[i];
+        while (j + 1 < nl && w[k] > mid[j])
+            j++;
+        rank[k] = (uint8_t)j;
+    }
+    memset(hs->cnt, 0, nl * sizeof(double));
+    memset(hs->sw, 0, nl * sizeof(double));
+    double err = 0;
+    int ch = 0;
+    for (size_t k = 0; k < G; k++) {
+        double d = w[k] - L[rank[k]].v;
+        uint8_t c = (uint8_t)L[rank[k]].c;
+        ch |= c != codes[k];
+        codes[k] = c;
+        err += h[k] * d * d;
+        hs->cnt[c] += h[k], hs->sw[c] += h[k] * w[k];
+    }
+    *changed = ch;
     return err;
 }
 
-/* Weighted (h) least-squares alpha (q values) and z for fixed bits. The normal equations
- * depend on the bits only through the code histogram, so they cost
- * O(G + 2^q q^2). A tiny ridge keeps them solvable when a plane is constant
- * (then it is collinear with z). */
-static void ls_alpha_z(const double *w, const double *h, size_t G, const uint8_t *codes, unsigned q,
-                       double *a, double *z)
+static void code_hist(const double *w, const double *h, size_t G, const uint8_t *codes, unsigned q,
+                      hist *hs)
+{
+    memset(hs->cnt, 0, (1u << q) * sizeof(double));
+    memset(hs->sw, 0, (1u << q) * sizeof(double));
+    for (size_t k = 0; k < G; k++)
+        hs->cnt[codes[k]] += h[k], hs->sw[codes[k]] += h[k] * w[k];
+}
+
+/* Weighted (h) least-squares alpha (q values) and z for fixed bits. The
+ * normal equations depend on the bits only through the code histogram, so
+ * they cost O(2^q q^2). A tiny ridge keeps them solvable when a plane is
+ * constant (then it is collinear with z). */
+static void ls_alpha_z(const hist *hs, unsigned q, double *a, double *z)
 {
     unsigned nl = 1u << q, d = q + 1;
-    double cnt[256] = {0}, sw[256] = {0}, A[9][10] = {{0}};
-    for (size_t k = 0; k < G; k++)
-        cnt[codes[k]] += h[k], sw[codes[k]] += h[k] * w[k];
+    const double *cnt = hs->cnt, *sw = hs->sw;
+    double A[9][10];
+    for (unsigned i = 0; i < d; i++)
+        memset(A[i], 0, (d + 1) * sizeof(double));
+    /* Symmetric: the upper triangle, then its mirror. */
     for (unsigned c = 0; c < nl; c++) {
         if (cnt[c] == 0)
             continue;
@@ -219,11 +290,14 @@ static void ls_alpha_z(const double *w, const double *h, size_t G, const uint8_t
             v[i] = (c >> i & 1u) ? 1 : -1;
         v[q] = 1;
         for (unsigned i = 0; i < d; i++) {
-            for (unsigned j = 0; j < d; j++)
+            for (unsigned j = i; j < d; j++)
                 A[i][j] += cnt[c] * v[i] * v[j];
             A[i][d] += sw[c] * v[i];
         }
     }
+    for (unsigned i = 0; i < d; i++)
+        for (unsigned j = 0; j < i; j++)
+            A[i][j] = A[j][i];
     double tr = 0;
     for (unsigned i = 0; i < d; i++)
         tr += A[i][i];
@@ -257,24 +331,38 @@ static void ls_alpha_z(const double *w, const double *h, size_t G, const uint8_t
     *z = x[q];
 }
 
+/* Per-group scratch of the refinement. */
+typedef struct fit_ws {
+    const uint32_t *order; /* the weights' ascending order */
+    uint8_t *rank;         /* G bytes */
+    lvl *L;                /* 256 levels */
+    hist hs;
+} fit_ws;
+
 /* Alternating refinement from the given codes; returns the error of the
- * fp16-rounded result, which is what gets stored. */
+ * fp16-rounded result, which is what gets stored. Stops when the codes
+ * repeat (the next step would give the same alpha) or the error stops
+ * falling. */
 static double refine(const double *w, const double *h, size_t G, unsigned q, unsigned iters,
-                     uint8_t *codes, double *a, double *z, lvl *L)
+                     uint8_t *codes, double *a, double *z, fit_ws *f)
 {
     double best = INFINITY;
+    int changed = 1;
+    code_hist(w, h, G, codes, q, &f->hs);
     for (unsigned it = 0; it < iters; it++) {
-        ls_alpha_z(w, h, G, codes, q, a, z);
-        double err = assign_codes(w, h, G, a, *z, q, codes, L);
-        if (!(err < best * (1 - 1e-9))) /* stopped falling */
+        ls_alpha_z(&f->hs, q, a, z);
+        double err =
+            assign_codes(w, h, f->order, G, a, *z, q, codes, f->rank, f->L, &f->hs, &changed);
+        if (!changed || !(err < best * (1 - 1e-9))) /* converged, or stopped falling */
             break;
         best = err;
     }
-    ls_alpha_z(w, h, G, codes, q, a, z); /* the least-squares scales of the final bits */
+    if (changed) /* the least-squares scales of the final bits */
+        ls_alpha_z(&f->hs, q, a, z);
     for (unsigned i = 0; i < q; i++)
         a[i] = qs_fp16_to_fp32(qs_fp32_to_fp16((float)a[i]));
     *z = qs_fp16_to_fp32(qs_fp32_to_fp16((float)*z));
-    return assign_codes(w, h, G, a, *z, q, codes, L);
+    return assign_codes(w, h, f->order, G, a, *z, q, codes, f->rank, f->L, &f->hs, &changed);
 }
 
 int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q, size_t g,
@@ -304,7 +392,13 @@ int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q,
         uint8_t *c2 = malloc(2 * gs); /* refined RTN codes, then plain RTN codes */
         uint8_t *c3 = c2 ? c2 + gs : NULL;
         lvl *L = malloc(256 * sizeof(lvl));
-        nomem = !w || !h || !c2 || !L;
+        uint32_t *order = malloc(gs * sizeof *order);
+        wix *tmp = malloc(2 * gs * sizeof *tmp);
+        uint8_t *rank = malloc(gs);
+        fit_ws *f = malloc(sizeof *f);
+        nomem = !w || !h || !c2 || !L || !order || !tmp || !rank || !f;
+        if (f)
+            f->order = order, f->rank = rank, f->L = L;
 #pragma omp for schedule(dynamic, 4)
         for (size_t t = 0; t < N * ng; t++) {
             if (nomem)
@@ -314,6 +408,7 @@ int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q,
             double a1[8], z1, a2[8], z2;
             for (size_t k = 0; k < gs; k++)
                 w[k] = W[n * K + gi * gs + k];
+            sort_weights(w, gs, tmp, tmp + gs, order);
             /* Greedy: z = mean, then each plane takes the sign of the
              * residual and its mean magnitude. */
             double mean = 0;
@@ -343,7 +438,7 @@ int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q,
                 }
                 a1[i] = m / (double)gs;
             }
-            double e1 = refine(w, h, gs, q, max_iters, c1, a1, &z1, L);
+            double e1 = refine(w, h, gs, q, max_iters, c1, a1, &z1, f);
             /* RTN seed: its levels are a BCQ point too; refining it makes
              * the result never worse than RTN in the weighted error (ALS
              * only finds a local optimum, and for large q the uniform grid
@@ -352,7 +447,7 @@ int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q,
             rtn_params(W + n * K + gi * gs, gs, q, &s, &zp);
             for (size_t k = 0; k < gs; k++)
                 c2[k] = c3[k] = rtn_code(W[n * K + gi * gs + k], s, zp, q);
-            double e2 = refine(w, h, gs, q, max_iters, c2, a2, &z2, L);
+            double e2 = refine(w, h, gs, q, max_iters, c2, a2, &z2, f);
             if (e2 < e1) {
                 memcpy(c1, c2, gs);
                 memcpy(a1, a2, sizeof(a1));
@@ -365,9 +460,11 @@ int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q,
             for (unsigned i = 0; i < q; i++)
                 a2[i] = qs_fp16_to_fp32(ra[i]);
             z2 = qs_fp16_to_fp32(rz);
-            double p1 = 0, p2 = 0;
+            double p1 = 0, p2 = 0, lv1[256], lv2[256];
+            for (unsigned c = 0; c < 1u << q; c++)
+                lv1[c] = level(a1, z1, q, c), lv2[c] = level(a2, z2, q, c);
             for (size_t k = 0; k < gs; k++) {
-                double d1 = w[k] - level(a1, z1, q, c1[k]), d2 = w[k] - level(a2, z2, q, c3[k]);
+                double d1 = w[k] - lv1[c1[k]], d2 = w[k] - lv2[c3[k]];
                 p1 += d1 * d1, p2 += d2 * d2;
             }
             if (p2 < p1) {
@@ -383,6 +480,10 @@ int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q,
         free(h);
         free(c2);
         free(L);
+        free(order);
+        free(tmp);
+        free(rank);
+        free(f);
     }
     if (nomem) {
         free(codes);
