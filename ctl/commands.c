@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <unistd.h>
 #include <string.h>
+#include <time.h>
 
 #include <cjson/cJSON.h>
 
@@ -452,6 +453,7 @@ static void json_model(cJSON *arr, const Qshard__V1__ModelInfo *m)
     cJSON_AddNumberToObject(j, "weight_bytes", (double)m->weight_bytes);
     cJSON_AddNumberToObject(j, "rank_bytes", (double)m->rank_bytes);
     cJSON_AddNumberToObject(j, "planned_rank_bytes", (double)m->planned_rank_bytes);
+    cJSON_AddStringToObject(j, "cache", m->cache ? m->cache : "");
     if (m->actual) {
         cJSON *a = cJSON_AddObjectToObject(j, "actual");
         cJSON_AddNumberToObject(a, "linear", (double)m->actual->linear);
@@ -707,6 +709,9 @@ static const char load_help[] =
     "  --alpha A         W8A8: SmoothQuant migration strength (default 0.5)\n"
     "  --tokenizer GGUF  the tokenizer of a checkpoint's model\n"
     "  --bcq-iters N     BCQ refinement iterations (default 20)\n"
+    "  --no-cache        neither read nor write the daemon's quantized-model cache\n"
+    "                    (a file's first load stores its quantized shards there;\n"
+    "                    qctl cache list|clear)\n"
     "\nsmollm2-135m with no --weights loads the cached GGUF that deploy/fetch-model.sh\n"
     "fetches, when it is there; other presets default to synthetic weights.\n";
 
@@ -800,6 +805,8 @@ int qs_ctl_load(qs_ctl_global *g, int argc, char **argv)
             req.tokenizer = (char *)v;
         else if (opt_val(&a, "--bcq-iters", &v))
             parse_u32(&a, "--bcq-iters", v, &req.bcq_iters);
+        else if (opt_flag(&a, "--no-cache"))
+            req.no_cache = 1;
         else if (opt_val(&a, "--alpha", &v)) {
             double al = 0;
             if (!parse_double(&a, "--alpha", v, &al) && (al <= 0 || al >= 1))
@@ -857,6 +864,12 @@ int qs_ctl_load(qs_ctl_global *g, int argc, char **argv)
             printf("\n");
             if (m->smoothing > 0)
                 printf("  SmoothQuant: calibrated, alpha %.2f\n", (double)m->smoothing);
+            if (m->cache && !strcmp(m->cache, "hit"))
+                printf("  read from the quantized-model cache (qctl load --no-cache to "
+                       "quantize again)\n");
+            else if (m->cache && !strcmp(m->cache, "stored"))
+                printf("  stored in the quantized-model cache: the next load of this file and "
+                       "options reads it\n");
         }
     }
     if (l.result)
@@ -901,6 +914,83 @@ int qs_ctl_unload(qs_ctl_global *g, int argc, char **argv)
     } else {
         char b[32];
         printf("unloaded %s: %s freed\n", name, fmt_bytes(r->freed_bytes, b, sizeof b));
+    }
+    protobuf_c_message_free_unpacked(&r->base, NULL);
+    return QS_EXIT_OK;
+}
+
+/* ---- cache ---------------------------------------------------------------- */
+
+static const char cache_help[] =
+    "usage: qctl cache [list|clear] [options]\n"
+    "\nThe daemon's quantized-model cache: a file's first load with a scheme stores\n"
+    "its quantized shards there, and the next load of the same file with the same\n"
+    "options reads them instead of quantizing again.\n"
+    "  list    the entries on rank 0's node, least recently used first (default)\n"
+    "  clear   remove every entry, on every node\n";
+
+int qs_ctl_cache(qs_ctl_global *g, int argc, char **argv)
+{
+    args a = {.cmd = "cache", .help = cache_help, .argc = argc, .argv = argv};
+    const char *action = NULL;
+    for (a.i = 1; a.i < argc && !a.err; a.i++) {
+        if (!next_arg(g, &a))
+            continue;
+        if (argv[a.i][0] != '-' && !action)
+            action = argv[a.i];
+        else
+            unknown_arg(&a);
+    }
+    if (!action)
+        action = "list";
+    if (!a.err && strcmp(action, "list") != 0 && strcmp(action, "clear") != 0)
+        usage_error(&a, "'%s' is not a cache action: use list or clear", action);
+    if (a.err)
+        return parse_done(&a);
+    Qshard__V1__CacheRequest req = QSHARD__V1__CACHE_REQUEST__INIT;
+    req.action = (char *)action;
+    Qshard__V1__CacheReply *r = NULL;
+    int rc = unary(g, "cache", QS_METHOD_CACHE, &req, &qshard__v1__cache_reply__descriptor,
+                   timeout_or(g, 120), (void **)&r);
+    if (rc)
+        return rc;
+    if (g->json) {
+        cJSON *j = cJSON_CreateObject();
+        cJSON_AddStringToObject(j, "dir", r->dir);
+        cJSON_AddNumberToObject(j, "bytes", (double)r->bytes);
+        cJSON_AddNumberToObject(j, "limit", (double)r->limit);
+        cJSON_AddNumberToObject(j, "freed_bytes", (double)r->freed_bytes);
+        cJSON *arr = cJSON_AddArrayToObject(j, "entries");
+        for (size_t i = 0; i < r->n_entries; i++) {
+            const Qshard__V1__CacheEntry *e = r->entries[i];
+            cJSON *x = cJSON_CreateObject();
+            cJSON_AddStringToObject(x, "key", e->key);
+            cJSON_AddStringToObject(x, "source", e->source);
+            json_quant(x, "quant", e->quant);
+            cJSON_AddNumberToObject(x, "tp", e->tp);
+            cJSON_AddNumberToObject(x, "bytes", (double)e->bytes);
+            cJSON_AddNumberToObject(x, "created", e->created);
+            cJSON_AddNumberToObject(x, "last_used", e->last_used);
+            cJSON_AddItemToArray(arr, x);
+        }
+        print_json(j);
+    } else {
+        char b[32], l[32];
+        if (!strcmp(action, "clear"))
+            printf("cleared: %s freed on rank 0's node\n", fmt_bytes(r->freed_bytes, b, sizeof b));
+        printf("%s: %zu entr%s, %s of %s\n", r->dir, r->n_entries, r->n_entries == 1 ? "y" : "ies",
+               fmt_bytes(r->bytes, b, sizeof b), fmt_bytes(r->limit, l, sizeof l));
+        for (size_t i = 0; i < r->n_entries; i++) {
+            const Qshard__V1__CacheEntry *e = r->entries[i];
+            char g1[16], age[32];
+            time_t t = (time_t)e->last_used;
+            struct tm tm;
+            strftime(age, sizeof age, "%Y-%m-%d %H:%M", localtime_r(&t, &tm));
+            printf("  %s  %-5s %u-bit group %-4s tp %u  %9s  used %s  %s\n", e->key,
+                   e->quant ? e->quant->scheme : "?", e->quant ? e->quant->bits : 0,
+                   e->quant ? group_text(e->quant, g1, sizeof g1) : "?", e->tp,
+                   fmt_bytes(e->bytes, b, sizeof b), age, e->source);
+        }
     }
     protobuf_c_message_free_unpacked(&r->base, NULL);
     return QS_EXIT_OK;

@@ -69,6 +69,7 @@ int qs_ctl_generate(qs_ctl_global *g, int argc, char **argv);
 int qs_ctl_eval(qs_ctl_global *g, int argc, char **argv);
 int qs_ctl_bench(qs_ctl_global *g, int argc, char **argv);
 int qs_ctl_shutdown(qs_ctl_global *g, int argc, char **argv);
+int qs_ctl_cache(qs_ctl_global *g, int argc, char **argv);
 
 /* `qctl plan` without --daemon: the planner, locally (plan_cmd.c). */
 int qs_ctl_plan(int argc, char **argv);

@@ -469,8 +469,18 @@ static int validate_unload(qs_daemon *d, const ProtobufCMessage *req)
 static int reply_unload(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
                         grpc_byte_buffer **out)
 {
-    (void)d, (void)cmd, (void)parts, (void)seconds;
+    (void)cmd, (void)seconds;
     Qshard__V1__UnloadReply r = QSHARD__V1__UNLOAD_REPLY__INIT;
+    /* Freed on every rank of the model's group, together. */
+    for (int i = 0; i < d->world; i++) {
+        Qshard__V1__UnloadReply *p =
+            parts[i].len ? qshard__v1__unload_reply__unpack(NULL, parts[i].len, parts[i].data)
+                         : NULL;
+        if (p) {
+            r.freed_bytes += p->freed_bytes;
+            qshard__v1__unload_reply__free_unpacked(p, NULL);
+        }
+    }
     return pack_reply(&r, out);
 }
 
@@ -564,6 +574,50 @@ static int validate_bench(qs_daemon *d, const ProtobufCMessage *req)
     return check_gpus(d, r->gpus);
 }
 
+/* ---- Cache ---------------------------------------------------------------- */
+
+static int validate_cache(qs_daemon *d, const ProtobufCMessage *req)
+{
+    (void)d;
+    const Qshard__V1__CacheRequest *r = (const void *)req;
+    if (strcmp(r->action, "list") != 0 && strcmp(r->action, "clear") != 0)
+        return qs_seterr(QS_EINVAL, "cache action '%s': use list or clear", r->action);
+    return QS_OK;
+}
+
+/* Every node's first rank clears its node's directory; rank 0 lists its own. */
+static int run_cache(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
+{
+    const Qshard__V1__CacheRequest *r = (const void *)cmd->req;
+    uint64_t freed = 0;
+    if (!strcmp(r->action, "clear") && d->local_rank == 0) {
+        freed = qs_cache_clear(d);
+        qs_log(QS_LOG_INFO, "cache: cleared %.1f MiB from %s", (double)freed / (1 << 20),
+               d->opts.cache_dir);
+    }
+    if (d->rank != 0)
+        return QS_OK;
+    Qshard__V1__CacheReply rep = QSHARD__V1__CACHE_REPLY__INIT;
+    int err = qs_cache_list(d, &rep);
+    rep.freed_bytes = freed;
+    if (!err && !(out->data = qs_proto_pack_bytes(&rep.base, &out->len)))
+        err = qs_seterr(QS_ENOMEM, "out of memory");
+    qs_cache_list_free(&rep);
+    return err;
+}
+
+static int reply_cache(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
+                       grpc_byte_buffer **reply)
+{
+    (void)d, (void)cmd, (void)seconds;
+    Qshard__V1__CacheReply *r = qshard__v1__cache_reply__unpack(NULL, parts[0].len, parts[0].data);
+    if (!r)
+        return qs_seterr(QS_EINTERNAL, "rank 0's cache listing did not unpack");
+    *reply = qs_proto_pack(&r->base);
+    qshard__v1__cache_reply__free_unpacked(r, NULL);
+    return *reply ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory");
+}
+
 /* ---- Shutdown ------------------------------------------------------------- */
 
 static int answer_shutdown(qs_daemon *d, const qs_sink *sink, const ProtobufCMessage *req,
@@ -636,6 +690,13 @@ const qs_command qs_commands[] = {
      .validate = validate_bench,
      .run = qs_run_bench,
      .reply = qs_reply_bench},
+    {.method = QS_METHOD_CACHE,
+     .op = QS_OP_CACHE,
+     .request = REQ(cache_request),
+     .timeout = 120,
+     .validate = validate_cache,
+     .run = run_cache,
+     .reply = reply_cache},
     {.method = QS_METHOD_SHUTDOWN,
      .request = REQ(shutdown_request),
      .drains = 1,

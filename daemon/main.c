@@ -51,6 +51,14 @@ static const char usage_text[] =
     "                         job after 10 missed beats (default 1)\n"
     "  --rank-timeout SECS    rank 0 aborts the job when a rank takes longer than this\n"
     "                         to take a command (default 30)\n"
+    "  --cache-dir DIR        the quantized-model cache: a file's first load with a\n"
+    "                         scheme stores its quantized shards here, later loads read\n"
+    "                         them (default $QSHARD_CACHE/quantized, else\n"
+    "                         $XDG_CACHE_HOME/qshard/quantized, else\n"
+    "                         ~/.cache/qshard/quantized; on each node for its ranks)\n"
+    "  --cache-limit SIZE     evict the least recently used entries above this (default\n"
+    "                         a quarter of the cache's file system)\n"
+    "  --no-cache             neither read nor write the cache\n"
     "  --log-level LEVEL      error, warn, info (default) or debug\n"
     "  --version              print the version and exit\n"
     "  -h, --help             print this help and exit\n"
@@ -153,9 +161,15 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
             o->allow_remote = 1;
             continue;
         }
+        if (!strcmp(name, "--no-cache")) {
+            o->no_cache = 1;
+            continue;
+        }
         static const char *const takes[] = {
-            "--listen",    "--address-file", "--device-memory", "--drain-timeout",    "--heartbeat",
-            "--log-level", "--rank-timeout", "--http",          "--http-address-file"};
+            "--listen",        "--address-file", "--device-memory",
+            "--drain-timeout", "--heartbeat",    "--log-level",
+            "--rank-timeout",  "--http",         "--http-address-file",
+            "--cache-dir",     "--cache-limit"};
         int known = 0;
         for (size_t k = 0; k < sizeof takes / sizeof takes[0]; k++)
             known |= !strcmp(name, takes[k]);
@@ -198,6 +212,16 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
             if (!err && o->device_memory < (1ull << 20))
                 err = qs_seterr(QS_EINVAL, "--device-memory %s is below 1MiB", val);
             o->device_memory_given = 1;
+        } else if (!strcmp(name, "--cache-dir")) {
+            if (strlen(val) >= sizeof o->cache_dir - 64 || !*val)
+                err = qs_seterr(QS_EINVAL, "--cache-dir: give a directory path under %zu bytes",
+                                sizeof o->cache_dir - 64);
+            else
+                snprintf(o->cache_dir, sizeof o->cache_dir, "%s", val);
+        } else if (!strcmp(name, "--cache-limit")) {
+            err = qs_parse_bytes(val, &o->cache_limit);
+            if (!err && o->cache_limit == 0)
+                err = qs_seterr(QS_EINVAL, "--cache-limit 0: use --no-cache to turn it off");
         } else if (!strcmp(name, "--drain-timeout")) {
             err = parse_seconds(name, val, 0, &o->drain_timeout);
         } else if (!strcmp(name, "--heartbeat")) {
@@ -218,6 +242,17 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
         if (print)
             fprintf(stderr, "qdaemon: %s\n", qs_errmsg());
         return 2;
+    }
+    if (!o->cache_dir[0]) {
+        const char *q = getenv("QSHARD_CACHE"), *x = getenv("XDG_CACHE_HOME"), *h = getenv("HOME");
+        if (q && *q)
+            snprintf(o->cache_dir, sizeof o->cache_dir, "%.3900s/quantized", q);
+        else if (x && *x)
+            snprintf(o->cache_dir, sizeof o->cache_dir, "%.3900s/qshard/quantized", x);
+        else if (h && *h)
+            snprintf(o->cache_dir, sizeof o->cache_dir, "%.3900s/.cache/qshard/quantized", h);
+        else
+            o->no_cache = 1; /* nowhere to keep it */
     }
     if (o->http_address_file[0] && !o->http[0]) {
         if (print)

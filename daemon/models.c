@@ -55,6 +55,7 @@ struct qs_served {
     double load_s;        /* the whole Load, on this rank */
     double quantize_s;    /* reading and quantizing (on rank 0: the leader's) */
     double created;       /* Unix time */
+    char cache[8];        /* "hit", "stored" or "": the quantized-model cache */
     /* rank 0: what the clients saw */
     uint64_t tokens;
     double decode_s;
@@ -425,6 +426,81 @@ static int resolve_source(const Qshard__V1__LoadRequest *r, qs_served *s, qs_qua
     return QS_OK;
 }
 
+/* ---- The quantized-model cache (cache.c) for a load from a file ---------- */
+
+typedef struct cache_use {
+    int use;      /* the group writes the cache after quantizing */
+    int hit;      /* every member found its part: read it instead */
+    int storable; /* the group may write it (use, unless it was a hit) */
+    char key[33];
+    char dir[4200]; /* the entry */
+    char options[1400];
+} cache_use;
+
+/* Collective over the group: decides whether the cache serves this load
+ * (every member has its part) and whether the group writes it. Files only
+ * (synthetic weights are made faster than read back), never with --no-cache,
+ * and a GPU group that quantizes on its GPUs reads the cache but does not
+ * write it: that would take the host quantization it exists to avoid. */
+static int cache_lookup(qs_daemon *d, qs_served *s, const Qshard__V1__LoadRequest *r,
+                        const qs_model_opts *o, cache_use *cu)
+{
+    memset(cu, 0, sizeof *cu);
+    int on = !d->opts.no_cache && !r->no_cache && o->weights && *d->opts.cache_dir;
+    int device_quant = o->on_gpu && o->quantize_on == QS_QUANTIZE_ON_AUTO && !qs_cuda_emulated();
+    char calib[1200] = "none";
+    if (on && s->quant.scheme == QS_SCHEME_W8A8 && s->cfg.final_norm) {
+        const char *path = *r->calib_path ? r->calib_path : DEFAULT_CALIB;
+        if (strcmp(path, "none") != 0 && s->tok &&
+            qs_cache_file_identity(path, calib, sizeof calib))
+            on = 0;
+    }
+    snprintf(cu->options, sizeof cu->options,
+             "scheme=%s bits=%d group=%u iters=%u alpha=%g calib=%s tp=%u",
+             qs_scheme_name(s->quant.scheme), s->quant.bits, s->quant.group_size, r->bcq_iters,
+             (double)r->smooth_alpha, calib, s->tp);
+    if (on && qs_cache_key(o->weights, cu->options, cu->key) != QS_OK) {
+        qs_log(QS_LOG_WARN, "cache: %s: not cached", qs_errmsg());
+        qs_clearerr();
+        on = 0;
+    }
+    int rank = qs_comm_rank(s->comm);
+    int32_t mine[2] = {!on || !qs_cache_has(d, cu->key, rank, (int)s->tp), !on || device_quant};
+    int32_t all[2] = {0, 0};
+    int err = qs_comm_allreduce_sum(s->comm, mine, all, 2, QS_COLL_I32, QS_COLL_HOST);
+    if (err)
+        return err;
+    cu->hit = all[0] == 0;
+    cu->storable = all[1] == 0;
+    cu->use = cu->storable && !cu->hit;
+    if (on)
+        snprintf(cu->dir, sizeof cu->dir, "%s/%s", d->opts.cache_dir, cu->key);
+    return QS_OK;
+}
+
+/* Collective over the group: writes the quantized shards into the entry. A
+ * failure (a full disk) costs the cache only, never the load. */
+static void cache_store(qs_daemon *d, qs_served *s, cache_use *cu)
+{
+    int rank = qs_comm_rank(s->comm);
+    if (qs_cache_entry_dir(d, cu->key, cu->dir, sizeof cu->dir) != QS_OK)
+        cu->dir[0] = '\0'; /* qs_model_save fails here, and on every rank */
+    int err = qs_model_save(s->model, *cu->dir ? cu->dir : "/nonexistent/qshard-cache");
+    qs_cache_info info = {s->weights,    cu->options,         qs_scheme_name(s->quant.scheme),
+                          s->quant.bits, s->quant.group_size, s->tp};
+    if (!err)
+        err = qs_cache_write_manifest(d, cu->key, &info);
+    if (err) {
+        qs_log(QS_LOG_WARN, "cache: could not store %s: %s", s->weights, qs_errmsg());
+        qs_cache_remove(d, cu->key, rank, (int)s->tp);
+        qs_clearerr();
+        return;
+    }
+    snprintf(s->cache, sizeof s->cache, "stored");
+    if (d->local_rank == 0)
+        qs_cache_evict(d, cu->key);
+}
+
 /* SmoothQuant calibration on the group: an fp16 model over the calibration
  * text (not the evaluation text), then the statistics for the W8A8 load. */
 static int calibrate(qs_served *s, const Qshard__V1__LoadRequest *r, const qs_model_opts *o,
@@ -531,6 +607,7 @@ static int load_part(const qs_served *s, qs_buf *out)
     rb.total = b->total;
     lp.actual = &rb;
     lp.quantize_seconds = s->quantize_s;
+    lp.cache = (char *)s->cache;
     out->data = qs_proto_pack_bytes(&lp.base, &out->len);
     return out->data ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory");
 }
@@ -648,6 +725,7 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
                        .smooth_alpha = r->smooth_alpha};
     qs_calib cal = {0};
     int32_t gpus = 0;
+    cache_use cu = {0};
     if (!err && s->member) {
         /* GPU ranks run their shards on their GPUs, loading layer by layer
          * straight onto them (a save needs the host copies: then after it).
@@ -662,10 +740,43 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
         o.on_gpu = gpus && !*r->save_path;
         o.gpu = d->dev.index;
     }
-    if (!err && s->member) {
+    if (!err && s->member && !checkpoint)
+        err = cache_lookup(d, s, r, &o, &cu);
+    if (!err && s->member && cu.hit) {
+        /* Read from the cache: no calibration, no quantization. */
+        progress(d, cmd, "reading cache", s->cfg.layers, s->plan.rank.total, t0);
+        load_ctx lc = {d, cmd, "reading cache", s->plan.rank.total, 0, t0, qs_now()};
+        qs_model_opts co = o;
+        co.weights = cu.dir;
+        co.calib = NULL;
+        co.progress = on_layer;
+        co.progress_ctx = &lc;
+        double tq = qs_now();
+        int lerr = qs_model_init(&s->cfg, &co, s->comm, &s->model);
+        s->quantize_s = qs_now() - tq;
+        /* A damaged entry (every rank agrees): thrown away, quantized again. */
+        int32_t bad = lerr != 0, any = 0;
+        if ((err = qs_comm_allreduce_sum(s->comm, &bad, &any, 1, QS_COLL_I32, QS_COLL_HOST)))
+            ;
+        else if (any) {
+            qs_log(QS_LOG_WARN, "cache: entry %s of %s is damaged (%s): quantizing again", cu.key,
+                   s->weights, lerr ? qs_errmsg() : "on another rank");
+            qs_model_close(s->model);
+            s->model = NULL;
+            qs_cache_remove(d, cu.key, qs_comm_rank(s->comm), (int)s->tp);
+            cu.hit = 0, cu.use = cu.storable;
+            qs_clearerr();
+        } else {
+            qs_cache_touch(d, cu.key);
+            snprintf(s->cache, sizeof s->cache, "hit");
+        }
+    }
+    if (!err && s->member && !s->model) {
         /* Calibration needs text, so a tokenizer: a synthetic model is not
          * smoothed unless a calibration text is named (then it is refused). */
         int calib = *r->calib_path ? strcmp(r->calib_path, "none") != 0 : s->tok != NULL;
+        if (cu.use)
+            o.on_gpu = 0; /* the cache is written from the host copies, then moved */
         if (!checkpoint && s->quant.scheme == QS_SCHEME_W8A8 && calib && s->cfg.final_norm) {
             progress(d, cmd, "calibrating", s->cfg.layers, s->plan.rank.total, t0);
             if (!(err = calibrate(s, r, &o, &cal))) {
@@ -689,19 +800,24 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
             progress(d, cmd, "saving", s->cfg.layers, s->plan.rank.total, t0);
             err = qs_model_save(s->model, r->save_path);
         }
-        /* Saved from the host copies first, then moved to the GPUs. */
-        if (gpus && *r->save_path) {
-            int32_t bad = err != 0, any = 0; /* every member, even a failed one */
-            int cerr = qs_comm_allreduce_sum(s->comm, &bad, &any, 1, QS_COLL_I32, QS_COLL_HOST);
-            if (!err && (err = cerr) == QS_OK && !any) {
-                progress(d, cmd, "uploading", s->cfg.layers, s->plan.rank.total, t0);
-                err = qs_model_use_device(s->model, d->dev.index);
-            }
+        if (!err && cu.use) {
+            progress(d, cmd, "caching", s->cfg.layers, s->plan.rank.total, t0);
+            cache_store(d, s, &cu);
         }
-        if (!err) {
-            qs_model_bytes(s->model, &s->actual);
-            s->smoothing = qs_model_smoothing(s->model); /* also from a checkpoint */
+    }
+    if (s->member && gpus && (*r->save_path || cu.use)) {
+        /* Saved or cached from the host copies first, then moved to the
+         * GPUs; every member takes part in the agreement, even a failed one. */
+        int32_t bad = err != 0, any = 0;
+        int cerr = qs_comm_allreduce_sum(s->comm, &bad, &any, 1, QS_COLL_I32, QS_COLL_HOST);
+        if (!err && (err = cerr) == QS_OK && !any) {
+            progress(d, cmd, "uploading", s->cfg.layers, s->plan.rank.total, t0);
+            err = qs_model_use_device(s->model, d->dev.index);
         }
+    }
+    if (!err && s->member) {
+        qs_model_bytes(s->model, &s->actual);
+        s->smoothing = qs_model_smoothing(s->model); /* also from a checkpoint */
     }
     qs_calib_close(&cal);
     /* All ranks keep the model, or none does. */
@@ -754,6 +870,7 @@ static void info_fill(const qs_served *s, Qshard__V1__ModelInfo *mi, Qshard__V1_
     mi->load_seconds = s->load_s;
     mi->quantize_seconds = s->quantize_s;
     mi->max_seq = s->max_seq;
+    mi->cache = (char *)s->cache;
     mi->chat_template = s->chat == QS_CHAT_CHATML  ? "chatml"
                         : s->chat == QS_CHAT_OTHER ? "other"
                                                    : "";
@@ -861,6 +978,7 @@ int qs_model_reply_load(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, d
             s->actual = (qs_rank_bytes){rb->linear,    rb->fp16,    rb->kv_cache,
                                         rb->workspace, rb->reserve, rb->total};
         s->quantize_s = lp->quantize_seconds;
+        snprintf(s->cache, sizeof s->cache, "%.7s", lp->cache ? lp->cache : "");
         qshard__v1__load_part__free_unpacked(lp, NULL);
     }
     s->load_s = seconds;
@@ -885,17 +1003,24 @@ int qs_model_reply_load(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, d
 
 int qs_model_run_unload(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
 {
-    (void)out;
     const Qshard__V1__UnloadRequest *r = (const void *)cmd->req;
     for (size_t i = 0; i < d->nmodels; i++) {
         if (strcmp(d->models[i]->name, r->name) != 0)
             continue;
         qs_served *s = d->models[i];
+        /* This rank's part of what is freed: its shard's bytes, as allocated. */
+        Qshard__V1__UnloadReply part = QSHARD__V1__UNLOAD_REPLY__INIT;
+        if (s->member && s->model) {
+            qs_rank_bytes b;
+            qs_model_bytes(s->model, &b);
+            part.freed_bytes = b.total;
+        }
         memmove(&d->models[i], &d->models[i + 1], (d->nmodels - i - 1) * sizeof *d->models);
         d->nmodels--;
         served_free(s);
         publish(d);
-        return QS_OK;
+        out->data = qs_proto_pack_bytes(&part.base, &out->len);
+        return out->data ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory");
     }
     return qs_seterr(QS_ENOTFOUND, "no model named '%s' is loaded (qctl stats lists them)",
                      r->name);

@@ -54,6 +54,9 @@ typedef struct qs_daemon_opts {
     double heartbeat;     /* seconds between rank 0's heartbeats when idle */
     double rank_timeout;  /* seconds rank 0 waits for the ranks to take a command */
     qs_log_level log_level;
+    char cache_dir[4096]; /* the quantized-model cache (cache.c) */
+    uint64_t cache_limit; /* bytes; 0: a quarter of its file system */
+    int no_cache;         /* never read or write it */
 } qs_daemon_opts;
 
 /* ---- Devices (device.c) --------------------------------------------------- */
@@ -175,6 +178,37 @@ void qs_job_free(qs_job *job);
 /* Set by the SIGTERM/SIGINT handler; rank 0's main thread polls it. */
 extern volatile sig_atomic_t qs_stop_signal;
 
+/* ---- The quantized-model cache (cache.c) ----------------------------------- */
+
+/* KEY (32 hex digits) of weights (a file or a safetensors directory) and
+ * the options that change the quantized result. */
+int qs_cache_key(const char *weights, const char *options, char key[33]);
+/* "PATH:SIZE:MTIME" of a file, for options that name one (the calibration text). */
+int qs_cache_file_identity(const char *path, char *out, size_t n);
+/* 1 when the entry is whole and holds this rank's part. */
+int qs_cache_has(const qs_daemon *d, const char *key, int rank, int size);
+/* The entry's directory (created). */
+int qs_cache_entry_dir(const qs_daemon *d, const char *key, char *out, size_t n);
+typedef struct qs_cache_info {
+    const char *source, *options, *scheme;
+    int bits;
+    uint32_t group, tp;
+} qs_cache_info;
+/* After every rank's part is in place: the entry becomes whole. */
+int qs_cache_write_manifest(const qs_daemon *d, const char *key, const qs_cache_info *info);
+/* Marks a use (least recently used entries are evicted first). */
+void qs_cache_touch(const qs_daemon *d, const char *key);
+/* Throws away this rank's part and the manifest (a damaged entry). */
+void qs_cache_remove(const qs_daemon *d, const char *key, int rank, int size);
+/* Evicts least recently used entries (never `keep`) until under the limit;
+ * the bytes freed. */
+uint64_t qs_cache_evict(const qs_daemon *d, const char *keep);
+uint64_t qs_cache_limit(const qs_daemon *d);
+uint64_t qs_cache_clear(const qs_daemon *d);
+/* Fills r's dir, entries, bytes and limit; qs_cache_list_free frees them. */
+int qs_cache_list(const qs_daemon *d, Qshard__V1__CacheReply *r);
+void qs_cache_list_free(Qshard__V1__CacheReply *r);
+
 /* ---- Commands (commands.c) ------------------------------------------------ */
 
 /* Opcodes of the broadcast header. EXIT and HEARTBEAT carry no payload. */
@@ -188,7 +222,8 @@ enum {
     QS_OP_UNLOAD,
     QS_OP_GENERATE,
     QS_OP_EVAL,
-    QS_OP_BENCH
+    QS_OP_BENCH,
+    QS_OP_CACHE
 };
 
 /* A command as every rank sees it. */

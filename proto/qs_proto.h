@@ -28,6 +28,7 @@ extern "C" {
 #define QS_METHOD_GENERATE     "/qshard.v1.Qshard/Generate"
 #define QS_METHOD_EVAL         "/qshard.v1.Qshard/Eval"
 #define QS_METHOD_BENCH        "/qshard.v1.Qshard/Bench"
+#define QS_METHOD_CACHE        "/qshard.v1.Qshard/Cache"
 #define QS_METHOD_SHUTDOWN     "/qshard.v1.Qshard/Shutdown"
 #define QS_HEALTH_SERVICE      "grpc.health.v1.Health"
 #define QS_METHOD_HEALTH_CHECK "/grpc.health.v1.Health/Check"

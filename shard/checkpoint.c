@@ -168,18 +168,30 @@ static int write_file(const char *path, const writer *w, cJSON *meta)
     cJSON_Delete(h);
     if (!text)
         return qs_seterr(QS_ENOMEM, "out of memory writing %s", path);
-    FILE *f = fopen(path, "wb");
+    /* Written under a temporary name, then renamed: a file at `path` is
+     * whole (a full disk or a crash leaves only the .tmp, which no load
+     * reads). */
+    char tmp[4200];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "wb");
     int err = QS_OK;
     if (!f) {
-        err = qs_seterr(QS_EIO, "cannot write %s: %s", path, strerror(errno));
+        err = qs_seterr(QS_EIO, "cannot write %s: %s", tmp, strerror(errno));
     } else {
         uint64_t n = strlen(text);
         int ok = fwrite(&n, 8, 1, f) == 1 && fwrite(text, 1, n, f) == n;
         for (size_t i = 0; ok && i < w->n; i++)
             ok = fwrite(w->e[i].data, 1, w->e[i].bytes, f) == w->e[i].bytes;
-        if (fclose(f) != 0 || !ok)
-            err = qs_seterr(QS_EIO, "writing %s failed: %s (is the disk full?)", path,
-                            strerror(errno));
+        ok = ok && fflush(f) == 0 && fsync(fileno(f)) == 0;
+        int saved = errno;
+        if (fclose(f) != 0 || !ok) {
+            err = qs_seterr(QS_EIO, "writing %s failed: %s (is the disk full?)", tmp,
+                            strerror(ok ? errno : saved));
+            unlink(tmp);
+        } else if (rename(tmp, path) != 0) {
+            err = qs_seterr(QS_EIO, "renaming %s to %s failed: %s", tmp, path, strerror(errno));
+            unlink(tmp);
+        }
     }
     cJSON_free(text);
     return err;
@@ -262,6 +274,13 @@ int qs_model_save(const qs_model *m, const char *dir)
 }
 
 /* ---- Reading ------------------------------------------------------------ */
+
+int qs_checkpoint_has_rank(const char *dir, int rank, int size)
+{
+    char path[4096];
+    rank_path(path, sizeof path, dir, rank, size);
+    return access(path, R_OK) == 0;
+}
 
 int qs_is_checkpoint(const char *dir)
 {

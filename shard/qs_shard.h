@@ -326,6 +326,9 @@ int qs_model_save(const qs_model *m, const char *dir);
 int qs_checkpoint_info(const char *dir, qs_model_config *cfg, qs_quant *q, uint32_t *tp);
 /* 1 when dir holds a qshard checkpoint. */
 int qs_is_checkpoint(const char *dir);
+/* 1 when DIR holds rank `rank` of `size`'s part (whole: parts are written
+ * under a temporary name and renamed). */
+int qs_checkpoint_has_rank(const char *dir, int rank, int size);
 /* Bytes this rank actually allocated, by part. */
 void qs_model_bytes(const qs_model *m, qs_rank_bytes *out);
 /* Moves the loaded shard to this rank's GPU (collective over the group:

@@ -45,8 +45,11 @@ command -v python3 >/dev/null || { note "SKIP: python3 is needed to read JSON"; 
 # start [qdaemon options...]: starts two ranks, waits for the address file.
 start() {
     rm -f "$addr_file"
+    # The quantized-model cache in the case's own directory: no test reads
+    # what another wrote.
     "$mpiexec" "${mpi_flags[@]}" -np "$np" "$qdaemon" --listen 127.0.0.1:0 \
-        --address-file "$addr_file" --device-memory 2GiB --heartbeat 0.5 "$@" >"$log" 2>&1 &
+        --address-file "$addr_file" --device-memory 2GiB --heartbeat 0.5 \
+        --cache-dir "$tmp/qcache" "$@" >"$log" 2>&1 &
     mpirun_pid=$!
     local t0
     t0=$(now)
@@ -579,6 +582,104 @@ PY
     expect 0 "$qctl" --json stats
     python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))["models"]; assert [x["name"] for x in m] == ["opt-125m"], m' "$tmp/out" ||
         fail "stats after the refusals: $(cat "$tmp/out")"
+    expect 0 "$qctl" shutdown
+    wait_exit 30
+    [ "$rc" = 0 ] || fail "mpirun exited $rc after shutdown, want 0"
+    ;;
+cache)
+    # The quantized-model cache: a file's first load stores its shards, the
+    # next reads them (same tokens); other options are other entries;
+    # --no-cache skips it; a damaged entry is rebuilt; the limit evicts the
+    # least recently used; clear empties it.
+    python3 - "$tmp/tiny" <<'PY' || fail "could not write the tiny model"
+import array, json, os, random, struct, sys
+d = sys.argv[1]
+os.makedirs(d, exist_ok=True)
+H, F, V, P, L = 64, 128, 300, 64, 2
+rnd = random.Random(7)
+ts = []
+def add(name, shape, scale, offset=0.0):
+    n = 1
+    for x in shape:
+        n *= x
+    ts.append((name, shape, array.array("f", (offset + scale * rnd.uniform(-1, 1) for _ in range(n)))))
+for l in range(L):
+    p = f"model.decoder.layers.{l}."
+    for ln in ("self_attn_layer_norm", "final_layer_norm"):
+        add(p + ln + ".weight", [H], 0.2, 1.0)
+        add(p + ln + ".bias", [H], 0.1)
+    for m in ("q_proj", "k_proj", "v_proj", "out_proj"):
+        add(p + f"self_attn.{m}.weight", [H, H], 0.2)
+        add(p + f"self_attn.{m}.bias", [H], 0.1)
+    add(p + "fc1.weight", [F, H], 0.2)
+    add(p + "fc1.bias", [F], 0.1)
+    add(p + "fc2.weight", [H, F], 0.1)
+    add(p + "fc2.bias", [H], 0.1)
+add("model.decoder.embed_tokens.weight", [V, H], 1.0)
+add("model.decoder.embed_positions.weight", [P + 2, H], 0.3)
+add("model.decoder.final_layer_norm.weight", [H], 0.2, 1.0)
+add("model.decoder.final_layer_norm.bias", [H], 0.1)
+hdr, off = {}, 0
+for name, shape, a in ts:
+    hdr[name] = {"dtype": "F32", "shape": shape, "data_offsets": [off, off + 4 * len(a)]}
+    off += 4 * len(a)
+h = json.dumps(hdr).encode()
+with open(f"{d}/model.safetensors", "wb") as f:
+    f.write(struct.pack("<Q", len(h)) + h)
+    for _, _, a in ts:
+        f.write(a.tobytes())
+json.dump({"model_type": "opt", "num_hidden_layers": L, "hidden_size": H,
+           "num_attention_heads": 2, "ffn_dim": F, "vocab_size": V,
+           "max_position_embeddings": P, "word_embed_proj_dim": H,
+           "do_layer_norm_before": True}, open(f"{d}/config.json", "w"))
+PY
+    start
+    field() { python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(eval(sys.argv[2]))' "$tmp/out" "$1"; }
+    # load_as NAME WANT-CACHE ARGS...: loads the tiny model, checks ModelInfo.cache.
+    load_as() {
+        local name=$1 want=$2
+        shift 2
+        expect 0 "$qctl" --json load "$tmp/tiny" --name "$name" --gpus 2 --group 32 "$@"
+        local got
+        got=$(field 'd["models"][0]["cache"]')
+        [ "$got" = "$want" ] || fail "load $name $*: cache '$got', want '$want'"
+    }
+    tokens() { # tokens NAME: 8 greedy tokens of a fixed prompt
+        expect 0 "$qctl" --json generate "$1" "hello world" --max-tokens 8
+        field 'd["tokens"]'
+    }
+    load_as a stored --scheme bcq --bits 4
+    first=$(tokens a)
+    expect 0 "$qctl" --json unload a
+    [ "$(field 'd["freed_bytes"] > 0')" = True ] || fail "unload freed nothing: $(cat "$tmp/out")"
+    load_as a hit --scheme bcq --bits 4
+    [ "$(tokens a)" = "$first" ] || fail "tokens from the cache differ: $(tokens a) vs $first"
+    load_as b stored --scheme bcq --bits 3
+    load_as c "" --scheme bcq --bits 4 --no-cache
+    expect 0 "$qctl" --json cache list
+    [ "$(field 'len(d["entries"])')" = 2 ] || fail "cache list: $(cat "$tmp/out")"
+    [ "$(field 'all(e["bytes"] > 0 and e["source"].endswith("tiny") and e["tp"] == 2 for e in d["entries"])')" = True ] ||
+        fail "cache entries: $(cat "$tmp/out")"
+    # A damaged part (cut short) is found, thrown away and rebuilt.
+    key=$(field '[e["key"] for e in d["entries"] if e["quant"]["bits"] == 4][0]')
+    part="$tmp/qcache/$key/rank-00001-of-00002.safetensors"
+    [ -f "$part" ] || fail "no part at $part"
+    head -c 1000 "$part" >"$part.cut" && mv "$part.cut" "$part"
+    expect 0 "$qctl" unload a
+    load_as a stored --scheme bcq --bits 4
+    grep -q "damaged" "$log" || fail "the daemon did not log the damaged entry"
+    [ "$(tokens a)" = "$first" ] || fail "tokens after the rebuild differ"
+    expect 0 "$qctl" shutdown
+    wait_exit 30
+    [ "$rc" = 0 ] || fail "mpirun exited $rc after shutdown, want 0"
+    # Over the limit, the least recently used entries go (never the new one).
+    start --cache-limit 1
+    load_as d stored --scheme rtn --bits 4
+    expect 0 "$qctl" --json cache list
+    [ "$(field '[(e["quant"]["scheme"], e["quant"]["bits"]) for e in d["entries"]]')" = "[('rtn', 4)]" ] ||
+        fail "after eviction: $(cat "$tmp/out")"
+    expect 0 "$qctl" --json cache clear
+    [ "$(field 'len(d["entries"]) == 0 and d["freed_bytes"] > 0')" = True ] || fail "clear: $(cat "$tmp/out")"
     expect 0 "$qctl" shutdown
     wait_exit 30
     [ "$rc" = 0 ] || fail "mpirun exited $rc after shutdown, want 0"
