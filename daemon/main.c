@@ -14,9 +14,7 @@
 #include <string.h>
 #include <unistd.h>
 
-#include <cblas.h>
 #include <mpi.h>
-#include <omp.h>
 
 volatile sig_atomic_t qs_stop_signal;
 
@@ -305,41 +303,9 @@ static void warn_shared_gpus(const qs_daemon *d, MPI_Comm node)
     free(ids);
 }
 
-/* OpenBLAS 0.3.21 does not know recent Xeons and falls back to its SSE3
- * "Prescott" kernels, 5x slower than its AVX2 or AVX-512 ones; the core type
- * is read when the library loads, so the fix is to start again with it set.
- * Before MPI_Init, a re-exec is invisible to the launcher. */
-static void fix_openblas_core(char **argv)
-{
-    if (getenv("OPENBLAS_CORETYPE") || strcmp(openblas_get_corename(), "Prescott") != 0)
-        return;
-    __builtin_cpu_init();
-    const char *core = __builtin_cpu_supports("avx512f") ? "SkylakeX"
-                       : __builtin_cpu_supports("avx2")  ? "Haswell"
-                                                         : NULL;
-    if (!core)
-        return;
-    setenv("OPENBLAS_CORETYPE", core, 1);
-    execv("/proc/self/exe", argv); /* on failure: go on as we are */
-}
-
-/* Ranks on one node share its cores: without an explicit OMP_NUM_THREADS,
- * each rank takes its share, so that 2 ranks on 2 cores do not run 4
- * threads (OpenMP kernels and OpenBLAS alike). */
-static void share_cores(int local_size)
-{
-    if (getenv("OMP_NUM_THREADS"))
-        return;
-    long cores = sysconf(_SC_NPROCESSORS_ONLN);
-    int n = (int)(cores / (local_size > 0 ? local_size : 1));
-    n = n > 0 ? n : 1;
-    omp_set_num_threads(n);
-    openblas_set_num_threads(n);
-}
-
 int main(int argc, char **argv)
 {
-    fix_openblas_core(argv);
+    qs_threads_setup(argv); /* may re-execute the daemon, once */
     qs_daemon d;
     memset(&d, 0, sizeof d);
     int pr = parse_args(argc, argv, &d.opts, env_rank() == 0);
@@ -360,10 +326,8 @@ int main(int argc, char **argv)
     MPI_Comm node;
     MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, d.rank, MPI_INFO_NULL, &node);
     MPI_Comm_rank(node, &d.local_rank);
-    int local_size = 1;
-    MPI_Comm_size(node, &local_size);
-    share_cores(local_size);
     qs_log_init(d.opts.log_level, d.rank);
+    qs_threads_init(d.rank);
     if (provided < MPI_THREAD_FUNNELED)
         qs_log(QS_LOG_WARN, "MPI provides thread level %d, below FUNNELED", provided);
     d.started = qs_now();

@@ -178,6 +178,15 @@ void qs_job_free(qs_job *job);
 /* Set by the SIGTERM/SIGINT handler; rank 0's main thread polls it. */
 extern volatile sig_atomic_t qs_stop_signal;
 
+/* ---- CPUs and threads (threads.c) -------------------------------------------- */
+
+/* Before MPI_Init: pins the rank to its share of the node's CPUs, sets the
+ * OpenMP thread count and wait policy, and re-executes the daemon once so
+ * that the runtimes read them. */
+void qs_threads_setup(char **argv);
+/* After MPI_Init: OpenBLAS's thread count, and the choice in the log. */
+void qs_threads_init(int rank);
+
 /* ---- The quantized-model cache (cache.c) ----------------------------------- */
 
 /* KEY (32 hex digits) of weights (a file or a safetensors directory) and
