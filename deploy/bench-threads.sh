@@ -51,7 +51,7 @@ for l in "${launches[@]:0:$limit}"; do
     export QSHARD_ADDR
     QSHARD_ADDR=$(cat "$work/addr")
     $qctl load "$model" --scheme bcq --bits 4 --gpus "$ranks" >/dev/null 2>&1
-    $qctl generate "$model" "Once upon a time" --max-tokens 8 >/dev/null # warm up
+    $qctl generate "$model" "Once upon a time" --max-tokens 8 >/dev/null 2>&1 # warm up
     for i in 1 2 3 4 5 6; do
         $qctl --json generate "$model" "Once upon a time" --max-tokens 64 >"$work/g$i"
     done
