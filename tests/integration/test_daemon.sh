@@ -684,6 +684,38 @@ PY
     wait_exit 30
     [ "$rc" = 0 ] || fail "mpirun exited $rc after shutdown, want 0"
     ;;
+threads)
+    # Each rank computes on its own even share of the CPUs the ranks may use,
+    # one thread per CPU, whatever the launcher bound it to; OMP_NUM_THREADS
+    # is kept when set.
+    start
+    expect 0 "$qctl" shutdown
+    wait_exit 30
+    python3 - "$log" "$np" "$(nproc)" <<'PY' || fail "thread placement: $(grep thread "$log")"
+import re, sys
+log, np, cores = open(sys.argv[1]).read(), int(sys.argv[2]), int(sys.argv[3])
+seen = {}
+for m in re.finditer(r"rank (\d+): (\d+) thread\(s\) on CPUs ([0-9,-]+) ", log):
+    cpus = set()
+    for part in m.group(3).split(","):
+        a, _, b = part.partition("-")
+        cpus |= set(range(int(a), int(b or a) + 1))
+    seen[int(m.group(1))] = (int(m.group(2)), cpus)
+assert sorted(seen) == list(range(np)), seen
+share = max(cores // np, 1)
+for r, (threads, cpus) in seen.items():
+    assert threads == len(cpus) == share, (r, threads, cpus, share)
+if cores >= np:
+    allc = [c for _, cs in seen.values() for c in cs]
+    assert len(allc) == len(set(allc)), seen  # disjoint
+print("placement ok:", seen)
+PY
+    note "$(grep -o 'rank [0-9]*: [0-9]* thread.*' "$log" | tr '\n' ';')"
+    OMP_NUM_THREADS=1 start
+    expect 0 "$qctl" shutdown
+    wait_exit 30
+    grep -q "rank 0: 1 thread(s)" "$log" || fail "OMP_NUM_THREADS=1 was not kept: $(grep thread "$log")"
+    ;;
 bad_start)
     # A non-loopback address without --allow-remote: refused, exit 2, no hang.
     "$mpiexec" "${mpi_flags[@]}" -np 2 "$qdaemon" --listen 0.0.0.0:0 >"$log" 2>&1 &
