@@ -16,6 +16,7 @@ struct qs_client {
     char addr[256];
     grpc_channel *ch;
     grpc_completion_queue *cq;
+    char auth[600]; /* "Bearer TOKEN", or "" */
 };
 
 static gpr_timespec deadline_in(double seconds)
@@ -33,7 +34,8 @@ static void set_status(qs_rpc_status *st, grpc_status_code code, int unreachable
     snprintf(st->details, sizeof st->details, "%s", msg);
 }
 
-qs_client *qs_client_init(const char *addr, double connect_timeout, qs_rpc_status *st)
+qs_client *qs_client_init(const char *addr, double connect_timeout, const qs_client_security *sec,
+                          qs_rpc_status *st)
 {
     qs_client *c = calloc(1, sizeof *c);
     if (!c) {
@@ -52,9 +54,20 @@ qs_client *qs_client_init(const char *addr, double connect_timeout, qs_rpc_statu
          .value.integer = (int)QS_PROTO_MAX_MESSAGE},
     };
     grpc_channel_args cargs = {.num_args = sizeof args / sizeof args[0], .args = args};
-    grpc_channel_credentials *creds = grpc_insecure_credentials_create();
+    /* TLS when a CA (or a client certificate) is given: the daemon's
+     * certificate is checked against it, and mutual TLS sends ours. */
+    int tls = sec && (sec->ca_pem || sec->cert_pem);
+    grpc_channel_credentials *creds;
+    if (tls) {
+        grpc_ssl_pem_key_cert_pair pair = {sec->key_pem, sec->cert_pem};
+        creds = grpc_ssl_credentials_create(sec->ca_pem, sec->cert_pem ? &pair : NULL, NULL, NULL);
+    } else {
+        creds = grpc_insecure_credentials_create();
+    }
     c->ch = grpc_channel_create(addr, creds, &cargs);
     grpc_channel_credentials_release(creds);
+    if (sec && sec->token)
+        snprintf(c->auth, sizeof c->auth, "Bearer %s", sec->token);
 
     /* Connect first, so that "nobody is listening" is told apart from an
      * answer of the daemon. */
@@ -62,7 +75,11 @@ qs_client *qs_client_init(const char *addr, double connect_timeout, qs_rpc_statu
     grpc_connectivity_state s = grpc_channel_check_connectivity_state(c->ch, 1);
     while (s != GRPC_CHANNEL_READY) {
         if (s == GRPC_CHANNEL_TRANSIENT_FAILURE || s == GRPC_CHANNEL_SHUTDOWN) {
-            set_status(st, GRPC_STATUS_UNAVAILABLE, 1, "the connection failed");
+            set_status(st, GRPC_STATUS_UNAVAILABLE, 1,
+                       tls ? "the connection failed (TLS: is the daemon listening with "
+                             "--tls-cert, and does --tls-ca hold the CA that signed it?)"
+                           : "the connection failed; if qdaemon runs with --tls-cert, give "
+                             "qctl --tls-ca");
             qs_client_close(c);
             return NULL;
         }
@@ -125,7 +142,15 @@ int qs_client_call(qs_client *c, const char *method, const ProtobufCMessage *req
 
     grpc_op ops[4];
     memset(ops, 0, sizeof ops);
+    grpc_metadata auth;
+    memset(&auth, 0, sizeof auth);
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+    if (c->auth[0]) {
+        auth.key = grpc_slice_from_static_string("authorization");
+        auth.value = grpc_slice_from_static_string(c->auth);
+        ops[0].data.send_initial_metadata.count = 1;
+        ops[0].data.send_initial_metadata.metadata = &auth;
+    }
     ops[1].op = GRPC_OP_SEND_MESSAGE;
     ops[1].data.send_message.send_message = send;
     ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;

@@ -5,6 +5,7 @@
 #include "qs_shard.h" /* qs_parse_bytes */
 
 #include <errno.h>
+#include <stddef.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -150,6 +151,23 @@ static int global_opt(qs_ctl_global *g, args *a)
             usage_error(a, "--connect-timeout takes seconds > 0, got '%s'", v);
         return 1;
     }
+    static const struct {
+        const char *opt;
+        size_t off;
+    } files[] = {{"--tls-ca", offsetof(qs_ctl_global, tls_ca)},
+                 {"--tls-cert", offsetof(qs_ctl_global, tls_cert)},
+                 {"--tls-key", offsetof(qs_ctl_global, tls_key)},
+                 {"--token-file", offsetof(qs_ctl_global, token_file)}};
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) {
+        if (!opt_val(a, files[i].opt, &v))
+            continue;
+        char *dst = (char *)g + files[i].off;
+        if (!a->err && (!*v || strlen(v) >= sizeof g->tls_ca))
+            usage_error(a, "%s takes a file path, got '%s'", files[i].opt, v);
+        else if (!a->err)
+            snprintf(dst, sizeof g->tls_ca, "%s", v);
+        return 1;
+    }
     return 0;
 }
 
@@ -159,6 +177,13 @@ static const char global_help[] =
     "  --json                    print the answer as JSON\n"
     "  --timeout SECS            give up on the answer after SECS (0: wait forever)\n"
     "  --connect-timeout SECS    give up connecting after SECS (default 5)\n"
+    "  --tls-ca FILE             TLS: the CA certificate (PEM) that signed the daemon's\n"
+    "                            (default $QSHARD_TLS_CA); without it, plaintext\n"
+    "  --tls-cert FILE, --tls-key FILE\n"
+    "                            mutual TLS: this client's certificate and key (PEM;\n"
+    "                            default $QSHARD_TLS_CERT, $QSHARD_TLS_KEY)\n"
+    "  --token-file FILE         the daemon's access token, sent with every call\n"
+    "                            (default $QSHARD_TOKEN_FILE)\n"
     "  -h, --help                this help\n"
     "\nexit codes: 0 ok, 1 the daemon refused (the reason is printed), 2 usage,\n"
     "3 the daemon is unreachable\n";
@@ -332,12 +357,63 @@ static int refused(const qs_ctl_global *g, const char *cmd, const qs_rpc_status 
     return QS_EXIT_REFUSED;
 }
 
+/* A credentials file, whole (at most 1 MiB); NULL with a sentence on stderr. */
+static char *read_secret(const char *opt, const char *path)
+{
+    FILE *f = fopen(path, "rb");
+    char *buf = f ? malloc((1u << 20) + 1) : NULL;
+    size_t n = buf ? fread(buf, 1, 1u << 20, f) : 0;
+    int big = buf && n == (1u << 20) && fgetc(f) != EOF;
+    if (f)
+        fclose(f);
+    if (!buf || big || n == 0) {
+        fprintf(stderr, "qctl: %s %s: %s\n", opt, path,
+                !f    ? strerror(errno)
+                : big ? "the file is larger than 1 MiB"
+                      : "the file is empty or unreadable");
+        free(buf);
+        return NULL;
+    }
+    buf[n] = '\0';
+    return buf;
+}
+
 static qs_client *connect_to(const qs_ctl_global *g, int *rc)
 {
     qs_rpc_status st;
-    qs_client *c = qs_client_init(g->addr, g->connect_timeout, &st);
-    if (!c)
-        *rc = unreachable(g, &st);
+    char *ca = NULL, *cert = NULL, *key = NULL, *tok = NULL;
+    int bad = (*g->tls_ca && !(ca = read_secret("--tls-ca", g->tls_ca))) ||
+              (*g->tls_cert && !(cert = read_secret("--tls-cert", g->tls_cert))) ||
+              (*g->tls_key && !(key = read_secret("--tls-key", g->tls_key))) ||
+              (*g->token_file && !(tok = read_secret("--token-file", g->token_file)));
+    if (!bad && !cert != !key) {
+        fprintf(stderr, "qctl: mutual TLS needs both --tls-cert and --tls-key\n");
+        bad = 1;
+    }
+    if (!bad && tok) {
+        /* The token is the file's first line. */
+        tok[strcspn(tok, "\r\n")] = '\0';
+        if (!*tok || strlen(tok) > 512) {
+            fprintf(stderr,
+                    "qctl: --token-file %s: the token (its first line) must be 1 to 512 "
+                    "characters\n",
+                    g->token_file);
+            bad = 1;
+        }
+    }
+    qs_client *c = NULL;
+    if (bad) {
+        *rc = QS_EXIT_USAGE;
+    } else {
+        qs_client_security sec = {ca, cert, key, tok};
+        c = qs_client_init(g->addr, g->connect_timeout, &sec, &st);
+        if (!c)
+            *rc = unreachable(g, &st);
+    }
+    free(ca), free(cert), free(key);
+    if (tok)
+        memset(tok, 0, strlen(tok)); /* not left in freed memory */
+    free(tok);
     return c;
 }
 

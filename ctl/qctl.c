@@ -32,6 +32,11 @@ static const char usage[] =
     "  --json                    print the answer as JSON\n"
     "  --timeout SECS            give up on the answer after SECS\n"
     "  --connect-timeout SECS    give up connecting after SECS (default 5)\n"
+    "  --tls-ca FILE             TLS: the CA (PEM) that signed the daemon's certificate\n"
+    "  --tls-cert FILE, --tls-key FILE   mutual TLS: this client's certificate and key\n"
+    "  --token-file FILE         the daemon's access token (its first line)\n"
+    "                            (defaults: $QSHARD_TLS_CA, $QSHARD_TLS_CERT,\n"
+    "                            $QSHARD_TLS_KEY, $QSHARD_TOKEN_FILE)\n"
     "  -h, --help                help; `qctl COMMAND --help` for a command's options\n"
     "\n"
     "exit codes: 0 ok, 1 the daemon refused (the reason is printed), 2 usage,\n"
@@ -59,8 +64,23 @@ static int usage_error(const char *fmt, const char *arg)
 int main(int argc, char **argv)
 {
     qs_ctl_global g = {.json = 0, .timeout = -1, .connect_timeout = 5};
+    /* qctl says what failed in its own sentence; the gRPC core's log lines
+     * (a TLS handshake's, for one) would only repeat it. */
+    setenv("GRPC_VERBOSITY", "NONE", 0);
     const char *env = getenv("QSHARD_ADDR");
     snprintf(g.addr, sizeof g.addr, "%s", env && *env ? env : QS_CTL_DEFAULT_ADDR);
+    const struct {
+        const char *var, *opt;
+        char *dst;
+    } files[] = {{"QSHARD_TLS_CA", "--tls-ca", g.tls_ca},
+                 {"QSHARD_TLS_CERT", "--tls-cert", g.tls_cert},
+                 {"QSHARD_TLS_KEY", "--tls-key", g.tls_key},
+                 {"QSHARD_TOKEN_FILE", "--token-file", g.token_file}};
+    for (size_t k = 0; k < sizeof files / sizeof files[0]; k++) {
+        const char *v = getenv(files[k].var);
+        if (v && *v)
+            snprintf(files[k].dst, sizeof g.tls_ca, "%s", v);
+    }
 
     /* Options before the command; the command's own parser takes the same
      * ones after it. */
@@ -93,6 +113,14 @@ int main(int argc, char **argv)
             }
         } else if (!strncmp(a, "--addr=", 7)) {
             snprintf(g.addr, sizeof g.addr, "%s", a + 7);
+        } else if (!strcmp(a, "--tls-ca") || !strcmp(a, "--tls-cert") || !strcmp(a, "--tls-key") ||
+                   !strcmp(a, "--token-file")) {
+            if (i + 1 >= argc || !*argv[i + 1] || strlen(argv[i + 1]) >= sizeof g.tls_ca)
+                return usage_error("%s takes a file path", a);
+            for (size_t k = 0; k < sizeof files / sizeof files[0]; k++)
+                if (!strcmp(a, files[k].opt))
+                    snprintf(files[k].dst, sizeof g.tls_ca, "%s", argv[i + 1]);
+            i++;
         } else {
             return usage_error("unknown option '%s'", a);
         }

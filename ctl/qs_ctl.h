@@ -28,9 +28,18 @@ typedef struct qs_rpc_status {
     char details[1024];
 } qs_rpc_status;
 
-/* Connects to addr, waiting up to connect_timeout seconds. On failure returns
- * NULL with st->unreachable set and the reason in st->details. */
-qs_client *qs_client_init(const char *addr, double connect_timeout, qs_rpc_status *st);
+/* TLS and the access token (PEM text and the token itself; NULL: unused).
+ * ca_pem checks the daemon's certificate; cert_pem and key_pem are ours for
+ * mutual TLS; token goes with every call as "authorization: Bearer". */
+typedef struct qs_client_security {
+    const char *ca_pem, *cert_pem, *key_pem, *token;
+} qs_client_security;
+
+/* Connects to addr, waiting up to connect_timeout seconds (sec NULL:
+ * plaintext, no token). On failure returns NULL with st->unreachable set
+ * and the reason in st->details. */
+qs_client *qs_client_init(const char *addr, double connect_timeout, const qs_client_security *sec,
+                          qs_rpc_status *st);
 void qs_client_close(qs_client *c);
 
 /* Called for each reply message (taken: free it with
@@ -57,6 +66,9 @@ typedef struct qs_ctl_global {
     int json;
     double timeout;         /* seconds; < 0: the command's default */
     double connect_timeout; /* seconds */
+    /* Files (default $QSHARD_TLS_CA, $QSHARD_TLS_CERT, $QSHARD_TLS_KEY,
+     * $QSHARD_TOKEN_FILE); "" for none. */
+    char tls_ca[1024], tls_cert[1024], tls_key[1024], token_file[1024];
 } qs_ctl_global;
 
 /* Each takes argv[0] == its name and returns the exit code. */

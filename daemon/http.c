@@ -145,6 +145,19 @@ static enum MHD_Result serve(req *r, const char *url, const char *method)
 {
     qs_daemon *d = r->h->d;
     int get = !strcmp(method, "GET") || !strcmp(method, "HEAD");
+    /* The access token on everything but /health (probes need none);
+     * Prometheus and OpenAI clients send it as a Bearer token. */
+    if (strcmp(url, "/health") != 0) {
+        const char *auth = MHD_lookup_connection_value(r->conn, MHD_HEADER_KIND, "Authorization");
+        const char *why = qs_auth_refusal(&d->auth, auth, auth ? strlen(auth) : 0);
+        if (why) {
+            qs_http_reply rep;
+            qs_openai_error(&rep, 401, "invalid_api_key", "%s", why);
+            if (!rep.body)
+                return MHD_NO;
+            return send_reply(r, &rep);
+        }
+    }
     if (!strcmp(url, "/health")) {
         if (!get)
             return send_text(r, 405, "text/plain", "/health takes GET\n");
@@ -288,11 +301,24 @@ int qs_http_start(qs_daemon *d, const char *listen, char *bound, size_t bound_si
     atomic_init(&h->in_flight, 0);
     unsigned flags = MHD_USE_THREAD_PER_CONNECTION | MHD_USE_INTERNAL_POLLING_THREAD |
                      MHD_USE_ERROR_LOG | (ai->ai_family == AF_INET6 ? MHD_USE_IPv6 : 0);
-    h->mhd = MHD_start_daemon(flags, 0, NULL, NULL, on_request, h, MHD_OPTION_SOCK_ADDR,
-                              ai->ai_addr, MHD_OPTION_CONNECTION_LIMIT, (unsigned)MAX_CONNECTIONS,
-                              MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)IDLE_TIMEOUT,
-                              MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
-                              MHD_OPTION_EXTERNAL_LOGGER, on_log, NULL, MHD_OPTION_END);
+    /* HTTPS with rank 0's certificate when it has one (libmicrohttpd's GnuTLS). */
+    const qs_auth *au = &d->auth;
+    if (au->cert_pem && MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES) {
+        freeaddrinfo(ai);
+        free(h);
+        return qs_seterr(QS_ENOTSUP, "--http with --tls-cert: this libmicrohttpd has no TLS; "
+                                     "serve HTTP on loopback behind a TLS proxy instead");
+    }
+    if (au->cert_pem)
+        flags |= MHD_USE_TLS;
+    h->mhd = MHD_start_daemon(
+        flags, 0, NULL, NULL, on_request, h, MHD_OPTION_SOCK_ADDR, ai->ai_addr,
+        MHD_OPTION_CONNECTION_LIMIT, (unsigned)MAX_CONNECTIONS, MHD_OPTION_CONNECTION_TIMEOUT,
+        (unsigned)IDLE_TIMEOUT, MHD_OPTION_NOTIFY_COMPLETED, on_completed, h,
+        MHD_OPTION_EXTERNAL_LOGGER, on_log, NULL,
+        /* The list ends at the first MHD_OPTION_END: no certificate, no TLS. */
+        au->cert_pem ? MHD_OPTION_HTTPS_MEM_KEY : MHD_OPTION_END, au->key_pem,
+        MHD_OPTION_HTTPS_MEM_CERT, au->cert_pem, MHD_OPTION_END);
     freeaddrinfo(ai);
     if (!h->mhd) {
         free(h);

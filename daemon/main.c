@@ -36,9 +36,16 @@ static const char usage_text[] =
     "                         GET /health, and the OpenAI API: POST /v1/completions,\n"
     "                         POST /v1/chat/completions, GET /v1/models (default: off;\n"
     "                         port 0 picks a free port, see --http-address-file)\n"
-    "  --allow-remote         allow non-loopback --listen and --http addresses (the APIs\n"
-    "                         have no authentication: put them behind a firewall or a\n"
-    "                         proxy)\n"
+    "  --allow-remote         allow non-loopback --listen and --http addresses; they also\n"
+    "                         need TLS and an access token (or, for gRPC, client\n"
+    "                         certificates)\n"
+    "  --tls-cert FILE        TLS: rank 0's certificate chain (PEM), for gRPC and HTTP\n"
+    "  --tls-key FILE         its private key (PEM)\n"
+    "  --tls-client-ca FILE   mutual TLS: accept only gRPC clients whose certificate\n"
+    "                         this CA (PEM) signed\n"
+    "  --token-file FILE      an access token (the file's first line, 16 to 512\n"
+    "                         characters): every request must carry 'authorization:\n"
+    "                         Bearer TOKEN' (qctl --token-file; OpenAI clients' api_key)\n"
     "  --address-file PATH    write the bound HOST:PORT here once every rank is ready\n"
     "  --http-address-file PATH  the same for --http\n"
     "  --device-memory SIZE   memory of each CPU device, and a cap on each GPU's\n"
@@ -88,10 +95,12 @@ static int parse_seconds(const char *opt, const char *v, double lo, double *out)
     return QS_OK;
 }
 
-/* Loopback only unless --allow-remote: the gRPC API can load models and shut
- * the daemon down, the HTTP one can run generations, and neither has
- * authentication. */
-static int check_listen(const char *opt, const char *example, const char *listen, int allow_remote)
+/* Loopback always; anything else only with --allow-remote, TLS and a way to
+ * tell clients apart (the access token, or for gRPC the clients'
+ * certificates): the gRPC API can load models and shut the daemon down, the
+ * HTTP one can run generations. */
+static int check_listen(const char *opt, const char *example, const char *listen,
+                        const qs_daemon_opts *o)
 {
     const char *colon = strrchr(listen, ':');
     if (!colon || colon == listen || !colon[1])
@@ -115,12 +124,15 @@ static int check_listen(const char *opt, const char *example, const char *listen
                    (inet_pton(AF_INET, host, a) == 1 && a[0] == 127) ||
                    (inet_pton(AF_INET6, host, a) == 1 &&
                     memcmp(a, "\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\1", 16) == 0);
-    if (!loopback && !allow_remote)
+    if (loopback)
+        return QS_OK;
+    int grpc = strcmp(opt, "--listen") == 0;
+    if (!o->allow_remote || !*o->tls_cert || !(*o->token_file || (grpc && *o->tls_client_ca)))
         return qs_seterr(QS_EINVAL,
-                         "%s: refusing to listen on '%s', which is not a loopback address: the "
-                         "API has no authentication; add --allow-remote if the network is "
-                         "trusted",
-                         opt, listen);
+                         "%s: refusing to listen on '%s', which is not a loopback address: "
+                         "remote clients need --allow-remote with TLS (--tls-cert, --tls-key) "
+                         "and an access token (--token-file)%s",
+                         opt, listen, grpc ? " or client certificates (--tls-client-ca)" : "");
     return QS_OK;
 }
 
@@ -164,10 +176,11 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
             continue;
         }
         static const char *const takes[] = {
-            "--listen",        "--address-file", "--device-memory",
-            "--drain-timeout", "--heartbeat",    "--log-level",
-            "--rank-timeout",  "--http",         "--http-address-file",
-            "--cache-dir",     "--cache-limit"};
+            "--listen",        "--address-file",  "--device-memory",
+            "--drain-timeout", "--heartbeat",     "--log-level",
+            "--rank-timeout",  "--http",          "--http-address-file",
+            "--cache-dir",     "--cache-limit",   "--tls-cert",
+            "--tls-key",       "--tls-client-ca", "--token-file"};
         int known = 0;
         for (size_t k = 0; k < sizeof takes / sizeof takes[0]; k++)
             known |= !strcmp(name, takes[k]);
@@ -210,6 +223,16 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
             if (!err && o->device_memory < (1ull << 20))
                 err = qs_seterr(QS_EINVAL, "--device-memory %s is below 1MiB", val);
             o->device_memory_given = 1;
+        } else if (!strcmp(name, "--tls-cert") || !strcmp(name, "--tls-key") ||
+                   !strcmp(name, "--tls-client-ca") || !strcmp(name, "--token-file")) {
+            char *dst = !strcmp(name, "--tls-cert")     ? o->tls_cert
+                        : !strcmp(name, "--tls-key")    ? o->tls_key
+                        : !strcmp(name, "--token-file") ? o->token_file
+                                                        : o->tls_client_ca;
+            if (!*val || strlen(val) >= sizeof o->tls_cert)
+                err = qs_seterr(QS_EINVAL, "%s takes a file path", name);
+            else
+                snprintf(dst, sizeof o->tls_cert, "%s", val);
         } else if (!strcmp(name, "--cache-dir")) {
             if (strlen(val) >= sizeof o->cache_dir - 64 || !*val)
                 err = qs_seterr(QS_EINVAL, "--cache-dir: give a directory path under %zu bytes",
@@ -235,8 +258,14 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
             return 2;
         }
     }
-    if (check_listen("--listen", "127.0.0.1:50551", o->listen, o->allow_remote) != QS_OK ||
-        (o->http[0] && check_listen("--http", "127.0.0.1:8000", o->http, o->allow_remote))) {
+    if (!*o->tls_cert != !*o->tls_key || (*o->tls_client_ca && !*o->tls_cert)) {
+        if (print)
+            fprintf(stderr, "qdaemon: TLS needs both --tls-cert and --tls-key (and "
+                            "--tls-client-ca needs them too)\n");
+        return 2;
+    }
+    if (check_listen("--listen", "127.0.0.1:50551", o->listen, o) != QS_OK ||
+        (o->http[0] && check_listen("--http", "127.0.0.1:8000", o->http, o))) {
         if (print)
             fprintf(stderr, "qdaemon: %s\n", qs_errmsg());
         return 2;
@@ -359,7 +388,7 @@ int main(int argc, char **argv)
     }
     char bound[300] = "", http_bound[300] = "";
     if (ok && d.rank == 0) {
-        if (qs_metrics_init(&d.metrics) != QS_OK ||
+        if (qs_auth_load(&d.auth, &d.opts) != QS_OK || qs_metrics_init(&d.metrics) != QS_OK ||
             qs_server_start(&d, d.opts.listen, bound, sizeof bound, &d.server) != QS_OK) {
             ok = 0;
             snprintf(why, sizeof why, "%s", qs_errmsg());
@@ -382,6 +411,7 @@ int main(int argc, char **argv)
             qs_server_close(d.server);
         }
         qs_metrics_close(d.metrics);
+        qs_auth_close(&d.auth);
         MPI_Finalize();
         return 1;
     }
@@ -427,6 +457,7 @@ int main(int argc, char **argv)
     }
     qs_models_close(&d);
     qs_metrics_close(d.metrics);
+    qs_auth_close(&d.auth);
     free(d.catalog);
     MPI_Finalize();
     return rc;

@@ -54,6 +54,8 @@ typedef struct qs_daemon_opts {
     double heartbeat;     /* seconds between rank 0's heartbeats when idle */
     double rank_timeout;  /* seconds rank 0 waits for the ranks to take a command */
     qs_log_level log_level;
+    /* TLS and the access token (auth.c): files, "" for none. */
+    char tls_cert[4096], tls_key[4096], tls_client_ca[4096], token_file[4096];
     char cache_dir[4096]; /* the quantized-model cache (cache.c) */
     uint64_t cache_limit; /* bytes; 0: a quarter of its file system */
     int no_cache;         /* never read or write it */
@@ -141,6 +143,13 @@ typedef struct qs_job {
 typedef struct qs_served qs_served; /* a loaded model (models.c) */
 typedef struct qs_comm qs_comm;     /* collectives/qs_collectives.h */
 
+/* Who may use the daemon (auth.c). */
+typedef struct qs_auth {
+    char *cert_pem, *key_pem; /* TLS: rank 0's certificate chain and key; NULL: plaintext */
+    char *client_ca_pem;      /* mutual TLS: the CA that signs the clients' */
+    char bearer[530];         /* "Bearer TOKEN", or "" when no token is set */
+} qs_auth;
+
 struct qs_daemon {
     qs_daemon_opts opts;
     int rank, world, local_rank;
@@ -151,6 +160,7 @@ struct qs_daemon {
     qs_server *server;           /* rank 0 only */
     qs_http *http;               /* rank 0 with --http only */
     qs_metrics *metrics;         /* rank 0 only */
+    qs_auth auth;                /* rank 0 only */
 
     /* The job queue between the gRPC thread and rank 0's main thread. */
     pthread_mutex_t mu;
@@ -177,6 +187,15 @@ void qs_job_free(qs_job *job);
 
 /* Set by the SIGTERM/SIGINT handler; rank 0's main thread polls it. */
 extern volatile sig_atomic_t qs_stop_signal;
+
+/* ---- Who may use the daemon (auth.c) ----------------------------------------- */
+
+/* Rank 0: reads the files the options name (a sentence on error). */
+int qs_auth_load(qs_auth *a, const qs_daemon_opts *o);
+void qs_auth_close(qs_auth *a);
+/* NULL when a request whose "authorization" value is value[0..len) may go
+ * on; else the sentence to refuse it with (UNAUTHENTICATED, HTTP 401). */
+const char *qs_auth_refusal(const qs_auth *a, const char *value, size_t len);
 
 /* ---- CPUs and threads (threads.c) -------------------------------------------- */
 

@@ -327,6 +327,24 @@ static void on_new(qs_server *s, qs_call *call, int ok)
         qs_call_release(call);
         return;
     }
+    /* The access token, when the daemon has one; the standard health check
+     * (load balancers' probes) tells nothing and needs none. */
+    if (strcmp(call->command->method, QS_METHOD_HEALTH_CHECK) != 0) {
+        const char *value = NULL;
+        size_t len = 0;
+        for (size_t i = 0; i < call->md.count; i++) {
+            if (!grpc_slice_str_cmp(call->md.metadata[i].key, "authorization")) {
+                value = (const char *)GRPC_SLICE_START_PTR(call->md.metadata[i].value);
+                len = GRPC_SLICE_LENGTH(call->md.metadata[i].value);
+            }
+        }
+        const char *why = qs_auth_refusal(&s->d->auth, value, len);
+        if (why) {
+            qs_call_finish(call, GRPC_STATUS_UNAUTHENTICATED, why, NULL);
+            qs_call_release(call);
+            return;
+        }
+    }
     grpc_op recv_op;
     memset(&recv_op, 0, sizeof recv_op);
     recv_op.op = GRPC_OP_RECV_MESSAGE;
@@ -508,7 +526,19 @@ int qs_server_start(qs_daemon *d, const char *listen, char *bound, size_t bound_
         s->methods[i] = grpc_server_register_method(s->server, qs_commands[i].method, NULL,
                                                     GRPC_SRM_PAYLOAD_NONE, 0);
     grpc_server_register_completion_queue(s->server, s->cq, NULL);
-    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    /* TLS when rank 0 has a certificate (auth.c); mutual TLS with a client CA. */
+    const qs_auth *au = &d->auth;
+    grpc_server_credentials *creds;
+    if (au->cert_pem) {
+        grpc_ssl_pem_key_cert_pair pair = {au->key_pem, au->cert_pem};
+        creds = grpc_ssl_server_credentials_create_ex(
+            au->client_ca_pem, &pair, 1,
+            au->client_ca_pem ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                              : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+            NULL);
+    } else {
+        creds = grpc_insecure_server_credentials_create();
+    }
     int port = grpc_server_add_http2_port(s->server, listen, creds);
     grpc_server_credentials_release(creds);
     if (port <= 0) {

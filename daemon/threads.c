@@ -8,11 +8,11 @@
  * The cores: the node's CPUs that this process may use are shared out
  * evenly among the node's ranks, in local-rank order, and the rank is
  * pinned to its share with one thread per CPU of it, each thread bound to
- * one CPU (OMP_PROC_BIND). Why not the launcher's binding: `mpirun -np 1`
- * binds the rank to one core, so its threads would share it, and with
- * `--bind-to none` every rank's threads float over every core. Under Slurm
- * with --cpus-per-task the task's own mask is the share (Slurm placed it);
- * OMP_NUM_THREADS, when set, is the user's choice and is kept.
+ * one CPU (OMP_PROC_BIND). Why not the launcher's default binding: `mpirun
+ * -np 1` binds the rank to one core, so its threads would share it, and
+ * with `--bind-to none` every rank's threads float over every core. A
+ * binding the user chose is kept as the share: mpirun's --bind-to X (other
+ * than none), Slurm's --cpus-per-task. OMP_NUM_THREADS, when set, is kept.
  *
  * The waits: OpenMP threads that spin between parallel regions take the
  * core from the rank's MPI progress loop and from other ranks; they spin
@@ -92,6 +92,14 @@ static int choose_cpus(cpu_set_t *share, const char **why)
     if (getenv("SLURM_JOB_ID") && cpt && *cpt) {
         *share = mask; /* Slurm placed the task on its --cpus-per-task */
         *why = "Slurm's --cpus-per-task";
+        return 0;
+    }
+    /* mpirun --bind-to X given on the command line (or as an MCA
+     * parameter): the user placed the rank (a GPU's NUMA domain, say). */
+    const char *bind = getenv("OMPI_MCA_hwloc_base_binding_policy");
+    if (bind && *bind && strcmp(bind, "none") != 0) {
+        *share = mask;
+        *why = "mpirun's --bind-to";
         return 0;
     }
     if (!getenv("SLURM_JOB_ID")) {

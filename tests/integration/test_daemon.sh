@@ -716,6 +716,88 @@ PY
     wait_exit 30
     grep -q "rank 0: 1 thread(s)" "$log" || fail "OMP_NUM_THREADS=1 was not kept: $(grep thread "$log")"
     ;;
+tls)
+    # Remote access: TLS with a certificate the test makes, an access token,
+    # mutual TLS; the right credentials pass, wrong or missing ones fail with
+    # the right code and a sentence; the token is in no log or command line.
+    command -v openssl >/dev/null || { note "SKIP: openssl is needed to make certificates"; exit 77; }
+    cd "$tmp"
+    mkcert() { # mkcert NAME CA SAN: an EC key and a certificate signed by CA
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout "$1.key" \
+            -out "$1.csr" -subj "/CN=$1" 2>/dev/null &&
+            printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$3" >"$1.ext" &&
+            openssl x509 -req -in "$1.csr" -CA "$2.pem" -CAkey "$2.key" -CAcreateserial \
+                -out "$1.pem" -days 1 -extfile "$1.ext" 2>/dev/null
+    }
+    for ca in ca other; do
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+            -keyout "$ca.key" -out "$ca.pem" -days 1 -subj "/CN=qshard test $ca" 2>/dev/null ||
+            fail "openssl could not make a CA"
+    done
+    mkcert server ca "IP:127.0.0.1,DNS:localhost" || fail "openssl could not make the server's"
+    mkcert client ca "DNS:client" || fail "openssl could not make the client's"
+    token=$(openssl rand -hex 24)
+    echo "$token" >token
+    echo "not-the-token-0123456789" >wrong
+    cd - >/dev/null
+    tls=(--tls-cert "$tmp/server.pem" --tls-key "$tmp/server.key")
+    # Remote listening without TLS and a token is refused (exit 2, the reason).
+    expect 2 "$qdaemon" --listen 0.0.0.0:0 --allow-remote
+    grep -q -- '--tls-cert' "$tmp/err" || fail "the refusal does not name --tls-cert: $(cat "$tmp/err")"
+    expect 2 "$qdaemon" --listen 0.0.0.0:0 --allow-remote "${tls[@]}"
+    expect 2 "$qdaemon" --tls-cert "$tmp/server.pem"
+    export QSHARD_TLS_CA=$tmp/ca.pem QSHARD_TOKEN_FILE=$tmp/token
+    start "${tls[@]}" --token-file "$tmp/token" --http 127.0.0.1:0 \
+        --http-address-file "$tmp/http.addr"
+    expect 0 "$qctl" health
+    expect 0 "$qctl" load opt-125m --bits 4 --gpus 1 --max-seq 32
+    # refused CODE PHRASE ENV-AND-ARGS...: qctl exits CODE with PHRASE in its sentence.
+    refused() {
+        local want=$1 phrase=$2
+        shift 2
+        expect "$want" env "$@"
+        grep -qF -- "$phrase" "$tmp/err" || fail "'$*': want '$phrase' in: $(cat "$tmp/err")"
+        note "$* -> $(head -c 300 "$tmp/err")"
+    }
+    refused 1 "needs an access token" QSHARD_TOKEN_FILE= "$qctl" stats
+    refused 1 "UNAUTHENTICATED" QSHARD_TOKEN_FILE= "$qctl" stats
+    refused 1 "token is wrong" QSHARD_TOKEN_FILE="$tmp/wrong" "$qctl" generate opt-125m hi
+    refused 3 "TLS" QSHARD_TLS_CA="$tmp/other.pem" "$qctl" stats
+    refused 3 "connection failed" QSHARD_TLS_CA= "$qctl" stats
+    # HTTPS: the token on /v1 and /metrics, none on /health.
+    http=$(head -n 1 "$tmp/http.addr")
+    code() { curl -s -o "$tmp/body" -w '%{http_code}' --cacert "$tmp/ca.pem" "$@"; }
+    [ "$(code "https://$http/v1/models")" = 401 ] || fail "HTTPS without a token: $(cat "$tmp/body")"
+    grep -q invalid_api_key "$tmp/body" || fail "401 body: $(cat "$tmp/body")"
+    [ "$(code -H "Authorization: Bearer $token" "https://$http/v1/models")" = 200 ] ||
+        fail "HTTPS with the token: $(cat "$tmp/body")"
+    [ "$(code "https://$http/health")" = 200 ] || fail "/health over HTTPS: $(cat "$tmp/body")"
+    [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$http/health")" != 200 ] ||
+        fail "plain HTTP was served on the TLS port"
+    # The token is in no log and no process's command line.
+    grep -qF "$token" "$log" && fail "the token is in the daemon's log"
+    for p in "${rank_pids[@]}"; do
+        tr '\0' ' ' <"/proc/$p/cmdline" | grep -qF "$token" && fail "the token is on rank $p's command line"
+    done
+    expect 0 "$qctl" shutdown
+    wait_exit 30
+    [ "$rc" = 0 ] || fail "mpirun exited $rc after shutdown, want 0"
+    # Mutual TLS instead of a token, listening on every address.
+    unset QSHARD_TOKEN_FILE
+    export QSHARD_TLS_CERT=$tmp/client.pem QSHARD_TLS_KEY=$tmp/client.key
+    rm -f "$addr_file"
+    "$mpiexec" "${mpi_flags[@]}" -np 1 "$qdaemon" --listen 0.0.0.0:0 --allow-remote "${tls[@]}" \
+        --tls-client-ca "$tmp/ca.pem" --address-file "$addr_file" --no-cache >"$log" 2>&1 &
+    mpirun_pid=$!
+    for _ in $(seq 200); do [ -s "$addr_file" ] && break; sleep 0.1; done
+    [ -s "$addr_file" ] || fail "the daemon did not start on 0.0.0.0 with mutual TLS"
+    export QSHARD_ADDR=127.0.0.1:$(sed 's/.*://' "$addr_file")
+    expect 0 "$qctl" health
+    refused 3 "connection failed" QSHARD_TLS_CERT= QSHARD_TLS_KEY= "$qctl" health
+    expect 0 "$qctl" shutdown
+    wait_exit 30
+    [ "$rc" = 0 ] || fail "mpirun exited $rc after shutdown, want 0"
+    ;;
 bad_start)
     # A non-loopback address without --allow-remote: refused, exit 2, no hang.
     "$mpiexec" "${mpi_flags[@]}" -np 2 "$qdaemon" --listen 0.0.0.0:0 >"$log" 2>&1 &
