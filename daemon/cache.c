@@ -205,12 +205,14 @@ const char *qs_cache_dir(const qs_daemon *d)
     return d->opts.cache_dir;
 }
 
+/* DIR/KEY[/FILE] into out; "" when it does not fit (nothing is then found
+ * or written there: --cache-dir is checked to leave room). */
 static void entry_path(const qs_daemon *d, const char *key, const char *file, char *out, size_t n)
 {
-    if (file)
-        snprintf(out, n, "%s/%s/%s", d->opts.cache_dir, key, file);
-    else
-        snprintf(out, n, "%s/%s", d->opts.cache_dir, key);
+    int k = file ? snprintf(out, n, "%s/%s/%s", d->opts.cache_dir, key, file)
+                 : snprintf(out, n, "%s/%s", d->opts.cache_dir, key);
+    if (k < 0 || (size_t)k >= n)
+        out[0] = '\0';
 }
 
 /* mkdir -p for the cache directory and the entry. */
@@ -398,7 +400,7 @@ static int list_entries(const qs_daemon *d, ent **out, size_t *n)
         }
         ent *x = &v[k++];
         memset(x, 0, sizeof *x);
-        snprintf(x->key, sizeof x->key, "%s", e->d_name);
+        memcpy(x->key, e->d_name, 33); /* 32 hex digits, checked above, and the NUL */
         x->bytes = dir_bytes(dir);
         x->last_used = (double)st.st_mtim.tv_sec + st.st_mtim.tv_nsec * 1e-9;
         x->manifest = read_manifest(m);

@@ -15,6 +15,7 @@ pkgs=(
     libcjson-dev libcmocka-dev                          # JSON output, unit tests
     libmicrohttpd-dev                                   # qdaemon --http: metrics, OpenAI API
     prometheus librsvg2-bin curl python3-venv           # tests: promtool, rsvg-convert, clients
+    clang libclang-rt-14-dev openssl                    # tests: libFuzzer harnesses, TLS certificates
 )
 if [ "${1:-}" = "--slurm" ]; then
     pkgs+=(slurm-wlm munge procps)   # procps: pgrep in tests/slurm

@@ -2,11 +2,12 @@
 # The whole test suite, from a fresh machine: installs what is missing, builds,
 # runs ctest; then rebuilds the host code with AddressSanitizer and
 # UndefinedBehaviorSanitizer and runs the unit, integration and cuda-emu
-# tests again (the CUDA code on the CPU execution harness, docs/cuda-emu.md).
+# tests again (the CUDA code on the CPU execution harness, docs/cuda-emu.md);
+# then fuzzes every parser of outside input for 20 s each (tests/fuzz).
 #
 #   deploy/test.sh              everything (what CI runs)
-#   deploy/test.sh --no-sanitize   skip the sanitizer pass
-#   deploy/test.sh --sanitize-only only the sanitizer pass
+#   deploy/test.sh --no-sanitize   skip the sanitizer and fuzz passes
+#   deploy/test.sh --sanitize-only only the sanitizer and fuzz passes
 # GPU tests skip, saying why, on machines without a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,4 +46,6 @@ if [ $sanitize = 1 ]; then
     export LSAN_OPTIONS=suppressions=$PWD/tests/lsan.supp:print_suppressions=0
     export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
     ctest --test-dir build-sanitize --output-on-failure -j "$jobs" -L 'unit|integration|cuda-emu'
+    # Every parser of files and messages under libFuzzer (clang, ASan, UBSan).
+    bash tests/fuzz/run.sh 20
 fi

@@ -1,8 +1,25 @@
 /* dispatch.c: which SIMD path the CPU kernels take, decided once at run
  * time from cpuid, so that one binary runs everywhere and uses what it finds. */
+#include <cpuid.h>
 #include <string.h>
 
 #include "cpu.h"
+
+/* cpuid bits that not every compiler's __builtin_cpu_supports names
+ * (clang 14 knows neither "f16c" nor "avxvnni"): F16C is leaf 1, ECX bit
+ * 29; AVX-VNNI is leaf 7 subleaf 1, EAX bit 4. The OS's AVX state is what
+ * __builtin_cpu_supports("avx2") already checks. */
+static int has_f16c(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c >> 29 & 1);
+}
+
+static int has_avxvnni(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 4 & 1);
+}
 
 static int forced = -1, best = -1, vnni, avx512;
 
@@ -11,9 +28,8 @@ static void detect(void)
     if (best >= 0)
         return;
     __builtin_cpu_init();
-    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
-    vnni = avx2 && __builtin_cpu_supports("avxvnni");
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && has_f16c();
+    vnni = avx2 && has_avxvnni();
     avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vbmi");
     best = !avx2 ? QS_PATH_SCALAR : avx512 ? QS_PATH_AVX512 : vnni ? QS_PATH_AVXVNNI : QS_PATH_AVX2;
