@@ -6,7 +6,7 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
 {
-    char path[128];
+    char path[640];
     fuzz_file("rank-00000-of-00001.safetensors", data, n, path, sizeof path);
     qs_model_config c;
     qs_quant q;

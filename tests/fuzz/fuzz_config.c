@@ -4,7 +4,7 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
 {
-    char path[128];
+    char path[640];
     fuzz_file("config.json", data, n, path, sizeof path);
     qs_model_config c;
     qs_config_from_json(path, &c);

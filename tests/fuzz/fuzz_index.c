@@ -7,7 +7,7 @@
 /* A safetensors file of one F32 tensor [rows, cols] named name. */
 static void shard(const char *file, const char *name, int rows, int cols)
 {
-    char hdr[256], path[128];
+    char hdr[256], path[640];
     int n = snprintf(hdr, sizeof hdr,
                      "{\"%s\":{\"dtype\":\"F32\",\"shape\":[%d,%d],\"data_offsets\":[0,%d]}}", name,
                      rows, cols, 4 * rows * cols);
@@ -28,7 +28,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
         shard("model-00002-of-00002.safetensors", "b.weight", 2, 3);
         made = 1;
     }
-    char path[128];
+    char path[640];
     fuzz_file("model.safetensors.index.json", data, n, path, sizeof path);
     qs_weights *w = NULL;
     if (qs_weights_open(fuzz_dir(), &w) == QS_OK) {

@@ -19,11 +19,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
     for (char *p = buf; p < buf + n && argc < 33; p += strlen(p) + 1)
         argv[argc++] = p;
     argv[argc] = NULL;
-    /* --svg would write files: keep it off. */
+    /* --svg (or any abbreviation getopt_long takes: --sv, --svg=F) would
+     * write files; and whatever else might, lands in the harness's own
+     * directory. */
+    static int moved;
+    if (!moved && chdir(fuzz_dir()) == 0)
+        moved = 1;
     int svg = 0;
     for (int i = 1; i < argc; i++)
-        svg |= strstr(argv[i], "svg") != NULL;
-    if (!svg)
+        svg |= strncmp(argv[i], "--sv", 4) == 0;
+    if (!svg && moved)
         qs_ctl_plan(argc, argv);
     free(buf);
     return 0;

@@ -14,9 +14,10 @@
 /* The harness's directory, made once per process. */
 static inline const char *fuzz_dir(void)
 {
-    static char dir[64];
+    static char dir[512];
     if (!dir[0]) {
-        snprintf(dir, sizeof dir, "/tmp/qs-fuzz-XXXXXX");
+        const char *t = getenv("TMPDIR");
+        snprintf(dir, sizeof dir, "%.400s/qs-fuzz-XXXXXX", t && *t ? t : "/tmp");
         if (!mkdtemp(dir))
             abort();
     }

@@ -6,7 +6,7 @@
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
 {
-    char path[128];
+    char path[640];
     fuzz_file("model.gguf", data, n, path, sizeof path);
     qs_weights *w = NULL;
     if (qs_weights_open(path, &w) != QS_OK)

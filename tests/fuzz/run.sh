@@ -25,6 +25,7 @@ work=$(mktemp -d "${TMPDIR:-/tmp}/qs-fuzz.XXXXXX")
 gguf=${QSHARD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/qshard}/SmolLM2-135M-Instruct.Q4_1.gguf
 python3 tests/fuzz/seeds.py "$work/seeds" "$gguf"
 export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+export TMPDIR=$work # the harnesses' own files go with it
 
 dict_of() {
     case $1 in
