@@ -1231,6 +1231,7 @@ typedef struct eval_ctx {
     const qs_ctl_global *g;
     Qshard__V1__EvalEvent *done;
     int tty;
+    cJSON *windows; /* --json: the running estimate after each window, as llama.cpp prints it */
 } eval_ctx;
 
 static int eval_on_msg(ProtobufCMessage *msg, void *ud)
@@ -1243,6 +1244,13 @@ static int eval_on_msg(ProtobufCMessage *msg, void *ud)
             fprintf(stderr, "%s  window %u/%u  perplexity so far %.4f  %.1f s%s",
                     e->tty ? "\r" : "", p->chunks, p->chunks_total, p->perplexity, p->seconds,
                     e->tty ? "" : "\n");
+        if (e->windows) {
+            cJSON *w = cJSON_CreateObject();
+            cJSON_AddNumberToObject(w, "window", p->chunks);
+            cJSON_AddNumberToObject(w, "perplexity_so_far", p->perplexity);
+            cJSON_AddNumberToObject(w, "seconds", p->seconds);
+            cJSON_AddItemToArray(e->windows, w);
+        }
         protobuf_c_message_free_unpacked(msg, NULL);
         return 0;
     }
@@ -1294,7 +1302,7 @@ int qs_ctl_eval(qs_ctl_global *g, int argc, char **argv)
     qs_client *c = connect_to(g, &rc);
     if (!c)
         return rc;
-    eval_ctx e = {g, NULL, isatty(2)};
+    eval_ctx e = {g, NULL, isatty(2), g->json ? cJSON_CreateArray() : NULL};
     qs_rpc_status st;
     double timeout = timeout_or(g, 0);
     if (qs_client_call(c, QS_METHOD_EVAL, &req.base, &qshard__v1__eval_event__descriptor, timeout,
@@ -1321,6 +1329,8 @@ int qs_ctl_eval(qs_ctl_global *g, int argc, char **argv)
             cJSON_AddNumberToObject(j, "ctx", req.ctx ? req.ctx : 512);
             cJSON_AddBoolToObject(j, "bos", r->bos);
             cJSON_AddNumberToObject(j, "seconds", r->seconds);
+            cJSON_AddItemToObject(j, "windows", e.windows);
+            e.windows = NULL;
             print_json(j);
         } else {
             printf("%s: perplexity %.4f (mean NLL %.4f) over %llu scored tokens in %u window(s) "
@@ -1331,6 +1341,7 @@ int qs_ctl_eval(qs_ctl_global *g, int argc, char **argv)
     }
     if (e.done)
         protobuf_c_message_free_unpacked(&e.done->base, NULL);
+    cJSON_Delete(e.windows); /* still ours when the eval failed */
     qs_client_close(c);
     return rc;
 }

@@ -505,6 +505,9 @@ g, c = load("gpu.gen"), load("cpu.gen")
 assert g["tokens"] == c["tokens"] and len(g["tokens"]) == 6, (g["tokens"], c["tokens"])
 pg, pc = load("gpu.eval")["perplexity"], load("cpu.eval")["perplexity"]
 assert abs(pg / pc - 1) <= 0.015, (pg, pc)
+# --json carries the running estimate per window, the last one the result.
+w = load("gpu.eval")["windows"]
+assert [x["window"] for x in w] == [1, 2] and abs(w[-1]["perplexity_so_far"] / pg - 1) < 1e-9, w
 for dev in load("gpu.stats")["devices"]:
     assert dev["kind"] == "cuda" and "[cuda-emu]" in dev["name"], dev
     assert dev["memory_weights"] > 0 and dev["memory_used"] < dev["memory_total"], dev
