@@ -6,33 +6,24 @@
 #define _POSIX_C_SOURCE 200809L
 #include "qs_daemon.h"
 
-#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #define MAX_PEM (1u << 20)
 
-/* A whole file, at most max bytes, NUL-terminated. */
+/* A credentials file: whole, not empty, at most max bytes. */
 static int read_file(const char *opt, const char *path, size_t max, char **out)
 {
-    *out = NULL;
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return qs_seterr(QS_EIO, "%s %s: %s", opt, path, strerror(errno));
-    char *buf = malloc(max + 1);
-    size_t n = buf ? fread(buf, 1, max, f) : 0;
-    int big = buf && n == max && fgetc(f) != EOF;
-    fclose(f);
-    if (!buf)
-        return qs_seterr(QS_ENOMEM, "out of memory reading %s", path);
-    if (big || n == 0) {
-        free(buf);
-        return qs_seterr(QS_EINVAL, "%s %s: the file is %s", opt, path,
-                         big ? "too large" : "empty");
+    size_t n = 0;
+    int err = qs_read_file(path, max, out, &n);
+    if (err)
+        return qs_seterr(err, "%s: %s", opt, qs_errmsg());
+    if (n == 0) {
+        free(*out);
+        *out = NULL;
+        return qs_seterr(QS_EINVAL, "%s %s: the file is empty", opt, path);
     }
-    buf[n] = '\0';
-    *out = buf;
     return QS_OK;
 }
 

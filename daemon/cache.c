@@ -354,14 +354,13 @@ static int by_use(const void *a, const void *b)
 
 static cJSON *read_manifest(const char *path)
 {
-    FILE *f = fopen(path, "r");
-    if (!f)
+    char *text = NULL;
+    if (qs_read_file(path, 1u << 16, &text, NULL) != QS_OK) {
+        qs_clearerr(); /* not an entry, then */
         return NULL;
-    char buf[16384];
-    size_t n = fread(buf, 1, sizeof buf - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    cJSON *j = cJSON_Parse(buf);
+    }
+    cJSON *j = cJSON_Parse(text);
+    free(text);
     if (j && !cJSON_IsObject(j)) {
         cJSON_Delete(j);
         j = NULL;

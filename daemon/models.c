@@ -285,28 +285,6 @@ static const char *piece(const qs_served *s, int32_t id, char *buf, size_t n)
     return buf;
 }
 
-static int read_text(const char *path, size_t max, char **out, size_t *len)
-{
-    FILE *f = fopen(path, "rb");
-    if (!f)
-        return qs_seterr(errno == ENOENT ? QS_ENOTFOUND : QS_EIO,
-                         "cannot read '%s' on the daemon's host: %s", path, strerror(errno));
-    char *buf = malloc(max + 1);
-    size_t n = buf ? fread(buf, 1, max + 1, f) : 0;
-    fclose(f);
-    if (!buf)
-        return qs_seterr(QS_ENOMEM, "out of memory reading '%s'", path);
-    if (n > max) {
-        free(buf);
-        return qs_seterr(QS_EINVAL, "'%s' is larger than %zu MiB: use a shorter text", path,
-                         max >> 20);
-    }
-    buf[n] = '\0';
-    *out = buf;
-    *len = n;
-    return QS_OK;
-}
-
 /* ---- Load --------------------------------------------------------------- */
 
 static int contains(const char *s, size_t n, const char *needle)
@@ -512,7 +490,7 @@ static int calibrate(qs_served *s, const Qshard__V1__LoadRequest *r, const qs_mo
                                     "model, or pass --calib none");
     size_t len = 0;
     char *text = NULL;
-    int err = read_text(path, 64u << 20, &text, &len);
+    int err = qs_read_file(path, 64u << 20, &text, &len);
     if (err)
         return err;
     int32_t *ids = NULL;
@@ -1346,7 +1324,7 @@ int qs_model_run_eval(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
     char *text = NULL;
     int err = QS_OK;
     if (r->source_case == QSHARD__V1__EVAL_REQUEST__SOURCE_TEXT_PATH)
-        err = read_text(r->text_path, 256u << 20, &text, &len);
+        err = qs_read_file(r->text_path, 256u << 20, &text, &len);
     else if ((text = strdup(r->text)))
         len = strlen(text);
     else

@@ -188,6 +188,10 @@ void qs_job_free(qs_job *job);
 /* Set by the SIGTERM/SIGINT handler; rank 0's main thread polls it. */
 extern volatile sig_atomic_t qs_stop_signal;
 
+/* A whole file of at most max bytes, NUL-terminated (*len bytes without the
+ * NUL; len may be NULL), with a sentence when it cannot be (files.c). */
+int qs_read_file(const char *path, size_t max, char **out, size_t *len);
+
 /* ---- Who may use the daemon (auth.c) ----------------------------------------- */
 
 /* Rank 0: reads the files the options name (a sentence on error). */
