@@ -270,17 +270,9 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
             fprintf(stderr, "qdaemon: %s\n", qs_errmsg());
         return 2;
     }
-    if (!o->cache_dir[0]) {
-        const char *q = getenv("QSHARD_CACHE"), *x = getenv("XDG_CACHE_HOME"), *h = getenv("HOME");
-        if (q && *q)
-            snprintf(o->cache_dir, sizeof o->cache_dir, "%.3900s/quantized", q);
-        else if (x && *x)
-            snprintf(o->cache_dir, sizeof o->cache_dir, "%.3900s/qshard/quantized", x);
-        else if (h && *h)
-            snprintf(o->cache_dir, sizeof o->cache_dir, "%.3900s/.cache/qshard/quantized", h);
-        else
-            o->no_cache = 1; /* nowhere to keep it */
-    }
+    if (!o->cache_dir[0] &&
+        qs_cache_path("quantized", o->cache_dir, sizeof o->cache_dir - 64) != QS_OK)
+        o->no_cache = 1; /* nowhere to keep it */
     if (o->http_address_file[0] && !o->http[0]) {
         if (print)
             fprintf(stderr, "qdaemon: --http-address-file needs --http\n");

@@ -342,19 +342,11 @@ static int resolve_source(const Qshard__V1__LoadRequest *r, qs_served *s, qs_qua
         s->cfg = *p;
         const char *w = r->weights;
         char cached[1024] = "";
-        if (!*w && strcmp(p->name, "smollm2-135m") == 0) {
-            const char *home = getenv("HOME"), *cache = getenv("QSHARD_CACHE");
-            const char *xdg = getenv("XDG_CACHE_HOME");
-            if (cache)
-                snprintf(cached, sizeof cached, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", cache);
-            else if (xdg)
-                snprintf(cached, sizeof cached, "%s/qshard/SmolLM2-135M-Instruct.Q4_1.gguf", xdg);
-            else
-                snprintf(cached, sizeof cached, "%s/.cache/qshard/SmolLM2-135M-Instruct.Q4_1.gguf",
-                         home ? home : "/root");
-            if (access(cached, R_OK) == 0)
-                w = cached;
-        }
+        if (!*w && strcmp(p->name, "smollm2-135m") == 0 &&
+            qs_cache_path(QS_DEFAULT_GGUF, cached, sizeof cached) == QS_OK &&
+            access(cached, R_OK) == 0)
+            w = cached;
+        qs_clearerr();
         snprintf(s->weights, sizeof s->weights, "%s", *w ? w : "synthetic");
         if (strcmp(s->weights, "synthetic") != 0) {
             /* The file's shapes rule: check they are the preset's. */

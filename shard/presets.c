@@ -3,6 +3,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
@@ -118,5 +119,19 @@ int qs_config_check(const qs_model_config *m)
     if (!(m->norm_eps > 0 && m->norm_eps < 1) || !isfinite(m->rope_theta) || m->rope_theta < 0)
         return qs_seterr(QS_EFORMAT, "model '%s': norm epsilon %g or RoPE base %g is invalid",
                          m->name, m->norm_eps, m->rope_theta);
+    return QS_OK;
+}
+
+int qs_cache_path(const char *name, char *out, size_t n)
+{
+    const char *q = getenv("QSHARD_CACHE"), *x = getenv("XDG_CACHE_HOME"), *h = getenv("HOME");
+    int k = q && *q   ? snprintf(out, n, "%s/%s", q, name)
+            : x && *x ? snprintf(out, n, "%s/qshard/%s", x, name)
+            : h && *h ? snprintf(out, n, "%s/.cache/qshard/%s", h, name)
+                      : -2;
+    if (k == -2)
+        return qs_seterr(QS_ENOTFOUND, "no cache directory: set QSHARD_CACHE (or HOME)");
+    if (k < 0 || (size_t)k >= n)
+        return qs_seterr(QS_EOVERFLOW, "the cache path of %s is too long", name);
     return QS_OK;
 }

@@ -53,6 +53,13 @@ size_t qs_preset_count(void);
 const qs_model_config *qs_preset_at(size_t i);
 const qs_model_config *qs_preset_find(const char *name);
 
+/* The default model's file, which deploy/fetch-model.sh caches. */
+#define QS_DEFAULT_GGUF "SmolLM2-135M-Instruct.Q4_1.gguf"
+/* name in qshard's cache directory, as deploy/fetch-model.sh finds it:
+ * $QSHARD_CACHE, else $XDG_CACHE_HOME/qshard, else $HOME/.cache/qshard.
+ * QS_ENOTFOUND when none of them is set, QS_EOVERFLOW when out is short. */
+int qs_cache_path(const char *name, char *out, size_t n);
+
 /* Checks a configuration read from a file: every count non-zero and within
  * sane bounds, heads * head_dim == hidden, kv_heads dividing heads. */
 int qs_config_check(const qs_model_config *m);

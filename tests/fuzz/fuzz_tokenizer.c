@@ -16,14 +16,11 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
     (void)argc, (void)argv;
     const char *p = getenv("QS_FUZZ_GGUF");
     char def[1024];
-    if (!p) {
-        const char *home = getenv("HOME"), *cache = getenv("QSHARD_CACHE");
-        if (cache)
-            snprintf(def, sizeof def, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", cache);
-        else
-            snprintf(def, sizeof def, "%s/.cache/qshard/SmolLM2-135M-Instruct.Q4_1.gguf",
-                     home ? home : "/root");
+    if (!p && qs_cache_path(QS_DEFAULT_GGUF, def, sizeof def) == QS_OK)
         p = def;
+    if (!p) {
+        fprintf(stderr, "fuzz_tokenizer: %s\n", qs_errmsg());
+        exit(77);
     }
     if (qs_weights_open(p, &file) != QS_OK || qs_tokenizer_init_gguf(file, &tok) != QS_OK) {
         fprintf(stderr, "fuzz_tokenizer: no tokenizer (%s): run deploy/fetch-model.sh\n",
@@ -46,8 +43,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
     if (data[0] & 1) {
         int32_t *ids = NULL;
         size_t nid = 0;
-        if (qs_tokenizer_encode(tok, (const char *)data + 1, n - 1, data[0] >> 1 & 3, &ids,
-                                &nid) == QS_OK) {
+        if (qs_tokenizer_encode(tok, (const char *)data + 1, n - 1, data[0] >> 1 & 3, &ids, &nid) ==
+            QS_OK) {
             char *text = NULL;
             size_t len = 0;
             /* Without BOS, decoding gives the bytes back when each byte has
@@ -57,8 +54,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t n)
                 all &= has_byte[data[i]];
             if (!(data[0] >> 1 & QS_TOK_ADD_BOS) && all &&
                 (err || len != n - 1 || memcmp(text, data + 1, n - 1) != 0)) {
-                fprintf(stderr, "fuzz_tokenizer: %zu bytes encode to %zu ids that decode to %zu "
-                                "other bytes\n",
+                fprintf(stderr,
+                        "fuzz_tokenizer: %zu bytes encode to %zu ids that decode to %zu "
+                        "other bytes\n",
                         n - 1, nid, len);
                 abort();
             }

@@ -499,13 +499,8 @@ static void test_smollm2_gguf(void **state)
 {
     (void)state;
     char path[1024];
-    const char *cache = getenv("QSHARD_CACHE");
-    const char *home = getenv("HOME");
-    if (cache)
-        snprintf(path, sizeof path, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", cache);
-    else
-        snprintf(path, sizeof path, "%s/.cache/qshard/SmolLM2-135M-Instruct.Q4_1.gguf",
-                 home ? home : "/root");
+    if (qs_cache_path(QS_DEFAULT_GGUF, path, sizeof path) != QS_OK)
+        path[0] = '\0';
     if (access(path, R_OK) != 0) {
         printf("skipping: %s is absent (deploy/fetch-model.sh fetches it)\n", path);
         skip();

@@ -520,12 +520,8 @@ static const struct reference {
 static qs_tokenizer *open_smollm2(void)
 {
     char path[1024];
-    const char *cache = getenv("QSHARD_CACHE"), *home = getenv("HOME");
-    if (cache)
-        snprintf(path, sizeof path, "%s/SmolLM2-135M-Instruct.Q4_1.gguf", cache);
-    else
-        snprintf(path, sizeof path, "%s/.cache/qshard/SmolLM2-135M-Instruct.Q4_1.gguf",
-                 home ? home : "/root");
+    if (qs_cache_path(QS_DEFAULT_GGUF, path, sizeof path) != QS_OK)
+        path[0] = '\0';
     if (access(path, R_OK) != 0) {
         printf("skipping: %s is absent (deploy/fetch-model.sh fetches it)\n", path);
         return NULL;
