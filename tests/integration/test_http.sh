@@ -45,7 +45,7 @@ command -v python3 >/dev/null || skip "python3 is needed"
 start() {
     "$mpiexec" "${mpi_flags[@]}" -np 2 "$qdaemon" --listen 127.0.0.1:0 --http 127.0.0.1:0 \
         --address-file "$tmp/addr" --http-address-file "$tmp/http" --device-memory 2GiB \
-        --heartbeat 0.5 "$@" >"$log" 2>&1 &
+        --heartbeat 0.5 --cache-dir "$tmp/qcache" "$@" >"$log" 2>&1 &
     mpirun_pid=$!
     for _ in $(seq 300); do
         [ -s "$tmp/addr" ] && break
