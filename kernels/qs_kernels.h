@@ -66,6 +66,14 @@ int qs_cuda_emulated(void);
  * and CUDA code read the same bytes. */
 uint16_t qs_fp32_to_fp16(float f);
 float qs_fp16_to_fp32(uint16_t h);
+/* count values widened to fp32 (F16C where the CPU has it). */
+void qs_f16_to_f32_row(const uint16_t *h, size_t count, float *out);
+/* Y (M x N, fp32) = X (M x K, fp32) W^T with W an N x K fp16 matrix, fp32
+ * sums (kernels/cpu/f16gemm.c: a CPU rank's fp16 LM head), and its float64
+ * reference. */
+int qs_f16_gemm(const uint16_t *W, size_t N, size_t K, const float *X, size_t M, float *Y);
+int qs_f16_gemm_ref_f64(const uint16_t *W, size_t N, size_t K, const float *X, size_t M,
+                        double *Y);
 
 /* ---- BCQ with offset (LUT-GEMM) ------------------------------------------
  * A weight matrix W of N rows (outputs) by K columns (inputs) is stored as

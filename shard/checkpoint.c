@@ -224,8 +224,12 @@ int qs_model_save(const qs_model *m, const char *dir)
         snprintf(n, sizeof n, "layers.%u.ffn_norm", l);
         put_norm(&w, n, &L->ffn_norm, c->hidden);
     }
+    /* The vocabulary tables as the model holds them: fp16 for the quantized
+     * schemes (qs_model_tables_f16), fp32 for the fp16 scheme on CPU ranks. */
     put(&w, "embed", "F32", m->embed, m->vr, c->embed_dim, 4);
+    put(&w, "embed", "F16", m->embed16, m->vr, c->embed_dim, 2);
     put(&w, "lm_head", "F32", m->lm_head, m->vr, c->hidden, 4);
+    put(&w, "lm_head", "F16", m->lm_head16, m->vr, c->hidden, 2);
     put(&w, "pos", "F32", m->pos, (uint64_t)c->max_pos + 2, c->hidden, 4);
     put(&w, "proj_in", "F32", m->proj_in, c->hidden, c->embed_dim, 4);
     put(&w, "proj_out", "F32", m->proj_out, c->embed_dim, c->hidden, 4);
@@ -439,6 +443,39 @@ static int alloc_take(const qs_weights *w, const char *name, const char *dtype, 
     return take(w, name, dtype, *out, bytes);
 }
 
+/* A vocabulary table of count values, stored F16 or F32, into the form the
+ * model keeps (fp16 for the quantized schemes, fp32 for the fp16 scheme). */
+static int take_table(const qs_model *m, const qs_weights *w, const char *name, uint64_t count,
+                      float **t32, uint16_t **t16)
+{
+    const qs_tensor_info *t = qs_weights_find(w, name);
+    if (!t)
+        return qs_seterr(QS_EFORMAT, "the checkpoint has no tensor '%s'", name);
+    int half = t->dtype == QS_DTYPE_F16, want_half = m->quant.scheme != QS_SCHEME_FP16;
+    int err = half ? alloc_take(w, name, "F16", count * 2, (void **)t16)
+                   : alloc_take(w, name, "F32", count * 4, (void **)t32);
+    if (err || half == want_half)
+        return err;
+    /* Stored in the other width: widen or narrow it (widening is exact). */
+    if (half) {
+        *t32 = malloc(count * sizeof **t32);
+        if (!*t32)
+            return qs_seterr(QS_ENOMEM, "out of memory loading '%s'", name);
+        qs_f16_to_f32_row(*t16, count, *t32);
+        free(*t16);
+        *t16 = NULL;
+        return QS_OK;
+    }
+    *t16 = malloc(count * sizeof **t16);
+    if (!*t16)
+        return qs_seterr(QS_ENOMEM, "out of memory loading '%s'", name);
+    for (uint64_t i = 0; i < count; i++)
+        (*t16)[i] = qs_fp32_to_fp16((*t32)[i]);
+    free(*t32);
+    *t32 = NULL;
+    return QS_OK;
+}
+
 static int take_linear(qs_model *m, const qs_weights *w, const char *prefix, linear *l, size_t N,
                        size_t K, int row_parallel)
 {
@@ -579,9 +616,9 @@ int qs_checkpoint_load(qs_model *m, const char *dir)
             err = take_norm(m, w, n, &L->ffn_norm);
     }
     if (!err)
-        err = alloc_take(w, "embed", "F32", (uint64_t)m->vr * E * 4, (void **)&m->embed);
+        err = take_table(m, w, "embed", (uint64_t)m->vr * E, &m->embed, &m->embed16);
     if (!err && !c->tied_embeddings)
-        err = alloc_take(w, "lm_head", "F32", (uint64_t)m->vr * H * 4, (void **)&m->lm_head);
+        err = take_table(m, w, "lm_head", (uint64_t)m->vr * H, &m->lm_head, &m->lm_head16);
     if (!err && c->learned_pos)
         err = alloc_take(w, "pos", "F32", ((uint64_t)c->max_pos + 2) * H * 4, (void **)&m->pos);
     if (!err && E != H)
@@ -592,7 +629,7 @@ int qs_checkpoint_load(qs_model *m, const char *dir)
     if (!err && c->final_norm)
         err = take_norm(m, w, "final_norm", &m->final_norm);
     if (!err) {
-        m->bytes.fp16 += (uint64_t)m->vr * E * 4 * (c->tied_embeddings ? 1 : 2);
+        m->bytes.fp16 += (uint64_t)m->vr * E * (m->embed16 ? 2 : 4) * (c->tied_embeddings ? 1 : 2);
         if (c->learned_pos)
             m->bytes.fp16 += ((uint64_t)c->max_pos + 2) * H * 4;
         if (E != H)

@@ -542,6 +542,8 @@ cache:
         *out = m;
         return QS_OK;
     }
+    if ((err = qs_model_tables_f16(m)))
+        goto fail;
     size_t kv = (size_t)cfg->layers * m->max_slots * m->max_seq * m->hkv * m->hd;
     m->kcache = calloc(kv, sizeof(float));
     m->vcache = calloc(kv, sizeof(float));

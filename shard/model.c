@@ -76,6 +76,8 @@ void qs_model_close(qs_model *m)
     free(m->layers);
     free(m->embed);
     free(m->lm_head);
+    free(m->embed16);
+    free(m->lm_head16);
     free(m->pos);
     free(m->proj_in);
     free(m->proj_out);
@@ -84,4 +86,32 @@ void qs_model_close(qs_model *m)
     free(m->vcache);
     free(m->rope_cs);
     free(m);
+}
+
+/* One vocabulary table (rows x width fp32) to fp16; the fp32 copy freed. */
+static int table_f16(float **t32, uint16_t **t16, size_t count)
+{
+    if (!*t32)
+        return QS_OK;
+    uint16_t *h = malloc(count * sizeof *h);
+    if (!h)
+        return qs_seterr(QS_ENOMEM, "out of memory for a %zu-value fp16 table", count);
+    for (size_t i = 0; i < count; i++)
+        h[i] = qs_fp32_to_fp16((*t32)[i]);
+    free(*t32);
+    *t32 = NULL;
+    *t16 = h;
+    return QS_OK;
+}
+
+int qs_model_tables_f16(qs_model *m)
+{
+    if (m->quant.scheme == QS_SCHEME_FP16)
+        return QS_OK;
+    size_t vr = m->vr, E = m->cfg.embed_dim, H = m->cfg.hidden;
+    int had_head = m->lm_head != NULL;
+    int err = table_f16(&m->embed, &m->embed16, vr * E);
+    if (!err && (err = table_f16(&m->lm_head, &m->lm_head16, vr * H)) == QS_OK)
+        m->bytes.fp16 -= (uint64_t)vr * (E + (had_head ? H : 0)) * 2;
+    return err;
 }

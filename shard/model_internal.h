@@ -43,8 +43,12 @@ struct qs_model {
     uint32_t v_first;             /* first vocabulary row */
     int rope_adjacent;            /* GGUF Llama: rotate adjacent pairs; HF: halves */
     layer *layers;
-    float *embed;              /* vr x E */
-    float *lm_head;            /* vr x H, or NULL when tied */
+    float *embed;   /* vr x E */
+    float *lm_head; /* vr x H, or NULL when tied */
+    /* CPU ranks, quantized schemes: the same tables in fp16, as a GPU keeps
+     * them (then embed and lm_head are NULL): half the bytes a decode step
+     * reads for the LM head (qs_model_tables_f16). */
+    uint16_t *embed16, *lm_head16;
     float *pos;                /* OPT: (max_pos + 2) x H */
     float *proj_in, *proj_out; /* opt-350m: H x E, E x H */
     norm final_norm;
@@ -59,6 +63,10 @@ struct qs_model {
     size_t chunk;             /* tokens per forward call the device takes (0: any) */
     void *dev;                /* the device's state (ops_cuda.c) */
 };
+
+/* The quantized schemes' embedding and LM head tables to fp16 (the fp16
+ * scheme, the CPU's fp32 reference, keeps fp32); bytes.fp16 follows. */
+int qs_model_tables_f16(qs_model *m);
 
 /* Bytes of a linear layer in its format. */
 uint64_t qs_linear_bytes(const linear *l);

@@ -194,8 +194,13 @@ static int cpu_embed(qs_fwd *f)
     memset(e, 0, n * E * sizeof(float));
     for (size_t i = 0; i < n; i++) {
         uint32_t t = (uint32_t)f->tokens[i];
-        if (t >= m->v_first && t < m->v_first + m->vr)
-            memcpy(e + i * E, m->embed + (size_t)(t - m->v_first) * E, E * sizeof(float));
+        if (t >= m->v_first && t < m->v_first + m->vr) {
+            size_t row = (size_t)(t - m->v_first) * E;
+            if (m->embed16)
+                qs_f16_to_f32_row(m->embed16 + row, E, e + i * E);
+            else
+                memcpy(e + i * E, m->embed + row, E * sizeof(float));
+        }
     }
     int err = reduce(m, e, n * E);
     if (err)
@@ -296,14 +301,18 @@ static int cpu_logits(qs_fwd *f, const void *in_, size_t first, size_t nl, float
         in = proj;
     }
     const float *table = m->lm_head ? m->lm_head : m->embed;
+    const uint16_t *table16 = m->lm_head16 ? m->lm_head16 : m->embed16;
     local = malloc(nl * vr * sizeof *local);
     all = malloc(P * nl * vr * sizeof *all);
     if (!local || !all) {
         err = qs_seterr(QS_ENOMEM, "out of memory for the logits of %zu tokens", nl);
         goto out;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nl, (int)vr, (int)E, 1.0f, in, (int)E,
-                table, (int)E, 0.0f, local, (int)vr);
+    if (table16 && (err = qs_f16_gemm(table16, vr, E, in, nl, local)))
+        goto out;
+    if (!table16)
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)nl, (int)vr, (int)E, 1.0f, in,
+                    (int)E, table, (int)E, 0.0f, local, (int)vr);
     double t0 = now_ms();
     err = qs_comm_allgather(m->tp, local, all, nl * vr, QS_COLL_F32, QS_COLL_HOST);
     m->comm_ms += now_ms() - t0;

@@ -132,6 +132,16 @@ static int upload_f16(gpu *g, const float *src, size_t count, void **out)
     return err;
 }
 
+/* A table the host already holds in fp16 (qs_model_tables_f16), or NULL. */
+static int upload_h16(gpu *g, const uint16_t *src, size_t count, void **out)
+{
+    *out = NULL;
+    if (!src)
+        return QS_OK;
+    int err = gpu_alloc(g, out, count * 2);
+    return err ? err : qs_cuda_h2d(*out, src, count * 2);
+}
+
 static int upload_norm(gpu *g, const norm *nm, size_t H, gpu_norm *out)
 {
     int err = upload_f16(g, nm->w, H, &out->w);
@@ -434,7 +444,11 @@ int qs_gpu_finish(qs_model *m)
     const qs_model_config *c = &m->cfg;
     size_t H = c->hidden, E = c->embed_dim;
     int err;
-    if ((!g->embed && (err = upload_f16(g, m->embed, (size_t)m->vr * E, &g->embed))) ||
+    if ((!g->embed && m->embed16 &&
+         (err = upload_h16(g, m->embed16, (size_t)m->vr * E, &g->embed))) ||
+        (!g->lm_head && m->lm_head16 &&
+         (err = upload_h16(g, m->lm_head16, (size_t)m->vr * H, &g->lm_head))) ||
+        (!g->embed && (err = upload_f16(g, m->embed, (size_t)m->vr * E, &g->embed))) ||
         (!g->lm_head && (err = upload_f16(g, m->lm_head, (size_t)m->vr * H, &g->lm_head))) ||
         (err = upload_f16(g, m->pos, ((size_t)c->max_pos + 2) * H, &g->pos)) ||
         (err = upload_f16(g, m->proj_in, H * E, &g->proj_in)) ||
@@ -468,6 +482,8 @@ int qs_gpu_finish(qs_model *m)
     /* The host copies go: the GPU holds the shard now. */
     free(m->embed), free(m->lm_head), free(m->pos), free(m->proj_in), free(m->proj_out);
     m->embed = m->lm_head = m->pos = m->proj_in = m->proj_out = NULL;
+    free(m->embed16), free(m->lm_head16);
+    m->embed16 = m->lm_head16 = NULL;
     free(m->kcache), free(m->vcache);
     m->kcache = m->vcache = NULL;
     m->ops = &qs_ops_cuda;
