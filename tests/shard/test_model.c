@@ -617,16 +617,22 @@ out:
 }
 
 /* Synthetic weights: rank 0 alone (a one-rank group) and all ranks together
- * must produce the same logits, since every value depends only on its place. */
-static void run_synthetic(qs_comm *all)
+ * must produce the same logits, since every value depends only on its place.
+ * In fp32 (the fp16 scheme on a CPU rank) they agree to rounding. LUT-GEMM
+ * rounds its tables to int8 per block, a step function of the input: the
+ * row-parallel sums, added in another order on another split, move an input
+ * by 1e-7, which can flip one table entry, and the next layer spreads that
+ * into a new draw of the tables' ~1% error (qs_lutgemm_err_bound). So the
+ * 4-bit model is held to that scale, far below a wrong slice's error. */
+static void run_synthetic(qs_comm *all, qs_scheme scheme, double tol)
 {
     qs_model_config c = *qs_preset_find("smollm2-135m");
     c.layers = 2; /* the real widths, fewer layers: a quick run */
     qs_comm *solo = NULL;
     int err = qs_comm_split(all, rank == 0 ? 0 : -1, 0, &solo);
     CHECK(err == QS_OK, "split");
-    qs_model_opts o = {
-        .quant = {QS_SCHEME_RTN, 4, 64}, .seed = 42, .outlier_channels = 4, .max_seq = 16};
+    qs_quant q = {scheme, scheme == QS_SCHEME_FP16 ? 16 : 4, scheme == QS_SCHEME_FP16 ? 0 : 64};
+    qs_model_opts o = {.quant = q, .seed = 42, .outlier_channels = 4, .max_seq = 16};
     int32_t tok[4] = {1, 500, 20000, 49151};
     uint32_t slot[4] = {0}, pos[4] = {0, 1, 2, 3};
     float *a = malloc(c.vocab * sizeof *a), *b = malloc(c.vocab * sizeof *b);
@@ -658,9 +664,11 @@ static void run_synthetic(qs_comm *all)
         double num = 0, den = 0;
         for (size_t i = 0; i < c.vocab; i++)
             num += (a[i] - b[i]) * (a[i] - b[i]), den += (double)b[i] * b[i];
-        CHECK(!err && den > 0 && sqrt(num / den) < 1e-4,
-              "%s synthetic: 1 rank vs %d ranks differ, relative L2 %.3g", c.name, world,
-              sqrt(num / den));
+        CHECK(!err && den > 0 && sqrt(num / den) < tol,
+              "%s synthetic %s: 1 rank vs %d ranks differ, relative L2 %.3g (bound %g)", c.name,
+              qs_scheme_name(scheme), world, sqrt(num / den), tol);
+        printf("%s synthetic %s: 1 rank vs %d ranks, relative L2 %.3g\n", c.name,
+               qs_scheme_name(scheme), world, sqrt(num / den));
         qs_model_close(m);
         qs_comm_close(solo);
     }
@@ -813,7 +821,8 @@ int main(int argc, char **argv)
 
     run_model(comm, dir, 0);
     run_model(comm, dir, 1);
-    run_synthetic(comm);
+    run_synthetic(comm, QS_SCHEME_FP16, 1e-4);
+    run_synthetic(comm, QS_SCHEME_RTN, 2e-2);
     run_smoothquant(comm, "opt-125m");
     run_smoothquant(comm, "smollm2-135m");
     run_bigger_than_a_rank(comm);
