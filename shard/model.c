@@ -10,6 +10,16 @@ const qs_model_config *qs_model_cfg(const qs_model *m)
     return &m->cfg;
 }
 
+uint32_t qs_model_slots(const qs_model *m)
+{
+    return m->max_slots;
+}
+
+uint32_t qs_model_max_seq(const qs_model *m)
+{
+    return m->max_seq;
+}
+
 double qs_model_comm_ms(const qs_model *m)
 {
     return m->comm_ms;

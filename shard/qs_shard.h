@@ -312,6 +312,9 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
                   qs_model **out);
 void qs_model_close(qs_model *m);
 const qs_model_config *qs_model_cfg(const qs_model *m);
+/* Sequences the KV cache holds at once, and tokens per sequence. */
+uint32_t qs_model_slots(const qs_model *m);
+uint32_t qs_model_max_seq(const qs_model *m);
 /* Milliseconds this rank has spent in collectives (all-reduce after the
  * row-parallel layers, the logits' all-gather) since it was loaded. */
 double qs_model_comm_ms(const qs_model *m);
@@ -393,6 +396,57 @@ typedef struct qs_sampler qs_sampler;
  * max_new tokens, stopping early at eos (pass -1 for none). */
 int qs_model_generate(qs_model *m, uint32_t slot, const int32_t *prompt, size_t n, size_t max_new,
                       qs_sampler *s, int32_t eos, qs_token_cb cb, void *ctx, qs_gen_stats *st);
+
+/* ---- Continuous batching (batch.c), collective over the model's group ----
+ * Many sequences on one model: each qs_batch_step is one forward call over
+ * the next token of every decoding sequence and chunks of the prompts still
+ * being read. Every rank of the group makes the same adds, drops and steps
+ * in the same order, and so holds the same sequences and samples the same
+ * tokens. A sequence's tokens do not depend on what else runs beside it
+ * where the kernels compute each token's row alone (the quantized schemes;
+ * tests/shard/test_batch.c). */
+typedef struct qs_batch qs_batch;
+
+#define QS_BATCH_PREFILL_CHUNK 256u
+
+typedef struct qs_batch_opts {
+    uint32_t max_seqs;      /* sequences at once, at most the model's KV slots (0: all) */
+    uint32_t prefill_chunk; /* prompt tokens per step, over all sequences (0: the default) */
+} qs_batch_opts;
+
+enum { QS_FINISH_NONE, QS_FINISH_EOS, QS_FINISH_LENGTH };
+
+/* A sequence's token from one step. */
+typedef struct qs_batch_event {
+    uint64_t id;
+    int32_t token; /* -1: none (a sequence that asked for 0 tokens) */
+    int first;     /* its first token */
+    int finish;    /* QS_FINISH_*: it has left the batch */
+} qs_batch_event;
+
+typedef struct qs_batch_stats {
+    size_t tokens;        /* in the forward call */
+    size_t prompt_tokens; /* of them, prompt tokens */
+    size_t decode_tokens; /* of them, sampled tokens fed back */
+    size_t sequences;     /* that sampled a token */
+} qs_batch_stats;
+
+int qs_batch_init(qs_model *m, const qs_batch_opts *o, qs_batch **out);
+void qs_batch_close(qs_batch *b);
+/* Adds a sequence under a caller's id, in the first free KV slot: its
+ * prompt, at most max_new tokens to sample, its own sampler (copied), and
+ * the token that ends it (-1: none). QS_EBUSY when every slot is taken. */
+int qs_batch_add(qs_batch *b, uint64_t id, const int32_t *prompt, size_t n, size_t max_new,
+                 const qs_sampler *s, int32_t eos);
+/* Ends a sequence now (a cancelled request, a stop string met): its slot is free. */
+int qs_batch_drop(qs_batch *b, uint64_t id);
+/* One step: ev gets a token for every sequence whose last token ran (cap
+ * at least qs_batch_running); those finished have left. */
+int qs_batch_step(qs_batch *b, qs_batch_event *ev, size_t cap, size_t *nev, qs_batch_stats *st);
+uint32_t qs_batch_running(const qs_batch *b);
+uint32_t qs_batch_capacity(const qs_batch *b);
+/* KV-cache tokens the running sequences hold. */
+uint64_t qs_batch_kv_tokens(const qs_batch *b);
 
 typedef struct qs_ppl {
     double nll;    /* summed negative log-likelihood, nats */
