@@ -540,6 +540,10 @@ static void json_model(cJSON *arr, const Qshard__V1__ModelInfo *m)
     cJSON_AddStringToObject(j, "weights", m->weights);
     cJSON_AddStringToObject(j, "tokenizer", m->tokenizer);
     cJSON_AddNumberToObject(j, "smoothing", m->smoothing);
+    cJSON_AddNumberToObject(j, "max_seq", m->max_seq);
+    cJSON_AddNumberToObject(j, "max_batch", m->max_batch);
+    cJSON_AddNumberToObject(j, "running", m->running);
+    cJSON_AddNumberToObject(j, "waiting", m->waiting);
     cJSON_AddNumberToObject(j, "tokens_generated", (double)m->tokens_generated);
     cJSON_AddNumberToObject(j, "tokens_per_second", m->tokens_per_second);
     cJSON_AddNumberToObject(j, "p50_token_ms", m->p50_token_ms);
@@ -632,7 +636,9 @@ int qs_ctl_stats(qs_ctl_global *g, int argc, char **argv)
                    fmt_bytes(m->planned_rank_bytes, pl, sizeof pl));
             if (m->smoothing > 0)
                 printf("; SmoothQuant alpha %.2f", (double)m->smoothing);
-            printf("\n  generated %llu tokens, %.1f tokens/s, per token p50 %.1f ms p99 %.1f ms\n",
+            printf("\n  batch: %u running, %u waiting, room for %u sequences of %u tokens\n",
+                   m->running, m->waiting, m->max_batch, m->max_seq);
+            printf("  generated %llu tokens, %.1f tokens/s, per token p50 %.1f ms p99 %.1f ms\n",
                    (unsigned long long)m->tokens_generated, m->tokens_per_second, m->p50_token_ms,
                    m->p99_token_ms);
             if (m->n_footprints) {
@@ -780,6 +786,8 @@ static const char load_help[] =
     "  --name ID         serve it under ID (default: the model's name)\n"
     "  --seed N          seed of synthetic weights\n"
     "  --max-seq N       KV-cache tokens per sequence (default: context, at most 2048)\n"
+    "  --max-batch N     sequences generated together, each with max-seq tokens of\n"
+    "                    KV cache (default 8, fewer when the device cannot hold them)\n"
     "  --calib PATH      W8A8: SmoothQuant calibration text on the daemon's host\n"
     "                    (default /usr/share/common-licenses/GPL-3; 'none': no smoothing)\n"
     "  --alpha A         W8A8: SmoothQuant migration strength (default 0.5)\n"
@@ -875,6 +883,8 @@ int qs_ctl_load(qs_ctl_global *g, int argc, char **argv)
             parse_u64(&a, "--seed", v, UINT64_MAX, &req.seed);
         else if (opt_val(&a, "--max-seq", &v))
             parse_u32(&a, "--max-seq", v, &req.max_seq);
+        else if (opt_val(&a, "--max-batch", &v))
+            parse_u32(&a, "--max-batch", v, &req.max_batch);
         else if (opt_val(&a, "--calib", &v))
             req.calib_path = (char *)v;
         else if (opt_val(&a, "--tokenizer", &v))
@@ -933,9 +943,9 @@ int qs_ctl_load(qs_ctl_global *g, int argc, char **argv)
                    fmt_bytes(m->planned_rank_bytes, p, sizeof p));
             if (m->actual) {
                 char w[32], k[32];
-                printf(" (weights %s, KV cache %s)",
+                printf(" (weights %s, KV cache %s for %u sequences of %u tokens)",
                        fmt_bytes(m->actual->linear + m->actual->fp16, w, sizeof w),
-                       fmt_bytes(m->actual->kv_cache, k, sizeof k));
+                       fmt_bytes(m->actual->kv_cache, k, sizeof k), m->max_batch, m->max_seq);
             }
             printf("\n");
             if (m->smoothing > 0)

@@ -677,7 +677,7 @@ const qs_command qs_commands[] = {
      .request = REQ(generate_request),
      .validate = validate_generate,
      .run = qs_model_run_generate,
-     .reply = qs_model_reply_generate},
+     .admit = qs_sched_admit},
     {.method = QS_METHOD_EVAL,
      .op = QS_OP_EVAL,
      .request = REQ(eval_request),
@@ -704,11 +704,23 @@ const qs_command qs_commands[] = {
 };
 const size_t qs_command_count = sizeof qs_commands / sizeof qs_commands[0];
 
+/* Commands between the ranks alone, which no client calls. */
+static const qs_command internal[] = {
+    {.method = "(step)",
+     .op = QS_OP_STEP,
+     .request = REQ(step_request),
+     .run = qs_sched_run_step,
+     .done = qs_sched_step_done},
+};
+
 const qs_command *qs_command_for_op(uint32_t op)
 {
     for (size_t i = 0; i < qs_command_count; i++)
         if (qs_commands[i].op == op && op != 0)
             return &qs_commands[i];
+    for (size_t i = 0; i < sizeof internal / sizeof internal[0]; i++)
+        if (internal[i].op == op)
+            return &internal[i];
     return NULL;
 }
 

@@ -64,6 +64,10 @@ static const char usage_text[] =
     "  --cache-limit SIZE     evict the least recently used entries above this (default\n"
     "                         a quarter of the cache's file system)\n"
     "  --no-cache             neither read nor write the cache\n"
+    "  --prefill-chunk N      prompt tokens per batch step, over all the prompts being\n"
+    "                         read, so that a long one does not stall the running\n"
+    "                         streams (default 256; a model's batch size is qctl load\n"
+    "                         --max-batch)\n"
     "  --log-level LEVEL      error, warn, info (default) or debug\n"
     "  --version              print the version and exit\n"
     "  -h, --help             print this help and exit\n"
@@ -145,6 +149,7 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
     o->drain_timeout = 10;
     o->heartbeat = 1;
     o->rank_timeout = 30;
+    o->prefill_chunk = QS_BATCH_PREFILL_CHUNK;
     o->log_level = QS_LOG_INFO;
     for (int i = 1; i < argc; i++) {
         char name[64];
@@ -180,7 +185,8 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
             "--drain-timeout", "--heartbeat",     "--log-level",
             "--rank-timeout",  "--http",          "--http-address-file",
             "--cache-dir",     "--cache-limit",   "--tls-cert",
-            "--tls-key",       "--tls-client-ca", "--token-file"};
+            "--tls-key",       "--tls-client-ca", "--token-file",
+            "--prefill-chunk"};
         int known = 0;
         for (size_t k = 0; k < sizeof takes / sizeof takes[0]; k++)
             known |= !strcmp(name, takes[k]);
@@ -249,6 +255,17 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
             err = parse_seconds(name, val, 0.01, &o->heartbeat);
         } else if (!strcmp(name, "--rank-timeout")) {
             err = parse_seconds(name, val, 1, &o->rank_timeout);
+        } else if (!strcmp(name, "--prefill-chunk")) {
+            char *end;
+            errno = 0;
+            unsigned long v = strtoul(val, &end, 10);
+            if (errno || end == val || *end || v < 1 || v > 65536 || val[0] == '-')
+                err = qs_seterr(QS_EINVAL,
+                                "--prefill-chunk '%s': give a whole number of tokens "
+                                "from 1 to 65536",
+                                val);
+            else
+                o->prefill_chunk = (uint32_t)v;
         } else {
             err = qs_log_parse_level(val, &o->log_level);
         }

@@ -5,10 +5,11 @@
  * rank holds the same list of models and their groups, and can compute the
  * same answer to "which ranks serve this model" without asking. A model's
  * group is a sub-communicator of the world: the least-loaded ranks, lowest
- * first. The group's first rank (its leader) owns the answer; when world rank
- * 0 is not in the group, the leader relays generated tokens and progress to
- * rank 0 point to point, and rank 0's reply (continue or stop) goes back, so
- * a client that disconnects stops the generation on every rank.
+ * first. The group's first rank (its leader) owns the answer. Generate
+ * admits a request into the model's batch, which sched.c steps. For Eval,
+ * when world rank 0 is not in the group, the leader relays progress to rank
+ * 0 point to point, and rank 0's reply (continue or stop) goes back, so a
+ * client that disconnects stops the evaluation on every rank.
  */
 #define _POSIX_C_SOURCE 200809L
 #include "qs_daemon.h"
@@ -31,6 +32,7 @@
 #define LATENCY_RING  4096
 #define RELAY_TAG     0x5153
 #define DEFAULT_CTX   512u
+#define DEFAULT_BATCH 8u
 #define DEFAULT_CALIB "/usr/share/common-licenses/GPL-3"
 #define CALIB_TOKENS  4096u
 
@@ -47,7 +49,9 @@ struct qs_served {
     qs_model *model;
     qs_tokenizer *tok; /* every rank, when the weights carry one */
     float smoothing;
-    uint32_t max_seq; /* KV-cache tokens per sequence it was loaded with */
+    uint32_t max_seq;   /* KV-cache tokens per sequence it was loaded with */
+    uint32_t max_batch; /* sequences generated together (KV-cache slots) */
+    qs_batch *batch;    /* members: the sequences being generated (sched.c steps it) */
     qs_plan plan;
     qs_rank_bytes actual; /* this rank's (on rank 0: the leader's, from its reply) */
     int chat;             /* QS_CHAT_*: the kind of the GGUF's chat template */
@@ -77,6 +81,7 @@ static void served_free(qs_served *s)
 {
     if (!s)
         return;
+    qs_batch_close(s->batch);
     qs_model_close(s->model);
     qs_comm_close(s->comm);
     qs_tokenizer_close(s->tok);
@@ -206,12 +211,11 @@ static int choose_group(const qs_daemon *d, uint32_t tp, int *ranks)
 /* ---- Relay between the group's leader and rank 0 ------------------------- */
 
 typedef struct relay_msg {
-    int32_t kind; /* RELAY_END, RELAY_TOKEN, RELAY_PROGRESS */
-    int32_t token;
+    int32_t kind; /* RELAY_END, RELAY_PROGRESS */
     double v[3];
 } relay_msg;
 
-enum { RELAY_END, RELAY_TOKEN, RELAY_PROGRESS };
+enum { RELAY_END, RELAY_PROGRESS };
 
 /* Polls a request to completion with short sleeps, so that a rank waiting on
  * a long generation does not spin a core the compute ranks need. */
@@ -623,10 +627,17 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
     if (!err && max_seq > s->cfg.max_pos)
         err = qs_seterr(QS_EINVAL, "max_seq %u exceeds %s's context of %u", max_seq, s->cfg.name,
                         s->cfg.max_pos);
-    qs_workload w = {1, max_seq, QS_PLAN_DEFAULT_RESERVE};
+    qs_workload w = {r->max_batch ? r->max_batch : DEFAULT_BATCH, max_seq, QS_PLAN_DEFAULT_RESERVE};
     s->max_seq = max_seq;
     if (!err)
         err = qs_plan_make(&s->cfg, &s->quant, s->tp, &w, &s->plan);
+    /* The default batch shrinks to what the device holds; one asked for
+     * does not. */
+    while (!err && !r->max_batch && w.batch > 1 && s->plan.rank.total > d->dev.budget) {
+        w.batch /= 2;
+        err = qs_plan_make(&s->cfg, &s->quant, s->tp, &w, &s->plan);
+    }
+    s->max_batch = w.batch;
     /* The plan must fit the smallest device of the group: say what would. */
     if (!err && s->plan.rank.total > d->dev.budget) {
         qs_min_gpus mg = {0, 0};
@@ -689,7 +700,7 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
                        .weights = strcmp(s->weights, "synthetic") ? s->weights : NULL,
                        .seed = r->seed ? r->seed : 20261122,
                        .outlier_channels = 4,
-                       .max_slots = 1,
+                       .max_slots = s->max_batch,
                        .max_seq = max_seq,
                        .bcq_iters = r->bcq_iters,
                        .smooth_alpha = r->smooth_alpha};
@@ -788,6 +799,8 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
     if (!err && s->member) {
         qs_model_bytes(s->model, &s->actual);
         s->smoothing = qs_model_smoothing(s->model); /* also from a checkpoint */
+        qs_batch_opts bo = {s->max_batch, d->opts.prefill_chunk};
+        err = qs_batch_init(s->model, &bo, &s->batch);
     }
     qs_calib_close(&cal);
     /* All ranks keep the model, or none does. */
@@ -802,8 +815,9 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
     s->load_s = qs_now() - t0;
     s->created = (double)time(NULL);
     publish(d);
-    qs_log(QS_LOG_INFO, "loaded %s (%s %d-bit) on %u rank(s) in %.1f s", s->name,
-           qs_scheme_name(s->quant.scheme), s->quant.bits, s->tp, s->load_s);
+    qs_log(QS_LOG_INFO, "loaded %s (%s %d-bit) on %u rank(s) in %.1f s, %u sequences of %u tokens",
+           s->name, qs_scheme_name(s->quant.scheme), s->quant.bits, s->tp, s->load_s, s->max_batch,
+           s->max_seq);
     return s->member && s->ranks[0] == d->rank ? load_part(s, out) : QS_OK;
 }
 
@@ -840,6 +854,7 @@ static void info_fill(const qs_served *s, Qshard__V1__ModelInfo *mi, Qshard__V1_
     mi->load_seconds = s->load_s;
     mi->quantize_seconds = s->quantize_s;
     mi->max_seq = s->max_seq;
+    mi->max_batch = s->max_batch;
     mi->cache = (char *)s->cache;
     mi->chat_template = s->chat == QS_CHAT_CHATML  ? "chatml"
                         : s->chat == QS_CHAT_OTHER ? "other"
@@ -877,6 +892,7 @@ int qs_models_info(const qs_daemon *d, uint64_t device_mem, Qshard__V1__ModelInf
         qshard__v1__quantization__init(&in->qm);
         qshard__v1__rank_bytes__init(&in->rb);
         info_fill(s, &in->mi, &in->qm, &in->rb, in->ranks);
+        qs_sched_counts(d, s->name, &in->mi.running, &in->mi.waiting);
         if (s->nlat) {
             double sorted[LATENCY_RING];
             size_t k = s->nlat < LATENCY_RING ? s->nlat : LATENCY_RING;
@@ -892,7 +908,7 @@ int qs_models_info(const qs_daemon *d, uint64_t device_mem, Qshard__V1__ModelInf
                                  {QS_SCHEME_BCQ, 4, g},
                                  {QS_SCHEME_BCQ, 3, g}};
         /* Same workload as the model was loaded for. */
-        qs_workload w = {1, s->max_seq, QS_PLAN_DEFAULT_RESERVE};
+        qs_workload w = {s->max_batch, s->max_seq, QS_PLAN_DEFAULT_RESERVE};
         size_t nf = 0;
         for (int j = 0; j < 4; j++) {
             qs_min_gpus mg = {0, 0};
@@ -996,109 +1012,7 @@ int qs_model_run_unload(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
                      r->name);
 }
 
-/* ---- Generate ----------------------------------------------------------- */
-
-typedef struct gen_ctx {
-    qs_daemon *d;
-    const qs_cmd *cmd;
-    qs_served *s;
-    double last;     /* rank 0: when the previous token went out */
-    int stopped;     /* rank 0 stopped it (leader: rank 0 said so) */
-    uint32_t prompt; /* rank 0: prompt tokens, for the KV-cache gauge */
-    uint32_t count;  /* rank 0: tokens streamed */
-    /* rank 0, with stop strings: the text so far */
-    char *text;
-    size_t len, cap;
-    size_t stop_max; /* the longest stop string */
-} gen_ctx;
-
-/* Rank 0: appends a piece and says whether the text now holds a stop
- * string; only its tail can hold a new one. */
-static int stop_met(gen_ctx *g, const char *p)
-{
-    const Qshard__V1__GenerateRequest *r = (const void *)g->cmd->req;
-    if (!r->n_stop)
-        return 0;
-    size_t n = strlen(p), old = g->len;
-    if (g->len + n + 1 > g->cap) {
-        size_t cap = (g->len + n + 1) * 2;
-        char *t = realloc(g->text, cap);
-        if (!t)
-            return 1; /* cannot watch for it: stop rather than run past it */
-        g->text = t;
-        g->cap = cap;
-    }
-    memcpy(g->text + g->len, p, n + 1);
-    g->len += n;
-    size_t from = old >= g->stop_max ? old - g->stop_max + 1 : 0;
-    for (size_t i = 0; i < r->n_stop; i++) {
-        size_t k = strlen(r->stop[i]);
-        for (size_t j = from; j + k <= g->len; j++)
-            if (memcmp(g->text + j, r->stop[i], k) == 0)
-                return 1;
-    }
-    return 0;
-}
-
-/* A control token is no text to match, but one named as a stop string
- * whole ends the generation: a chat stops at ChatML's "<|im_end|>" even
- * where it is not the model's EOS. */
-static int control_stop(const gen_ctx *g, const char *p)
-{
-    const Qshard__V1__GenerateRequest *r = (const void *)g->cmd->req;
-    for (size_t i = 0; i < r->n_stop; i++)
-        if (!strcmp(r->stop[i], p))
-            return 1;
-    return 0;
-}
-
-/* Rank 0: one token to the client; 0 to go on. */
-static int stream_token(gen_ctx *g, int32_t t)
-{
-    char buf[32];
-    Qshard__V1__GenerateToken tk = QSHARD__V1__GENERATE_TOKEN__INIT;
-    Qshard__V1__GenerateEvent ev = QSHARD__V1__GENERATE_EVENT__INIT;
-    tk.text = (char *)piece(g->s, t, buf, sizeof buf);
-    tk.token_id = (uint32_t)t;
-    tk.control = g->s->tok && qs_tokenizer_is_control(g->s->tok, t);
-    ev.event_case = QSHARD__V1__GENERATE_EVENT__EVENT_TOKEN;
-    ev.token = &tk;
-    double now = qs_now();
-    qs_job *job = g->cmd->job;
-    if (g->last > 0)
-        g->s->lat_ms[g->s->nlat++ % LATENCY_RING] = (now - g->last) * 1e3;
-    if (job)
-        qs_metrics_token(g->d->metrics, job, g->count == 0,
-                         g->count == 0 ? now - job->queued : now - g->last,
-                         g->prompt + g->count + 1, g->s->max_seq);
-    g->last = now;
-    g->count++;
-    /* The token that completes a stop string still goes out: the receiver
-     * cuts the text at the string (the OpenAI endpoint does). */
-    int stop = tk.control ? control_stop(g, tk.text) : stop_met(g, tk.text);
-    if (qs_cmd_stream(g->cmd, &ev) != QS_OK || qs_cmd_cancelled(g->cmd)) {
-        g->stopped = 1;
-        if (job && !job->stopped)
-            job->stopped = "abort";
-    }
-    if (stop) {
-        g->stopped = 1;
-        if (job)
-            job->stopped = "stop";
-    }
-    return g->stopped;
-}
-
-static int on_token(void *ctx, int32_t t)
-{
-    gen_ctx *g = ctx;
-    if (g->d->rank == 0)
-        return stream_token(g, t);
-    relay_msg m = {.kind = RELAY_TOKEN, .token = t};
-    if (!relay_send(&m))
-        g->stopped = 1;
-    return g->stopped;
-}
+/* ---- Generate: admission into the model's batch ----------------------- */
 
 /* Generate and Eval need a loaded model: not a missing file, a state. */
 static qs_served *loaded(const qs_daemon *d, const char *name)
@@ -1148,70 +1062,82 @@ static int generate_inputs(const qs_served *s, const Qshard__V1__GenerateRequest
     return QS_OK;
 }
 
+/* Every rank: the Generate command admits the request into the model's
+ * batch under the command's number; sched.c's steps generate it. The
+ * leader's part tells rank 0 the prompt's length and the seed. */
 int qs_model_run_generate(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
 {
     const Qshard__V1__GenerateRequest *r = (const void *)cmd->req;
     qs_served *s = loaded(d, r->model);
     if (!s)
         return QS_ESTATE;
-    int leader = s->ranks[0];
-    gen_ctx g = {d, cmd, s, 0, 0, 0, 0, NULL, 0, 0, 0};
-    for (size_t i = 0; i < r->n_stop; i++)
-        if (strlen(r->stop[i]) > g.stop_max)
-            g.stop_max = strlen(r->stop[i]);
-    if (!s->member && d->rank != 0)
+    if (!s->member)
         return QS_OK;
     int32_t *ids = NULL;
     size_t n = 0;
     uint32_t max_new = 0;
     int err = generate_inputs(s, r, &ids, &n, &max_new);
-    g.prompt = (uint32_t)n;
-    if (!s->member) {
-        /* Rank 0 outside the group: stream what the leader relays. It ends
-         * with RELAY_END even when the members refused, with the same
-         * error as ours, which the leader's part reports. */
-        free(ids);
-        for (;;) {
-            relay_msg m;
-            if (relay_recv(leader, &m) || m.kind == RELAY_END)
-                break;
-            stream_token(&g, m.token);
-            relay_reply(leader, !g.stopped);
-        }
-        free(g.text);
-        return QS_OK;
-    }
     uint64_t seed = r->seed ? r->seed : 0x9e3779b97f4a7c15ull ^ cmd->seq;
     qs_sampler smp;
     qs_sampler_init(&smp, r->temperature, r->top_p > 0 ? r->top_p : 1.0f, r->top_k, seed);
-    qs_gen_stats st = {0};
     int32_t eos = s->tok ? qs_tokenizer_eos(s->tok) : -1;
     if (!err)
-        err = qs_model_generate(s->model, 0, ids, n, max_new, &smp, eos,
-                                d->rank == leader ? on_token : NULL, &g, &st);
+        err = qs_batch_add(s->batch, cmd->seq, ids, n, max_new, &smp, eos);
     free(ids);
-    free(g.text);
-    if (d->rank == leader && leader != 0) {
-        relay_msg m = {.kind = RELAY_END};
-        relay_send(&m);
-    }
-    if (err || d->rank != leader)
+    if (err || d->rank != s->ranks[0])
         return err;
     Qshard__V1__GenerateDone done = QSHARD__V1__GENERATE_DONE__INIT;
-    done.prompt_tokens = (uint32_t)st.prompt_tokens;
-    done.generated_tokens = (uint32_t)st.new_tokens;
-    /* Rank 0 alone knows whether a stop was a stop string: it says so in
-     * its reply. */
-    done.finish_reason = g.stopped ? "cancelled" : st.new_tokens < max_new ? "eos" : "length";
-    done.first_token_seconds = st.prefill_ms / 1e3;
-    done.tokens_per_second =
-        st.decode_ms > 0
-            ? (double)(st.new_tokens > 1 ? st.new_tokens - 1 : 0) / (st.decode_ms / 1e3)
-            : 0;
+    done.prompt_tokens = (uint32_t)n;
+    done.generated_tokens = max_new;
     done.seed = seed;
-    done.decode_allreduce_share = st.decode_ms > 0 ? st.decode_comm_ms / st.decode_ms : 0;
     out->data = qs_proto_pack_bytes(&done.base, &out->len);
     return out->data ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory");
+}
+
+/* sched.c's view of a model. */
+qs_batch *qs_served_batch(const qs_served *s)
+{
+    return s->member ? s->batch : NULL;
+}
+
+int qs_served_leader(const qs_served *s)
+{
+    return s->ranks[0];
+}
+
+uint32_t qs_served_capacity(const qs_served *s)
+{
+    return s->max_batch;
+}
+
+uint32_t qs_served_max_seq(const qs_served *s)
+{
+    return s->max_seq;
+}
+
+const char *qs_served_piece(const qs_served *s, int32_t id, char *buf, size_t n, int *control)
+{
+    *control = s->tok && qs_tokenizer_is_control(s->tok, id);
+    return piece(s, id, buf, n);
+}
+
+double qs_served_comm_ms(const qs_served *s)
+{
+    return s->member && s->model ? qs_model_comm_ms(s->model) : 0;
+}
+
+void qs_served_batch_clear(qs_served *s)
+{
+    if (s->member)
+        qs_batch_clear(s->batch);
+}
+
+void qs_served_count(qs_served *s, double latency_ms, uint32_t tokens, double decode_s)
+{
+    if (latency_ms >= 0)
+        s->lat_ms[s->nlat++ % LATENCY_RING] = latency_ms;
+    s->tokens += tokens;
+    s->decode_s += decode_s;
 }
 
 /* Rank 0: the part of the model's leader, whose reply speaks for the group. */
@@ -1220,49 +1146,6 @@ static const qs_part *leader_part(const qs_daemon *d, const char *model, const q
 {
     *s = qs_models_find(d, model);
     return *s ? &parts[(*s)->ranks[0]] : NULL;
-}
-
-/* GenerateDone's finish_reason in OpenAI's words. */
-static const char *openai_reason(const char *r)
-{
-    if (!strcmp(r, "length"))
-        return "length";
-    if (!strcmp(r, "cancelled"))
-        return "abort";
-    return "stop"; /* eos, or a stop string */
-}
-
-int qs_model_reply_generate(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
-                            grpc_byte_buffer **reply)
-{
-    (void)seconds;
-    const Qshard__V1__GenerateRequest *r = (const void *)cmd->req;
-    qs_served *s;
-    const qs_part *lp = leader_part(d, r->model, parts, &s);
-    if (!lp)
-        return QS_ENOTFOUND;
-    Qshard__V1__GenerateDone *done = qshard__v1__generate_done__unpack(NULL, lp->len, lp->data);
-    if (!done)
-        return qs_seterr(QS_EINTERNAL, "rank %d sent a malformed generation summary", s->ranks[0]);
-    s->tokens += done->generated_tokens;
-    double decode_s = 0;
-    if (done->tokens_per_second > 0 && done->generated_tokens > 1)
-        decode_s = (double)(done->generated_tokens - 1) / done->tokens_per_second;
-    s->decode_s += decode_s;
-    char *reason = done->finish_reason; /* owned by done: put back before freeing */
-    if (cmd->job && cmd->job->stopped && !strcmp(cmd->job->stopped, "stop"))
-        done->finish_reason = "stop";
-    if (cmd->job)
-        qs_metrics_generated(d->metrics, cmd->job, done->prompt_tokens, done->generated_tokens,
-                             openai_reason(done->finish_reason), decode_s,
-                             decode_s * done->decode_allreduce_share);
-    Qshard__V1__GenerateEvent ev = QSHARD__V1__GENERATE_EVENT__INIT;
-    ev.event_case = QSHARD__V1__GENERATE_EVENT__EVENT_DONE;
-    ev.done = done;
-    *reply = qs_proto_pack(&ev.base);
-    done->finish_reason = reason;
-    qshard__v1__generate_done__free_unpacked(done, NULL);
-    return *reply ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory");
 }
 
 /* ---- Eval --------------------------------------------------------------- */

@@ -56,9 +56,10 @@ typedef struct qs_daemon_opts {
     qs_log_level log_level;
     /* TLS and the access token (auth.c): files, "" for none. */
     char tls_cert[4096], tls_key[4096], tls_client_ca[4096], token_file[4096];
-    char cache_dir[4096]; /* the quantized-model cache (cache.c) */
-    uint64_t cache_limit; /* bytes; 0: a quarter of its file system */
-    int no_cache;         /* never read or write it */
+    char cache_dir[4096];   /* the quantized-model cache (cache.c) */
+    uint64_t cache_limit;   /* bytes; 0: a quarter of its file system */
+    int no_cache;           /* never read or write it */
+    uint32_t prefill_chunk; /* prompt tokens per batch step (sched.c) */
 } qs_daemon_opts;
 
 /* ---- Devices (device.c) --------------------------------------------------- */
@@ -141,6 +142,7 @@ typedef struct qs_job {
 } qs_job;
 
 typedef struct qs_served qs_served; /* a loaded model (models.c) */
+typedef struct qs_sched qs_sched;   /* rank 0's generations (sched.c) */
 typedef struct qs_comm qs_comm;     /* collectives/qs_collectives.h */
 
 /* Who may use the daemon (auth.c). */
@@ -172,6 +174,7 @@ struct qs_daemon {
     qs_comm *world_comm;
     qs_served **models;
     size_t nmodels;
+    qs_sched *sched; /* rank 0: the generations in each model's batch */
 
     /* Rank 0: what the HTTP thread may know of the models, published by the
      * main thread after each Load and Unload (models.c). */
@@ -255,7 +258,8 @@ enum {
     QS_OP_GENERATE,
     QS_OP_EVAL,
     QS_OP_BENCH,
-    QS_OP_CACHE
+    QS_OP_CACHE,
+    QS_OP_STEP /* internal: one continuous-batching step (sched.c) */
 };
 
 /* A command as every rank sees it. */
@@ -297,6 +301,11 @@ struct qs_command {
     /* Rank 0: builds the reply from every rank's part (parts[r] for rank r). */
     int (*reply)(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
                  grpc_byte_buffer **reply);
+    /* Rank 0, instead of reply: takes the job over, to answer it later
+     * (Generate: the scheduler streams it). Non-zero: it answered the sink. */
+    int (*admit)(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts);
+    /* Rank 0, an internal command (no job, no client): the parts. */
+    void (*done)(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts);
 };
 
 extern const qs_command qs_commands[];
@@ -348,9 +357,8 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out);
 int qs_model_reply_load(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
                         grpc_byte_buffer **reply);
 int qs_model_run_unload(qs_daemon *d, const qs_cmd *cmd, qs_buf *out);
+/* Every rank: admits the request into the model's batch (sched.c steps it). */
 int qs_model_run_generate(qs_daemon *d, const qs_cmd *cmd, qs_buf *out);
-int qs_model_reply_generate(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
-                            grpc_byte_buffer **reply);
 int qs_model_run_eval(qs_daemon *d, const qs_cmd *cmd, qs_buf *out);
 int qs_model_reply_eval(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, double seconds,
                         grpc_byte_buffer **reply);
@@ -370,6 +378,48 @@ typedef struct qs_catalog_entry {
 int qs_models_catalog(qs_daemon *d, qs_catalog_entry **out, size_t *n);
 /* 1 and *out when a model of that name is loaded, else 0. */
 int qs_models_catalog_find(qs_daemon *d, const char *name, qs_catalog_entry *out);
+
+/* sched.c's view of a model. */
+struct qs_batch;
+struct qs_batch *qs_served_batch(const qs_served *s); /* NULL outside the group */
+int qs_served_leader(const qs_served *s);
+uint32_t qs_served_capacity(const qs_served *s);
+uint32_t qs_served_max_seq(const qs_served *s);
+double qs_served_comm_ms(const qs_served *s);
+/* Members: ends every sequence of the batch (after a failed step). */
+void qs_served_batch_clear(qs_served *s);
+/* The text of token id; *control: a control token. */
+const char *qs_served_piece(const qs_served *s, int32_t id, char *buf, size_t n, int *control);
+/* Rank 0: a token latency (< 0: none), and tokens and decode seconds of a
+ * generation, for ModelInfo. */
+void qs_served_count(qs_served *s, double latency_ms, uint32_t tokens, double decode_s);
+
+/* ---- Continuous batching (sched.c), rank 0 unless said ------------------- */
+
+/* Before a job runs: a Generate whose model's batch is full waits here (1:
+ * taken); an Unload first ends the model's generations. */
+int qs_sched_take(qs_daemon *d, qs_job *job);
+/* Generate's admit: the job is now a running generation. */
+int qs_sched_admit(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts);
+/* 1 while any model has generations running, waiting or to be dropped. */
+int qs_sched_busy(const qs_daemon *d);
+/* One round: for each model, the waiting that fit are admitted and one
+ * step runs. */
+void qs_sched_lead(qs_daemon *d);
+/* Ends the model's generations, with why as their callers' error. */
+void qs_sched_forget(qs_daemon *d, const char *model, const char *why);
+void qs_sched_close(qs_daemon *d, const char *why);
+void qs_sched_counts(const qs_daemon *d, const char *model, uint32_t *running, uint32_t *waiting);
+/* Every rank: the STEP command; rank 0: its parts. */
+int qs_sched_run_step(qs_daemon *d, const qs_cmd *cmd, qs_buf *out);
+void qs_sched_step_done(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts);
+
+/* ---- Rank 0's commands (ranks.c) ------------------------------------------ */
+
+/* Runs a job as a command on every rank and answers it (or hands it over). */
+void qs_ranks_run_job(qs_daemon *d, qs_job *job);
+/* Runs an internal command (commands.c's internal table). */
+void qs_ranks_internal(qs_daemon *d, uint32_t op, const ProtobufCMessage *req);
 
 /* Bench (bench.c): kernel timings on each rank asked. */
 int qs_run_bench(qs_daemon *d, const qs_cmd *cmd, qs_buf *out);

@@ -70,9 +70,11 @@ static void die(qs_daemon *d, const char *why)
 }
 
 /* Every rank: runs one command and gathers the parts on rank 0. On rank 0,
- * job is the call to answer (NULL for EXIT/HEARTBEAT). */
-static void execute(qs_daemon *d, const int64_t hdr[HDR_N], const void *payload, qs_job *job)
+ * job is the call to answer (NULL for an internal command). 1 when the
+ * command's admit took the job over. */
+static int execute(qs_daemon *d, const int64_t hdr[HDR_N], const void *payload, qs_job *job)
 {
+    int kept = 0;
     double t0 = qs_now();
     const qs_command *c = qs_command_for_op((uint32_t)hdr[HDR_OP]);
     qs_cmd cmd = {.op = (uint32_t)hdr[HDR_OP],
@@ -141,7 +143,7 @@ static void execute(qs_daemon *d, const int64_t hdr[HDR_N], const void *payload,
         die(d, qs_errmsg());
     free(out.data);
 
-    if (d->rank == 0 && job) {
+    if (d->rank == 0 && (job || (c && c->done))) {
         qs_part *parts = calloc((size_t)d->world, sizeof *parts);
         grpc_byte_buffer *reply = NULL;
         int first = -1;
@@ -162,7 +164,12 @@ static void execute(qs_daemon *d, const int64_t hdr[HDR_N], const void *payload,
             }
         }
         double secs = qs_now() - t0;
-        if (!parts) {
+        if (!job) {
+            if (parts && cmd.req)
+                c->done(d, &cmd, parts);
+            else
+                qs_log(QS_LOG_ERROR, "out of memory taking the ranks' parts of op %u", cmd.op);
+        } else if (!parts) {
             qs_sink_finish(&job->sink, GRPC_STATUS_RESOURCE_EXHAUSTED,
                            "the daemon ran out of memory", NULL);
         } else if (first >= 0) {
@@ -172,6 +179,9 @@ static void execute(qs_daemon *d, const int64_t hdr[HDR_N], const void *payload,
             else
                 snprintf(sentence, sizeof sentence, "rank %d: %s", first, parts[first].msg);
             qs_sink_finish(&job->sink, qs_err_status(parts[first].err), sentence, NULL);
+        } else if (c->admit) {
+            qs_clearerr();
+            kept = c->admit(d, &cmd, parts) == QS_OK;
         } else {
             qs_clearerr();
             int e = c->reply(d, &cmd, parts, secs, &reply);
@@ -188,6 +198,7 @@ static void execute(qs_daemon *d, const int64_t hdr[HDR_N], const void *payload,
     free(heads);
     free(counts);
     free(displs);
+    return kept;
 }
 
 /* ---- Non-zero ranks ------------------------------------------------------- */
@@ -250,11 +261,12 @@ static void send_header(qs_daemon *d, int64_t op, int64_t len)
         die(d, qs_errmsg());
 }
 
-static void lead_one(qs_daemon *d, qs_job *job)
+void qs_ranks_run_job(qs_daemon *d, qs_job *job)
 {
     if (qs_sink_cancelled(&job->sink)) {
         qs_sink_finish(&job->sink, GRPC_STATUS_CANCELLED,
                        "the client cancelled or its deadline passed before the command ran", NULL);
+        qs_job_free(job);
         return;
     }
     qs_metrics_job(d->metrics, job, QS_JOB_RUNNING);
@@ -264,8 +276,26 @@ static void lead_one(qs_daemon *d, qs_job *job)
     MPI_Ibcast(job->payload, (int)job->len, MPI_BYTE, 0, MPI_COMM_WORLD, &r);
     if (wait_req(&r, d->opts.rank_timeout, 1e-3, "broadcasting a command's payload") != QS_OK)
         die(d, qs_errmsg());
-    execute(d, hdr, job->payload, job);
+    if (execute(d, hdr, job->payload, job))
+        return; /* the scheduler answers it */
     qs_metrics_job(d->metrics, job, QS_JOB_DONE);
+    qs_job_free(job);
+}
+
+void qs_ranks_internal(qs_daemon *d, uint32_t op, const ProtobufCMessage *req)
+{
+    size_t len = 0;
+    void *payload = qs_proto_pack_bytes(req, &len);
+    if (!payload)
+        die(d, "out of memory packing an internal command");
+    send_header(d, op, (int64_t)len);
+    int64_t hdr[HDR_N] = {op, (int64_t)len, 0, (int64_t)d->seq};
+    MPI_Request r;
+    MPI_Ibcast(payload, (int)len, MPI_BYTE, 0, MPI_COMM_WORLD, &r);
+    if (wait_req(&r, d->opts.rank_timeout, 1e-3, "broadcasting a command's payload") != QS_OK)
+        die(d, qs_errmsg());
+    execute(d, hdr, payload, NULL);
+    free(payload);
 }
 
 /* Waits until a job arrives or until deadline (monotonic seconds). */
@@ -335,17 +365,28 @@ int qs_ranks_lead(qs_daemon *d)
         double next = last_beat + d->opts.heartbeat;
         if (next > qs_now() + 0.1)
             next = qs_now() + 0.1;
-        qs_job *job = pop_job(d, next);
+        /* Generations running: take what is queued, then step them. */
+        qs_job *job = pop_job(d, qs_sched_busy(d) ? 0 : next);
         if (qs_stop_signal && !qs_server_draining(d->server)) {
             qs_log(QS_LOG_INFO, "signal %d: shutting down", (int)qs_stop_signal);
             qs_server_drain(d->server);
         }
         if (job) {
-            lead_one(d, job);
-            qs_job_free(job);
+            if (!qs_sched_take(d, job))
+                qs_ranks_run_job(d, job);
+            last_beat = qs_now();
+        }
+        if (qs_sched_busy(d)) {
+            /* Past the drain's deadline what still runs is ended. */
+            if (qs_server_draining(d->server) && qs_server_drain_expired(d->server))
+                qs_sched_close(d, "the daemon is shutting down: the generation was ended at "
+                                  "its drain timeout");
+            qs_sched_lead(d);
             last_beat = qs_now();
             continue;
         }
+        if (job)
+            continue;
         if (qs_server_draining(d->server)) {
             if (!drain_start)
                 drain_start = qs_now();
@@ -376,6 +417,7 @@ int qs_ranks_lead(qs_daemon *d)
         qs_job_free(rest);
         rest = next;
     }
+    qs_sched_close(d, "the daemon is shutting down");
     send_header(d, QS_OP_EXIT, 0);
     return QS_OK;
 }

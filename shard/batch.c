@@ -166,6 +166,12 @@ int qs_batch_drop(qs_batch *b, uint64_t id)
     return qs_seterr(QS_ENOTFOUND, "no running sequence %llu", (unsigned long long)id);
 }
 
+void qs_batch_clear(qs_batch *b)
+{
+    while (b && b->nseqs)
+        leave(b, b->nseqs - 1);
+}
+
 /* Appends one token of sequence q at position p to the call. */
 static void put(qs_batch *b, size_t *n, int32_t t, const seq *q, size_t p)
 {

@@ -440,6 +440,8 @@ int qs_batch_add(qs_batch *b, uint64_t id, const int32_t *prompt, size_t n, size
                  const qs_sampler *s, int32_t eos);
 /* Ends a sequence now (a cancelled request, a stop string met): its slot is free. */
 int qs_batch_drop(qs_batch *b, uint64_t id);
+/* Ends every sequence (after a failed step, which leaves them unknown). */
+void qs_batch_clear(qs_batch *b);
 /* One step: ev gets a token for every sequence whose last token ran (cap
  * at least qs_batch_running); those finished have left. */
 int qs_batch_step(qs_batch *b, qs_batch_event *ev, size_t cap, size_t *nev, qs_batch_stats *st);

@@ -283,6 +283,68 @@ PY
     [ "$rc" = 0 ] || fail "mpirun exited $rc after SIGTERM during generation, want 0"
     no_ranks_left
     ;;
+batching)
+    # Continuous batching: 4 places, prompts read 8 tokens a step.
+    start --prefill-chunk 8
+    expect 0 "$qctl" load opt-125m --name b --scheme rtn --bits 4 --max-seq 64 --max-batch 4 --seed 3
+    # Each prompt alone, greedy and sampled.
+    for i in $(seq 10); do
+        p="request $i $(printf 'x%.0s' $(seq $((i * 3))))"
+        echo "$p" >"$tmp/p$i"
+        extra=()
+        [ $((i % 3)) = 0 ] && extra=(--temperature 0.9 --seed "$i")
+        expect 0 "$qctl" --json generate b "$p" --max-tokens $((4 + i)) "${extra[@]}"
+        cp "$tmp/out" "$tmp/alone$i"
+    done
+    # All at once (10 for 4 places: 6 wait), beside a stream that is cut
+    # off midway and one too long for the cache: each equals its run alone.
+    "$qctl" generate b "a stream cut off" --max-tokens 40 >"$tmp/cut" 2>&1 &
+    cut=$!
+    pids=()
+    for i in $(seq 10); do
+        extra=()
+        [ $((i % 3)) = 0 ] && extra=(--temperature 0.9 --seed "$i")
+        "$qctl" --json generate b "$(cat "$tmp/p$i")" --max-tokens $((4 + i)) "${extra[@]}" \
+            >"$tmp/batch$i" 2>&1 & pids+=($!)
+    done
+    sleep 0.3
+    kill -INT "$cut" 2>/dev/null
+    expect 1 "$qctl" generate b "too long" --max-tokens 100
+    grep -q "KV cache" "$tmp/err" || fail "a request too long for the cache: $(cat "$tmp/err")"
+    expect 0 "$qctl" --json stats
+    cp "$tmp/out" "$tmp/busy"
+    for p in "${pids[@]}"; do wait "$p" || fail "a batched generate failed"; done
+    wait "$cut"
+    python3 - "$tmp" <<'PY' || fail "batched generations differ from their runs alone"
+import json, sys
+d = sys.argv[1]
+for i in range(1, 11):
+    a, b = (json.load(open(f"{d}/{k}{i}")) for k in ("alone", "batch"))
+    assert a["tokens"] == b["tokens"] and len(a["tokens"]) == 4 + i, (i, a["tokens"], b["tokens"])
+m = {x["name"]: x for x in json.load(open(f"{d}/busy"))["models"]}["b"]
+assert m["max_batch"] == 4 and m["running"] + m["waiting"] >= 1, m
+PY
+    # Every place is free again: stats says so, and a full batch runs.
+    expect 0 "$qctl" --json stats
+    python3 -c 'import json,sys; m={x["name"]: x for x in json.load(open(sys.argv[1]))["models"]}["b"]; assert m["running"] == 0 and m["waiting"] == 0, m' "$tmp/out" ||
+        fail "sequences left in the batch: $(cat "$tmp/out")"
+    pids=()
+    for i in $(seq 4); do "$qctl" generate b "again $i" --max-tokens 3 >/dev/null 2>&1 & pids+=($!); done
+    for p in "${pids[@]}"; do wait "$p" || fail "a generate after the batch emptied failed"; done
+    # Unloading a model with generations running ends them with a sentence.
+    "$qctl" generate b "unloaded under me" --max-tokens 40 >"$tmp/unl" 2>&1 &
+    gen=$!
+    sleep 0.5
+    expect 0 "$qctl" unload b
+    wait "$gen"
+    c=$?
+    [ "$c" = 1 ] && grep -q "unloaded" "$tmp/unl" || [ "$c" = 0 ] ||
+        fail "a generation across an unload: exit $c: $(cat "$tmp/unl")"
+    expect 0 "$qctl" shutdown
+    wait_exit 10
+    [ "$rc" = 0 ] || fail "mpirun exited $rc, want 0"
+    no_ranks_left
+    ;;
 concurrent)
     start
     # 24 requests at once, of three kinds: all answered, none lost.
