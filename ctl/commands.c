@@ -18,14 +18,7 @@
 
 /* ---- Option parsing ------------------------------------------------------- */
 
-typedef struct args {
-    const char *cmd;
-    const char *help;
-    int argc;
-    char **argv;
-    int i;
-    int err; /* an exit code once a usage error was printed */
-} args;
+typedef qs_args args;
 
 static int usage_error(args *a, const char *fmt, ...)
 #if defined(__GNUC__)
@@ -1495,4 +1488,56 @@ int qs_ctl_shutdown(qs_ctl_global *g, int argc, char **argv)
     }
     protobuf_c_message_free_unpacked(&r->base, NULL);
     return QS_EXIT_OK;
+}
+
+/* ---- For the other command files (qs_ctl.h) ------------------------------- */
+
+int qs_ctl_next_arg(qs_ctl_global *g, qs_args *a)
+{
+    return next_arg(g, a);
+}
+
+int qs_ctl_opt_val(qs_args *a, const char *name, const char **val)
+{
+    return opt_val(a, name, val);
+}
+
+int qs_ctl_parse_u32(qs_args *a, const char *opt, const char *v, uint32_t *out)
+{
+    return parse_u32(a, opt, v, out);
+}
+
+int qs_ctl_parse_double(qs_args *a, const char *opt, const char *v, double *out)
+{
+    return parse_double(a, opt, v, out);
+}
+
+int qs_ctl_unknown_arg(qs_args *a)
+{
+    return unknown_arg(a);
+}
+
+int qs_ctl_usage(qs_args *a, const char *msg)
+{
+    return usage_error(a, "%s", msg);
+}
+
+int qs_ctl_parse_done(qs_args *a)
+{
+    return parse_done(a);
+}
+
+qs_client *qs_ctl_connect(const qs_ctl_global *g, int *rc)
+{
+    return connect_to(g, rc);
+}
+
+int qs_ctl_refused(const qs_ctl_global *g, const char *cmd, const qs_rpc_status *st, double timeout)
+{
+    return refused(g, cmd, st, timeout);
+}
+
+void qs_ctl_print_json(cJSON *j)
+{
+    print_json(j);
 }

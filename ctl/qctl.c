@@ -23,6 +23,7 @@ static const char usage[] =
     "  generate M TEXT   stream a continuation of TEXT\n"
     "  eval M            perplexity on a text\n"
     "  bench             time a quantized kernel against the BLAS baseline\n"
+    "  bench-serve M     many generations at once: throughput and latencies\n"
     "  cache [list|clear]  the daemon's cache of quantized models\n"
     "  health            whether the daemon serves (exit 0) or not (exit 1)\n"
     "  shutdown          drain and stop the daemon\n"
@@ -48,9 +49,11 @@ static const struct {
     const char *name;
     cmd_fn fn;
 } commands[] = {
-    {"health", qs_ctl_health}, {"stats", qs_ctl_stats},       {"load", qs_ctl_load},
-    {"unload", qs_ctl_unload}, {"generate", qs_ctl_generate}, {"eval", qs_ctl_eval},
-    {"bench", qs_ctl_bench},   {"shutdown", qs_ctl_shutdown}, {"cache", qs_ctl_cache},
+    {"health", qs_ctl_health},     {"stats", qs_ctl_stats},
+    {"load", qs_ctl_load},         {"unload", qs_ctl_unload},
+    {"generate", qs_ctl_generate}, {"eval", qs_ctl_eval},
+    {"bench", qs_ctl_bench},       {"bench-serve", qs_ctl_bench_serve},
+    {"shutdown", qs_ctl_shutdown}, {"cache", qs_ctl_cache},
 };
 
 static int usage_error(const char *fmt, const char *arg)

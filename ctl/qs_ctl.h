@@ -83,6 +83,34 @@ int qs_ctl_bench(qs_ctl_global *g, int argc, char **argv);
 int qs_ctl_shutdown(qs_ctl_global *g, int argc, char **argv);
 int qs_ctl_cache(qs_ctl_global *g, int argc, char **argv);
 
+/* `qctl bench-serve` (bench_serve.c): concurrent streams against a model. */
+int qs_ctl_bench_serve(qs_ctl_global *g, int argc, char **argv);
+
+/* Shared by the command files (commands.c). A command's arguments, parsed
+ * in a loop of qs_ctl_next_arg (help and global options) and
+ * qs_ctl_opt_val; err holds an exit code once a usage error was printed. */
+typedef struct qs_args {
+    const char *cmd;
+    const char *help;
+    int argc;
+    char **argv;
+    int i;
+    int err;
+} qs_args;
+int qs_ctl_next_arg(qs_ctl_global *g, qs_args *a);
+int qs_ctl_opt_val(qs_args *a, const char *name, const char **val);
+int qs_ctl_parse_u32(qs_args *a, const char *opt, const char *v, uint32_t *out);
+int qs_ctl_parse_double(qs_args *a, const char *opt, const char *v, double *out);
+int qs_ctl_unknown_arg(qs_args *a);
+int qs_ctl_usage(qs_args *a, const char *msg);
+/* 0 to go on, else the exit code. */
+int qs_ctl_parse_done(qs_args *a);
+qs_client *qs_ctl_connect(const qs_ctl_global *g, int *rc);
+int qs_ctl_refused(const qs_ctl_global *g, const char *cmd, const qs_rpc_status *st,
+                   double timeout);
+struct cJSON;
+void qs_ctl_print_json(struct cJSON *j);
+
 /* `qctl plan` without --daemon: the planner, locally (plan_cmd.c). */
 int qs_ctl_plan(int argc, char **argv);
 

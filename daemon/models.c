@@ -1080,7 +1080,7 @@ int qs_model_run_generate(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
     uint64_t seed = r->seed ? r->seed : 0x9e3779b97f4a7c15ull ^ cmd->seq;
     qs_sampler smp;
     qs_sampler_init(&smp, r->temperature, r->top_p > 0 ? r->top_p : 1.0f, r->top_k, seed);
-    int32_t eos = s->tok ? qs_tokenizer_eos(s->tok) : -1;
+    int32_t eos = s->tok && !r->ignore_eos ? qs_tokenizer_eos(s->tok) : -1;
     if (!err)
         err = qs_batch_add(s->batch, cmd->seq, ids, n, max_new, &smp, eos);
     free(ids);
