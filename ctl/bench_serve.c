@@ -353,8 +353,7 @@ int qs_ctl_bench_serve(qs_ctl_global *g, int argc, char **argv)
         add_pcts(j, "e2e_seconds", e2e, ndone);
         if (first_error)
             cJSON_AddStringToObject(j, "first_error", first_error);
-        qs_ctl_print_json(j);
-        cJSON_Delete(j);
+        qs_ctl_print_json(j); /* and frees it */
     } else {
         printf("%s: %u requests, %u streams at most, %s; %u-word prompts, %u tokens each\n", model,
                nreq, conc, rate > 0 ? "Poisson arrivals" : "all at once", words, max_tokens);

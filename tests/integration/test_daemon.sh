@@ -331,6 +331,18 @@ PY
     pids=()
     for i in $(seq 4); do "$qctl" generate b "again $i" --max-tokens 3 >/dev/null 2>&1 & pids+=($!); done
     for p in "${pids[@]}"; do wait "$p" || fail "a generate after the batch emptied failed"; done
+    # The serving benchmark: every request completes with its token count.
+    python3 -c 'import random; random.seed(1); print(" ".join(random.choice(["alpha","beta","gamma","delta"]) for _ in range(500)))' >"$tmp/words"
+    expect 0 "$qctl" --json bench-serve b --concurrency 4 --requests 8 --max-tokens 5 \
+        --prompt-words 6 --prompts "$tmp/words"
+    python3 - "$tmp/out" <<'PY' || fail "bench-serve: $(cat "$tmp/out")"
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["completed"] == 8 and r["output_tokens"] == 40, r
+assert 0 < r["ttft_seconds"]["p50"] <= r["ttft_seconds"]["p99"] <= r["e2e_seconds"]["p99"], r
+assert r["output_tokens_per_second"] > 0 and r["itl_seconds"]["p50"] > 0, r
+PY
+    expect 2 "$qctl" bench-serve b --prompts "$tmp/nonexistent"
     # Unloading a model with generations running ends them with a sentence.
     "$qctl" generate b "unloaded under me" --max-tokens 40 >"$tmp/unl" 2>&1 &
     gen=$!
