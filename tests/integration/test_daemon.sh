@@ -538,9 +538,13 @@ gpu_emu)
     # H100 each, CUDA on the CPU execution harness, NCCL over MPI) load
     # SmolLM2 at bcq 4-bit straight onto their devices, split 6 + 3 heads;
     # greedy tokens and perplexity against the same on CPU ranks (QS_CPU_QDAEMON).
-    # Perplexity within 1.5%: the CPU's LUT-GEMM quantizes its tables to int8
-    # (the GPU's are fp32); in fp16 the two agree to 0.05% (test_model_gpu
-    # holds every scheme to 0.5% on models where that error is small).
+    # Perplexity within 3%: the CPU's LUT-GEMM quantizes its tables to int8
+    # (the GPU's are fp32), a step function of its input, so a 1e-7 change
+    # in a sum draws that ~1% error anew in every later layer: the CPU ranks'
+    # result on these 64 scored tokens moved from -0.1% to -2.0% of the GPU's
+    # between the -O2 and the sanitizer's -O1 build of the same source. In
+    # fp16 the two agree to 0.05% (test_model_gpu holds every scheme to 0.5%
+    # on models where that error is small), and the greedy tokens must match.
     repo=$(cd "$(dirname "$0")/../.." && pwd)
     if ! bash "$repo/deploy/fetch-model.sh" >"$tmp/fetch" 2>&1; then
         note "SKIP: the default model could not be fetched: $(tail -n 1 "$tmp/fetch")"
@@ -578,7 +582,7 @@ load = lambda n: json.load(open(f"{d}/{n}"))
 g, c = load("gpu.gen"), load("cpu.gen")
 assert g["tokens"] == c["tokens"] and len(g["tokens"]) == 6, (g["tokens"], c["tokens"])
 pg, pc = load("gpu.eval")["perplexity"], load("cpu.eval")["perplexity"]
-assert abs(pg / pc - 1) <= 0.015, (pg, pc)
+assert abs(pg / pc - 1) <= 0.03, (pg, pc)
 # --json carries the running estimate per window, the last one the result.
 w = load("gpu.eval")["windows"]
 assert [x["window"] for x in w] == [1, 2] and abs(w[-1]["perplexity_so_far"] / pg - 1) < 1e-9, w
