@@ -48,7 +48,7 @@ static void test_f16gemm_vs_ref(void **state)
     (void)state;
     static const char *paths[] = {"scalar", "avx2", "avx512"};
     static const size_t Ks[] = {1, 7, 8, 15, 16, 17, 31, 33, 64, 65, 100, 576, 1000};
-    static const size_t MNs[][2] = {{1, 1}, {1, 97}, {3, 5}, {17, 33}, {1, 300}};
+    static const size_t MNs[][2] = {{1, 1}, {1, 97}, {3, 5}, {17, 33}, {1, 300}, {4, 8}, {6, 9}};
     for (size_t p = 0; p < 3; p++) {
         if (qs_cpu_force_path(paths[p]) != QS_OK)
             continue; /* the CPU lacks it */
@@ -57,6 +57,36 @@ static void test_f16gemm_vs_ref(void **state)
                 one(MNs[i][0], MNs[i][1], Ks[k]);
     }
     qs_cpu_force_path(NULL);
+}
+
+/* A token's outputs do not depend on the other tokens of the call: each
+ * row of a batch equals that row alone, bit for bit (continuous batching
+ * relies on it), on every path and at batch sizes around the blocking. */
+static void test_f16gemm_batch_invariant(void **state)
+{
+    (void)state;
+    static const char *paths[] = {"scalar", "avx2", "avx512"};
+    const size_t N = 45, K = 200, Ms[] = {2, 3, 4, 5, 9};
+    uint16_t *W = malloc(N * K * 2);
+    float *X = malloc(9 * K * 4), *Y = malloc(9 * N * 4), *y1 = malloc(N * 4);
+    for (size_t i = 0; i < N * K; i++)
+        W[i] = qs_fp32_to_fp16((float)(0.1 * tu_gauss()));
+    tu_fill_gauss(X, 9 * K, 1.0);
+    for (size_t p = 0; p < 3; p++) {
+        if (qs_cpu_force_path(paths[p]) != QS_OK)
+            continue;
+        for (size_t i = 0; i < sizeof Ms / sizeof Ms[0]; i++) {
+            assert_int_equal(qs_f16_gemm(W, N, K, X, Ms[i], Y), QS_OK);
+            for (size_t m = 0; m < Ms[i]; m++) {
+                assert_int_equal(qs_f16_gemm(W, N, K, X + m * K, 1, y1), QS_OK);
+                if (memcmp(y1, Y + m * N, N * 4))
+                    fail_msg("%s: token %zu of %zu differs from the token alone", qs_cpu_path(), m,
+                             Ms[i]);
+            }
+        }
+    }
+    qs_cpu_force_path(NULL);
+    free(W), free(X), free(Y), free(y1);
 }
 
 static void test_f16_widen(void **state)
@@ -99,6 +129,7 @@ int main(void)
     printf("# best CPU path: %s\n", qs_cpu_path());
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_f16gemm_vs_ref),
+        cmocka_unit_test(test_f16gemm_batch_invariant),
         cmocka_unit_test(test_f16_widen),
         cmocka_unit_test(test_f16gemm_refusals),
     };
