@@ -68,6 +68,8 @@ static const char usage_text[] =
     "                         read, so that a long one does not stall the running\n"
     "                         streams (default 256; a model's batch size is qctl load\n"
     "                         --max-batch)\n"
+    "  --max-waiting N        generations that may wait for a place in a model's batch;\n"
+    "                         more are refused with RESOURCE_EXHAUSTED (default 256)\n"
     "  --log-level LEVEL      error, warn, info (default) or debug\n"
     "  --version              print the version and exit\n"
     "  -h, --help             print this help and exit\n"
@@ -141,6 +143,20 @@ static int check_listen(const char *opt, const char *example, const char *listen
 }
 
 /* 0: run; 1: exit 0 (help, version); 2: usage error (message printed). */
+/* A whole number in [lo, hi]. */
+static int parse_count(const char *opt, const char *val, unsigned long lo, unsigned long hi,
+                       const char *what, uint32_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long v = strtoul(val, &end, 10);
+    if (errno || end == val || *end || v < lo || v > hi || val[0] == '-')
+        return qs_seterr(QS_EINVAL, "%s '%s': give a whole number of %s from %lu to %lu", opt, val,
+                         what, lo, hi);
+    *out = (uint32_t)v;
+    return QS_OK;
+}
+
 static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
 {
     memset(o, 0, sizeof *o);
@@ -150,6 +166,7 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
     o->heartbeat = 1;
     o->rank_timeout = 30;
     o->prefill_chunk = QS_BATCH_PREFILL_CHUNK;
+    o->max_waiting = 256;
     o->log_level = QS_LOG_INFO;
     for (int i = 1; i < argc; i++) {
         char name[64];
@@ -186,7 +203,7 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
             "--rank-timeout",  "--http",          "--http-address-file",
             "--cache-dir",     "--cache-limit",   "--tls-cert",
             "--tls-key",       "--tls-client-ca", "--token-file",
-            "--prefill-chunk"};
+            "--prefill-chunk", "--max-waiting"};
         int known = 0;
         for (size_t k = 0; k < sizeof takes / sizeof takes[0]; k++)
             known |= !strcmp(name, takes[k]);
@@ -256,16 +273,9 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
         } else if (!strcmp(name, "--rank-timeout")) {
             err = parse_seconds(name, val, 1, &o->rank_timeout);
         } else if (!strcmp(name, "--prefill-chunk")) {
-            char *end;
-            errno = 0;
-            unsigned long v = strtoul(val, &end, 10);
-            if (errno || end == val || *end || v < 1 || v > 65536 || val[0] == '-')
-                err = qs_seterr(QS_EINVAL,
-                                "--prefill-chunk '%s': give a whole number of tokens "
-                                "from 1 to 65536",
-                                val);
-            else
-                o->prefill_chunk = (uint32_t)v;
+            err = parse_count(name, val, 1, 65536, "tokens", &o->prefill_chunk);
+        } else if (!strcmp(name, "--max-waiting")) {
+            err = parse_count(name, val, 0, 1u << 20, "requests", &o->max_waiting);
         } else {
             err = qs_log_parse_level(val, &o->log_level);
         }

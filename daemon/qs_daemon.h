@@ -60,6 +60,7 @@ typedef struct qs_daemon_opts {
     uint64_t cache_limit;   /* bytes; 0: a quarter of its file system */
     int no_cache;           /* never read or write it */
     uint32_t prefill_chunk; /* prompt tokens per batch step (sched.c) */
+    uint32_t max_waiting;   /* generations waiting for a place, per model */
 } qs_daemon_opts;
 
 /* ---- Devices (device.c) --------------------------------------------------- */
@@ -396,8 +397,9 @@ void qs_served_count(qs_served *s, double latency_ms, uint32_t tokens, double de
 
 /* ---- Continuous batching (sched.c), rank 0 unless said ------------------- */
 
-/* Before a job runs: a Generate whose model's batch is full waits here (1:
- * taken); an Unload first ends the model's generations. */
+/* Before a job runs: a Generate whose model's batch is full waits here, or
+ * is refused when --max-waiting wait already (1: taken); an Unload first
+ * ends the model's generations. */
 int qs_sched_take(qs_daemon *d, qs_job *job);
 /* Generate's admit: the job is now a running generation. */
 int qs_sched_admit(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts);

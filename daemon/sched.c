@@ -278,6 +278,17 @@ int qs_sched_take(qs_daemon *d, qs_job *job)
     /* Places taken: running, plus ended ones whose drop has not gone out. */
     if (!m->nwaiting && m->nrunning + m->ndrops < qs_served_capacity(s))
         return 0;
+    if (m->nwaiting >= d->opts.max_waiting) {
+        char why[256];
+        snprintf(why, sizeof why,
+                 "'%s' is generating %u sequences and %u more wait: retry later, or raise "
+                 "qdaemon --max-waiting (or qctl load --max-batch)",
+                 job->model, m->nrunning, m->nwaiting);
+        qs_sink_finish(&job->sink, GRPC_STATUS_RESOURCE_EXHAUSTED, why, NULL);
+        qs_metrics_job(d->metrics, job, QS_JOB_DONE);
+        qs_job_free(job);
+        return 1;
+    }
     gen *g = gen_new(job);
     if (!g)
         return 0; /* runs now and is refused for want of memory */

@@ -6,10 +6,11 @@
 # Each row is the median of REPEATS runs (default 3) of 2 x streams
 # requests with 32-word WikiText-2 prompts and 32 output tokens each.
 #
-#   deploy/bench-batching.sh [REPEATS]
+#   deploy/bench-batching.sh [REPEATS] [all|smollm2|opt]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repeats=${1:-3}
+which=${2:-all}
 
 bash deploy/setup.sh
 cmake -S . -B build >/dev/null
@@ -35,6 +36,7 @@ printf '%-22s %7s %12s %8s %9s %9s %9s\n' model streams "tokens/s" "x 1" "TTFT p
 # label|load arguments
 for m in "smollm2-135m bcq4|$gguf --scheme bcq --bits 4" \
     "opt-1.3b w8a8 (synth)|opt-1.3b --scheme w8a8 --calib none"; do
+    case "$which:${m%% *}" in all:* | smollm2:smollm2-135m | opt:opt-1.3b) ;; *) continue ;; esac
     # shellcheck disable=SC2086
     $qctl load ${m#*|} --name b --gpus 2 --max-seq 256 --max-batch 64 >/dev/null
     base=

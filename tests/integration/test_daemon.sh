@@ -356,6 +356,32 @@ PY
     wait_exit 10
     [ "$rc" = 0 ] || fail "mpirun exited $rc, want 0"
     no_ranks_left
+    # A burst beyond the places and the queue: the rest are refused with a
+    # sentence that names the limit, the others all served.
+    start --max-waiting 2
+    expect 0 "$qctl" load opt-125m --name b --scheme rtn --bits 4 --max-seq 64 --max-batch 2 --seed 3
+    pids=()
+    for i in $(seq 12); do
+        "$qctl" generate b "burst $i" --max-tokens 50 >"$tmp/burst$i" 2>&1 & pids+=($!)
+    done
+    ok=0 refused=0
+    for i in $(seq 12); do
+        wait "${pids[$((i - 1))]}"
+        case $? in
+        0) ok=$((ok + 1)) ;;
+        1) grep -q "RESOURCE_EXHAUSTED" "$tmp/burst$i" && grep -q -- "--max-waiting" "$tmp/burst$i" ||
+            fail "a refusal without its sentence: $(cat "$tmp/burst$i")"
+           refused=$((refused + 1)) ;;
+        *) fail "a generate in the burst: $(cat "$tmp/burst$i")" ;;
+        esac
+    done
+    [ "$ok" -ge 4 ] && [ "$refused" -ge 1 ] && [ $((ok + refused)) = 12 ] ||
+        fail "burst of 12 for 2 places and 2 in the queue: $ok served, $refused refused"
+    note "burst of 12 for 2 places and a queue of 2: $ok served, $refused refused"
+    expect 0 "$qctl" shutdown
+    wait_exit 10
+    [ "$rc" = 0 ] || fail "mpirun exited $rc, want 0"
+    no_ranks_left
     ;;
 concurrent)
     start
