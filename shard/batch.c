@@ -219,7 +219,14 @@ int qs_batch_step(qs_batch *b, qs_batch_event *ev, size_t cap, size_t *nev, qs_b
     }
     if (n == 0)
         return QS_OK;
-    int err = qs_model_forward(b->m, n, b->tok, b->slot, b->pos, n - nl, b->logits);
+    /* One sequence to sample (a lone stream): qs_model_next, which on a GPU
+     * samples on the device and replays the decode step's CUDA graph, so
+     * only the token comes back. Several: their logits, sampled here. */
+    int32_t lone = -1;
+    seq *q1 = nl == 1 ? &b->seqs[b->rows[0]] : NULL;
+    int err = q1 && q1->max_new
+                  ? qs_model_next(b->m, n, b->tok, b->slot, b->pos, &q1->s, &lone)
+                  : qs_model_forward(b->m, n, b->tok, b->slot, b->pos, n - nl, b->logits);
     if (err)
         return err;
     for (size_t i = 0; i < b->nseqs; i++)
@@ -236,7 +243,7 @@ int qs_batch_step(qs_batch *b, qs_batch_event *ev, size_t cap, size_t *nev, qs_b
             e->token = -1, e->finish = QS_FINISH_LENGTH;
             continue;
         }
-        e->token = qs_sample(&q->s, b->logits + r * V, V);
+        e->token = q == q1 ? lone : qs_sample(&q->s, b->logits + r * V, V);
         q->last = e->token;
         q->generated++;
         e->finish = e->token == q->eos           ? QS_FINISH_EOS

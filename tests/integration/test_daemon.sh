@@ -586,6 +586,12 @@ gpu_emu)
         expect 0 "$qctl" load smollm2-135m --scheme bcq --bits 4 --gpus 2 --max-seq 64
         expect 0 "$qctl" --json generate smollm2-135m "The capital of France is" --max-tokens 6
         cp "$tmp/out" "$tmp/$1.gen"
+        # Two at once: one step carries both (slots 0 and 1, host sampling).
+        "$qctl" --json generate smollm2-135m "Once upon a time" --max-tokens 4 >"$tmp/$1.b1" &
+        local b1=$!
+        "$qctl" --json generate smollm2-135m "The best way to learn" --max-tokens 4 >"$tmp/$1.b2" ||
+            fail "a batched generate failed: $(cat "$tmp/$1.b2")"
+        wait "$b1" || fail "a batched generate failed: $(cat "$tmp/$1.b1")"
         expect 0 "$qctl" --json eval smollm2-135m --text-file "$text" --ctx 32 --max-chunks 2
         cp "$tmp/out" "$tmp/$1.eval"
         expect 0 "$qctl" --json stats
@@ -607,6 +613,9 @@ d = sys.argv[1]
 load = lambda n: json.load(open(f"{d}/{n}"))
 g, c = load("gpu.gen"), load("cpu.gen")
 assert g["tokens"] == c["tokens"] and len(g["tokens"]) == 6, (g["tokens"], c["tokens"])
+for b in ("b1", "b2"):
+    gb, cb = load(f"gpu.{b}")["tokens"], load(f"cpu.{b}")["tokens"]
+    assert gb == cb and len(gb) == 4, (b, gb, cb)
 pg, pc = load("gpu.eval")["perplexity"], load("cpu.eval")["perplexity"]
 assert abs(pg / pc - 1) <= 0.03, (pg, pc)
 # --json carries the running estimate per window, the last one the result.
