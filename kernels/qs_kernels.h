@@ -72,8 +72,7 @@ void qs_f16_to_f32_row(const uint16_t *h, size_t count, float *out);
  * sums (kernels/cpu/f16gemm.c: a CPU rank's fp16 LM head), and its float64
  * reference. */
 int qs_f16_gemm(const uint16_t *W, size_t N, size_t K, const float *X, size_t M, float *Y);
-int qs_f16_gemm_ref_f64(const uint16_t *W, size_t N, size_t K, const float *X, size_t M,
-                        double *Y);
+int qs_f16_gemm_ref_f64(const uint16_t *W, size_t N, size_t K, const float *X, size_t M, double *Y);
 
 /* ---- BCQ with offset (LUT-GEMM) ------------------------------------------
  * A weight matrix W of N rows (outputs) by K columns (inputs) is stored as
