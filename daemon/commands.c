@@ -757,6 +757,11 @@ int qs_sink_cancelled(const qs_sink *s)
     return s->ops ? s->ops->cancelled(s->ctx) : 0;
 }
 
+int qs_sink_has_deadline(const qs_sink *s)
+{
+    return s->ops && s->ops->has_deadline ? s->ops->has_deadline(s->ctx) : 0;
+}
+
 void qs_sink_release(qs_sink *s)
 {
     if (s->ops)

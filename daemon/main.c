@@ -70,6 +70,8 @@ static const char usage_text[] =
     "                         --max-batch)\n"
     "  --max-waiting N        generations that may wait for a place in a model's batch;\n"
     "                         more are refused with RESOURCE_EXHAUSTED (default 256)\n"
+    "  --request-timeout SECS a generation's deadline when its client sets none: past\n"
+    "                         it, it ends with DEADLINE_EXCEEDED (default 600; 0: none)\n"
     "  --log-level LEVEL      error, warn, info (default) or debug\n"
     "  --version              print the version and exit\n"
     "  -h, --help             print this help and exit\n"
@@ -167,6 +169,7 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
     o->rank_timeout = 30;
     o->prefill_chunk = QS_BATCH_PREFILL_CHUNK;
     o->max_waiting = 256;
+    o->request_timeout = 600;
     o->log_level = QS_LOG_INFO;
     for (int i = 1; i < argc; i++) {
         char name[64];
@@ -203,7 +206,7 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
             "--rank-timeout",  "--http",          "--http-address-file",
             "--cache-dir",     "--cache-limit",   "--tls-cert",
             "--tls-key",       "--tls-client-ca", "--token-file",
-            "--prefill-chunk", "--max-waiting"};
+            "--prefill-chunk", "--max-waiting",   "--request-timeout"};
         int known = 0;
         for (size_t k = 0; k < sizeof takes / sizeof takes[0]; k++)
             known |= !strcmp(name, takes[k]);
@@ -274,6 +277,8 @@ static int parse_args(int argc, char **argv, qs_daemon_opts *o, int print)
             err = parse_seconds(name, val, 1, &o->rank_timeout);
         } else if (!strcmp(name, "--prefill-chunk")) {
             err = parse_count(name, val, 1, 65536, "tokens", &o->prefill_chunk);
+        } else if (!strcmp(name, "--request-timeout")) {
+            err = parse_seconds(name, val, 0, &o->request_timeout);
         } else if (!strcmp(name, "--max-waiting")) {
             err = parse_count(name, val, 0, 1u << 20, "requests", &o->max_waiting);
         } else {

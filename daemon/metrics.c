@@ -269,8 +269,8 @@ static const char *refresh_peer(void *ctx)
     return "the metrics";
 }
 
-static const qs_sink_ops refresh_ops = {refresh_write, refresh_finish, refresh_cancelled,
-                                        refresh_release, refresh_peer};
+static const qs_sink_ops refresh_ops = {refresh_write,   refresh_finish, refresh_cancelled,
+                                        refresh_release, refresh_peer,   NULL};
 
 /* Under mu, which it drops while queueing. */
 static void start_refresh(qs_daemon *d, qs_metrics *m)

@@ -433,7 +433,8 @@ static const char *oa_peer(void *ctx)
     return ((qs_oa *)ctx)->peer;
 }
 
-static const qs_sink_ops oa_ops = {oa_write, oa_finish, oa_cancelled, oa_release, oa_peer};
+/* HTTP has no deadline of the client's: --request-timeout applies. */
+static const qs_sink_ops oa_ops = {oa_write, oa_finish, oa_cancelled, oa_release, oa_peer, NULL};
 
 size_t qs_openai_read(qs_oa *o, char *dst, size_t max)
 {

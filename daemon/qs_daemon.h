@@ -61,6 +61,8 @@ typedef struct qs_daemon_opts {
     int no_cache;           /* never read or write it */
     uint32_t prefill_chunk; /* prompt tokens per batch step (sched.c) */
     uint32_t max_waiting;   /* generations waiting for a place, per model */
+    double request_timeout; /* seconds a generation may take when its client set no
+                             * deadline (sched.c); 0: no limit */
 } qs_daemon_opts;
 
 /* ---- Devices (device.c) --------------------------------------------------- */
@@ -107,6 +109,8 @@ typedef struct qs_sink_ops {
     /* Drops the reference the job holds. */
     void (*release)(void *ctx);
     const char *(*peer)(void *ctx);
+    /* 1 when the receiver set a deadline of its own (NULL: never). */
+    int (*has_deadline)(void *ctx);
 } qs_sink_ops;
 
 typedef struct qs_sink {
@@ -118,6 +122,7 @@ int qs_sink_write(const qs_sink *s, grpc_byte_buffer *msg);
 void qs_sink_finish(const qs_sink *s, grpc_status_code code, const char *details,
                     grpc_byte_buffer *reply);
 int qs_sink_cancelled(const qs_sink *s);
+int qs_sink_has_deadline(const qs_sink *s);
 /* Releases the sink and clears it; a cleared sink is a no-op everywhere. */
 void qs_sink_release(qs_sink *s);
 const char *qs_sink_peer(const qs_sink *s);

@@ -470,25 +470,40 @@ void qs_sched_step_done(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts)
 /* Rank 0: ends the generations whose clients went between steps. */
 static void reap(qs_daemon *d, sched_model *m)
 {
+    /* --request-timeout: the deadline of a client that set none. */
+    double now = qs_now(), limit = d->opts.request_timeout;
+    char late[256];
+    snprintf(late, sizeof late,
+             "the generation ran past qdaemon --request-timeout (%.0f s): ask for fewer "
+             "tokens, set a deadline of your own, or raise the option",
+             limit);
     for (gen *g = m->running, *next; g; g = next) {
         next = g->next;
-        if (qs_sink_cancelled(&g->job->sink)) {
+        int over =
+            limit > 0 && now - g->job->queued > limit && !qs_sink_has_deadline(&g->job->sink);
+        if (over || qs_sink_cancelled(&g->job->sink)) {
             if (!g->job->stopped)
                 g->job->stopped = "abort";
             unlink_gen(&m->running, g);
             m->nrunning--;
             drop(m, g);
-            finish(d, g, "cancelled");
+            if (over)
+                fail(d, g, GRPC_STATUS_DEADLINE_EXCEEDED, late);
+            else
+                finish(d, g, "cancelled");
         }
     }
     for (gen *g = m->waiting, *next; g; g = next) {
         next = g->next;
-        if (qs_sink_cancelled(&g->job->sink)) {
+        int over =
+            limit > 0 && now - g->job->queued > limit && !qs_sink_has_deadline(&g->job->sink);
+        if (over || qs_sink_cancelled(&g->job->sink)) {
             unlink_gen(&m->waiting, g);
             m->nwaiting--;
-            fail(d, g, GRPC_STATUS_CANCELLED,
-                 "the client cancelled or its deadline passed while the request waited "
-                 "for a place in the batch");
+            fail(d, g, over ? GRPC_STATUS_DEADLINE_EXCEEDED : GRPC_STATUS_CANCELLED,
+                 over ? late
+                      : "the client cancelled or its deadline passed while the request waited "
+                        "for a place in the batch");
         }
     }
 }

@@ -263,8 +263,15 @@ static const char *sink_peer(void *ctx)
     return qs_call_peer(ctx);
 }
 
-static const qs_sink_ops call_sink_ops = {sink_write, sink_finish, sink_cancelled, sink_release,
-                                          sink_peer};
+/* A gRPC client without a deadline sends none: it reads as infinite. */
+static int sink_has_deadline(void *ctx)
+{
+    qs_call *call = ctx;
+    return call->deadline.tv_sec != INT64_MAX;
+}
+
+static const qs_sink_ops call_sink_ops = {sink_write,   sink_finish, sink_cancelled,
+                                          sink_release, sink_peer,   sink_has_deadline};
 
 qs_sink qs_call_sink(qs_call *call)
 {

@@ -382,6 +382,18 @@ PY
     wait_exit 10
     [ "$rc" = 0 ] || fail "mpirun exited $rc, want 0"
     no_ranks_left
+    # A client that sets no deadline gets --request-timeout; one that sets
+    # its own keeps it.
+    start --request-timeout 1
+    expect 0 "$qctl" load opt-125m --name b --scheme rtn --bits 4 --max-seq 2048 --seed 3
+    expect 1 "$qctl" generate b "long" --max-tokens 2000
+    grep -q "DEADLINE_EXCEEDED" "$tmp/err" && grep -q -- "--request-timeout" "$tmp/err" ||
+        fail "a generation past --request-timeout: $(cat "$tmp/err")"
+    expect 0 "$qctl" --timeout 30 generate b "short" --max-tokens 150
+    expect 0 "$qctl" shutdown
+    wait_exit 10
+    [ "$rc" = 0 ] || fail "mpirun exited $rc, want 0"
+    no_ranks_left
     ;;
 concurrent)
     start
