@@ -534,9 +534,10 @@ void qs_sched_lead(qs_daemon *d)
     for (sched_model *m = d->sched->models; m; m = m->next) {
         reap(d, m);
         qs_served *s = qs_models_find(d, m->name);
-        if (!s) {
+        if (!s) { /* gone without an Unload (cannot happen today): end them */
             qs_clearerr();
-            continue;
+            qs_sched_forget(d, m->name, "the model is no longer loaded");
+            return;
         }
         /* Admit the waiting while there is room: each is a Generate
          * command, whose reply (qs_sched_admit) puts it in running. The
