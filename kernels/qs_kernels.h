@@ -224,6 +224,52 @@ int qs_w8_dequant(const qs_w8 *w, float *W);
 int qs_quant_act_token(const float *X, size_t M, size_t K, int8_t *xq, float *sx);
 int qs_quant_act_static(const float *X, size_t M, size_t K, float scale, int8_t *xq);
 
+/* ---- W4A4 (Atom) -----------------------------------------------------------
+ * Input channels reordered offline: perm[j] is the original input channel at
+ * position j, and the ko channels with the largest calibration activations
+ * come last. Positions j < K4 = K - ko: INT4 weights and activations,
+ * symmetric (codes -7..7), the weights with an fp32 scale per row and group of
+ * G positions (a clipping search picks each scale), the activations quantized
+ * dynamically per token and group (sx = max|x| / 7). Positions j >= K4 (the
+ * outliers): INT8 weights per row and INT8 activations per token (-127..127):
+ *   Y[m,n] = sum_g sx[m,g] sw[n,g] sum_{j in g} xq[m,j] wq[n,j]
+ *          + sxo[m] swo[n] sum_{j >= K4} xq[m,j] wq[n,j].
+ * The codes' memory order is the kernels' (kernels/cpu/w4.h); qs_w4_codes
+ * reads them out in a plain order. */
+typedef struct qs_w4 {
+    size_t N, K, ko, group; /* K4 = K - ko; group: a multiple of 8 */
+    uint32_t *perm;         /* [K] */
+    uint8_t *w4;            /* INT4 codes, two per byte (kernel order) */
+    float *s4;              /* [N][ceil(K4 / group)] */
+    int8_t *w8;             /* outlier codes (kernel order) */
+    float *s8;              /* [N] */
+    int32_t *sum;           /* per row and group sums of codes (the VNNI offset trick) */
+} qs_w4;
+
+/* W (N x K, original channel order) quantized as above. perm NULL = identity;
+ * ko 0 = no outliers; group 0 = 128 (clamped to K4 rounded up to 8). */
+int qs_w4_quantize(qs_w4 *out, const float *W, size_t N, size_t K, const uint32_t *perm, size_t ko,
+                   size_t group);
+/* From codes chosen elsewhere (GPTQ, a checkpoint): codes N x K in position
+ * order (int4 range before K4, int8 after), s4 [N][ceil(K4/G)], s8 [N]. */
+int qs_w4_from_codes(qs_w4 *out, const int8_t *codes, const float *s4, const float *s8, size_t N,
+                     size_t K, const uint32_t *perm, size_t ko, size_t group);
+/* The codes N x K in position order (the inverse of qs_w4_from_codes). */
+int qs_w4_codes(const qs_w4 *w, int8_t *codes);
+void qs_w4_close(qs_w4 *w);
+/* Bytes of the format (codes, scales, sums, perm); 0 on overflow. */
+size_t qs_w4_bytes(size_t N, size_t K, size_t ko, size_t group);
+/* N x K fp32 in the original channel order. */
+int qs_w4_dequant(const qs_w4 *w, float *W);
+/* Activation codes (the rule the GPU reproduces bit for bit): X (M x K,
+ * original order) read through perm into xq (M x K, position order), sx
+ * [M][ceil(K4/G)], sxo [M] (0 when ko = 0; NaN for a token holding NaN/Inf). */
+int qs_w4_quant_act(const qs_w4 *w, const float *X, size_t M, int8_t *xq, float *sx, float *sxo);
+/* Y (M x N) = X (M x K, original order) W^T with the activation quantization
+ * fused; and its float64 reference on the same activation codes. */
+int qs_w4a4_gemm(const qs_w4 *w, const float *X, size_t M, float *Y);
+int qs_w4a4_gemm_ref_f64(const qs_w4 *w, const float *X, size_t M, double *Y);
+
 /* ---- Kernels (CPU, fp32 activations; OpenMP over output rows) -------------
  * All GEMMs: X is M x K row-major, Y is M x N row-major, Y = X W^T. */
 
