@@ -223,6 +223,8 @@ typedef struct quant_opts {
     uint32_t bits;
     int group_set;
     uint32_t group;
+    int outliers_set;
+    uint32_t outliers;
 } quant_opts;
 
 static int quant_opt(args *a, quant_opts *q)
@@ -246,6 +248,11 @@ static int quant_opt(args *a, quant_opts *q)
             parse_u32(a, "--group", v, &q->group);
         return 1;
     }
+    if (opt_val(a, "--outliers", &v)) {
+        q->outliers_set = 1;
+        parse_u32(a, "--outliers", v, &q->outliers);
+        return 1;
+    }
     return 0;
 }
 
@@ -257,15 +264,22 @@ static void quant_msg(const quant_opts *q, Qshard__V1__Quantization *m)
         m->group_case = QSHARD__V1__QUANTIZATION__GROUP_GROUP_SIZE;
         m->group_size = q->group;
     }
+    if (q->outliers_set) {
+        m->outlier_channels_case = QSHARD__V1__QUANTIZATION__OUTLIER_CHANNELS_OUTLIERS;
+        m->outliers = q->outliers;
+    }
 }
 
 #define QUANT_HELP                                                                                 \
-    "  --scheme S        fp16, w8a8, bcq or rtn (default rtn)\n"                                   \
+    "  --scheme S        fp16, w8a8, bcq, rtn or w4a4 (default rtn)\n"                             \
     "  --bits Q          bits per weight, 1..8 for bcq/rtn (default 4)\n"                          \
     "  --group G         bcq/rtn: input columns per weight scale, a multiple of 32,\n"             \
     "                    or 'row' (default: the model's, 128 where it divides);\n"                 \
     "                    w8a8: input channels per activation scale, a multiple of 4,\n"            \
-    "                    or 'row' for one per token (default 128)\n"
+    "                    or 'row' for one per token (default 128); w4a4: input\n"                  \
+    "                    channels per int4 scale, a multiple of 8 (default 128)\n"                 \
+    "  --outliers N      w4a4: input channels kept in int8 (Atom's outliers, chosen\n"             \
+    "                    by calibration; default 128, 0 for none)\n"
 
 /* ---- Output --------------------------------------------------------------- */
 
@@ -304,6 +318,8 @@ static void json_quant(cJSON *o, const char *key, const Qshard__V1__Quantization
     cJSON_AddNumberToObject(j, "bits", q->bits);
     if (q->group_case == QSHARD__V1__QUANTIZATION__GROUP_GROUP_SIZE)
         cJSON_AddNumberToObject(j, "group_size", q->group_size);
+    if (q->outlier_channels_case == QSHARD__V1__QUANTIZATION__OUTLIER_CHANNELS_OUTLIERS)
+        cJSON_AddNumberToObject(j, "outliers", q->outliers);
 }
 
 static const char *group_text(const Qshard__V1__Quantization *q, char *buf, size_t n)
@@ -314,6 +330,10 @@ static const char *group_text(const Qshard__V1__Quantization *q, char *buf, size
         snprintf(buf, n, "row");
     else
         snprintf(buf, n, "%u", q->group_size);
+    /* w4a4: the int8 outlier channels belong with the grouping. */
+    size_t used = strlen(buf);
+    if (q->outlier_channels_case == QSHARD__V1__QUANTIZATION__OUTLIER_CHANNELS_OUTLIERS && used < n)
+        snprintf(buf + used, n - used, " +%u int8", q->outliers);
     return buf;
 }
 
@@ -618,7 +638,7 @@ int qs_ctl_stats(qs_ctl_global *g, int argc, char **argv)
             printf("\nmodels: none loaded\n");
         for (size_t i = 0; i < r->n_models; i++) {
             const Qshard__V1__ModelInfo *m = r->models[i];
-            char g1[16], pl[32];
+            char g1[40], pl[32];
             printf("\nmodel %s (%s, weights %s): %s %u-bit group %s, tp %u on rank(s)", m->name,
                    m->source, m->weights, m->quant ? m->quant->scheme : "?",
                    m->quant ? m->quant->bits : 0,
@@ -639,7 +659,7 @@ int qs_ctl_stats(qs_ctl_global *g, int argc, char **argv)
                        "GPUs (memory)");
                 for (size_t j = 0; j < m->n_footprints; j++) {
                     const Qshard__V1__Footprint *fp = m->footprints[j];
-                    char lab[48], g2[16];
+                    char lab[48], g2[40];
                     if (fp->quant->bits >= 8)
                         snprintf(lab, sizeof lab, "%s", fp->quant->scheme);
                     else
@@ -740,7 +760,7 @@ int qs_ctl_plan_daemon(qs_ctl_global *g, int argc, char **argv)
         cJSON_AddNumberToObject(j, "world_size", r->world_size);
         print_json(j);
     } else {
-        char b1[32], b2[32], gt[16];
+        char b1[32], b2[32], gt[40];
         printf("%s, %s %u-bit, group %s, tp %u (daemon world %u)\n", r->model,
                r->quant ? r->quant->scheme : "?", r->quant ? r->quant->bits : 0,
                r->quant ? group_text(r->quant, gt, sizeof gt) : "?", r->tp, r->world_size);
@@ -927,7 +947,7 @@ int qs_ctl_load(qs_ctl_global *g, int argc, char **argv)
             cJSON_AddNumberToObject(j, "seconds", l.result->result->seconds);
             print_json(j);
         } else {
-            char b[32], p[32], g1[16];
+            char b[32], p[32], g1[40];
             printf("loaded %s (%s %u-bit group %s) on %u rank(s) in %.1f s\n", m->name,
                    m->quant->scheme, m->quant->bits, group_text(m->quant, g1, sizeof g1), m->tp,
                    l.result->result->seconds);
@@ -1061,7 +1081,7 @@ int qs_ctl_cache(qs_ctl_global *g, int argc, char **argv)
                fmt_bytes(r->bytes, b, sizeof b), fmt_bytes(r->limit, l, sizeof l));
         for (size_t i = 0; i < r->n_entries; i++) {
             const Qshard__V1__CacheEntry *e = r->entries[i];
-            char g1[16], age[32];
+            char g1[40], age[32];
             time_t t = (time_t)e->last_used;
             struct tm tm;
             strftime(age, sizeof age, "%Y-%m-%d %H:%M", localtime_r(&t, &tm));

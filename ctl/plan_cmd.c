@@ -18,21 +18,24 @@
 #define MAX_TP     1024u
 
 static const char usage[] =
-    "usage: qctl plan MODEL [--scheme fp16|w8a8|bcq|rtn] [--bits N] [--group G] [--gpus N]\n"
-    "                       [--device-memory SIZE] [--batch B] [--seq S] [--reserve SIZE] "
-    "[--json]\n"
-    "                       [--svg FILE]\n"
+    "usage: qctl plan MODEL [--scheme fp16|w8a8|bcq|rtn|w4a4] [--bits N] [--group G] [--gpus N]\n"
+    "                       [--outliers N] [--device-memory SIZE] [--batch B] [--seq S]\n"
+    "                       [--reserve SIZE] [--json] [--svg FILE]\n"
     "\n"
     "Plans the memory of MODEL per GPU, with no daemon. Without --scheme or --bits it\n"
     "compares fp16, W8A8 (SmoothQuant), 4-bit and 3-bit BCQ (LUT-GEMM): weight bytes,\n"
     "bytes per GPU and the GPUs needed. With one, it details that scheme per GPU.\n"
     "\n"
-    "  --scheme S          fp16, w8a8, bcq (non-uniform BCQ) or rtn (uniform, stored as BCQ)\n"
-    "  --bits N            16 (fp16), 8 (w8a8), or 1..8 for bcq/rtn (alone it means bcq)\n"
+    "  --scheme S          fp16, w8a8, bcq (non-uniform BCQ), rtn (uniform, stored as BCQ)\n"
+    "                      or w4a4 (Atom: int4 weights and activations, int8 outliers)\n"
+    "  --bits N            16 (fp16), 8 (w8a8), 4 (w4a4), or 1..8 for bcq/rtn (alone it\n"
+    "                      means bcq)\n"
     "  --group G           bcq/rtn: input columns per group, a multiple of 32 that divides\n"
     "                      the shard widths, or 0 for one group per row (default 128 where\n"
     "                      valid); w8a8: channels per activation scale, a multiple of 4, or\n"
-    "                      0 for one per token (default 128)\n"
+    "                      0 for one per token (default 128); w4a4: channels per int4 scale,\n"
+    "                      a multiple of 8 (default 128)\n"
+    "  --outliers N        w4a4: input channels kept in int8 (default 128, 0 for none)\n"
     "  --gpus N            tensor-parallel degree to check: says whether it fits, and if not\n"
     "                      what does\n"
     "  --device-memory S   memory of one GPU, e.g. 80GiB (default), 40GiB, 141GiB\n"
@@ -103,6 +106,8 @@ static const char *quant_label(const qs_quant *q, char *buf, size_t n)
             snprintf(buf, n, "%s %d-bit row-wise", qs_scheme_name(q->scheme), q->bits);
     } else if (q->scheme == QS_SCHEME_W8A8 && q->group_size) {
         snprintf(buf, n, "w8a8 act-g%u", q->group_size);
+    } else if (q->scheme == QS_SCHEME_W4A4) {
+        snprintf(buf, n, "w4a4 g%u +%u int8", q->group_size, q->outliers);
     } else {
         snprintf(buf, n, "%s", qs_scheme_name(q->scheme));
     }
@@ -185,10 +190,10 @@ static void suggest(const qs_model_config *m, const qs_workload *w, uint64_t dev
     else
         printf("to fit: no degree up to %u", MAX_TP);
     uint32_t g = qs_default_group(m);
-    const qs_quant alts[] = {{QS_SCHEME_W8A8, 8, QS_W8A8_GROUP},
-                             {QS_SCHEME_BCQ, 4, g},
-                             {QS_SCHEME_BCQ, 3, g},
-                             {QS_SCHEME_BCQ, 2, g}};
+    const qs_quant alts[] = {{QS_SCHEME_W8A8, 8, QS_W8A8_GROUP, 0},
+                             {QS_SCHEME_BCQ, 4, g, 0},
+                             {QS_SCHEME_BCQ, 3, g, 0},
+                             {QS_SCHEME_BCQ, 2, g, 0}};
     for (size_t i = 0; i < sizeof alts / sizeof alts[0]; i++) {
         qs_plan p;
         char label[64];
@@ -204,23 +209,18 @@ static void suggest(const qs_model_config *m, const qs_workload *w, uint64_t dev
 
 int qs_ctl_plan(int argc, char **argv)
 {
-    static const struct option opts[] = {{"scheme", required_argument, 0, 's'},
-                                         {"bits", required_argument, 0, 'b'},
-                                         {"group", required_argument, 0, 'g'},
-                                         {"gpus", required_argument, 0, 'n'},
-                                         {"device-memory", required_argument, 0, 'm'},
-                                         {"batch", required_argument, 0, 'B'},
-                                         {"seq", required_argument, 0, 'S'},
-                                         {"reserve", required_argument, 0, 'r'},
-                                         {"json", no_argument, 0, 'j'},
-                                         {"svg", required_argument, 0, 'v'},
-                                         {"list", no_argument, 0, 'l'},
-                                         {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
-    qs_quant q = {QS_SCHEME_BCQ, 0, 0};
-    int have_scheme = 0, have_bits = 0, have_group = 0, json = 0;
+    static const struct option opts[] = {
+        {"scheme", required_argument, 0, 's'},  {"bits", required_argument, 0, 'b'},
+        {"group", required_argument, 0, 'g'},   {"outliers", required_argument, 0, 'o'},
+        {"gpus", required_argument, 0, 'n'},    {"device-memory", required_argument, 0, 'm'},
+        {"batch", required_argument, 0, 'B'},   {"seq", required_argument, 0, 'S'},
+        {"reserve", required_argument, 0, 'r'}, {"json", no_argument, 0, 'j'},
+        {"svg", required_argument, 0, 'v'},     {"list", no_argument, 0, 'l'},
+        {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
+    qs_quant q = {QS_SCHEME_BCQ, 0, 0, 0};
+    int have_scheme = 0, have_bits = 0, have_group = 0, have_outliers = 0, json = 0;
     const char *svg = NULL;
-    uint32_t gpus = 0, bits = 0, group = 0;
+    uint32_t gpus = 0, bits = 0, group = 0, outliers = 0;
     const char *group_arg = NULL; /* as typed, for the messages */
     uint64_t dev = 80ull << 30;
     qs_workload w = {1, 0, QS_PLAN_DEFAULT_RESERVE};
@@ -245,6 +245,11 @@ int qs_ctl_plan(int argc, char **argv)
             if (parse_u32(optarg, 0, 65536, &group))
                 return usage_error("--group '%s' is out of range: use 0 to 65536", optarg);
             have_group = 1, group_arg = optarg;
+            break;
+        case 'o':
+            if (parse_u32(optarg, 0, 65536, &outliers))
+                return usage_error("--outliers '%s' is out of range: use 0 to 65536", optarg);
+            have_outliers = 1;
             break;
         case 'n':
             if (parse_u32(optarg, 1, 4096, &gpus))
@@ -313,20 +318,21 @@ int qs_ctl_plan(int argc, char **argv)
         q.group_size = have_group ? group : qs_scheme_default_group(m, q.scheme);
         if (have_group && q.scheme == QS_SCHEME_FP16 && group)
             return usage_error("--group %s: fp16 has no groups (w8a8, bcq and rtn do)", group_arg);
+        q.outliers = have_outliers ? outliers : q.scheme == QS_SCHEME_W4A4 ? QS_W4A4_OUTLIERS : 0;
         if (qs_quant_check(&q))
             return usage_error("%s", qs_errmsg());
         rows[nrows++] = q;
     } else {
-        rows[nrows++] = (qs_quant){QS_SCHEME_FP16, 16, 0};
+        rows[nrows++] = (qs_quant){QS_SCHEME_FP16, 16, 0, 0};
         if (!have_group)
             group = qs_default_group(m);
         else if (group % 32)
             return usage_error("--group '%s' is not a multiple of 32 (or 0 for one group "
                                "per row)",
                                group_arg);
-        rows[nrows++] = (qs_quant){QS_SCHEME_W8A8, 8, QS_W8A8_GROUP};
-        rows[nrows++] = (qs_quant){QS_SCHEME_BCQ, 4, group};
-        rows[nrows++] = (qs_quant){QS_SCHEME_BCQ, 3, group};
+        rows[nrows++] = (qs_quant){QS_SCHEME_W8A8, 8, QS_W8A8_GROUP, 0};
+        rows[nrows++] = (qs_quant){QS_SCHEME_BCQ, 4, group, 0};
+        rows[nrows++] = (qs_quant){QS_SCHEME_BCQ, 3, group, 0};
     }
     /* An invalid split is the user's to fix: name the valid ones. */
     for (size_t i = 0; i < nrows; i++) {

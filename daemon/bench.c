@@ -23,12 +23,14 @@ typedef struct weights {
     qs_scheme scheme;
     qs_bcq bcq;
     qs_w8 w8;
+    qs_w4 w4;
 } weights;
 
 static int run_kernel(const weights *w, const float *X, size_t M, float *Y)
 {
-    return w->scheme == QS_SCHEME_W8A8 ? qs_w8a8_gemm(&w->w8, X, M, 0.0f, Y)
-                                       : qs_lutgemm(&w->bcq, X, M, Y);
+    return w->scheme == QS_SCHEME_W8A8   ? qs_w8a8_gemm(&w->w8, X, M, 0.0f, Y)
+           : w->scheme == QS_SCHEME_W4A4 ? qs_w4a4_gemm(&w->w4, X, M, Y)
+                                         : qs_lutgemm(&w->bcq, X, M, Y);
 }
 
 static void run_blas(const float *W, size_t N, size_t K, const float *X, size_t M, float *Y)
@@ -107,6 +109,9 @@ int qs_run_bench(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
                 X[j] = (float)((j * 7919) % 1000) / 1000.0f - 0.5f;
             if (q.scheme == QS_SCHEME_W8A8)
                 err = qs_w8_quantize(&w.w8, W, N, K, q.group_size);
+            else if (q.scheme == QS_SCHEME_W4A4) /* the last channels as the outliers */
+                err = qs_w4_quantize(&w.w4, W, N, K, NULL, q.outliers < K ? q.outliers : K,
+                                     q.group_size ? q.group_size : (K + 7) / 8 * 8);
             else if (q.scheme != QS_SCHEME_FP16)
                 err = qs_bcq_from_rtn(&w.bcq, W, N, K, (unsigned)q.bits, q.group_size);
         }
@@ -123,6 +128,7 @@ int qs_run_bench(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
             b->rank = (uint32_t)d->rank;
             b->device = d->dev.name;
             b->kernel = q.scheme == QS_SCHEME_W8A8   ? "w8a8 int8 (CPU)"
+                        : q.scheme == QS_SCHEME_W4A4 ? "w4a4 int4 + int8 outliers (CPU)"
                         : q.scheme == QS_SCHEME_FP16 ? "fp32 BLAS (CPU)"
                                                      : "LUT-GEMM (CPU)";
             b->quant_us = qt;
@@ -131,6 +137,8 @@ int qs_run_bench(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
             size_t bb = 0, ab = 0, zb = 0;
             if (q.scheme == QS_SCHEME_W8A8)
                 bb = qs_w8_bytes(N, K, q.group_size);
+            else if (q.scheme == QS_SCHEME_W4A4)
+                bb = qs_w4_bytes(N, K, w.w4.ko, w.w4.group);
             else if (q.scheme == QS_SCHEME_FP16)
                 bb = N * K * 2;
             else
@@ -141,6 +149,7 @@ int qs_run_bench(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
         }
         qs_bcq_close(&w.bcq);
         qs_w8_close(&w.w8);
+        qs_w4_close(&w.w4);
         free(W), free(X), free(Y);
     }
     if (!err) {

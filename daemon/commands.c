@@ -94,15 +94,23 @@ int qs_quant_resolve(const Qshard__V1__Quantization *in, const qs_model_config *
         out->group_size = in->group_size;
     else
         out->group_size = qs_scheme_default_group(m, out->scheme);
+    if (in && in->outlier_channels_case == QSHARD__V1__QUANTIZATION__OUTLIER_CHANNELS_OUTLIERS)
+        out->outliers = in->outliers;
+    else
+        out->outliers = out->scheme == QS_SCHEME_W4A4 ? QS_W4A4_OUTLIERS : 0;
     return qs_quant_check(out);
 }
 
-static void quant_fill(const qs_quant *q, Qshard__V1__Quantization *out)
+void qs_quant_fill(const qs_quant *q, Qshard__V1__Quantization *out)
 {
     out->scheme = (char *)qs_scheme_name(q->scheme);
     out->bits = (uint32_t)q->bits;
     out->group_case = QSHARD__V1__QUANTIZATION__GROUP_GROUP_SIZE;
     out->group_size = q->group_size;
+    if (q->scheme == QS_SCHEME_W4A4) {
+        out->outlier_channels_case = QSHARD__V1__QUANTIZATION__OUTLIER_CHANNELS_OUTLIERS;
+        out->outliers = q->outliers;
+    }
 }
 
 static int check_gpus(const qs_daemon *d, uint32_t gpus)
@@ -381,7 +389,7 @@ static int reply_plan(qs_daemon *d, const qs_cmd *cmd, const qs_part *parts, dou
     Qshard__V1__PlanReply rep = QSHARD__V1__PLAN_REPLY__INIT;
     Qshard__V1__Quantization qm = QSHARD__V1__QUANTIZATION__INIT;
     Qshard__V1__RankBytes rb = QSHARD__V1__RANK_BYTES__INIT;
-    quant_fill(&p.quant, &qm);
+    qs_quant_fill(&p.quant, &qm);
     rb.linear = p.rank.linear;
     rb.fp16 = p.rank.fp16;
     rb.kv_cache = p.rank.kv_cache;

@@ -423,16 +423,17 @@ static int cache_lookup(qs_daemon *d, qs_served *s, const Qshard__V1__LoadReques
     int on = !d->opts.no_cache && !r->no_cache && o->weights && *d->opts.cache_dir;
     int device_quant = o->on_gpu && o->quantize_on == QS_QUANTIZE_ON_AUTO && !qs_cuda_emulated();
     char calib[1200] = "none";
-    if (on && s->quant.scheme == QS_SCHEME_W8A8 && s->cfg.final_norm) {
+    if (on && (s->quant.scheme == QS_SCHEME_W8A8 || s->quant.scheme == QS_SCHEME_W4A4) &&
+        s->cfg.final_norm) {
         const char *path = *r->calib_path ? r->calib_path : DEFAULT_CALIB;
         if (strcmp(path, "none") != 0 && s->tok &&
             qs_cache_file_identity(path, calib, sizeof calib))
             on = 0;
     }
     snprintf(cu->options, sizeof cu->options,
-             "scheme=%s bits=%d group=%u iters=%u alpha=%g calib=%s tp=%u",
-             qs_scheme_name(s->quant.scheme), s->quant.bits, s->quant.group_size, r->bcq_iters,
-             (double)r->smooth_alpha, calib, s->tp);
+             "scheme=%s bits=%d group=%u outliers=%u iters=%u alpha=%g calib=%s tp=%u",
+             qs_scheme_name(s->quant.scheme), s->quant.bits, s->quant.group_size, s->quant.outliers,
+             r->bcq_iters, (double)r->smooth_alpha, calib, s->tp);
     if (on && qs_cache_key(o->weights, cu->options, cu->key) != QS_OK) {
         qs_log(QS_LOG_WARN, "cache: %s: not cached", qs_errmsg());
         qs_clearerr();
@@ -475,28 +476,54 @@ static void cache_store(qs_daemon *d, qs_served *s, cache_use *cu)
         qs_cache_evict(d, cu->key);
 }
 
-/* SmoothQuant calibration on the group: an fp16 model over the calibration
- * text (not the evaluation text), then the statistics for the W8A8 load. */
+/* A model without a tokenizer (synthetic weights) has no text to read: W4A4
+ * ranks its outlier channels on seeded random tokens instead, which still
+ * show which channels run large. */
+static int random_tokens(const qs_served *s, size_t n, int32_t **ids)
+{
+    if (!(*ids = malloc(n * sizeof **ids)))
+        return qs_seterr(QS_ENOMEM, "out of memory calibrating");
+    uint64_t x = 0x9e3779b97f4a7c15ull;
+    for (size_t i = 0; i < n; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        (*ids)[i] = (int32_t)(x % s->cfg.vocab);
+    }
+    return QS_OK;
+}
+
+/* Calibration on the group: an fp16 model over the calibration text (not
+ * the evaluation text), then the statistics for the load: SmoothQuant's
+ * factors for W8A8, Atom's outlier channels for W4A4. */
 static int calibrate(qs_served *s, const Qshard__V1__LoadRequest *r, const qs_model_opts *o,
                      qs_calib *cal)
 {
     const char *path = *r->calib_path ? r->calib_path : DEFAULT_CALIB;
-    if (!s->tok)
-        return qs_seterr(QS_EINVAL, "SmoothQuant calibration needs a tokenizer: load a GGUF "
-                                    "model, or pass --calib none");
-    size_t len = 0;
-    char *text = NULL;
-    int err = qs_read_file(path, 64u << 20, &text, &len);
-    if (err)
-        return err;
     int32_t *ids = NULL;
     size_t n = 0;
-    err = qs_tokenizer_encode(s->tok, text, len, 0, &ids, &n);
-    free(text);
-    if (err)
-        return err;
+    int err;
+    if (!s->tok && s->quant.scheme == QS_SCHEME_W4A4 && !*r->calib_path) {
+        /* one window (below): enough to rank channels whose maxima run 10x */
+        path = "random tokens";
+        n = o->max_seq && o->max_seq < 512 ? o->max_seq : 512;
+        if ((err = random_tokens(s, n, &ids)))
+            return err;
+    } else {
+        if (!s->tok)
+            return qs_seterr(QS_EINVAL,
+                             "calibration needs a tokenizer to read '%s': load a "
+                             "GGUF model, or pass --calib none",
+                             path);
+        size_t len = 0;
+        char *text = NULL;
+        if ((err = qs_read_file(path, 64u << 20, &text, &len)))
+            return err;
+        err = qs_tokenizer_encode(s->tok, text, len, 0, &ids, &n);
+        free(text);
+        if (err)
+            return err;
+    }
     qs_model_opts fo = *o;
-    fo.quant = (qs_quant){QS_SCHEME_FP16, 16, 0};
+    fo.quant = (qs_quant){QS_SCHEME_FP16, 16, 0, 0};
     qs_model *fp = NULL;
     if (!(err = qs_calib_init(cal, &s->cfg)) && !(err = qs_model_init(&s->cfg, &fo, s->comm, &fp)))
         err = qs_model_record(fp, cal);
@@ -756,13 +783,25 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
         /* Calibration needs text, so a tokenizer: a synthetic model is not
          * smoothed unless a calibration text is named (then it is refused). */
         int calib = *r->calib_path ? strcmp(r->calib_path, "none") != 0 : s->tok != NULL;
+        /* W4A4 chooses its outlier channels by calibration, on random tokens
+         * when there is no tokenizer; --calib none is then a contradiction. */
+        int w4 = s->quant.scheme == QS_SCHEME_W4A4 && s->quant.outliers;
+        if (w4 && !strcmp(r->calib_path, "none"))
+            err = qs_seterr(QS_EINVAL,
+                            "w4a4 chooses its %u outlier channels by calibration: "
+                            "drop --calib none, or pass --outliers 0",
+                            s->quant.outliers);
+        if (w4 && !*r->calib_path)
+            calib = 1;
         if (cu.use)
             o.on_gpu = 0; /* the cache is written from the host copies, then moved */
-        if (!checkpoint && s->quant.scheme == QS_SCHEME_W8A8 && calib && s->cfg.final_norm) {
+        if (!err && !checkpoint && (s->quant.scheme == QS_SCHEME_W8A8 || w4) && calib &&
+            s->cfg.final_norm) {
             progress(d, cmd, "calibrating", s->cfg.layers, s->plan.rank.total, t0);
             if (!(err = calibrate(s, r, &o, &cal))) {
                 o.calib = &cal;
-                s->smoothing = o.smooth_alpha > 0 ? o.smooth_alpha : 0.5f;
+                if (!w4)
+                    s->smoothing = o.smooth_alpha > 0 ? o.smooth_alpha : 0.5f;
             }
         }
         if (!err) {
@@ -824,10 +863,7 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
 static void info_fill(const qs_served *s, Qshard__V1__ModelInfo *mi, Qshard__V1__Quantization *qm,
                       Qshard__V1__RankBytes *rb, uint32_t *ranks)
 {
-    qm->scheme = (char *)qs_scheme_name(s->quant.scheme);
-    qm->bits = (uint32_t)s->quant.bits;
-    qm->group_case = QSHARD__V1__QUANTIZATION__GROUP_GROUP_SIZE;
-    qm->group_size = s->quant.group_size;
+    qs_quant_fill(&s->quant, qm);
     for (uint32_t i = 0; i < s->tp; i++)
         ranks[i] = (uint32_t)s->ranks[i];
     rb->linear = s->actual.linear;
@@ -903,10 +939,10 @@ int qs_models_info(const qs_daemon *d, uint64_t device_mem, Qshard__V1__ModelInf
         }
         /* How the footprint shrinks: fp16, W8A8, 4-bit, 3-bit. */
         uint32_t g = qs_default_group(&s->cfg);
-        const qs_quant sch[4] = {{QS_SCHEME_FP16, 16, 0},
-                                 {QS_SCHEME_W8A8, 8, QS_W8A8_GROUP},
-                                 {QS_SCHEME_BCQ, 4, g},
-                                 {QS_SCHEME_BCQ, 3, g}};
+        const qs_quant sch[4] = {{QS_SCHEME_FP16, 16, 0, 0},
+                                 {QS_SCHEME_W8A8, 8, QS_W8A8_GROUP, 0},
+                                 {QS_SCHEME_BCQ, 4, g, 0},
+                                 {QS_SCHEME_BCQ, 3, g, 0}};
         /* Same workload as the model was loaded for. */
         qs_workload w = {s->max_batch, s->max_seq, QS_PLAN_DEFAULT_RESERVE};
         size_t nf = 0;

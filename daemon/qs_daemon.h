@@ -339,6 +339,8 @@ struct qs_model_config;
 struct qs_quant;
 int qs_quant_resolve(const Qshard__V1__Quantization *in, const struct qs_model_config *m,
                      struct qs_quant *out);
+/* qs_quant -> its message (the strings are static). */
+void qs_quant_fill(const struct qs_quant *q, Qshard__V1__Quantization *out);
 
 /* The gRPC status for a qs_err. */
 grpc_status_code qs_err_status(int err);

@@ -5,10 +5,11 @@
  *
  *   DIR/rank-00000-of-00002.safetensors, DIR/rank-00001-of-00002.safetensors
  *   __metadata__: format "qshard-checkpoint", version, scheme, bits,
- *                 group_size, smoothing ("none" or alpha), rope, tp, rank,
+ *                 group_size, outliers (w4a4), smoothing ("none" or alpha),
+ *                 rope, tp, rank,
  *                 config (the model configuration as JSON)
  *   tensors: layers.L.{q,k,v,o,up,gate,down}.{bits,alpha,z | w8,scale,sum |
- *            weight}[,bias], layers.L.{attn_norm,ffn_norm}.{weight,bias},
+ *            w4,s4,s8,perm,ko | weight}[,bias], layers.L.{attn_norm,ffn_norm}.{weight,bias},
  *            embed, lm_head, pos, proj_in, proj_out, final_norm.{weight,bias}
  * Packed arrays are stored flat with their raw bytes (I32 words, F16 scales,
  * I8 codes); every size is checked against the layout the configuration,
@@ -48,8 +49,34 @@ typedef struct entry {
 typedef struct writer {
     entry *e;
     size_t n, cap;
+    void **owned; /* arrays made for writing (W4A4's plain codes), freed after */
+    size_t nowned;
     int err;
 } writer;
+
+/* An array of bytes the writer frees when done; NULL (and w->err) if none. */
+static void *writer_alloc(writer *w, size_t bytes)
+{
+    void **o = w->err ? NULL : realloc(w->owned, (w->nowned + 1) * sizeof *o);
+    void *p = o ? malloc(bytes ? bytes : 1) : NULL;
+    if (o)
+        w->owned = o;
+    if (!p) {
+        if (!w->err)
+            w->err = qs_seterr(QS_ENOMEM, "out of memory writing a checkpoint");
+        return NULL;
+    }
+    w->owned[w->nowned++] = p;
+    return p;
+}
+
+static void writer_free(writer *w)
+{
+    for (size_t i = 0; i < w->nowned; i++)
+        free(w->owned[i]);
+    free(w->owned);
+    free(w->e);
+}
 
 static void put(writer *w, const char *name, const char *dtype, const void *data, uint64_t d0,
                 uint64_t d1, uint64_t elem)
@@ -72,6 +99,35 @@ static void put(writer *w, const char *name, const char *dtype, const void *data
     e->ndim = d1 ? 2 : 1;
     e->data = data;
     e->bytes = d0 * (d1 ? d1 : 1) * elem;
+}
+
+/* W4A4 as its plain codes (position order, int8 bytes), scales, input order
+ * and outlier count: the kernel's packing stays the kernel's business. */
+static void put_w4(writer *w, const char *prefix, const linear *l)
+{
+    char n[128];
+    size_t N = l->N, K = l->K, K4 = K - l->w4.ko, G = l->w4.group;
+    size_t ng = K4 && G ? (K4 + G - 1) / G : 0;
+    int8_t *codes = writer_alloc(w, N * K);
+    int32_t *ko = writer_alloc(w, sizeof *ko);
+    if (!codes || !ko)
+        return;
+    *ko = (int32_t)l->w4.ko;
+    int err = qs_w4_codes(&l->w4, codes);
+    if (err) {
+        w->err = err;
+        return;
+    }
+    snprintf(n, sizeof n, "%s.w4", prefix);
+    put(w, n, "I8", codes, N, K, 1);
+    snprintf(n, sizeof n, "%s.s4", prefix);
+    put(w, n, "F32", l->w4.s4, N * ng, 0, 4);
+    snprintf(n, sizeof n, "%s.s8", prefix);
+    put(w, n, "F32", l->w4.ko ? l->w4.s8 : NULL, N, 0, 4);
+    snprintf(n, sizeof n, "%s.perm", prefix);
+    put(w, n, "I32", l->w4.perm, K, 0, 4);
+    snprintf(n, sizeof n, "%s.ko", prefix);
+    put(w, n, "I32", ko, 1, 0, 4);
 }
 
 static void put_linear(writer *w, const char *prefix, const linear *l)
@@ -100,6 +156,9 @@ static void put_linear(writer *w, const char *prefix, const linear *l)
         put(w, n, "F16", l->bcq.alpha, ab / 2, 0, 2);
         snprintf(n, sizeof n, "%s.z", prefix);
         put(w, n, "F16", l->bcq.z, zb / 2, 0, 2);
+        break;
+    case QS_SCHEME_W4A4:
+        put_w4(w, prefix, l);
         break;
     }
     snprintf(n, sizeof n, "%s.bias", prefix);
@@ -235,7 +294,7 @@ int qs_model_save(const qs_model *m, const char *dir)
     put(&w, "proj_out", "F32", m->proj_out, c->embed_dim, c->hidden, 4);
     put_norm(&w, "final_norm", &m->final_norm, c->hidden);
     if (w.err) {
-        free(w.e);
+        writer_free(&w);
         return w.err;
     }
 
@@ -248,6 +307,10 @@ int qs_model_save(const qs_model *m, const char *dir)
     cJSON_AddStringToObject(meta, "bits", num);
     snprintf(num, sizeof num, "%u", m->quant.group_size);
     cJSON_AddStringToObject(meta, "group_size", num);
+    if (m->quant.scheme == QS_SCHEME_W4A4) {
+        snprintf(num, sizeof num, "%u", m->quant.outliers);
+        cJSON_AddStringToObject(meta, "outliers", num);
+    }
     if (m->smooth_alpha > 0)
         snprintf(num, sizeof num, "%g", m->smooth_alpha);
     else
@@ -264,7 +327,7 @@ int qs_model_save(const qs_model *m, const char *dir)
     char path[4096];
     rank_path(path, sizeof path, dir, m->rank, m->size);
     int err = write_file(path, &w, meta);
-    free(w.e);
+    writer_free(&w);
     /* Every rank must have written its file before the checkpoint exists. */
     int32_t ok = err == QS_OK, all = 0;
     int cerr = qs_comm_allreduce_sum(m->tp, &ok, &all, 1, QS_COLL_I32, QS_COLL_HOST);
@@ -373,6 +436,9 @@ int qs_checkpoint_info(const char *dir, qs_model_config *cfg, qs_quant *q, uint3
     }
     q->bits = (int)bits;
     q->group_size = group;
+    q->outliers = 0;
+    if (q->scheme == QS_SCHEME_W4A4 && (err = meta_u32(w, "outliers", &q->outliers)))
+        goto out;
     if ((err = qs_quant_check(q)))
         goto out;
     cJSON *o = cJSON_Parse(cj);
@@ -476,6 +542,51 @@ static int take_table(const qs_model *m, const qs_weights *w, const char *name, 
     return QS_OK;
 }
 
+/* W4A4 from its plain codes; qs_w4_from_codes refuses codes out of range
+ * and an order that is not a permutation, so damage is named, not used. */
+static int take_w4(const qs_model *m, const qs_weights *w, const char *prefix, linear *l)
+{
+    char n[128];
+    size_t N = l->N, K = l->K;
+    int32_t ko = 0;
+    int8_t *codes = NULL;
+    float *s4 = NULL, *s8 = NULL;
+    uint32_t *perm = NULL;
+    snprintf(n, sizeof n, "%s.ko", prefix);
+    int err = take(w, n, "I32", &ko, 4);
+    if (!err && (ko < 0 || (size_t)ko > K))
+        err = qs_seterr(QS_EFORMAT,
+                        "%s says %d outlier channels of %zu: the checkpoint is damaged; save it "
+                        "again with qctl load --save",
+                        n, ko, K);
+    size_t G = m->quant.group_size ? m->quant.group_size : (K + 7) / 8 * 8;
+    size_t K4 = K - (size_t)(ko > 0 ? ko : 0), ng = K4 ? (K4 + G - 1) / G : 0;
+    if (!err) {
+        snprintf(n, sizeof n, "%s.w4", prefix);
+        err = alloc_take(w, n, "I8", (uint64_t)N * K, (void **)&codes);
+    }
+    if (!err) {
+        snprintf(n, sizeof n, "%s.s4", prefix);
+        err = alloc_take(w, n, "F32", (uint64_t)N * ng * 4, (void **)&s4);
+    }
+    if (!err && ko) {
+        snprintf(n, sizeof n, "%s.s8", prefix);
+        err = alloc_take(w, n, "F32", (uint64_t)N * 4, (void **)&s8);
+    }
+    if (!err) {
+        snprintf(n, sizeof n, "%s.perm", prefix);
+        err = alloc_take(w, n, "I32", (uint64_t)K * 4, (void **)&perm);
+    }
+    if (!err && (err = qs_w4_from_codes(&l->w4, codes, s4, s8, N, K, perm, (size_t)ko, G))) {
+        char why[512];
+        snprintf(why, sizeof why, "%s", qs_errmsg());
+        err = qs_seterr(err, "%s in the checkpoint: %s; save it again with qctl load --save",
+                        prefix, why);
+    }
+    free(codes), free(s4), free(s8), free(perm);
+    return err;
+}
+
 static int take_linear(qs_model *m, const qs_weights *w, const char *prefix, linear *l, size_t N,
                        size_t K, int row_parallel)
 {
@@ -535,6 +646,9 @@ static int take_linear(qs_model *m, const qs_weights *w, const char *prefix, lin
         err = take(w, n, "F16", l->bcq.z, zb);
         break;
     }
+    case QS_SCHEME_W4A4:
+        err = take_w4(m, w, prefix, l);
+        break;
     }
     if (err)
         return err;

@@ -1,4 +1,4 @@
-/* Linear layers in any scheme: the CPU formats (fp32, BCQ/RTN, W8A8), their
+/* Linear layers in any scheme: the CPU formats (fp32, BCQ/RTN, W8A8, W4A4), their
  * sizes and their lifetime. The forward products are the devices' (ops_cpu.c,
  * ops_cuda.c). */
 #include "model_internal.h"
@@ -20,12 +20,16 @@ uint64_t qs_linear_bytes(const linear *l)
     case QS_SCHEME_RTN:
         qs_bcq_sizes(l->N, l->K, l->bcq.q, l->bcq.g, &a, &b, &c);
         break;
+    case QS_SCHEME_W4A4:
+        a = qs_w4_bytes(l->N, l->K, l->w4.ko, l->w4.group);
+        break;
     }
     return a + b + c;
 }
 
 /* Takes ownership of W (N x K fp32) and stores it in the scheme's format. */
-int qs_linear_set(linear *l, float *W, size_t N, size_t K, const qs_quant *q, unsigned iters)
+int qs_linear_set(linear *l, float *W, size_t N, size_t K, const qs_quant *q, unsigned iters,
+                  const uint32_t *perm, size_t ko)
 {
     l->N = N, l->K = K, l->scheme = q->scheme;
     int err = QS_OK;
@@ -42,6 +46,11 @@ int qs_linear_set(linear *l, float *W, size_t N, size_t K, const qs_quant *q, un
     case QS_SCHEME_BCQ:
         err = qs_bcq_quantize(&l->bcq, W, N, K, (unsigned)q->bits, q->group_size, iters);
         break;
+    case QS_SCHEME_W4A4:
+        /* Group 0 (one scale per row and token) as one group as wide as K. */
+        err = qs_w4_quantize(&l->w4, W, N, K, perm, perm ? ko : 0,
+                             q->group_size ? q->group_size : (K + 7) / 8 * 8);
+        break;
     }
     free(W);
     return err;
@@ -52,6 +61,7 @@ void qs_linear_close(linear *l)
     free(l->w32);
     qs_bcq_close(&l->bcq);
     qs_w8_close(&l->w8);
+    qs_w4_close(&l->w4);
     free(l->bias);
     memset(l, 0, sizeof *l);
 }

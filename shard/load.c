@@ -194,9 +194,10 @@ static int read_linear(qs_model *m, const source *s, role r, int l, linear *lin,
     return QS_OK;
 }
 
-static int finish_linear(qs_model *m, linear *lin, float *W, unsigned iters)
+static int finish_linear(qs_model *m, linear *lin, float *W, unsigned iters, const uint32_t *perm,
+                         size_t ko)
 {
-    int err = qs_linear_set(lin, W, lin->N, lin->K, &m->quant, iters);
+    int err = qs_linear_set(lin, W, lin->N, lin->K, &m->quant, iters, perm, ko);
     if (!err)
         m->bytes.linear += qs_linear_bytes(lin);
     return err;
@@ -287,13 +288,14 @@ static int load_layer_device(qs_model *m, const source *s, int l, const qs_model
 static int load_layer(qs_model *m, const source *s, int l, const qs_model_opts *o,
                       const qs_calib *calib)
 {
-    if (m->dev && !s->w && !calib)
+    if (m->dev && !s->w && !calib && m->quant.scheme != QS_SCHEME_W4A4)
         return load_layer_device(m, s, l, o);
     const qs_model_config *c = &m->cfg;
     layer *L = &m->layers[l];
     uint64_t H = c->hidden, hd = c->head_dim, qd = (uint64_t)c->heads * hd;
     uint64_t kvd = (uint64_t)c->kv_heads * hd, F = c->ffn, f0 = (uint64_t)m->rank * m->fr;
     float *Wq = NULL, *Wk = NULL, *Wv = NULL, *Wo = NULL, *Wu = NULL, *Wg = NULL, *Wd = NULL;
+    uint32_t *perm[QS_CALIB_SITES] = {0};
     int err;
     if ((err = load_norm(m, s, R_ATTN_NORM, l, &L->attn_norm)) ||
         (err = load_norm(m, s, R_FFN_NORM, l, &L->ffn_norm)) ||
@@ -310,24 +312,43 @@ static int load_layer(qs_model *m, const source *s, int l, const qs_model_opts *
         (c->gated_ffn &&
          (err = read_linear(m, s, R_GATE, l, &L->gate, F, H, f0, m->fr, 0, H, 0, &Wg))))
         goto out;
-    if (calib) {
+    int w4 = m->quant.scheme == QS_SCHEME_W4A4;
+    if (calib && !w4) {
         m->smooth_alpha = o->smooth_alpha > 0 ? o->smooth_alpha : 0.5f;
         if ((err = qs_smooth_layer(m, (uint32_t)l, calib, m->smooth_alpha, Wq, Wk, Wv, Wo, Wu, Wg,
                                    Wd)))
             goto out;
     }
+    /* W4A4: the input order of the linears at each calibration site. */
+    size_t A = qd, at[QS_CALIB_SITES] = {0, (size_t)m->q_first * hd, 0, f0};
+    size_t width[QS_CALIB_SITES] = {H, A, H, F};
+    size_t K[QS_CALIB_SITES] = {H, (size_t)m->hq * hd, H, m->fr}, ko[QS_CALIB_SITES] = {0};
+    for (int site = 0; w4 && site < QS_CALIB_SITES && !err; site++) {
+        const float *a = calib ? calib->absmax + qs_calib_at(calib, (uint32_t)l, site) : NULL;
+        if (!(perm[site] = malloc(K[site] * sizeof(uint32_t))))
+            err = qs_seterr(QS_ENOMEM, "out of memory choosing outlier channels");
+        else
+            err = qs_outlier_order(a, width[site], at[site], K[site], m->quant.outliers, perm[site],
+                                   &ko[site]);
+    }
     /* Quantize, on the GPU or here; each takes ownership of its array. */
     linear *lins[] = {&L->q, &L->k, &L->v, &L->o, &L->up, &L->gate, &L->down};
     float **ws[] = {&Wq, &Wk, &Wv, &Wo, &Wu, &Wg, &Wd};
-    int dev = m->dev && quantize_on_device(o);
+    static const int site_of[] = {QS_CALIB_QKV, QS_CALIB_QKV, QS_CALIB_QKV, QS_CALIB_O,
+                                  QS_CALIB_UP,  QS_CALIB_UP,  QS_CALIB_DOWN};
+    /* W4A4 quantizes on the host: its outlier choice needs the statistics. */
+    int dev = m->dev && quantize_on_device(o) && !w4;
     for (size_t i = 0; i < sizeof lins / sizeof lins[0] && !err; i++) {
+        int site = site_of[i];
         if (*ws[i])
             err = dev ? gpu_quantize_linear(m, (uint32_t)l, (int)i, lins[i], *ws[i], o->bcq_iters)
-                      : finish_linear(m, lins[i], *ws[i], o->bcq_iters);
+                      : finish_linear(m, lins[i], *ws[i], o->bcq_iters, perm[site], ko[site]);
         *ws[i] = NULL;
     }
 out:
     free(Wq), free(Wk), free(Wv), free(Wo), free(Wu), free(Wg), free(Wd);
+    for (int site = 0; site < QS_CALIB_SITES; site++)
+        free(perm[site]);
     return err;
 }
 

@@ -15,6 +15,7 @@ typedef struct linear {
     float *w32;   /* fp16 scheme: fp32 on the CPU, N x K */
     qs_bcq bcq;   /* bcq, rtn */
     qs_w8 w8;     /* w8a8 */
+    qs_w4 w4;     /* w4a4 */
     float *bias;  /* N, or NULL */
     int add_bias; /* 0 for row-parallel layers on ranks > 0: added once */
     void *dev;    /* the device's copy (ops_cuda.c), or NULL */
@@ -70,8 +71,20 @@ int qs_model_tables_f16(qs_model *m);
 
 /* Bytes of a linear layer in its format. */
 uint64_t qs_linear_bytes(const linear *l);
-/* Takes ownership of W (N x K fp32) and stores it in the scheme's format. */
-int qs_linear_set(linear *l, float *W, size_t N, size_t K, const qs_quant *q, unsigned iters);
+/* Takes ownership of W (N x K fp32) and stores it in the scheme's format;
+ * w4a4 reads its inputs in perm's order with the last ko in int8 (perm
+ * NULL: the channels' own order, no outliers). */
+int qs_linear_set(linear *l, float *W, size_t N, size_t K, const qs_quant *q, unsigned iters,
+                  const uint32_t *perm, size_t ko);
+
+/* ---- Atom's outlier channels (outliers.c) --------------------------------- */
+/* The input order of a W4A4 linear that reads columns [first, first + K) of
+ * an input `width` wide, whose channels' calibration abs-maxima are absmax
+ * (NULL: no statistics, no outliers): of the `want` largest over the whole
+ * width, the *ko in its columns go last; the rest keep their order. perm
+ * gets K entries, local to the columns. */
+int qs_outlier_order(const float *absmax, size_t width, size_t first, size_t K, size_t want,
+                     uint32_t *perm, size_t *ko);
 void qs_linear_close(linear *l);
 void qs_norm_close(norm *n);
 

@@ -34,6 +34,9 @@ static int linear_forward(const linear *l, const float *X, size_t M, float *Y)
     case QS_SCHEME_RTN:
         err = qs_lutgemm(&l->bcq, X, M, Y);
         break;
+    case QS_SCHEME_W4A4:
+        err = qs_w4a4_gemm(&l->w4, X, M, Y);
+        break;
     }
     if (!err && l->bias && l->add_bias)
         for (size_t m = 0; m < M; m++)

@@ -171,6 +171,9 @@ static int upload_linear(gpu *g, linear *l, gpu_linear *d)
         if (!err)
             err = share_ws(g, &d->w8.ws, d->w8.ws_bytes);
         break;
+    case QS_SCHEME_W4A4:
+        err = qs_seterr(QS_ENOTSUP, "w4a4 has no GPU kernel wired in yet: load it on CPU ranks");
+        break;
     }
     if (!err && l->bias && l->add_bias)
         err = upload_f16(g, l->bias, l->N, &d->bias);
@@ -353,6 +356,9 @@ static int quantize_on_gpu(qs_model *m, uint32_t l, int which, linear *lin, cons
         break;
     case QS_SCHEME_W8A8:
         err = qs_cuda_w8_quantize(&d->w8, W, N, K, q->group_size, g->stream);
+        break;
+    case QS_SCHEME_W4A4: /* quantized on the host: the outlier choice needs calibration */
+        err = qs_seterr(QS_ENOTSUP, "w4a4 is quantized on the host, not on the GPU");
         break;
     }
     if (!err && (q->scheme == QS_SCHEME_BCQ || q->scheme == QS_SCHEME_RTN)) {
@@ -610,6 +616,9 @@ static int cuda_linear(qs_fwd *f, const linear *l, const void *in, void *out)
             err = qs_cuda_w8a8_gemm_act(&d->w8, &G(f)->act, f->n, out, st);
         else
             err = qs_cuda_w8a8_gemm(&d->w8, in, f->n, 0.0f, out, st);
+        break;
+    case QS_SCHEME_W4A4:
+        err = qs_seterr(QS_ENOTSUP, "w4a4 has no GPU kernel wired in yet");
         break;
     }
     if (!err && d->bias)

@@ -41,20 +41,23 @@ const char *qs_scheme_name(qs_scheme s)
         return "bcq";
     case QS_SCHEME_RTN:
         return "rtn";
+    case QS_SCHEME_W4A4:
+        return "w4a4";
     }
     return "?";
 }
 
 int qs_scheme_parse(const char *s, qs_scheme *out)
 {
-    static const qs_scheme all[] = {QS_SCHEME_FP16, QS_SCHEME_W8A8, QS_SCHEME_BCQ, QS_SCHEME_RTN};
+    static const qs_scheme all[] = {QS_SCHEME_FP16, QS_SCHEME_W8A8, QS_SCHEME_BCQ, QS_SCHEME_RTN,
+                                    QS_SCHEME_W4A4};
     for (size_t i = 0; s && i < sizeof all / sizeof all[0]; i++) {
         if (strcasecmp(s, qs_scheme_name(all[i])) == 0) {
             *out = all[i];
             return QS_OK;
         }
     }
-    return qs_seterr(QS_EINVAL, "unknown scheme '%s': choose fp16, w8a8, bcq or rtn",
+    return qs_seterr(QS_EINVAL, "unknown scheme '%s': choose fp16, w8a8, bcq, rtn or w4a4",
                      s ? s : "(null)");
 }
 
@@ -65,7 +68,31 @@ static int is_weight_quantized(qs_scheme s)
 
 int qs_quant_check(qs_quant *q)
 {
+    if (q->scheme != QS_SCHEME_W4A4 && q->outliers)
+        return qs_seterr(QS_EINVAL,
+                         "outlier channels are a w4a4 setting, not %s: drop --outliers or use "
+                         "--scheme w4a4",
+                         qs_scheme_name(q->scheme));
     switch (q->scheme) {
+    case QS_SCHEME_W4A4:
+        if (q->bits == 0)
+            q->bits = 4;
+        if (q->bits != 4)
+            return qs_seterr(QS_EINVAL,
+                             "scheme w4a4 stores 4-bit weights, not %d: drop --bits or use "
+                             "--scheme bcq|rtn for 1 to 8 bits",
+                             q->bits);
+        /* The kernels unpack int4 codes eight at a time. */
+        if (q->group_size % 8 != 0 || q->group_size > MAX_GROUP)
+            return qs_seterr(QS_EINVAL,
+                             "W4A4 group %u is not a multiple of 8 up to %u: use %u (the "
+                             "default), or 0 for one scale per row and token",
+                             q->group_size, MAX_GROUP, QS_W4A4_GROUP);
+        if (q->outliers > MAX_GROUP)
+            return qs_seterr(QS_EINVAL,
+                             "%u outlier channels is out of range: use 0 to %u (128 is Atom's)",
+                             q->outliers, MAX_GROUP);
+        return QS_OK;
     case QS_SCHEME_FP16:
     case QS_SCHEME_W8A8: {
         int want = q->scheme == QS_SCHEME_FP16 ? 16 : 8;
@@ -192,7 +219,7 @@ int qs_tp_check(const qs_model_config *m, const qs_quant *q, uint32_t tp)
 
 uint32_t qs_default_group(const qs_model_config *m)
 {
-    qs_quant q = {QS_SCHEME_BCQ, 4, 0};
+    qs_quant q = {QS_SCHEME_BCQ, 4, 0, 0};
     for (uint32_t g = 128; g >= 32; g -= 32) {
         q.group_size = g;
         if (tp_valid(m, &q, 1, NULL, 0))
@@ -205,6 +232,8 @@ uint32_t qs_scheme_default_group(const qs_model_config *m, qs_scheme s)
 {
     if (s == QS_SCHEME_W8A8)
         return QS_W8A8_GROUP;
+    if (s == QS_SCHEME_W4A4)
+        return QS_W4A4_GROUP;
     if (!is_weight_quantized(s))
         return 0;
     return m ? qs_default_group(m) : 128;
@@ -236,6 +265,14 @@ static uint64_t linear_bytes(const qs_quant *q, uint64_t n, uint64_t k)
         uint64_t groups = q->group_size ? cdiv(k, q->group_size) : 1;
         uint64_t bits = (uint64_t)q->bits;
         return bits * n * cdiv(k, 32) * 4 + bits * n * groups * FP16 + n * groups * FP16;
+    }
+    case QS_SCHEME_W4A4: {
+        /* int4 codes, an fp32 scale and an int32 code sum per row and group;
+         * the outliers' int8 codes and a scale per row; the input order
+         * (kernels/ qs_w4). A row-parallel shard holds at most all outliers. */
+        uint64_t ko = q->outliers < k ? q->outliers : k, k4 = k - ko;
+        uint64_t groups = q->group_size && q->group_size < k4 ? cdiv(k4, q->group_size) : 1;
+        return n * cdiv(k4, 2) + n * groups * (FP32 + 4) + n * ko + n * (FP32 + 4) + k * 4;
     }
     }
     return 0;
@@ -296,9 +333,10 @@ static void rank_bytes(const qs_model_config *m, const qs_quant *q, uint32_t tp,
     ws += (uint64_t)w->batch * heads * chunk * w->seq * FP32; /* scores */
     ws += t * ffn * (m->gated_ffn ? 2 : 1) * FP16;            /* FFN intermediate */
     ws += (uint64_t)w->batch * (vocab + m->vocab) * FP32;     /* local and gathered logits */
-    if (q->scheme == QS_SCHEME_W8A8) { /* int8 activations, their scales per token and group */
+    if (q->scheme == QS_SCHEME_W8A8 || q->scheme == QS_SCHEME_W4A4) {
+        /* int8 activation codes (int4 ones held a byte each), scales per token and group */
         uint64_t width = h > ffn ? h : ffn;
-        ws += t * width + t * FP32 * (q->group_size ? cdiv(width, q->group_size) : 1);
+        ws += t * width + t * FP32 * (q->group_size ? cdiv(width, q->group_size) + 1 : 2);
     }
     r->workspace = ws;
 

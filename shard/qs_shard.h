@@ -70,29 +70,38 @@ typedef enum qs_scheme {
     QS_SCHEME_FP16, /* no quantization */
     QS_SCHEME_W8A8, /* SmoothQuant: int8 weights per output channel, int8 activations */
     QS_SCHEME_BCQ,  /* non-uniform binary-coding quantization (LUT-GEMM), q bits */
-    QS_SCHEME_RTN   /* uniform round-to-nearest q bits, stored as BCQ */
+    QS_SCHEME_RTN,  /* uniform round-to-nearest q bits, stored as BCQ */
+    QS_SCHEME_W4A4  /* Atom: int4 weights and activations, int8 outlier channels */
 } qs_scheme;
 
 /* group_size: BCQ and RTN: input columns that share one alpha per plane and
  * one offset, a multiple of 32, or 0 for the whole row. W8A8: input channels
  * that share one activation scale per token, a multiple of 4, or 0 for one
  * scale per token (SmoothQuant's original; weights are per output channel
- * either way). fp16 has bits 16 and no groups, w8a8 bits 8. */
+ * either way). W4A4: input channels sharing one int4 scale, weights per
+ * row and activations per token, a multiple of 8, or 0 for one per row and
+ * token. fp16 has bits 16 and no groups, w8a8 bits 8, w4a4 bits 4.
+ * outliers (w4a4 only): the input channels with the largest calibration
+ * activations kept in int8 in every linear layer; 0 for none. */
 typedef struct qs_quant {
     qs_scheme scheme;
     int bits;
     uint32_t group_size;
+    uint32_t outliers;
 } qs_quant;
 
 /* W8A8's default activation group. On SmolLM2 it takes W8A8 + SmoothQuant
  * from +1.9% to +0.5% perplexity over fp32 (docs/accuracy.md). */
 #define QS_W8A8_GROUP 128u
+/* W4A4's defaults, Atom's: groups of 128 channels, 128 int8 outlier channels. */
+#define QS_W4A4_GROUP    128u
+#define QS_W4A4_OUTLIERS 128u
 
 const char *qs_scheme_name(qs_scheme s);
-/* Parses "fp16", "w8a8", "bcq", "rtn". */
+/* Parses "fp16", "w8a8", "bcq", "rtn", "w4a4". */
 int qs_scheme_parse(const char *s, qs_scheme *out);
 /* Fills in defaults and checks bits and group size against the scheme:
- * bits 0 means the scheme's default (fp16: 16, w8a8: 8, bcq/rtn: 4). */
+ * bits 0 means the scheme's default (fp16: 16, w8a8: 8, bcq/rtn/w4a4: 4). */
 int qs_quant_check(qs_quant *q);
 
 /* ---- Tensor-parallel rules ---------------------------------------------- */

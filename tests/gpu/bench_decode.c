@@ -100,7 +100,7 @@ int main(int argc, char **argv)
                   : !strcmp(scheme, "rtn")  ? QS_SCHEME_RTN
                   : !strcmp(scheme, "w8a8") ? QS_SCHEME_W8A8
                                             : QS_SCHEME_BCQ,
-                  bits, (uint32_t)group};
+                  bits, (uint32_t)group, 0};
     if (q.scheme == QS_SCHEME_FP16)
         q.bits = 16, q.group_size = 0;
     if (q.scheme == QS_SCHEME_W8A8)

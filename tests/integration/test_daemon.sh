@@ -212,6 +212,21 @@ PY
     expect 0 "$qctl" --json bench --gpus 1 --shape 256x512 --scheme w8a8 --group 64 --iterations 3
     python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["results"]; assert len(r) == 1 and r[0]["quant_us"] > 0, r' "$tmp/out" ||
         fail "w8a8 bench: $(cat "$tmp/out")"
+    # W4A4 (Atom): a synthetic model calibrates on random tokens to choose its
+    # int8 outlier channels, then generates; contradictions are refused.
+    expect 0 "$qctl" --json load opt-125m --name a4 --scheme w4a4 --group 64 --outliers 32 --max-seq 64
+    python3 -c 'import json,sys; q=json.load(open(sys.argv[1]))["models"][0]["quant"]; assert q["scheme"] == "w4a4" and q["outliers"] == 32 and q["group_size"] == 64, q' "$tmp/out" ||
+        fail "w4a4 load: $(cat "$tmp/out")"
+    expect 0 "$qctl" --json generate a4 "Hello" --max-tokens 4
+    python3 -c 'import json,sys; assert len(json.load(open(sys.argv[1]))["tokens"]) == 4' "$tmp/out" ||
+        fail "w4a4 generate: $(cat "$tmp/out")"
+    expect 0 "$qctl" unload a4
+    expect 1 "$qctl" load opt-125m --name a4 --scheme w4a4 --calib none
+    grep -q 'INVALID_ARGUMENT' "$tmp/err" && grep -q -- '--outliers 0' "$tmp/err" ||
+        fail "w4a4 without calibration: $(cat "$tmp/err")"
+    expect 1 "$qctl" load opt-125m --name a4 --scheme rtn --outliers 8
+    grep -q 'INVALID_ARGUMENT' "$tmp/err" && grep -q 'w4a4 setting' "$tmp/err" ||
+        fail "outliers on rtn: $(cat "$tmp/err")"
     # Too big for the 2 GiB devices: the refusal names what would fit.
     expect 1 "$qctl" load opt-6.7b --scheme fp16
     grep -q 'RESOURCE_EXHAUSTED' "$tmp/err" && grep -q -- '--gpus\|fewer bits' "$tmp/err" ||

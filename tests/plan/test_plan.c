@@ -19,7 +19,7 @@ static qs_plan plan(const char *name, qs_scheme s, int bits, uint32_t g, uint32_
 {
     const qs_model_config *m = qs_preset_find(name);
     assert_non_null(m);
-    qs_quant q = {s, bits, g};
+    qs_quant q = {s, bits, g, s == QS_SCHEME_W4A4 ? QS_W4A4_OUTLIERS : 0};
     qs_plan p;
     assert_int_equal(qs_plan_make(m, &q, tp, w, &p), QS_OK);
     return p;
@@ -118,8 +118,8 @@ static void test_opt175b_gpu_counts_on_80gib(void **state)
     (void)state;
     const qs_model_config *m = qs_preset_find("opt-175b");
     qs_min_gpus n;
-    qs_quant fp16 = {QS_SCHEME_FP16, 16, 0}, w8 = {QS_SCHEME_W8A8, 8, 0},
-             b3 = {QS_SCHEME_BCQ, 3, 128}, b4 = {QS_SCHEME_BCQ, 4, 128};
+    qs_quant fp16 = {QS_SCHEME_FP16, 16, 0, 0}, w8 = {QS_SCHEME_W8A8, 8, 0, 0},
+             b3 = {QS_SCHEME_BCQ, 3, 128, 0}, b4 = {QS_SCHEME_BCQ, 4, 128, 0};
     uint64_t dev = 80 * GiB;
 
     assert_int_equal(qs_plan_min_gpus(m, &fp16, &default_w, dev, 64, &n), QS_OK);
@@ -142,7 +142,7 @@ static void test_tp_rules_name_the_valid_degrees(void **state)
 {
     (void)state;
     const qs_model_config *m = qs_preset_find("opt-175b");
-    qs_quant q = {QS_SCHEME_FP16, 16, 0};
+    qs_quant q = {QS_SCHEME_FP16, 16, 0, 0};
     assert_int_equal(qs_tp_check(m, &q, 8), QS_OK);
     assert_int_equal(qs_tp_check(m, &q, 5), QS_EINVAL);
     assert_non_null(strstr(qs_errmsg(), "valid degrees: 1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48"));
@@ -151,7 +151,7 @@ static void test_tp_rules_name_the_valid_degrees(void **state)
     /* smollm2: hidden 576 is not a multiple of 128; its 3 KV heads go 1, 2
      * (unevenly) or 3 ways, or are copied on 9 ranks; not 4 ways. */
     m = qs_preset_find("smollm2-135m");
-    q = (qs_quant){QS_SCHEME_BCQ, 4, 128};
+    q = (qs_quant){QS_SCHEME_BCQ, 4, 128, 0};
     assert_int_equal(qs_tp_check(m, &q, 1), QS_EINVAL);
     assert_non_null(strstr(qs_errmsg(), "576"));
     assert_int_equal(qs_default_group(m), 96);
@@ -162,7 +162,7 @@ static void test_tp_rules_name_the_valid_degrees(void **state)
     assert_non_null(strstr(qs_errmsg(), "valid degrees: 1, 2, 3"));
     /* opt-175b at tp 8 with g=1024: 12288 / 8 = 1536 is not a multiple. */
     m = qs_preset_find("opt-175b");
-    q = (qs_quant){QS_SCHEME_BCQ, 3, 1024};
+    q = (qs_quant){QS_SCHEME_BCQ, 3, 1024, 0};
     assert_int_equal(qs_tp_check(m, &q, 4), QS_OK);
     assert_int_equal(qs_tp_check(m, &q, 8), QS_EINVAL);
 }
@@ -202,25 +202,36 @@ static void test_heads_are_dealt_out_whole(void **state)
 static void test_quant_and_workload_validation(void **state)
 {
     (void)state;
-    qs_quant q = {QS_SCHEME_BCQ, 0, 128};
+    qs_quant q = {QS_SCHEME_BCQ, 0, 128, 0};
     assert_int_equal(qs_quant_check(&q), QS_OK);
     assert_int_equal(q.bits, 4);
     for (int bad = -1; bad <= 16; bad++) {
-        q = (qs_quant){QS_SCHEME_RTN, bad, 128};
+        q = (qs_quant){QS_SCHEME_RTN, bad, 128, 0};
         int want = (bad >= 0 && bad <= 8) ? QS_OK : QS_EINVAL;
         assert_int_equal(qs_quant_check(&q), want);
     }
-    q = (qs_quant){QS_SCHEME_BCQ, 3, 100};
+    q = (qs_quant){QS_SCHEME_BCQ, 3, 100, 0};
     assert_int_equal(qs_quant_check(&q), QS_EINVAL);
-    q = (qs_quant){QS_SCHEME_W8A8, 4, 0};
+    q = (qs_quant){QS_SCHEME_W8A8, 4, 0, 0};
     assert_int_equal(qs_quant_check(&q), QS_EINVAL);
-    q = (qs_quant){QS_SCHEME_FP16, 0, 0};
+    q = (qs_quant){QS_SCHEME_FP16, 0, 0, 0};
     assert_int_equal(qs_quant_check(&q), QS_OK);
     assert_int_equal(q.bits, 16);
+    /* W4A4: 4 bits only, groups of 8s, outliers only for it */
+    q = (qs_quant){QS_SCHEME_W4A4, 0, 128, 128};
+    assert_int_equal(qs_quant_check(&q), QS_OK);
+    assert_int_equal(q.bits, 4);
+    q = (qs_quant){QS_SCHEME_W4A4, 3, 128, 128};
+    assert_int_equal(qs_quant_check(&q), QS_EINVAL);
+    q = (qs_quant){QS_SCHEME_W4A4, 4, 12, 128};
+    assert_int_equal(qs_quant_check(&q), QS_EINVAL);
+    q = (qs_quant){QS_SCHEME_RTN, 4, 128, 8};
+    assert_int_equal(qs_quant_check(&q), QS_EINVAL);
+    assert_non_null(strstr(qs_errmsg(), "w4a4"));
 
     const qs_model_config *m = qs_preset_find("opt-125m");
     qs_plan p;
-    qs_quant f = {QS_SCHEME_FP16, 16, 0};
+    qs_quant f = {QS_SCHEME_FP16, 16, 0, 0};
     qs_workload w = {1, 4096, 0};
     assert_int_equal(qs_plan_make(m, &f, 1, &w, &p), QS_EINVAL); /* past the context */
     w = (qs_workload){0, 16, 0};
@@ -231,6 +242,25 @@ static void test_quant_and_workload_validation(void **state)
     assert_null(qs_preset_find("gpt-5"));
     assert_non_null(strstr(qs_errmsg(), "opt-175b"));
     assert_non_null(qs_preset_find("OPT-175B"));
+}
+
+/* W4A4 on OPT-175B: 4-bit weights plus 128 int8 input channels per layer
+ * and the scales come to a little more than 4-bit BCQ at g128 and well
+ * under W8A8, so it fits one 80 GiB GPU as 4-bit BCQ nearly does. */
+static void test_w4a4_bytes(void **state)
+{
+    (void)state;
+    qs_plan a = plan("opt-175b", QS_SCHEME_W4A4, 4, 128, 1, &default_w);
+    qs_plan b = plan("opt-175b", QS_SCHEME_BCQ, 4, 128, 1, &default_w);
+    qs_plan w8 = plan("opt-175b", QS_SCHEME_W8A8, 8, 128, 1, &default_w);
+    assert_true(a.rank.linear > b.rank.linear * 0.95 && a.rank.linear < b.rank.linear * 1.2);
+    assert_true(a.rank.linear < w8.rank.linear * 0.65);
+    /* 128 outliers of K = 12288 per layer: codes 0.5 byte each, outliers 1 */
+    const qs_model_config *m = qs_preset_find("opt-175b");
+    qs_quant q = {QS_SCHEME_W4A4, 4, 128, 0};
+    qs_plan none;
+    assert_int_equal(qs_plan_make(m, &q, 1, &default_w, &none), QS_OK);
+    assert_true(a.rank.linear > none.rank.linear);
 }
 
 static void test_presets_are_valid_configs(void **state)
@@ -279,6 +309,7 @@ int main(void)
         cmocka_unit_test(test_opt175b_gpu_counts_on_80gib),
         cmocka_unit_test(test_tp_rules_name_the_valid_degrees),
         cmocka_unit_test(test_quant_and_workload_validation),
+        cmocka_unit_test(test_w4a4_bytes),
         cmocka_unit_test(test_presets_are_valid_configs),
         cmocka_unit_test(test_parse_bytes),
     };

@@ -472,7 +472,7 @@ static void run_model(qs_comm *comm, const char *dir, int opt)
 
     /* fp16 scheme (fp32 on the CPU): all logits of a prefill. */
     qs_model_opts o = {
-        .quant = {QS_SCHEME_FP16, 16, 0}, .weights = path, .max_slots = 2, .max_seq = 32};
+        .quant = {QS_SCHEME_FP16, 16, 0, 0}, .weights = path, .max_slots = 2, .max_seq = 32};
     qs_model *m = NULL;
     int err = qs_model_init(&c, &o, comm, &m);
     CHECK(err == QS_OK, "%s: init", c.name);
@@ -588,10 +588,11 @@ static void run_model(qs_comm *comm, const char *dir, int opt)
     const struct {
         qs_quant q;
         double tol;
-    } schemes[] = {{{QS_SCHEME_RTN, 4, 32}, 0.25},
-                   {{QS_SCHEME_BCQ, 3, 32}, 0.35},
-                   {{QS_SCHEME_W8A8, 8, 0}, 0.05},
-                   {{QS_SCHEME_W8A8, 8, 32}, 0.05}};
+    } schemes[] = {{{QS_SCHEME_RTN, 4, 32, 0}, 0.25},
+                   {{QS_SCHEME_BCQ, 3, 32, 0}, 0.35},
+                   {{QS_SCHEME_W8A8, 8, 0, 0}, 0.05},
+                   {{QS_SCHEME_W8A8, 8, 32, 0}, 0.05},
+                   {{QS_SCHEME_W4A4, 4, 32, 0}, 0.35}};
     for (size_t i = 0; i < sizeof schemes / sizeof schemes[0]; i++) {
         o.quant = schemes[i].q;
         err = qs_model_init(&c, &o, comm, &m);
@@ -631,7 +632,7 @@ static void run_synthetic(qs_comm *all, qs_scheme scheme, double tol)
     qs_comm *solo = NULL;
     int err = qs_comm_split(all, rank == 0 ? 0 : -1, 0, &solo);
     CHECK(err == QS_OK, "split");
-    qs_quant q = {scheme, scheme == QS_SCHEME_FP16 ? 16 : 4, scheme == QS_SCHEME_FP16 ? 0 : 64};
+    qs_quant q = {scheme, scheme == QS_SCHEME_FP16 ? 16 : 4, scheme == QS_SCHEME_FP16 ? 0 : 64, 0};
     qs_model_opts o = {.quant = q, .seed = 42, .outlier_channels = 4, .max_seq = 16};
     int32_t tok[4] = {1, 500, 20000, 49151};
     uint32_t slot[4] = {0}, pos[4] = {0, 1, 2, 3};
@@ -685,7 +686,7 @@ static void run_smoothquant(qs_comm *all, const char *name)
     qs_model_config c = *qs_preset_find(name);
     c.layers = 2;
     qs_model_opts o = {
-        .quant = {QS_SCHEME_FP16, 16, 0}, .seed = 7, .outlier_channels = 8, .max_seq = 64};
+        .quant = {QS_SCHEME_FP16, 16, 0, 0}, .seed = 7, .outlier_channels = 8, .max_seq = 64};
     if (qs_tp_check(&c, &o.quant, (uint32_t)world) != QS_OK)
         return;
     enum { T = 24 };
@@ -731,7 +732,7 @@ static void run_smoothquant(qs_comm *all, const char *name)
     /* per token without and with smoothing; activation groups of 32 with */
     double e[3] = {0, 0, 0};
     for (int smooth = 0; smooth < 3; smooth++) {
-        o.quant = (qs_quant){QS_SCHEME_W8A8, 8, smooth == 2 ? 32 : 0};
+        o.quant = (qs_quant){QS_SCHEME_W8A8, 8, smooth == 2 ? 32 : 0, 0};
         o.calib = smooth ? &cal : NULL;
         err = qs_model_init(&c, &o, all, &m);
         if (!err)
@@ -769,7 +770,7 @@ static void run_bigger_than_a_rank(qs_comm *all)
         return;
     qs_model_config c = *qs_preset_find("opt-2.7b");
     c.layers = 8;
-    qs_quant q = {QS_SCHEME_FP16, 16, 0};
+    qs_quant q = {QS_SCHEME_FP16, 16, 0, 0};
     qs_workload w = {1, 16, 0};
     qs_plan whole;
     qs_plan_make(&c, &q, 1, &w, &whole);

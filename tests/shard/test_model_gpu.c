@@ -422,10 +422,10 @@ int main(int argc, char **argv)
     make_llama(&llama);
     make_opt(&opt, 0);
     make_opt(&opt350, 1);
-    const qs_quant schemes[] = {{QS_SCHEME_FP16, 16, 0},
-                                {QS_SCHEME_BCQ, 4, 64},
-                                {QS_SCHEME_RTN, 3, 32},
-                                {QS_SCHEME_W8A8, 8, 32}};
+    const qs_quant schemes[] = {{QS_SCHEME_FP16, 16, 0, 0},
+                                {QS_SCHEME_BCQ, 4, 64, 0},
+                                {QS_SCHEME_RTN, 3, 32, 0},
+                                {QS_SCHEME_W8A8, 8, 32, 0}};
     const qs_model_config *models[] = {&llama, &opt, &opt350};
     for (size_t mi = 0; mi < 3; mi++)
         for (size_t s = 0; s < 4; s++) {
