@@ -565,7 +565,7 @@ static int take_w4(const qs_model *m, const qs_weights *w, const char *prefix, l
         snprintf(n, sizeof n, "%s.w4", prefix);
         err = alloc_take(w, n, "I8", (uint64_t)N * K, (void **)&codes);
     }
-    if (!err) {
+    if (!err && ng) {
         snprintf(n, sizeof n, "%s.s4", prefix);
         err = alloc_take(w, n, "F32", (uint64_t)N * ng * 4, (void **)&s4);
     }
