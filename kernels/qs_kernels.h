@@ -501,6 +501,16 @@ int qs_cuda_add_norm(float *x, const void *d, const void *w, const void *b, size
 struct qs_cuda_w8_act;
 int qs_cuda_add_norm_w8(float *x, const void *d, const void *w, const void *b, size_t n, size_t H,
                         float eps, int post, void *y, struct qs_cuda_w8_act *a, void *stream);
+/* The same, and y's W4A4 activation codes (y's fp16 values read through
+ * a's permutation and quantized as qs_w4_quant_act does) into a
+ * (qs_cuda_w4_act of H channels, at least n rows), so that the W4A4 GEMMs
+ * reading y (qs_cuda_w4a4_gemm_act) skip their own quantization. The row is
+ * staged in shared memory: QS_ENOTSUP over QS_CUDA_NORM_W4_MAX_H channels
+ * (use qs_cuda_add_norm and qs_cuda_w4_quant_act). */
+#define QS_CUDA_NORM_W4_MAX_H 16384
+struct qs_cuda_w4_act;
+int qs_cuda_add_norm_w4(float *x, const void *d, const void *w, const void *b, size_t n, size_t H,
+                        float eps, int post, void *y, struct qs_cuda_w4_act *a, void *stream);
 /* x (fp32) += d (fp16), count elements. */
 int qs_cuda_add_f16(float *x, const void *d, size_t count, void *stream);
 /* Conversions of count elements. */
@@ -644,6 +654,92 @@ typedef struct qs_cuda_w8_act {
 int qs_cuda_w8_act_alloc(qs_cuda_w8_act *a, size_t rows, size_t K, size_t act_group);
 void qs_cuda_w8_act_free(qs_cuda_w8_act *a);
 int qs_cuda_w8a8_gemm_act(qs_cuda_w8 *d, const qs_cuda_w8_act *a, size_t M, void *Y, void *stream);
+
+/* ---- W4A4 (Atom) on the device ----------------------------------------------
+ * A host qs_w4 (section "W4A4 (Atom)") in the device layout below; the
+ * activations read through the matrix's channel permutation and quantized
+ * on the device as qs_w4_quant_act does (bit for bit its codes and scales:
+ * INT4 per token and group of positions before K4 = K - ko, INT8 per token
+ * after); integer tensor-core products summed per group in int32 and
+ * scaled into fp32 by sx[m,g] s4[n,g] (the outliers by sxo[m] s8[n]); fp16
+ * out. A token holding NaN or Inf gets NaN scales and NaN outputs.
+ *
+ * Two tensor-core paths, chosen by the device's compute capability at run
+ * time: 8.x (A100): mma.sync m16n8k64 s4 on the INT4 part; 9.0 and later
+ * (H100/H200, no INT4 tensor cores): the same packed codes unpacked to int8
+ * in registers into mma.sync m16n8k32 s8 (as QServe does for W4A8). Both
+ * run the outliers through m16n8k32 s8. qs_cuda_w4.mma forces one (tests).
+ *
+ * Device layout (kernels/cuda/w4a4_gpu.cu): row n of codes is kd bytes.
+ * The INT4 part: group g (positions g*group .. g*group + group - 1) starts
+ * at byte g * gp / 2, gp = 64 * ceil(group / 64), two codes per byte in
+ * position order (the even position in the low nibble, two's complement),
+ * zeros after its positions. The outliers: position K4 + i at byte off8 + i,
+ * off8 = ngroups * gp / 2, int8, zeros up to off8 + 32 * ceil(ko / 32).
+ * Zeros from there to kd = 128 * ceil((off8 + 32 * ceil(ko / 32)) / 128).
+ * So a 64-position s4 step (32 bytes) never straddles two groups, an s8
+ * step of 32 outliers never meets INT4 codes, and the GEMM's 128-byte K
+ * tiles need no bounds. Scales sw fp32 [ngroups + 1][N]: s4 per group, then
+ * s8 (one array, so the outliers are the GEMM's last group). perm uint32
+ * [K] (position -> original channel).
+ * The workspace: xq [QS_CUDA_W4_ROWS][kd] (the activation codes, same
+ * layout), sx fp32 [QS_CUDA_W4_ROWS][ngroups + 1] (their scales, sxo last),
+ * then fp32 [QS_CUDA_WS_ROWS][N] split-K partial sums: calls on one handle
+ * must be ordered (one stream, or synced). Limits: N, K up to 2^30, ko up
+ * to 131072 (int32 sums), group a multiple of 8. */
+#define QS_CUDA_W4_ROWS 512
+typedef struct qs_cuda_w4 {
+    size_t N, K, ko, group, ngroups; /* K4 = K - ko, ngroups = ceil(K4 / group) */
+    size_t gp, off8, kd;             /* padded group, outlier offset, row bytes (above) */
+    void *codes;                     /* uint8 [N][kd] */
+    void *sw;                        /* fp32 [ngroups + 1][N] */
+    void *perm;                      /* uint32 [K] */
+    uint64_t perm_hash;              /* of perm's contents (matches activation codes to it) */
+    void *ws;                        /* the kernel's workspace, above */
+    size_t ws_bytes;                 /* its size */
+    size_t bytes;                    /* device bytes of codes + sw + perm */
+    unsigned splits;                 /* K-splits: 0 = the chooser's (tests force) */
+    unsigned mma; /* 0 = by compute capability; 4 = m16n8k64 s4; 8 = s8 on unpacked codes */
+} qs_cuda_w4;
+/* Allocates the arrays for a shape (group as the qs_w4's, already resolved:
+ * a multiple of 8; contents undefined); qs_cuda_w4_upload allocates and
+ * copies a host qs_w4 into the layout (its codes by qs_w4_codes; a NULL
+ * perm is the identity). qs_cuda_w4_free is safe on a zeroed or freed
+ * struct. */
+int qs_cuda_w4_alloc(qs_cuda_w4 *d, size_t N, size_t K, size_t ko, size_t group);
+int qs_cuda_w4_upload(qs_cuda_w4 *d, const qs_w4 *w);
+void qs_cuda_w4_free(qs_cuda_w4 *d);
+/* Y (M x N fp16) = X (M x K fp16, original channel order) W^T with the
+ * activation quantization on the device (ops_cuda.c: o and down, whose
+ * inputs no norm precedes). M up to QS_CUDA_W4_ROWS. Two launches
+ * (quantize, GEMM), three with K-splits; no allocation or host
+ * synchronisation. */
+int qs_cuda_w4a4_gemm(qs_cuda_w4 *d, const void *X, size_t M, void *Y, void *stream);
+/* Activation codes in the device layout (xq [rows][kd], sx fp32
+ * [rows][ngroups + 1], sxo last) for the matrices that share one input and
+ * one permutation (q, k and v; up and gate: Atom reorders them alike),
+ * written once by qs_cuda_w4_quant_act or by the norm before them
+ * (qs_cuda_add_norm_w4, reorder and quantization fused into the norm as
+ * Atom does), then read by each GEMM with qs_cuda_w4a4_gemm_act, which
+ * equals qs_cuda_w4a4_gemm on the same fp16 input bit for bit.
+ * qs_cuda_w4_act_alloc takes the layout and the permutation (borrowed: d
+ * must outlive a) from d; a matrix whose K, ko, group or permutation
+ * differs is refused by qs_cuda_w4a4_gemm_act. */
+typedef struct qs_cuda_w4_act {
+    size_t rows, K, ko, group, ngroups, gp, off8, kd;
+    const void *perm; /* uint32 [K], the matrix's */
+    uint64_t perm_hash;
+    void *xq;  /* uint8 [rows][kd] */
+    float *sx; /* [rows][ngroups + 1] */
+} qs_cuda_w4_act;
+int qs_cuda_w4_act_alloc(qs_cuda_w4_act *a, size_t rows, const qs_cuda_w4 *d);
+void qs_cuda_w4_act_free(qs_cuda_w4_act *a);
+/* X (M x K fp16, original order, M <= a->rows) into a's codes. */
+int qs_cuda_w4_quant_act(qs_cuda_w4_act *a, const void *X, size_t M, void *stream);
+int qs_cuda_w4a4_gemm_act(qs_cuda_w4 *d, const qs_cuda_w4_act *a, size_t M, void *Y, void *stream);
+/* The tensor-core path d's GEMMs take on the current device: 4 (mma.sync
+ * m16n8k64 s4) or 8 (int8 on unpacked codes); a negative qs_err on error. */
+int qs_cuda_w4_mma(const qs_cuda_w4 *d);
 
 /* ---- Quantizers and synthetic weights on the device -------------------------
  * So that a large model is quantized at GPU speed and, synthetic, never held

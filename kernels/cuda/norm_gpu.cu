@@ -11,8 +11,10 @@
  * CTA per row; each thread owns units of 8 consecutive columns, read with
  * 16-byte loads when H % 8 == 0 and every pointer is 16-byte aligned, else
  * element by element (same units, same arithmetic). */
+#include <string.h>
+
 #include "rowops.cuh"
-#include "w8_act.cuh"
+#include "w4_act.cuh"
 
 /* ---- Units of 8 columns: 16-byte accesses or a bounded scalar loop ------- */
 
@@ -77,7 +79,14 @@ template <bool VEC> __device__ __forceinline__ void st8(__half *p, int j0, int H
  * thread codes the columns it wrote (w8_act.cuh's rule) into the layout of
  * qs_cuda_w8_act, the thread of a group's first column writing its scale
  * and zero padding. Dynamic shared memory: the max bits and a NaN/Inf flag
- * per group. */
+ * per group.
+ *
+ * Q4 (qs_cuda_add_norm_w4): the last pass also stages y's fp16 values in
+ * dynamic shared memory; after a barrier the block quantizes the staged
+ * row through the permutation (w4_act.cuh's w4_quant_row, the code the
+ * GEMM's own quantization runs, so the codes are the same bits). The codes
+ * are in position order, which no thread's own columns follow: hence the
+ * staging. */
 #define NORM_MAX_THREADS 512
 
 struct norm_w8 {
@@ -98,14 +107,18 @@ __device__ __forceinline__ void norm_w8_flush(unsigned *gmax, unsigned *gbad, in
         atomicOr(&gbad[g], 1u);
 }
 
-template <bool VEC, bool Q8>
+enum { NORM_PLAIN, NORM_Q8, NORM_Q4 };
+
+template <bool VEC, int Q>
 __global__ void __launch_bounds__(NORM_MAX_THREADS)
     add_norm_kernel(float *__restrict__ x, const __half *__restrict__ d,
                     const __half *__restrict__ w, const __half *__restrict__ b, int H, float eps,
-                    int post, __half *__restrict__ y, norm_w8 q)
+                    int post, __half *__restrict__ y, norm_w8 q, w4_act_args q4)
 {
+    constexpr bool Q8 = Q == NORM_Q8;
     QS_SHARED(float, red, [32]);
-    QS_DYN_SMEM(unsigned, gst); /* Q8: gmax [ng], then gbad [ng] */
+    QS_DYN_SMEM(uint4, gsv); /* Q8: gmax [ng], then gbad [ng]; Q4: the fp16 row */
+    unsigned *gst = reinterpret_cast<unsigned *>(gsv);
     float *xr = x + (size_t)blockIdx.x * H;
     const __half *dr = d ? d + (size_t)blockIdx.x * H : nullptr;
     __half *yr = y + (size_t)blockIdx.x * H;
@@ -167,6 +180,8 @@ __global__ void __launch_bounds__(NORM_MAX_THREADS)
         st8<VEC>(yr, 8 * u, H, o);
         if (post)
             st8<VEC>(xr, 8 * u, H, o);
+        if (Q == NORM_Q4) /* y's values again (16-byte aligned: uint4 storage) */
+            st8<VEC>(reinterpret_cast<__half *>(gsv), 8 * u, H, o);
         if (Q8) {
             int rg = -1;
             float mx = 0.0f;
@@ -184,6 +199,11 @@ __global__ void __launch_bounds__(NORM_MAX_THREADS)
             }
             norm_w8_flush(gmax, gbad, rg, mx, bad);
         }
+    }
+    if (Q == NORM_Q4) {
+        __syncthreads();
+        w4_quant_row(reinterpret_cast<const __half *>(gsv), q4, blockIdx.x);
+        return;
     }
     if (!Q8)
         return;
@@ -211,16 +231,17 @@ __global__ void __launch_bounds__(NORM_MAX_THREADS)
         qr[p] = 0;
 }
 
-template <bool VEC, bool Q8>
+template <bool VEC, int Q>
 static void norm_go(unsigned n, unsigned th, size_t smem, cudaStream_t st, float *x,
                     const __half *d, const __half *w, const __half *b, int H, float eps, int post,
-                    __half *y, norm_w8 q)
+                    __half *y, norm_w8 q, w4_act_args q4)
 {
-    QS_LAUNCH(n, th, smem, st, add_norm_kernel<VEC, Q8>)(x, d, w, b, H, eps, post, y, q);
+    QS_LAUNCH(n, th, smem, st, add_norm_kernel<VEC, Q>)(x, d, w, b, H, eps, post, y, q, q4);
 }
 
 static int norm_launch(float *x, const void *d, const void *w, const void *b, size_t n, size_t H,
-                       float eps, int post, void *y, const qs_cuda_w8_act *a, void *stream)
+                       float eps, int post, void *y, const qs_cuda_w8_act *a,
+                       const qs_cuda_w4_act *a4, void *stream)
 {
     if (!x || !w || !y || H < 1 || H > 0x7fffffff || n > 0x7fffffff || !(eps >= 0))
         return qs_seterr(QS_EINVAL,
@@ -239,17 +260,29 @@ static int norm_launch(float *x, const void *d, const void *w, const void *b, si
     __half *yh = (__half *)y;
     cudaStream_t st = QS_CU_STREAM(stream);
     norm_w8 q = {nullptr, nullptr, 1, 0, 0, 0};
+    w4_act_args q4;
+    memset(&q4, 0, sizeof q4);
     size_t smem = 0;
     if (a) {
         q.xq = (int8_t *)a->xq, q.sx = a->sx;
         q.G = (int)a->group, q.gp = (int)a->gp, q.ng = (int)a->ngroups, q.kd = (int)a->kd;
         smem = 2 * sizeof(unsigned) * a->ngroups;
     }
+    if (a4) {
+        q4.xq = (uint8_t *)a4->xq, q4.sx = a4->sx, q4.perm = (const uint32_t *)a4->perm;
+        q4.K4 = (int)(a4->K - a4->ko), q4.ko = (int)a4->ko, q4.G = (int)a4->group;
+        q4.gp = (int)a4->gp, q4.ng = (int)a4->ngroups, q4.off8 = (int)a4->off8;
+        q4.kd = (int)a4->kd;
+        smem = (H * sizeof(__half) + 15) / 16 * 16;
+    }
     typedef void (*go_fn)(unsigned, unsigned, size_t, cudaStream_t, float *, const __half *,
-                          const __half *, const __half *, int, float, int, __half *, norm_w8);
-    const go_fn go = vec ? (a ? norm_go<true, true> : norm_go<true, false>)
-                         : (a ? norm_go<false, true> : norm_go<false, false>);
-    go((unsigned)n, th, smem, st, xf, dh, wh, bh, (int)H, eps, post, yh, q);
+                          const __half *, const __half *, int, float, int, __half *, norm_w8,
+                          w4_act_args);
+    const int mode = a4 ? NORM_Q4 : a ? NORM_Q8 : NORM_PLAIN;
+    static const go_fn gos[2][3] = {
+        {norm_go<false, NORM_PLAIN>, norm_go<false, NORM_Q8>, norm_go<false, NORM_Q4>},
+        {norm_go<true, NORM_PLAIN>, norm_go<true, NORM_Q8>, norm_go<true, NORM_Q4>}};
+    gos[vec][mode]((unsigned)n, th, smem, st, xf, dh, wh, bh, (int)H, eps, post, yh, q, q4);
     QS_CU_LAUNCH("add_norm_kernel");
     return QS_OK;
 }
@@ -257,7 +290,7 @@ static int norm_launch(float *x, const void *d, const void *w, const void *b, si
 extern "C" int qs_cuda_add_norm(float *x, const void *d, const void *w, const void *b, size_t n,
                                 size_t H, float eps, int post, void *y, void *stream)
 {
-    return norm_launch(x, d, w, b, n, H, eps, post, y, NULL, stream);
+    return norm_launch(x, d, w, b, n, H, eps, post, y, NULL, NULL, stream);
 }
 
 extern "C" int qs_cuda_add_norm_w8(float *x, const void *d, const void *w, const void *b, size_t n,
@@ -275,7 +308,25 @@ extern "C" int qs_cuda_add_norm_w8(float *x, const void *d, const void *w, const
                          "qs_cuda_add_norm_w8: %zu activation groups are over one CTA's shared "
                          "memory (%d): quantize in the GEMM",
                          a->ngroups, QS_CUDA_NORM_W8_MAX_GROUPS);
-    return norm_launch(x, d, w, b, n, H, eps, post, y, a, stream);
+    return norm_launch(x, d, w, b, n, H, eps, post, y, a, NULL, stream);
+}
+
+extern "C" int qs_cuda_add_norm_w4(float *x, const void *d, const void *w, const void *b, size_t n,
+                                   size_t H, float eps, int post, void *y, qs_cuda_w4_act *a,
+                                   void *stream)
+{
+    if (!a || !a->xq || !a->sx || !a->perm || a->K != H || n > a->rows)
+        return qs_seterr(QS_EINVAL,
+                         "qs_cuda_add_norm_w4: activation codes for %zu tokens of %zu channels "
+                         "cannot take %zu tokens of %zu: allocate them with qs_cuda_w4_act_alloc "
+                         "for a matrix that reads the norm's output",
+                         a ? a->rows : 0, a ? a->K : 0, n, H);
+    if (H > QS_CUDA_NORM_W4_MAX_H)
+        return qs_seterr(QS_ENOTSUP,
+                         "qs_cuda_add_norm_w4: a row of %zu channels is over the shared memory "
+                         "it is staged in (%d): use qs_cuda_add_norm and qs_cuda_w4_quant_act",
+                         H, QS_CUDA_NORM_W4_MAX_H);
+    return norm_launch(x, d, w, b, n, H, eps, post, y, NULL, a, stream);
 }
 
 /* ---- Elementwise: x += d, and the conversions ------------------------------

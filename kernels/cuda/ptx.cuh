@@ -3,7 +3,8 @@
  * under the CPU execution harness (QS_CUDA_EMU, tests/cuda-emu) it is an
  * emulation that follows the PTX ISA's documented semantics and fragment
  * layouts, checked by tests/cuda-emu/selftest/test_emu_ptx against plain
- * matrix products. Needs sm_80 (cp.async, mma.sync m16n8k32 s8).
+ * matrix products. Needs sm_80 (cp.async, mma.sync m16n8k32 s8 and
+ * m16n8k64 s4; sm_90 compiles the s4 form but has no INT4 tensor cores).
  *
  *   qs_cp_async16(smem, gmem, valid)   cp.async.cg.shared.global, 16 bytes,
  *                                      zero-filled when !valid (src-size 0)
@@ -13,6 +14,8 @@
  *   qs_ldmatrix_x2(r, smem)            the same, .x2
  *   qs_mma_s8_16832(d, a, b)           mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32,
  *                                      d += a b
+ *   qs_mma_s4_16864(d, a, b)           mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32,
+ *                                      d += a b (eight nibbles per register)
  *
  * Layouts (PTX ISA "Matrix Fragments for mma.m16n8k32" and "ldmatrix"),
  * g = lane >> 2, t = lane & 3, bytes of a register low to high:
@@ -27,6 +30,12 @@
  *     row g + 8.
  * So ldmatrix.x4 of rows (r, r + 8) x (k bytes 0-15, 16-31) is an A
  * fragment, and of W rows (n, n + 8) x the same two halves two B fragments.
+ *   m16n8k64 s4 (PTX ISA "Matrix Fragments for mma.m16n8k64"): the same
+ *     registers by bytes, each holding eight two's complement nibbles (low
+ *     nibble first): a[0] row g, k = 8t..8t+7; a[1] row g + 8; a[2] row g,
+ *     k + 32; a[3] row g + 8, k + 32; b[0] column g, k = 8t..8t+7; b[1]
+ *     k + 32; C/D as above. So rows of packed nibbles (element 2i low, 2i+1
+ *     high in byte i) load with the same ldmatrix calls as s8 rows.
  *
  * The emulations take the caller's file and line (default arguments that
  * g++ fills in at the call site) so that the harness's warp checks name the
@@ -172,6 +181,19 @@ __device__ __forceinline__ void qs_mma_s8_16832(int32_t d[4], const uint32_t a[4
     qs_emu::mma_s8_m16n8k32(a, b, d, d, qs_file, qs_line);
 #else
     asm volatile("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, "
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+__device__ __forceinline__ void qs_mma_s4_16864(int32_t d[4], const uint32_t a[4],
+                                                const uint32_t b[2] QS_PTX_SITE)
+{
+#ifdef QS_CUDA_EMU
+    qs_emu::mma_s4_m16n8k64(a, b, d, d, qs_file, qs_line);
+#else
+    asm volatile("mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 {%0, %1, %2, %3}, "
                  "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
                  : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));

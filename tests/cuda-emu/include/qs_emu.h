@@ -182,6 +182,10 @@ bool in_shared(const void *p, size_t bytes);
  * without .satfinite). d may be c. All 32 lanes must take part. */
 void mma_s8_m16n8k32(const uint32_t a[4], const uint32_t b[2], const int32_t c[4], int32_t d[4],
                      const char *file, int line);
+/* mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32 likewise: eight two's
+ * complement nibbles per register, low to high (A 16 x 64, B 64 x 8). */
+void mma_s4_m16n8k64(const uint32_t a[4], const uint32_t b[2], const int32_t c[4], int32_t d[4],
+                     const char *file, int line);
 /* cp.async, per thread: a 16-byte copy issued (the caller has done it once
  * already), a group committed, and the copies that cp.async.wait_group
  * `keep` completes: the oldest copy of a group older than the `keep` most

@@ -1,10 +1,10 @@
 /* tensor.cpp: the arithmetic of the tensor cores, for the warp-level
  * interfaces of the headers (WMMA in mma.h) and the PTX wrappers of
- * kernels/cuda/ptx.cuh (mma.sync with s8 operands). A lane's call gathers the
+ * kernels/cuda/ptx.cuh (mma.sync with s8 and s4 operands). A lane's call gathers the
  * warp's fragments (one copy per warp, sched.cpp) and computes the lane's
  * own elements of D (the A and B of one gather are converted once per
  * warp). Products are summed over k in order, in fp32 for
- * fp16/bf16 inputs and in int32 for 8-bit ones: the hardware's order of
+ * fp16/bf16 inputs and in int32 for 8- and 4-bit ones: the hardware's order of
  * summation is unspecified, so results may differ from a GPU's in the
  * last bits of fp32, never in integer paths. */
 #include "emu_internal.h"
@@ -172,6 +172,63 @@ void mma_s8_m16n8k32(const uint32_t a[4], const uint32_t b[2], const int32_t c[4
         const int row = i < 2 ? g : g + 8, col = 2 * t + (i & 1);
         uint32_t acc = (uint32_t)c[i]; /* two's complement wrap, no UB */
         for (int k = 0; k < 32; k++)
+            acc += (uint32_t)(w.A[row][k] * w.B[k][col]);
+        out[i] = (int32_t)acc;
+    }
+    memcpy(d, out, sizeof out);
+}
+
+/* mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32. Fragments (PTX ISA,
+ * "Matrix Fragments for mma.m16n8k64", .s4), g = lane >> 2, t = lane & 3,
+ * element i of a fragment is nibble i % 8 of register i / 8 (low to high),
+ * two's complement:
+ *   A (16 x 64, row): row g for i in 0..7 and 16..23, g + 8 otherwise;
+ *                     column 8t + (i & 7), + 32 for i >= 16
+ *   B (64 x 8, col):  row (k) 8t + (i & 7), + 32 for i >= 8; column g
+ *   C, D (16 x 8):    as m16n8k32. */
+void mma_s4_m16n8k64(const uint32_t a[4], const uint32_t b[2], const int32_t c[4], int32_t d[4],
+                     const char *file, int line)
+{
+    const uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]};
+    unsigned got = 0;
+    const uint32_t *all =
+        (const uint32_t *)warp_gather(W_MMA, 0xffffffffu, mine, sizeof mine, file, line, &got);
+    if (got != 0xffffffffu)
+        fatal(QS_EMU_WARP_ARGS, cudaErrorLaunchFailure,
+              "mma.sync at %s:%d needs all 32 lanes of the warp (.aligned); lanes 0x%08x took part",
+              file, line, got);
+    static struct {
+        const block_run *block;
+        uint32_t serial;
+        uint64_t gather;
+        int32_t A[16][64], B[64][8];
+    } cache[32];
+    auto &w = cache[g_warp];
+    if (w.block != g_block || w.serial != g_block->serial ||
+        w.gather != g_block->gather_serial[g_warp]) {
+        w.block = g_block, w.serial = g_block->serial, w.gather = g_block->gather_serial[g_warp];
+        for (int l = 0; l < 32; l++) {
+            const uint32_t *s = all + l * 6;
+            const int g = l >> 2, t = l & 3;
+            for (int i = 0; i < 32; i++) {
+                const int row = (i < 8 || (i >= 16 && i < 24)) ? g : g + 8;
+                const int col = 8 * t + (i & 7) + (i >= 16 ? 32 : 0);
+                const int v = (int)((s[i / 8] >> (4 * (i % 8))) & 15u);
+                w.A[row][col] = v >= 8 ? v - 16 : v;
+            }
+            for (int i = 0; i < 16; i++) {
+                const int row = 8 * t + (i & 7) + (i >= 8 ? 32 : 0);
+                const int v = (int)((s[4 + i / 8] >> (4 * (i % 8))) & 15u);
+                w.B[row][g] = v >= 8 ? v - 16 : v;
+            }
+        }
+    }
+    const int g = (int)g_lane >> 2, t = (int)g_lane & 3;
+    int32_t out[4];
+    for (int i = 0; i < 4; i++) {
+        const int row = i < 2 ? g : g + 8, col = 2 * t + (i & 1);
+        uint32_t acc = (uint32_t)c[i];
+        for (int k = 0; k < 64; k++)
             acc += (uint32_t)(w.A[row][k] * w.B[k][col]);
         out[i] = (int32_t)acc;
     }

@@ -78,6 +78,103 @@ extern "C" cudaError_t ptx_mma(const int8_t *A, const int8_t *W, const int32_t *
     return e;
 }
 
+/* ---- mma.sync m16n8k64 s4 from registers built by the PTX ISA's tables ----------
+ * A 16 x 64 and W 8 x 64 as one value (-8..7) per byte, packed here into
+ * the registers: element i of a register is nibble i (low first). */
+__device__ __forceinline__ uint32_t pack8_s4(const int8_t *p)
+{
+    uint32_t r = 0;
+    for (int i = 0; i < 8; i++)
+        r |= ((uint32_t)(uint8_t)p[i] & 15u) << (4 * i);
+    return r;
+}
+
+__global__ void mma_s4_from_table(const int8_t *A, const int8_t *W, const int32_t *C, int32_t *D)
+{
+    const int lane = threadIdx.x, g = lane >> 2, t = lane & 3;
+    uint32_t a[4], b[2];
+    /* A: a0 row g, cols 8t..8t+7; a1 row g+8; a2 row g, cols +32; a3 row g+8, +32 */
+    a[0] = pack8_s4(A + g * 64 + 8 * t);
+    a[1] = pack8_s4(A + (g + 8) * 64 + 8 * t);
+    a[2] = pack8_s4(A + g * 64 + 8 * t + 32);
+    a[3] = pack8_s4(A + (g + 8) * 64 + 8 * t + 32);
+    /* B: b0 rows (k) 8t..8t+7 of column (n) g; b1 rows +32 */
+    b[0] = pack8_s4(W + g * 64 + 8 * t);
+    b[1] = pack8_s4(W + g * 64 + 8 * t + 32);
+    int32_t d[4] = {C[g * 8 + 2 * t], C[g * 8 + 2 * t + 1], C[(g + 8) * 8 + 2 * t],
+                    C[(g + 8) * 8 + 2 * t + 1]};
+    qs_mma_s4_16864(d, a, b);
+    D[g * 8 + 2 * t] = d[0], D[g * 8 + 2 * t + 1] = d[1];
+    D[(g + 8) * 8 + 2 * t] = d[2], D[(g + 8) * 8 + 2 * t + 1] = d[3];
+}
+
+extern "C" cudaError_t ptx_mma_s4(const int8_t *A, const int8_t *W, const int32_t *C, int32_t *D)
+{
+    int8_t *da, *dw;
+    int32_t *dc, *dd;
+    CK(cudaMalloc(&da, 16 * 64));
+    CK(cudaMalloc(&dw, 8 * 64));
+    CK(cudaMalloc(&dc, 16 * 8 * 4));
+    CK(cudaMalloc(&dd, 16 * 8 * 4));
+    CK(cudaMemcpy(da, A, 16 * 64, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dw, W, 8 * 64, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dc, C, 16 * 8 * 4, cudaMemcpyHostToDevice));
+    QS_LAUNCH(1, 32, 0, 0, mma_s4_from_table)(da, dw, dc, dd);
+    cudaError_t e = finish();
+    if (e == cudaSuccess)
+        e = cudaMemcpy(D, dd, 16 * 8 * 4, cudaMemcpyDeviceToHost);
+    cudaFree(da), cudaFree(dw), cudaFree(dc), cudaFree(dd);
+    return e;
+}
+
+/* Packed nibbles (A 16 x 128 and W 16 x 128, 64 bytes a row, element 2i
+ * low and 2i+1 high in byte i) through the s8 path's ldmatrix.x4 calls
+ * into two k64 steps of s4 mma: D = A W^T 16 x 16, as w4a4_gpu.cu's sm_80
+ * path takes its fragments (without its swizzle). */
+__global__ void ldsm_mma_s4(const uint8_t *A, const uint8_t *W, int32_t *D)
+{
+    QS_SHARED_ALIGNED(16, uint8_t, As, [16 * 64]);
+    QS_SHARED_ALIGNED(16, uint8_t, Ws, [16 * 64]);
+    const int lane = threadIdx.x;
+    for (int i = lane; i < 16 * 64; i += 32)
+        As[i] = A[i], Ws[i] = W[i];
+    __syncwarp();
+    int32_t acc[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
+    for (int ks = 0; ks < 2; ks++) {
+        uint32_t a[4], t[4];
+        const int ra = (lane & 7) + ((lane >> 3) & 1) * 8, ca = ks * 32 + (lane >> 4) * 16;
+        qs_ldmatrix_x4(a, As + ra * 64 + ca);
+        const int rb = (lane & 7) + (lane >> 4) * 8, cb = ks * 32 + ((lane >> 3) & 1) * 16;
+        qs_ldmatrix_x4(t, Ws + rb * 64 + cb);
+        const uint32_t b0[2] = {t[0], t[1]}, b1[2] = {t[2], t[3]};
+        qs_mma_s4_16864(acc[0], a, b0);
+        qs_mma_s4_16864(acc[1], a, b1);
+    }
+    const int g = lane >> 2, tt = lane & 3;
+    for (int j = 0; j < 2; j++) {
+        D[g * 16 + j * 8 + 2 * tt] = acc[j][0], D[g * 16 + j * 8 + 2 * tt + 1] = acc[j][1];
+        D[(g + 8) * 16 + j * 8 + 2 * tt] = acc[j][2];
+        D[(g + 8) * 16 + j * 8 + 2 * tt + 1] = acc[j][3];
+    }
+}
+
+extern "C" cudaError_t ptx_ldsm_s4(const uint8_t *A, const uint8_t *W, int32_t *D)
+{
+    uint8_t *da, *dw;
+    int32_t *dd;
+    CK(cudaMalloc(&da, 16 * 64));
+    CK(cudaMalloc(&dw, 16 * 64));
+    CK(cudaMalloc(&dd, 16 * 16 * 4));
+    CK(cudaMemcpy(da, A, 16 * 64, cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(dw, W, 16 * 64, cudaMemcpyHostToDevice));
+    QS_LAUNCH(1, 32, 0, 0, ldsm_mma_s4)(da, dw, dd);
+    cudaError_t e = finish();
+    if (e == cudaSuccess)
+        e = cudaMemcpy(D, dd, 16 * 16 * 4, cudaMemcpyDeviceToHost);
+    cudaFree(da), cudaFree(dw), cudaFree(dd);
+    return e;
+}
+
 /* ---- ldmatrix: which lane receives which bytes of which row ---------------------
  * 32 rows of 16 bytes in shared memory at a stride of 48 bytes; lane l gives
  * the address of row perm[l]. out[l * 4 + j] = register j of lane l. */
@@ -263,6 +360,14 @@ __global__ void fault_mma_partial(int32_t *out)
     out[threadIdx.x] = d[0];
 }
 
+__global__ void fault_mma_s4_partial(int32_t *out)
+{
+    uint32_t a[4] = {1, 1, 1, 1}, b[2] = {1, 1};
+    int32_t d[4] = {0, 0, 0, 0};
+    qs_mma_s4_16864(d, a, b); /* a block of 16 threads: half a warp */
+    out[threadIdx.x] = d[0];
+}
+
 __global__ void fault_mma_divergent(int32_t *out)
 {
     uint32_t a[4] = {1, 1, 1, 1}, b[2] = {1, 1};
@@ -299,6 +404,9 @@ extern "C" cudaError_t ptx_fault(int which)
         break;
     case 5:
         QS_LAUNCH(1, 32, 0, 0, fault_mma_divergent)((int32_t *)o);
+        break;
+    case 6:
+        QS_LAUNCH(1, 16, 0, 0, fault_mma_s4_partial)((int32_t *)o);
         break;
     }
     return finish(); /* frees fail while a fault is sticky; the test resets */

@@ -3,6 +3,9 @@
  * ISA's tables written out again in the kernels:
  *   - mma.sync m16n8k32 s8: registers built by the table, D = A B + C exact
  *     (the full s8 range, -128 included; C nonzero);
+ *   - mma.sync m16n8k64 s4 the same (the full s4 range, -8 included), and
+ *     rows of packed nibbles through ldmatrix.x4 into two k64 steps, against
+ *     A W^T;
  *   - ldmatrix .x4 and .x2: lane l's register j holds bytes 4(l%4)..+3 of
  *     the row whose address lane 8j + l/4 gave (rows permuted so that the
  *     supplying lane, not the memory order, decides);
@@ -12,7 +15,7 @@
  *   - misuses the harness must name: reading a cp.async destination before
  *     its thread waited, refilling a buffer others still read (races, need
  *     the access instrumentation), ldmatrix misaligned or on global memory,
- *     mma by half a warp and by a warp at two call sites. */
+ *     mma (s8 and s4) by half a warp and by a warp at two call sites. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -22,6 +25,8 @@
 #include <qs_emu_api.h>
 
 cudaError_t ptx_mma(const int8_t *A, const int8_t *W, const int32_t *C, int32_t *D);
+cudaError_t ptx_mma_s4(const int8_t *A, const int8_t *W, const int32_t *C, int32_t *D);
+cudaError_t ptx_ldsm_s4(const uint8_t *A, const uint8_t *W, int32_t *D);
 cudaError_t ptx_ldmatrix(int num, const uint8_t *rows, const int *perm, uint32_t *out);
 cudaError_t ptx_pipeline(const int8_t *A, const int8_t *W, int m_valid, int32_t *D);
 cudaError_t ptx_cp_groups(const uint8_t *src, uint8_t *out);
@@ -79,6 +84,58 @@ static void mma(void)
     check(e == cudaSuccess && !bad,
           "mma.sync m16n8k32 s8: registers by the PTX ISA table, D = A B + C exact", d);
     clean("mma: no report");
+}
+
+static void mma_s4(void)
+{
+    int8_t A[16 * 64], W[8 * 64];
+    int32_t C[16 * 8], D[16 * 8];
+    for (int i = 0; i < 16 * 64; i++)
+        A[i] = (int8_t)(rnd() % 16) - 8;
+    for (int i = 0; i < 8 * 64; i++)
+        W[i] = (int8_t)(rnd() % 16) - 8;
+    A[9] = -8, W[9] = -8; /* the extremes of s4 meet once */
+    A[70] = 7, W[6] = -8;
+    for (int i = 0; i < 16 * 8; i++)
+        C[i] = (int32_t)(rnd() % 200001) - 100000;
+    cudaError_t e = ptx_mma_s4(A, W, C, D);
+    int bad = 0;
+    for (int r = 0; r < 16; r++)
+        for (int n = 0; n < 8; n++) {
+            int32_t s = C[r * 8 + n];
+            for (int k = 0; k < 64; k++)
+                s += A[r * 64 + k] * W[n * 64 + k];
+            bad += D[r * 8 + n] != s;
+        }
+    char d[80];
+    snprintf(d, sizeof d, "%d of 128 outputs differ (%s)", bad, cudaGetErrorName(e));
+    check(e == cudaSuccess && !bad,
+          "mma.sync m16n8k64 s4: registers by the PTX ISA table, D = A B + C exact", d);
+    clean("mma s4: no report");
+
+    /* Packed rows: A and W 16 x 128 values, nibble 2i low / 2i+1 high of byte i. */
+    int8_t a[16 * 128], w[16 * 128];
+    uint8_t pa[16 * 64], pw[16 * 64];
+    int32_t D2[16 * 16];
+    for (int i = 0; i < 16 * 128; i++)
+        a[i] = (int8_t)(rnd() % 16) - 8, w[i] = (int8_t)(rnd() % 16) - 8;
+    for (int i = 0; i < 16 * 64; i++) {
+        pa[i] = (uint8_t)((a[2 * i] & 15) | (a[2 * i + 1] & 15) << 4);
+        pw[i] = (uint8_t)((w[2 * i] & 15) | (w[2 * i + 1] & 15) << 4);
+    }
+    e = ptx_ldsm_s4(pa, pw, D2);
+    bad = 0;
+    for (int r = 0; r < 16; r++)
+        for (int n = 0; n < 16; n++) {
+            int32_t s = 0;
+            for (int k = 0; k < 128; k++)
+                s += a[r * 128 + k] * w[n * 128 + k];
+            bad += D2[r * 16 + n] != s;
+        }
+    snprintf(d, sizeof d, "%d of 256 outputs differ (%s)", bad, cudaGetErrorName(e));
+    check(e == cudaSuccess && !bad,
+          "packed nibble rows -> ldmatrix.x4 -> mma s4 x 2 k-steps = A W^T", d);
+    clean("ldmatrix + mma s4: no report");
 }
 
 static void ldmatrix(void)
@@ -163,6 +220,7 @@ static const struct {
     {3, "ldmatrix on global memory", QS_EMU_TRAP, cudaErrorLaunchFailure, 0},
     {4, "mma.sync by half a warp", QS_EMU_WARP_ARGS, cudaErrorLaunchFailure, 0},
     {5, "mma.sync by one warp at two call sites", QS_EMU_DIVERGENT_WARP, cudaErrorLaunchFailure, 0},
+    {6, "mma.sync s4 by half a warp", QS_EMU_WARP_ARGS, cudaErrorLaunchFailure, 0},
 };
 
 static void misuses(void)
@@ -194,6 +252,7 @@ int main(void)
     printf("# test_emu_ptx: access checks %s\n",
            qs_emu_checks_active() ? "on" : "off (AddressSanitizer build)");
     mma();
+    mma_s4();
     ldmatrix();
     pipeline();
     groups();
