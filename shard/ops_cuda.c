@@ -1,7 +1,7 @@
 /* The forward pass's operations on the rank's GPU (ops.h), through the
  * kernels of kernels/cuda: the residual stream in fp32, activations in fp16,
  * the linear layers in their device formats (fp16, BCQ/RTN for LUT-GEMM
- * and the tensor-core path, W8A8 int8), the KV cache in fp16, NCCL for the
+ * and the tensor-core path, W8A8 int8, W4A4 int4 + int8), the KV cache in fp16, NCCL for the
  * group's sums (collectives/, on the communicator's stream, which every
  * kernel here uses too). qs_model_use_device moves a loaded shard here:
  * weights, caches and a workspace for `chunk` tokens are allocated once,
@@ -18,12 +18,17 @@
 typedef struct gpu_linear {
     qs_cuda_bcq bcq; /* bcq, rtn */
     qs_cuda_w8 w8;   /* w8a8 */
+    qs_cuda_w4 w4;   /* w4a4 */
     void *w16;       /* fp16: N x K */
     void *bias;      /* fp16 [N] where this rank adds it, else NULL */
 } gpu_linear;
 
 typedef struct gpu_norm {
     void *w, *b; /* fp16 [H]; b NULL for RMSNorm */
+    /* W4A4: the codes this norm writes for the linears it feeds, in their
+     * input order (a view of gpu.act4 with their permutation); a4.xq NULL
+     * where the norm does not write codes. */
+    qs_cuda_w4_act a4;
 } gpu_norm;
 
 typedef struct gpu {
@@ -67,6 +72,10 @@ typedef struct gpu {
      * the GEMMs reading h (q, k, v; up, gate) take them (act_h set). */
     qs_cuda_w8_act act;
     int act_h;
+    /* W4A4: the same with the codes buffer act4, which every layer norm's
+     * view shares; a4_h is the view that wrote h's codes, or NULL. */
+    qs_cuda_w4_act act4;
+    qs_cuda_w4_act *a4_h;
     void *graph;                 /* the captured one-token step, or NULL */
     int capturing;               /* a step is being captured */
     int in_step;                 /* step_end delivers the sampled token */
@@ -172,7 +181,10 @@ static int upload_linear(gpu *g, linear *l, gpu_linear *d)
             err = share_ws(g, &d->w8.ws, d->w8.ws_bytes);
         break;
     case QS_SCHEME_W4A4:
-        err = qs_seterr(QS_ENOTSUP, "w4a4 has no GPU kernel wired in yet: load it on CPU ranks");
+        if (!(err = qs_cuda_w4_upload(&d->w4, &l->w4)))
+            g->bytes += d->w4.bytes;
+        if (!err)
+            err = share_ws(g, &d->w4.ws, d->w4.ws_bytes);
         break;
     }
     if (!err && l->bias && l->add_bias)
@@ -183,6 +195,7 @@ static int upload_linear(gpu *g, linear *l, gpu_linear *d)
     l->w32 = NULL;
     qs_bcq_close(&l->bcq);
     qs_w8_close(&l->w8);
+    qs_w4_close(&l->w4);
     l->dev = d;
     return QS_OK;
 }
@@ -191,6 +204,7 @@ static void free_linear(gpu_linear *d)
 {
     qs_cuda_bcq_free(&d->bcq);
     qs_cuda_w8_free(&d->w8);
+    qs_cuda_w4_free(&d->w4);
     qs_cuda_free(d->w16);
     qs_cuda_free(d->bias);
 }
@@ -232,10 +246,37 @@ void qs_model_gpu_free(qs_model *m)
         qs_cuda_free(bufs[i]);
     qs_cuda_host_free(g->io);
     qs_cuda_w8_act_free(&g->act);
+    qs_cuda_w4_act_free(&g->act4); /* the norms' views share its buffers */
     free(g->lins);
     free(g->norms);
     free(g);
     m->dev = NULL;
+}
+
+/* W4A4: each layer norm writes the codes of the linears it feeds (q, k, v
+ * share one input order, up and gate another) in its own pass. One codes
+ * buffer serves every norm: each holds a view of it with its linears'
+ * order. Where a norm's row does not fit the fused kernel, or the orders'
+ * shapes differ, the GEMMs quantize their own input instead. */
+static int norm_codes_w4(qs_model *m, gpu *g, size_t rows)
+{
+    if (m->cfg.hidden > QS_CUDA_NORM_W4_MAX_H || !m->cfg.layers)
+        return QS_OK;
+    int err = qs_cuda_w4_act_alloc(&g->act4, rows, &g->lins[0].w4);
+    if (err)
+        return err;
+    g->bytes += rows * (g->act4.kd + (g->act4.ngroups + 1) * sizeof(float));
+    for (uint32_t l = 0; l < m->cfg.layers; l++)
+        for (int i = 0; i < 2; i++) {
+            const qs_cuda_w4 *w = &g->lins[l * 7 + (i ? 4 : 0)].w4; /* q, up */
+            qs_cuda_w4_act *a = &g->norms[2 * l + i].a4;
+            if (w->K != g->act4.K || w->ko != g->act4.ko || w->group != g->act4.group)
+                continue;
+            *a = g->act4;
+            a->perm = w->perm;
+            a->perm_hash = w->perm_hash;
+        }
+    return QS_OK;
 }
 
 static int alloc_workspace(qs_model *m, gpu *g, size_t rows)
@@ -275,6 +316,8 @@ static int alloc_workspace(qs_model *m, gpu *g, size_t rows)
             return err;
         g->bytes += rows * (g->act.kd + g->act.ngroups * sizeof(float));
     }
+    if (m->quant.scheme == QS_SCHEME_W4A4 && (err = norm_codes_w4(m, g, rows)))
+        return err;
     const char *ng = getenv("QS_NO_CUDA_GRAPH");
     g->no_graph = ng && *ng && strcmp(ng, "0");
     return QS_OK;
@@ -566,6 +609,7 @@ static int cuda_embed(qs_fwd *f)
         (err = timed_allreduce(m, g->x, n * E, QS_COLL_F32)))
         return err;
     g->act_h = 0;
+    g->a4_h = NULL;
     if (E != H) {
         /* project_in: E -> H through fp16, the residual stream back in fp32. */
         if ((err = qs_cuda_f32_to_f16(g->x, n * E, g->e16, g->stream)) ||
@@ -581,10 +625,14 @@ static int cuda_embed(qs_fwd *f)
 static int cuda_add_norm(qs_fwd *f, const void *d, const norm *nm, int post, void *y)
 {
     const qs_model *m = f->m;
-    const gpu_norm *gn = nm->dev;
+    gpu_norm *gn = nm->dev;
     gpu *g = G(f);
-    /* A layer's norm feeds W8A8 linears; the final norm feeds the fp16 LM head. */
+    /* A layer's norm feeds W8A8 or W4A4 linears; the final norm feeds the fp16 LM head. */
     g->act_h = g->act.xq && y == g->h && nm != &m->final_norm;
+    g->a4_h = gn->a4.xq && y == g->h ? &gn->a4 : NULL;
+    if (g->a4_h)
+        return qs_cuda_add_norm_w4(f->x, d, gn->w, gn->b, f->n, m->cfg.hidden, m->cfg.norm_eps,
+                                   post, y, g->a4_h, g->stream);
     if (g->act_h)
         return qs_cuda_add_norm_w8(f->x, d, gn->w, gn->b, f->n, m->cfg.hidden, m->cfg.norm_eps,
                                    post, y, &g->act, g->stream);
@@ -595,6 +643,7 @@ static int cuda_add_norm(qs_fwd *f, const void *d, const norm *nm, int post, voi
 static int cuda_to_input(qs_fwd *f, void *y)
 {
     G(f)->act_h = 0;
+    G(f)->a4_h = NULL;
     return qs_cuda_f32_to_f16(f->x, f->n * f->m->cfg.hidden, y, G(f)->stream);
 }
 
@@ -618,7 +667,10 @@ static int cuda_linear(qs_fwd *f, const linear *l, const void *in, void *out)
             err = qs_cuda_w8a8_gemm(&d->w8, in, f->n, 0.0f, out, st);
         break;
     case QS_SCHEME_W4A4:
-        err = qs_seterr(QS_ENOTSUP, "w4a4 has no GPU kernel wired in yet");
+        if (in == G(f)->h && G(f)->a4_h)
+            err = qs_cuda_w4a4_gemm_act(&d->w4, G(f)->a4_h, f->n, out, st);
+        else
+            err = qs_cuda_w4a4_gemm(&d->w4, in, f->n, out, st);
         break;
     }
     if (!err && d->bias)

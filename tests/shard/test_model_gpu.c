@@ -177,6 +177,30 @@ static void check_device_sampling(qs_model *gpu, const qs_model_config *c, const
     free(l);
 }
 
+/* W4A4's outlier channels from an fp16 model's statistics over random
+ * tokens, whole on every rank (o->calib = cal). */
+static int calibrate(qs_comm *comm, const qs_model_config *c, qs_model_opts *o, qs_calib *cal)
+{
+    qs_model_opts fo = *o;
+    fo.quant = (qs_quant){QS_SCHEME_FP16, 16, 0, 0};
+    enum { N = 64 };
+    int32_t tok[N];
+    uint32_t slot[N] = {0}, pos[N];
+    for (int i = 0; i < N; i++)
+        tok[i] = (int32_t)((i * 104729 + 71) % c->vocab), pos[i] = (uint32_t)i;
+    qs_model *m = NULL;
+    int err = qs_calib_init(cal, c);
+    if (!err && !(err = qs_model_init(c, &fo, comm, &m)) && !(err = qs_model_record(m, cal)))
+        err = qs_model_forward(m, N, tok, slot, pos, N, NULL);
+    qs_model_close(m);
+    if (!err)
+        MPI_Allreduce(MPI_IN_PLACE, cal->absmax,
+                      (int)(cal->layers * (2 * cal->hidden + cal->attn + cal->ffn)), MPI_FLOAT,
+                      MPI_MAX, MPI_COMM_WORLD);
+    o->calib = cal;
+    return err;
+}
+
 static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int device)
 {
     char what[160];
@@ -184,6 +208,7 @@ static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int de
              q.scheme == QS_SCHEME_FP16   ? "fp16"
              : q.scheme == QS_SCHEME_W8A8 ? "w8a8"
              : q.scheme == QS_SCHEME_BCQ  ? "bcq"
+             : q.scheme == QS_SCHEME_W4A4 ? "w4a4"
                                           : "rtn",
              q.scheme == QS_SCHEME_BCQ || q.scheme == QS_SCHEME_RTN ? (q.bits == 3 ? "3 " : "4 ")
                                                                     : " ",
@@ -197,7 +222,11 @@ static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int de
      * int8 table error, not the GPU's, in the comparison. */
     qs_model_opts o = {.quant = q, .seed = 11, .outlier_channels = 0, .max_seq = 128};
     qs_model *cpu = NULL, *gpu = NULL;
-    int err = qs_model_init(c, &o, comm, &cpu);
+    qs_calib cal = {0};
+    int err = q.scheme == QS_SCHEME_W4A4 ? calibrate(comm, c, &o, &cal) : QS_OK;
+    CHECK(err == QS_OK, "%s: calibration", what);
+    if (!err)
+        err = qs_model_init(c, &o, comm, &cpu);
     CHECK(err == QS_OK, "%s: CPU load", what);
     if (!err)
         err = qs_model_init(c, &o, comm, &gpu);
@@ -223,12 +252,20 @@ static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int de
     err = qs_model_forward(cpu, P, tok, slot, pos, P - 1, a);
     if (!err)
         err = qs_model_forward(gpu, P, tok, slot, pos, P - 1, b);
-    double d = rel_l2(b, a, V), bound = q.scheme == QS_SCHEME_FP16 ? 3e-3 : 2e-2;
+    /* W4A4 quantizes fp16 activations on the GPU, fp32 ones on the CPU: an
+     * int4 code flips more rarely than an int8 one (~0.3% of them) but by a
+     * step 18x larger, a new draw of a noise that is itself ~0.4 of these
+     * random models' logits: measured 0.09-0.12. A wrong input order or
+     * scale lands near 1. */
+    int w4 = q.scheme == QS_SCHEME_W4A4;
+    double d = rel_l2(b, a, V), bound = q.scheme == QS_SCHEME_FP16 ? 3e-3 : w4 ? 0.2 : 2e-2;
     CHECK(!err && d <= bound, "%s: prefill logits relative L2 %.3g (bound %.0e)", what, d, bound);
     if (rank == 0 && !err)
         printf("ok   %-36s prefill logits rel L2 %.2e\n", what, d);
 
-    /* Greedy decoding through both caches. */
+    /* Greedy decoding through both caches. Not for W4A4: its logits differ
+     * by more than most margins (above); its decode steps are checked by
+     * the perplexity below and device sampling. */
     int32_t ta = 0, tb = 0;
     float margin = 0;
     int same = 0, compared = 0;
@@ -236,7 +273,7 @@ static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int de
         ta = argmax(a, V, &margin);
         float mb;
         tb = argmax(b, V, &mb);
-        if (margin <= 0.05f)
+        if (margin <= 0.05f || w4)
             break; /* a near tie: fp16 may choose the other */
         compared++;
         if (ta != tb)
@@ -250,7 +287,7 @@ static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int de
     CHECK(!err && same == compared,
           "%s: greedy tokens: %d of %d the same (first difference %d vs %d)", what, same, compared,
           ta, tb);
-    if (rank == 0 && !err)
+    if (rank == 0 && !err && !w4)
         printf("ok   %-36s greedy: %d tokens equal before a near tie or the end\n", what, same);
 
     /* Perplexity over two windows of 64 (scored on their second halves). */
@@ -260,8 +297,8 @@ static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int de
         err = qs_model_perplexity(gpu, tok, 128, 64, 2, -1, NULL, NULL, &pb);
     double ppa = exp(pa.nll / (double)(pa.count ? pa.count : 1)),
            ppb = exp(pb.nll / (double)(pb.count ? pb.count : 1));
-    CHECK(!err && fabs(ppb / ppa - 1) <= 5e-3, "%s: perplexity %.4f on the GPU, %.4f on the CPU",
-          what, ppb, ppa);
+    CHECK(!err && fabs(ppb / ppa - 1) <= (w4 ? 2e-2 : 5e-3),
+          "%s: perplexity %.4f on the GPU, %.4f on the CPU", what, ppb, ppa);
     if (rank == 0 && !err)
         printf("ok   %-36s perplexity %.4f vs %.4f (%+.3f%%)\n", what, ppb, ppa,
                100 * (ppb / ppa - 1));
@@ -287,6 +324,7 @@ static void run_case(qs_comm *comm, const qs_model_config *c, qs_quant q, int de
     free(a), free(b);
     qs_model_close(cpu);
     qs_model_close(gpu);
+    qs_calib_close(&cal);
 }
 
 /* Synthetic weights made and quantized on the GPU (opts.on_gpu: the host
@@ -425,10 +463,11 @@ int main(int argc, char **argv)
     const qs_quant schemes[] = {{QS_SCHEME_FP16, 16, 0, 0},
                                 {QS_SCHEME_BCQ, 4, 64, 0},
                                 {QS_SCHEME_RTN, 3, 32, 0},
-                                {QS_SCHEME_W8A8, 8, 32, 0}};
+                                {QS_SCHEME_W8A8, 8, 32, 0},
+                                {QS_SCHEME_W4A4, 4, 32, 16}};
     const qs_model_config *models[] = {&llama, &opt, &opt350};
     for (size_t mi = 0; mi < 3; mi++)
-        for (size_t s = 0; s < 4; s++) {
+        for (size_t s = 0; s < 5; s++) {
             /* The post-LN model once, in fp16: its path is the norms'. */
             if (mi == 2 && s > 0)
                 continue;
