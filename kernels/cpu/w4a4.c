@@ -198,8 +198,15 @@ static void rows_scalar(const qs_w4 *w, const qs_w4_dims *d, const acts *a, size
 #define ATTR_AVX2   __attribute__((target("avx2,fma,f16c")))
 #define ATTR_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vnni")))
 #define INLINE      static inline __attribute__((always_inline))
+/* Tiles per block (32 rows: 4 tiles were no faster at batch 1 or 128 and
+ * halve the blocks small matrices share among the cores). */
+#define BLOCK_TILES 2
 /* Software prefetch distance of the weight streams at batch 1 (as W8A8). */
 #define PF_AHEAD 4096
+/* Groups ahead at which a tile's scales are prefetched: s4 is [N][ng], so a
+ * tile's 16 scales of one group sit on 16 lines, which the hardware does
+ * not fetch ahead; gathered from DRAM they halved the batch-1 speed. */
+#define PF_GROUPS 4
 
 typedef struct blk {
     const qs_w4 *w;
@@ -218,6 +225,20 @@ static inline int32_t load4(const void *p)
     int32_t v;
     memcpy(&v, p, 4);
     return v;
+}
+
+/* Prefetches group g's scales of rows n.. n + rows - 1 (and at g = 0 the
+ * first group's too). Always inlined: as a function of prefetches alone GCC
+ * finds it free of side effects and deletes the calls. */
+INLINE void pf_scales(const qs_w4 *w, const qs_w4_dims *d, size_t n, int rows, size_t g)
+{
+    for (int i = 0; i < rows; i++) {
+        const float *s = w->s4 + (n + (size_t)i) * d->ng;
+        if (g == 0)
+            _mm_prefetch((const char *)s, _MM_HINT_T0);
+        if (g + PF_GROUPS < d->ng)
+            _mm_prefetch((const char *)(s + g + PF_GROUPS), _MM_HINT_T0);
+    }
 }
 
 /* acc += u8 a . s8 b, 4 products per int32 lane. Inline asm because GCC 12
@@ -261,6 +282,7 @@ INLINE ATTR_AVX2 void mk_ymm(const blk *b, int H, int TT, int vnni)
             for (int t = 0; t < TT; t++)
                 acc[h][t] = _mm256_setzero_si256();
         size_t kend = (g + 1) * G8 < d->K4p / 8 ? (g + 1) * G8 : d->K4p / 8;
+        pf_scales(w, d, b->tile * QS_W4_ROWS, H * 8, g);
         for (size_t kb = g * G8; kb < kend; kb++) {
             __m256i lo[4], hi[4];
 #pragma GCC unroll 4
@@ -365,7 +387,7 @@ INLINE ATTR_AVX512 void mk_zmm(const blk *b, int RT, int TT)
                            _mm512_set1_epi32((int)d->ng));
     for (size_t g = 0; g < d->ng; g++) {
         __m512i acc[2][4], acc2[2];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int r = 0; r < RT; r++) {
             acc2[r] = _mm512_setzero_si512();
 #pragma GCC unroll 4
@@ -373,9 +395,10 @@ INLINE ATTR_AVX512 void mk_zmm(const blk *b, int RT, int TT)
                 acc[r][t] = _mm512_setzero_si512();
         }
         size_t kend = (g + 1) * G8 < d->K4p / 8 ? (g + 1) * G8 : d->K4p / 8;
+        pf_scales(w, d, b->tile * QS_W4_ROWS, RT * QS_W4_ROWS, g);
         for (size_t kb = g * G8; kb < kend; kb++) {
             __m512i lo[2], hi[2];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
             for (int r = 0; r < RT; r++) {
                 const uint8_t *p = w4 + r * tb4 + kb * 64;
                 __m512i v = _mm512_loadu_si512((const void *)p);
@@ -388,7 +411,7 @@ INLINE ATTR_AVX512 void mk_zmm(const blk *b, int RT, int TT)
             for (int t = 0; t < TT; t++) {
                 __m512i xl = _mm512_set1_epi32(load4(b->x4[t] + kb * 8));
                 __m512i xh = _mm512_set1_epi32(load4(b->x4[t] + kb * 8 + 4));
-#pragma GCC unroll 2
+#pragma GCC unroll 4
                 for (int r = 0; r < RT; r++) {
                     acc[r][t] = dp_zmm(acc[r][t], lo[r], xl);
                     if (TT == 1)
@@ -398,7 +421,7 @@ INLINE ATTR_AVX512 void mk_zmm(const blk *b, int RT, int TT)
                 }
             }
         }
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int r = 0; r < RT; r++) {
             size_t n = (b->tile + r) * QS_W4_ROWS;
             __m512 s4 = _mm512_i32gather_ps(idx, w->s4 + n * d->ng + g, 4);
@@ -418,25 +441,25 @@ INLINE ATTR_AVX512 void mk_zmm(const blk *b, int RT, int TT)
     const size_t tb8 = QS_W4_ROWS * d->kop;
     const int8_t *w8 = w->w8 + b->tile * tb8;
     __m512i acc[2][4];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int r = 0; r < RT; r++)
 #pragma GCC unroll 4
         for (int t = 0; t < TT; t++)
             acc[r][t] = _mm512_setzero_si512();
     for (size_t k4 = 0; k4 < d->kop / 4; k4++) {
         __m512i wv[2];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int r = 0; r < RT; r++)
             wv[r] = _mm512_loadu_si512((const void *)(w8 + r * tb8 + k4 * 64));
 #pragma GCC unroll 4
         for (int t = 0; t < TT; t++) {
             __m512i xb = _mm512_set1_epi32(load4(b->x8[t] + k4 * 4));
-#pragma GCC unroll 2
+#pragma GCC unroll 4
             for (int r = 0; r < RT; r++)
                 acc[r][t] = dp_zmm(acc[r][t], xb, wv[r]);
         }
     }
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int r = 0; r < RT; r++) {
         size_t n = (b->tile + r) * QS_W4_ROWS;
         __m512i corr = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(w->sum + n)), 7);
@@ -458,16 +481,17 @@ INLINE ATTR_AVX512 void mk_zmm(const blk *b, int RT, int TT)
 #define YMM_INSTANCE(NAME, VNNI)                                                                   \
     static ATTR_AVX2 void NAME(const blk *b, int RT, int TT)                                       \
     {                                                                                              \
-        if (TT == 1) {                                                                             \
-            RT == 2 ? mk_ymm(b, 4, 1, VNNI) : mk_ymm(b, 2, 1, VNNI);                               \
-            return;                                                                                \
-        }                                                                                          \
-        for (int i = 0; i < RT; i++) {                                                             \
+        for (int i = 0; i < RT; i += TT == 1 ? 2 : 1) {                                            \
             blk h = *b;                                                                            \
             h.tile += (size_t)i;                                                                   \
-            for (int t = 0; t < 4; t++)                                                            \
+            for (int t = 0; t < TT; t++)                                                           \
                 h.y[t] += i * QS_W4_ROWS;                                                          \
-            mk_ymm(&h, 2, 4, VNNI);                                                                \
+            if (TT == 4)                                                                           \
+                mk_ymm(&h, 2, 4, VNNI);                                                            \
+            else if (RT - i >= 2)                                                                  \
+                mk_ymm(&h, 4, 1, VNNI);                                                            \
+            else                                                                                   \
+                mk_ymm(&h, 2, 1, VNNI);                                                            \
         }                                                                                          \
     }
 YMM_INSTANCE(ymm_avx2, 0)
@@ -485,10 +509,10 @@ static ATTR_AVX512 void zmm_vnni(const blk *b, int RT, int TT)
 static void block(const qs_w4 *w, const qs_w4_dims *d, const acts *a, size_t bi, size_t M, int kind,
                   float *Y)
 {
-    size_t ntiles = d->Np / QS_W4_ROWS, tile = 2 * bi, n0 = tile * QS_W4_ROWS;
-    int RT = ntiles - tile >= 2 ? 2 : 1;
+    size_t ntiles = d->Np / QS_W4_ROWS, tile = BLOCK_TILES * bi, n0 = tile * QS_W4_ROWS;
+    int RT = ntiles - tile >= BLOCK_TILES ? BLOCK_TILES : (int)(ntiles - tile);
     size_t rows = RT * QS_W4_ROWS, valid = d->N - n0 < rows ? d->N - n0 : rows;
-    float scratch[4][2 * QS_W4_ROWS]; /* the last block's outputs, rows past N included */
+    float scratch[4][BLOCK_TILES * QS_W4_ROWS]; /* the last block's outputs, rows past N too */
     blk b = {.w = w, .d = d, .a = a, .tile = tile};
     for (size_t m0 = 0; m0 < M;) {
         int TT = M - m0 >= 4 ? 4 : 1;
@@ -543,7 +567,7 @@ int qs_w4a4_gemm(const qs_w4 *w, const float *X, size_t M, float *Y)
         if (nomem)
             err = qs_seterr(QS_ENOMEM, "out of memory for the W4A4 scalar kernel's row buffer");
     } else {
-        size_t nblk = (d.Np / QS_W4_ROWS + 1) / 2;
+        size_t nblk = (d.Np / QS_W4_ROWS + BLOCK_TILES - 1) / BLOCK_TILES;
         /* Dynamic: a core that loses its time slice must not hold up the call. */
 #pragma omp parallel for schedule(dynamic, 2)
         for (size_t bi = 0; bi < nblk; bi++)
