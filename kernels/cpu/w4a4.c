@@ -201,12 +201,11 @@ static void rows_scalar(const qs_w4 *w, const qs_w4_dims *d, const acts *a, size
 /* Tiles per block (32 rows: 4 tiles were no faster at batch 1 or 128 and
  * halve the blocks small matrices share among the cores). */
 #define BLOCK_TILES 2
-/* Software prefetch distance of the weight streams at batch 1 (as W8A8). */
+/* Software prefetch distance of the weight streams, for a block's first
+ * tokens (1 or 4), which read its weights from DRAM: two streams 97 KB apart
+ * (12288 columns) were left latency-bound by the hardware prefetcher. The
+ * later tokens find the block in L2. */
 #define PF_AHEAD 4096
-/* Groups ahead at which a tile's scales are prefetched: s4 is [N][ng], so a
- * tile's 16 scales of one group sit on 16 lines, which the hardware does
- * not fetch ahead; gathered from DRAM they halved the batch-1 speed. */
-#define PF_GROUPS 4
 
 typedef struct blk {
     const qs_w4 *w;
@@ -218,6 +217,7 @@ typedef struct blk {
     const uint8_t *x8[4];     /* and outlier codes */
     const float *sx[4], *sxo; /* group scales, outlier scales (from token m0) */
     const int32_t *xs[4];     /* nibble offsets */
+    int first;                /* the block's first tokens: weights and scales come from DRAM */
 } blk;
 
 static inline int32_t load4(const void *p)
@@ -227,17 +227,23 @@ static inline int32_t load4(const void *p)
     return v;
 }
 
-/* Prefetches group g's scales of rows n.. n + rows - 1 (and at g = 0 the
- * first group's too). Always inlined: as a function of prefetches alone GCC
- * finds it free of side effects and deletes the calls. */
-INLINE void pf_scales(const qs_w4 *w, const qs_w4_dims *d, size_t n, int rows, size_t g)
+/* Prefetches the scales of rows n.. n + rows - 1 ahead of group g: s4 is
+ * [N][ng], a row's scales contiguous, so addresses 8 floats apart (every 8
+ * groups, 8 ahead) touch each of its lines before it is gathered (from
+ * DRAM, the gathers halved the batch-1 speed). Only
+ * for a block's first tokens: later ones find them in cache. Always
+ * inlined: as a function of prefetches alone GCC finds it free of side
+ * effects and deletes the calls. */
+INLINE void pf_scales(const blk *b, int rows, size_t g)
 {
+    if (!b->first || g % 8)
+        return;
     for (int i = 0; i < rows; i++) {
-        const float *s = w->s4 + (n + (size_t)i) * d->ng;
+        const float *s = b->w->s4 + (b->tile * QS_W4_ROWS + (size_t)i) * b->d->ng;
         if (g == 0)
             _mm_prefetch((const char *)s, _MM_HINT_T0);
-        if (g + PF_GROUPS < d->ng)
-            _mm_prefetch((const char *)(s + g + PF_GROUPS), _MM_HINT_T0);
+        if (g + 8 < b->d->ng)
+            _mm_prefetch((const char *)(s + g + 8), _MM_HINT_T0);
     }
 }
 
@@ -282,14 +288,14 @@ INLINE ATTR_AVX2 void mk_ymm(const blk *b, int H, int TT, int vnni)
             for (int t = 0; t < TT; t++)
                 acc[h][t] = _mm256_setzero_si256();
         size_t kend = (g + 1) * G8 < d->K4p / 8 ? (g + 1) * G8 : d->K4p / 8;
-        pf_scales(w, d, b->tile * QS_W4_ROWS, H * 8, g);
+        pf_scales(b, H * 8, g);
         for (size_t kb = g * G8; kb < kend; kb++) {
             __m256i lo[4], hi[4];
 #pragma GCC unroll 4
             for (int h = 0; h < H; h++) {
                 const uint8_t *p = w4 + (h / 2) * tb4 + kb * 64 + (h % 2) * 32;
                 __m256i v = _mm256_loadu_si256((const __m256i *)p);
-                if (TT == 1 && h % 2 == 0)
+                if (b->first && h % 2 == 0)
                     _mm_prefetch((const char *)p + PF_AHEAD, _MM_HINT_T0);
                 lo[h] = _mm256_and_si256(v, lo4);
                 hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
@@ -395,14 +401,14 @@ INLINE ATTR_AVX512 void mk_zmm(const blk *b, int RT, int TT)
                 acc[r][t] = _mm512_setzero_si512();
         }
         size_t kend = (g + 1) * G8 < d->K4p / 8 ? (g + 1) * G8 : d->K4p / 8;
-        pf_scales(w, d, b->tile * QS_W4_ROWS, RT * QS_W4_ROWS, g);
+        pf_scales(b, RT * QS_W4_ROWS, g);
         for (size_t kb = g * G8; kb < kend; kb++) {
             __m512i lo[2], hi[2];
 #pragma GCC unroll 4
             for (int r = 0; r < RT; r++) {
                 const uint8_t *p = w4 + r * tb4 + kb * 64;
                 __m512i v = _mm512_loadu_si512((const void *)p);
-                if (TT == 1)
+                if (b->first)
                     _mm_prefetch((const char *)p + PF_AHEAD, _MM_HINT_T0);
                 lo[r] = _mm512_and_si512(v, lo4);
                 hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
@@ -525,6 +531,7 @@ static void block(const qs_w4 *w, const qs_w4_dims *d, const acts *a, size_t bi,
             b.xs[t] = a->xs + m * d->ng;
         }
         b.sxo = a->sxo + m0;
+        b.first = m0 == 0;
         if (kind == K_AVX512)
             zmm_vnni(&b, RT, TT);
         else if (kind == K_VNNI)
