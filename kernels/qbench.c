@@ -1,6 +1,7 @@
 /* qbench: times the CPU kernels against OpenBLAS fp32 on DRAM-resident weights.
  *
- *   qbench [--quick] [--json] [--threads N] [--path scalar|avx2|avxvnni] [--blas-as-installed]
+ *   qbench [--quick] [--json] [--threads N] [--path scalar|avx2|avxvnni|avx512]
+ *          [--batches 1,16,128] [--blas-as-installed]
  *
  * It first measures this machine's memory read bandwidth (OpenMP sum over a
  * 1 GiB buffer, median of 5), then for each shape, scheme and batch prints
@@ -10,7 +11,8 @@
  * weight bytes / measured bandwidth) / time, 1.0 meaning the kernel streams
  * its weights as fast as the machine can read. Each repeat uses the next of
  * several weight copies totalling more than twice the LLC, so the weights
- * come from DRAM, not cache.
+ * come from DRAM, not cache. --batches replaces the batches of both shapes
+ * (default 1, 32 and 128; --quick fewer).
  *
  * OpenBLAS 0.3.21 does not know recent Xeons (family 6 model 207) and falls
  * back to its SSE3 "Prescott" kernels, 5x slower at sgemm than its AVX-512
@@ -148,13 +150,18 @@ typedef struct row {
 typedef struct bench {
     int json, quick, threads;
     double bw;
-    row rows[64];
+    row rows[160];
     int nrows;
+    size_t batches[8]; /* --batches, nbatches of them (0: the defaults) */
+    int nbatches;
 } bench;
 
-enum { S_FP32, S_BCQ3, S_BCQ4, S_W8A8, S_W8A8G, S_BCQ3F };
-static const char *scheme_name[] = {"fp32-openblas", "bcq3-g128", "bcq4-g128",
-                                    "w8a8",          "w8a8-g128", "bcq3-g128-f32lut8"};
+/* w4a4: Atom's W4A4, 128 INT8 outlier channels, INT4 groups of 128. */
+enum { S_FP32, S_BCQ3, S_BCQ4, S_W8A8, S_W8A8G, S_W4A4, S_BCQ3F };
+static const char *scheme_name[] = {"fp32-openblas", "bcq3-g128", "bcq4-g128",        "w8a8",
+                                    "w8a8-g128",     "w4a4",      "bcq3-g128-f32lut8"};
+#define W4_KO    128
+#define W4_GROUP 128
 
 /* Weight copies of one scheme: enough to exceed ROTATE_BYTES. */
 typedef struct copies {
@@ -163,6 +170,7 @@ typedef struct copies {
     float *f[64];
     qs_bcq b[128];
     qs_w8 w[64];
+    qs_w4 w4[64];
 } copies;
 
 static int make_copies(copies *c, int scheme, size_t N, size_t K)
@@ -173,13 +181,34 @@ static int make_copies(copies *c, int scheme, size_t N, size_t K)
         c->bytes = N * K * 4;
     else if (scheme == S_W8A8 || scheme == S_W8A8G)
         c->bytes = qs_w8_bytes(N, K, scheme == S_W8A8G ? 128 : 0);
+    else if (scheme == S_W4A4)
+        c->bytes = qs_w4_bytes(N, K, W4_KO, W4_GROUP);
     else {
         qs_bcq_sizes(N, K, scheme == S_BCQ4 ? 4 : 3, 128, &c->bytes, &ba, &bz);
         c->bytes += ba + bz;
     }
     c->n = (int)((ROTATE_BYTES + c->bytes - 1) / c->bytes);
-    int cap = scheme == S_FP32 || scheme == S_W8A8 || scheme == S_W8A8G ? 64 : 128;
+    int cap = scheme == S_BCQ3 || scheme == S_BCQ4 ? 128 : 64;
     c->n = c->n < 2 ? 2 : (c->n > cap ? cap : c->n);
+    int8_t *codes = NULL;
+    float *s4 = NULL, *s8 = NULL;
+    if (scheme == S_W4A4) {
+        /* Random codes over the full ranges, made once and packed per copy. */
+        size_t ng = (K - W4_KO + W4_GROUP - 1) / W4_GROUP;
+        codes = malloc(N * K), s4 = malloc(N * ng * 4), s8 = malloc(N * 4);
+        if (!codes || !s4 || !s8)
+            return free(codes), free(s4), free(s8), QS_ENOMEM;
+        fill_rand(codes, N * K);
+        for (size_t n = 0; n < N; n++)
+            for (size_t k = 0; k < K; k++) {
+                uint8_t u = (uint8_t)codes[n * K + k];
+                codes[n * K + k] = (int8_t)(k < K - W4_KO ? u % 15 - 7 : u % 255 - 127);
+            }
+        for (size_t i = 0; i < N * ng; i++)
+            s4[i] = 1e-3f;
+        for (size_t n = 0; n < N; n++)
+            s8[n] = 1e-3f;
+    }
     for (int i = 0; i < c->n; i++) {
         if (scheme == S_FP32) {
             if (!(c->f[i] = malloc(N * K * 4)))
@@ -205,6 +234,9 @@ static int make_copies(copies *c, int scheme, size_t N, size_t K)
             for (size_t n = 0; n < N; n++)
                 w->scale[n] = 1e-3f;
             qs_w8_sums(w);
+        } else if (scheme == S_W4A4) {
+            if (qs_w4_from_codes(&c->w4[i], codes, s4, s8, N, K, NULL, W4_KO, W4_GROUP))
+                return free(codes), free(s4), free(s8), QS_ENOMEM;
         } else {
             qs_bcq *b = &c->b[i];
             if (qs_bcq_init(b, N, K, scheme == S_BCQ4 ? 4 : 3, 128))
@@ -217,6 +249,7 @@ static int make_copies(copies *c, int scheme, size_t N, size_t K)
                 b->z[j] = qs_fp32_to_fp16(0.001f);
         }
     }
+    free(codes), free(s4), free(s8);
     return QS_OK;
 }
 
@@ -227,6 +260,8 @@ static void free_copies(copies *c, int scheme)
             free(c->f[i]);
         else if (scheme == S_W8A8 || scheme == S_W8A8G)
             qs_w8_close(&c->w[i]);
+        else if (scheme == S_W4A4)
+            qs_w4_close(&c->w4[i]);
         else
             qs_bcq_close(&c->b[i]);
     }
@@ -247,6 +282,8 @@ static int run_once(copies *c, int scheme, int i, size_t N, size_t K, size_t M, 
     case S_W8A8:
     case S_W8A8G:
         return qs_w8a8_gemm(&c->w[i], X, M, 0, Y);
+    case S_W4A4:
+        return qs_w4a4_gemm(&c->w4[i], X, M, Y);
     case S_BCQ3F:
         return qs_lutgemm_f32(&c->b[i], X, M, Y);
     default:
@@ -359,9 +396,21 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--path") && i + 1 < argc) {
             if (qs_cpu_force_path(argv[++i]))
                 return fprintf(stderr, "qbench: %s\n", qs_errmsg()), 2;
+        } else if (!strcmp(argv[i], "--batches") && i + 1 < argc) {
+            /* a comma-separated list, increasing */
+            for (char *p = argv[++i], *e; *p && B.nbatches < 8; p = *e ? e + 1 : e) {
+                long v = strtol(p, &e, 10);
+                if (v < 1 || v > 4096 || (*e && *e != ',') ||
+                    (B.nbatches && (size_t)v <= B.batches[B.nbatches - 1]))
+                    return fprintf(stderr, "qbench: --batches takes up to 8 increasing batch "
+                                           "sizes 1..4096, e.g. 1,16,128\n"),
+                           2;
+                B.batches[B.nbatches++] = (size_t)v;
+            }
         } else {
             fprintf(stderr, "usage: qbench [--quick] [--json] [--threads N] "
-                            "[--path scalar|avx2|avxvnni] [--blas-as-installed]\n");
+                            "[--path scalar|avx2|avxvnni|avx512] [--batches 1,16,128] "
+                            "[--blas-as-installed]\n");
             return 2;
         }
     }
@@ -390,8 +439,10 @@ int main(int argc, char **argv)
                "median ms", "GB/s", "vs fp32", "floor");
     }
     const size_t all[] = {1, 32, 128}, one[] = {1};
-    if (bench_shape(&B, 4096, 4096, all, B.quick ? 2 : 3) ||
-        bench_shape(&B, 12288, 12288, B.quick ? one : all, B.quick ? 1 : 3))
+    if (B.nbatches ? bench_shape(&B, 4096, 4096, B.batches, B.nbatches) ||
+                         bench_shape(&B, 12288, 12288, B.batches, B.nbatches)
+                   : bench_shape(&B, 4096, 4096, all, B.quick ? 2 : 3) ||
+                         bench_shape(&B, 12288, 12288, B.quick ? one : all, B.quick ? 1 : 3))
         return 1;
     if (B.json) {
         printf("{\"threads\": %d, \"path\": \"%s\", \"openblas_core\": \"%s\", "

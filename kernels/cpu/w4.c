@@ -18,10 +18,11 @@
 #include "cpu.h"
 #include "w4.h"
 
-/* Clip ratios tried per (row, group): 1.00, 0.99, ..., 0.70. The squared
- * error of a group falls by 10-25 % on Gaussian-like weights against plain
- * max scaling (the largest weight clipped, the rest on a finer grid); 1.00
- * is among them, so the search is never worse than max scaling. */
+/* Clip ratios tried per (row, group): 1.00, 0.99, ..., 0.70 of the group's
+ * max, the least squared error kept. Against plain max scaling the error
+ * falls by ~18 % on Gaussian and ~15 % on Student-t(3) weights
+ * (test_w4_clip_search): the largest weights clip, the rest sit on a finer
+ * grid. 1.00 is among them, so the search is never worse than max scaling. */
 #define CLIP_STEPS 31
 #define CLIP_STEP  0.01f
 

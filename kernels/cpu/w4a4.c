@@ -198,7 +198,13 @@ static void rows_scalar(const qs_w4 *w, const qs_w4_dims *d, const acts *a, size
 #define ATTR_AVX2   __attribute__((target("avx2,fma,f16c")))
 #define ATTR_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512vnni")))
 #define INLINE      static inline __attribute__((always_inline))
-/* Software prefetch distance of the weight streams at batch 1 (as W8A8). */
+/* Tiles per block (32 rows: 4 tiles were no faster at batch 1 or 128 and
+ * halve the blocks small matrices share among the cores). */
+#define BLOCK_TILES 2
+/* Software prefetch distance of the weight streams, for a block's first
+ * tokens (1 or 4), which read its weights from DRAM: two streams 97 KB apart
+ * (12288 columns) were left latency-bound by the hardware prefetcher. The
+ * later tokens find the block in L2. */
 #define PF_AHEAD 4096
 
 typedef struct blk {
@@ -211,6 +217,7 @@ typedef struct blk {
     const uint8_t *x8[4];     /* and outlier codes */
     const float *sx[4], *sxo; /* group scales, outlier scales (from token m0) */
     const int32_t *xs[4];     /* nibble offsets */
+    int first;                /* the block's first tokens: weights and scales come from DRAM */
 } blk;
 
 static inline int32_t load4(const void *p)
@@ -218,6 +225,26 @@ static inline int32_t load4(const void *p)
     int32_t v;
     memcpy(&v, p, 4);
     return v;
+}
+
+/* Prefetches the scales of rows n.. n + rows - 1 ahead of group g: s4 is
+ * [N][ng], a row's scales contiguous, so addresses 8 floats apart (every 8
+ * groups, 8 ahead) touch each of its lines before it is gathered (from
+ * DRAM, the gathers halved the batch-1 speed). Only
+ * for a block's first tokens: later ones find them in cache. Always
+ * inlined: as a function of prefetches alone GCC finds it free of side
+ * effects and deletes the calls. */
+INLINE void pf_scales(const blk *b, int rows, size_t g)
+{
+    if (!b->first || g % 8)
+        return;
+    for (int i = 0; i < rows; i++) {
+        const float *s = b->w->s4 + (b->tile * QS_W4_ROWS + (size_t)i) * b->d->ng;
+        if (g == 0)
+            _mm_prefetch((const char *)s, _MM_HINT_T0);
+        if (g + 8 < b->d->ng)
+            _mm_prefetch((const char *)(s + g + 8), _MM_HINT_T0);
+    }
 }
 
 /* acc += u8 a . s8 b, 4 products per int32 lane. Inline asm because GCC 12
@@ -261,13 +288,14 @@ INLINE ATTR_AVX2 void mk_ymm(const blk *b, int H, int TT, int vnni)
             for (int t = 0; t < TT; t++)
                 acc[h][t] = _mm256_setzero_si256();
         size_t kend = (g + 1) * G8 < d->K4p / 8 ? (g + 1) * G8 : d->K4p / 8;
+        pf_scales(b, H * 8, g);
         for (size_t kb = g * G8; kb < kend; kb++) {
             __m256i lo[4], hi[4];
 #pragma GCC unroll 4
             for (int h = 0; h < H; h++) {
                 const uint8_t *p = w4 + (h / 2) * tb4 + kb * 64 + (h % 2) * 32;
                 __m256i v = _mm256_loadu_si256((const __m256i *)p);
-                if (TT == 1 && h % 2 == 0)
+                if (b->first && h % 2 == 0)
                     _mm_prefetch((const char *)p + PF_AHEAD, _MM_HINT_T0);
                 lo[h] = _mm256_and_si256(v, lo4);
                 hi[h] = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
@@ -365,7 +393,7 @@ INLINE ATTR_AVX512 void mk_zmm(const blk *b, int RT, int TT)
                            _mm512_set1_epi32((int)d->ng));
     for (size_t g = 0; g < d->ng; g++) {
         __m512i acc[2][4], acc2[2];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int r = 0; r < RT; r++) {
             acc2[r] = _mm512_setzero_si512();
 #pragma GCC unroll 4
@@ -373,13 +401,14 @@ INLINE ATTR_AVX512 void mk_zmm(const blk *b, int RT, int TT)
                 acc[r][t] = _mm512_setzero_si512();
         }
         size_t kend = (g + 1) * G8 < d->K4p / 8 ? (g + 1) * G8 : d->K4p / 8;
+        pf_scales(b, RT * QS_W4_ROWS, g);
         for (size_t kb = g * G8; kb < kend; kb++) {
             __m512i lo[2], hi[2];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
             for (int r = 0; r < RT; r++) {
                 const uint8_t *p = w4 + r * tb4 + kb * 64;
                 __m512i v = _mm512_loadu_si512((const void *)p);
-                if (TT == 1)
+                if (b->first)
                     _mm_prefetch((const char *)p + PF_AHEAD, _MM_HINT_T0);
                 lo[r] = _mm512_and_si512(v, lo4);
                 hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
@@ -388,7 +417,7 @@ INLINE ATTR_AVX512 void mk_zmm(const blk *b, int RT, int TT)
             for (int t = 0; t < TT; t++) {
                 __m512i xl = _mm512_set1_epi32(load4(b->x4[t] + kb * 8));
                 __m512i xh = _mm512_set1_epi32(load4(b->x4[t] + kb * 8 + 4));
-#pragma GCC unroll 2
+#pragma GCC unroll 4
                 for (int r = 0; r < RT; r++) {
                     acc[r][t] = dp_zmm(acc[r][t], lo[r], xl);
                     if (TT == 1)
@@ -398,7 +427,7 @@ INLINE ATTR_AVX512 void mk_zmm(const blk *b, int RT, int TT)
                 }
             }
         }
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int r = 0; r < RT; r++) {
             size_t n = (b->tile + r) * QS_W4_ROWS;
             __m512 s4 = _mm512_i32gather_ps(idx, w->s4 + n * d->ng + g, 4);
@@ -418,25 +447,25 @@ INLINE ATTR_AVX512 void mk_zmm(const blk *b, int RT, int TT)
     const size_t tb8 = QS_W4_ROWS * d->kop;
     const int8_t *w8 = w->w8 + b->tile * tb8;
     __m512i acc[2][4];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int r = 0; r < RT; r++)
 #pragma GCC unroll 4
         for (int t = 0; t < TT; t++)
             acc[r][t] = _mm512_setzero_si512();
     for (size_t k4 = 0; k4 < d->kop / 4; k4++) {
         __m512i wv[2];
-#pragma GCC unroll 2
+#pragma GCC unroll 4
         for (int r = 0; r < RT; r++)
             wv[r] = _mm512_loadu_si512((const void *)(w8 + r * tb8 + k4 * 64));
 #pragma GCC unroll 4
         for (int t = 0; t < TT; t++) {
             __m512i xb = _mm512_set1_epi32(load4(b->x8[t] + k4 * 4));
-#pragma GCC unroll 2
+#pragma GCC unroll 4
             for (int r = 0; r < RT; r++)
                 acc[r][t] = dp_zmm(acc[r][t], xb, wv[r]);
         }
     }
-#pragma GCC unroll 2
+#pragma GCC unroll 4
     for (int r = 0; r < RT; r++) {
         size_t n = (b->tile + r) * QS_W4_ROWS;
         __m512i corr = _mm512_slli_epi32(_mm512_loadu_si512((const void *)(w->sum + n)), 7);
@@ -458,16 +487,17 @@ INLINE ATTR_AVX512 void mk_zmm(const blk *b, int RT, int TT)
 #define YMM_INSTANCE(NAME, VNNI)                                                                   \
     static ATTR_AVX2 void NAME(const blk *b, int RT, int TT)                                       \
     {                                                                                              \
-        if (TT == 1) {                                                                             \
-            RT == 2 ? mk_ymm(b, 4, 1, VNNI) : mk_ymm(b, 2, 1, VNNI);                               \
-            return;                                                                                \
-        }                                                                                          \
-        for (int i = 0; i < RT; i++) {                                                             \
+        for (int i = 0; i < RT; i += TT == 1 ? 2 : 1) {                                            \
             blk h = *b;                                                                            \
             h.tile += (size_t)i;                                                                   \
-            for (int t = 0; t < 4; t++)                                                            \
+            for (int t = 0; t < TT; t++)                                                           \
                 h.y[t] += i * QS_W4_ROWS;                                                          \
-            mk_ymm(&h, 2, 4, VNNI);                                                                \
+            if (TT == 4)                                                                           \
+                mk_ymm(&h, 2, 4, VNNI);                                                            \
+            else if (RT - i >= 2)                                                                  \
+                mk_ymm(&h, 4, 1, VNNI);                                                            \
+            else                                                                                   \
+                mk_ymm(&h, 2, 1, VNNI);                                                            \
         }                                                                                          \
     }
 YMM_INSTANCE(ymm_avx2, 0)
@@ -485,10 +515,10 @@ static ATTR_AVX512 void zmm_vnni(const blk *b, int RT, int TT)
 static void block(const qs_w4 *w, const qs_w4_dims *d, const acts *a, size_t bi, size_t M, int kind,
                   float *Y)
 {
-    size_t ntiles = d->Np / QS_W4_ROWS, tile = 2 * bi, n0 = tile * QS_W4_ROWS;
-    int RT = ntiles - tile >= 2 ? 2 : 1;
+    size_t ntiles = d->Np / QS_W4_ROWS, tile = BLOCK_TILES * bi, n0 = tile * QS_W4_ROWS;
+    int RT = ntiles - tile >= BLOCK_TILES ? BLOCK_TILES : (int)(ntiles - tile);
     size_t rows = RT * QS_W4_ROWS, valid = d->N - n0 < rows ? d->N - n0 : rows;
-    float scratch[4][2 * QS_W4_ROWS]; /* the last block's outputs, rows past N included */
+    float scratch[4][BLOCK_TILES * QS_W4_ROWS]; /* the last block's outputs, rows past N too */
     blk b = {.w = w, .d = d, .a = a, .tile = tile};
     for (size_t m0 = 0; m0 < M;) {
         int TT = M - m0 >= 4 ? 4 : 1;
@@ -501,6 +531,7 @@ static void block(const qs_w4 *w, const qs_w4_dims *d, const acts *a, size_t bi,
             b.xs[t] = a->xs + m * d->ng;
         }
         b.sxo = a->sxo + m0;
+        b.first = m0 == 0;
         if (kind == K_AVX512)
             zmm_vnni(&b, RT, TT);
         else if (kind == K_VNNI)
@@ -543,7 +574,7 @@ int qs_w4a4_gemm(const qs_w4 *w, const float *X, size_t M, float *Y)
         if (nomem)
             err = qs_seterr(QS_ENOMEM, "out of memory for the W4A4 scalar kernel's row buffer");
     } else {
-        size_t nblk = (d.Np / QS_W4_ROWS + 1) / 2;
+        size_t nblk = (d.Np / QS_W4_ROWS + BLOCK_TILES - 1) / BLOCK_TILES;
         /* Dynamic: a core that loses its time slice must not hold up the call. */
 #pragma omp parallel for schedule(dynamic, 2)
         for (size_t bi = 0; bi < nblk; bi++)
