@@ -9,7 +9,7 @@
 #include "qs_kernels.h"
 #include "quant.h"
 
-static int check_weights(const float *W, size_t N, size_t K)
+int qs_check_weights(const float *W, size_t N, size_t K)
 {
     for (size_t i = 0, n = N * K; i < n; i++)
         if (!isfinite(W[i]))
@@ -52,7 +52,7 @@ int qs_rtn_quantize(qs_rtn *out, const float *W, size_t N, size_t K, unsigned q,
                                     "struct and the N x K weights");
     memset(out, 0, sizeof(*out));
     int err = qs_bcq_check(N, K, q, g);
-    if (err || (err = check_weights(W, N, K)))
+    if (err || (err = qs_check_weights(W, N, K)))
         return err;
     size_t ng = qs_bcq_ngroups(K, g), gs = g ? g : K;
     out->codes = malloc(N * K);
@@ -503,7 +503,7 @@ int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q,
                                     "struct and the N x K weights");
     memset(out, 0, sizeof(*out));
     int err = qs_bcq_check(N, K, q, g);
-    if (err || (err = check_weights(W, N, K)))
+    if (err || (err = qs_check_weights(W, N, K)))
         return err;
     if (max_iters == 0)
         max_iters = 20;

@@ -9,6 +9,9 @@
 
 #include "qs_kernels.h"
 
+/* QS_OK, or QS_EINVAL naming the first non-finite weight of W (N x K). */
+int qs_check_weights(const float *W, size_t N, size_t K);
+
 /* Scratch for fitting groups of up to gs weights (one per thread). */
 typedef struct qs_bcq_fitter qs_bcq_fitter;
 qs_bcq_fitter *qs_bcq_fitter_new(size_t gs);
