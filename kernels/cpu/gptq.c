@@ -65,31 +65,32 @@ static size_t round_up(size_t x, size_t m)
 /* ---- Small dense kernels ----------------------------------------------------
  * c (4 rows x 16 floats or 8 doubles, ldc) += s * sum_p a[r ars + p aps] b[p ldb ..]:
  * four rows of a broadcast against one row segment of b per p, so the
- * accumulators stay in registers. s is +-1, so s * a is exact. */
+ * accumulators stay in registers; s (+-1) is applied once at the end, so
+ * each broadcast is a plain load. */
 
 static ATTR_AVX2 void mk_f32_avx2(size_t P, float s, const float *a, size_t ars, size_t aps,
                                   const float *b, size_t ldb, float *c, size_t ldc)
 {
-    __m256 c0 = _mm256_loadu_ps(c), c1 = _mm256_loadu_ps(c + 8);
-    __m256 c2 = _mm256_loadu_ps(c + ldc), c3 = _mm256_loadu_ps(c + ldc + 8);
-    __m256 c4 = _mm256_loadu_ps(c + 2 * ldc), c5 = _mm256_loadu_ps(c + 2 * ldc + 8);
-    __m256 c6 = _mm256_loadu_ps(c + 3 * ldc), c7 = _mm256_loadu_ps(c + 3 * ldc + 8);
+    __m256 acc[8];
+    for (int i = 0; i < 8; i++)
+        acc[i] = _mm256_setzero_ps();
     for (size_t p = 0; p < P; p++) {
         const float *ap = a + p * aps, *bp = b + p * ldb;
         __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8);
-        __m256 x = _mm256_set1_ps(s * ap[0]);
-        c0 = _mm256_fmadd_ps(x, b0, c0), c1 = _mm256_fmadd_ps(x, b1, c1);
-        x = _mm256_set1_ps(s * ap[ars]);
-        c2 = _mm256_fmadd_ps(x, b0, c2), c3 = _mm256_fmadd_ps(x, b1, c3);
-        x = _mm256_set1_ps(s * ap[2 * ars]);
-        c4 = _mm256_fmadd_ps(x, b0, c4), c5 = _mm256_fmadd_ps(x, b1, c5);
-        x = _mm256_set1_ps(s * ap[3 * ars]);
-        c6 = _mm256_fmadd_ps(x, b0, c6), c7 = _mm256_fmadd_ps(x, b1, c7);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            __m256 x = _mm256_broadcast_ss(ap + r * ars);
+            acc[2 * r] = _mm256_fmadd_ps(x, b0, acc[2 * r]);
+            acc[2 * r + 1] = _mm256_fmadd_ps(x, b1, acc[2 * r + 1]);
+        }
     }
-    _mm256_storeu_ps(c, c0), _mm256_storeu_ps(c + 8, c1);
-    _mm256_storeu_ps(c + ldc, c2), _mm256_storeu_ps(c + ldc + 8, c3);
-    _mm256_storeu_ps(c + 2 * ldc, c4), _mm256_storeu_ps(c + 2 * ldc + 8, c5);
-    _mm256_storeu_ps(c + 3 * ldc, c6), _mm256_storeu_ps(c + 3 * ldc + 8, c7);
+    __m256 sv = _mm256_set1_ps(s);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) {
+        float *cr = c + r * ldc;
+        _mm256_storeu_ps(cr, _mm256_fmadd_ps(sv, acc[2 * r], _mm256_loadu_ps(cr)));
+        _mm256_storeu_ps(cr + 8, _mm256_fmadd_ps(sv, acc[2 * r + 1], _mm256_loadu_ps(cr + 8)));
+    }
 }
 
 static void mk_f32_plain(size_t P, float s, const float *a, size_t ars, size_t aps, const float *b,
@@ -106,26 +107,26 @@ static void mk_f32_plain(size_t P, float s, const float *a, size_t ars, size_t a
 static ATTR_AVX2 void mk_f64_avx2(size_t P, double s, const double *a, size_t lda, const double *b,
                                   size_t ldb, double *c, size_t ldc)
 {
-    __m256d c0 = _mm256_loadu_pd(c), c1 = _mm256_loadu_pd(c + 4);
-    __m256d c2 = _mm256_loadu_pd(c + ldc), c3 = _mm256_loadu_pd(c + ldc + 4);
-    __m256d c4 = _mm256_loadu_pd(c + 2 * ldc), c5 = _mm256_loadu_pd(c + 2 * ldc + 4);
-    __m256d c6 = _mm256_loadu_pd(c + 3 * ldc), c7 = _mm256_loadu_pd(c + 3 * ldc + 4);
+    __m256d acc[8];
+    for (int i = 0; i < 8; i++)
+        acc[i] = _mm256_setzero_pd();
     for (size_t p = 0; p < P; p++) {
         const double *bp = b + p * ldb;
         __m256d b0 = _mm256_loadu_pd(bp), b1 = _mm256_loadu_pd(bp + 4);
-        __m256d x = _mm256_set1_pd(s * a[p]);
-        c0 = _mm256_fmadd_pd(x, b0, c0), c1 = _mm256_fmadd_pd(x, b1, c1);
-        x = _mm256_set1_pd(s * a[lda + p]);
-        c2 = _mm256_fmadd_pd(x, b0, c2), c3 = _mm256_fmadd_pd(x, b1, c3);
-        x = _mm256_set1_pd(s * a[2 * lda + p]);
-        c4 = _mm256_fmadd_pd(x, b0, c4), c5 = _mm256_fmadd_pd(x, b1, c5);
-        x = _mm256_set1_pd(s * a[3 * lda + p]);
-        c6 = _mm256_fmadd_pd(x, b0, c6), c7 = _mm256_fmadd_pd(x, b1, c7);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            __m256d x = _mm256_broadcast_sd(a + r * lda + p);
+            acc[2 * r] = _mm256_fmadd_pd(x, b0, acc[2 * r]);
+            acc[2 * r + 1] = _mm256_fmadd_pd(x, b1, acc[2 * r + 1]);
+        }
     }
-    _mm256_storeu_pd(c, c0), _mm256_storeu_pd(c + 4, c1);
-    _mm256_storeu_pd(c + ldc, c2), _mm256_storeu_pd(c + ldc + 4, c3);
-    _mm256_storeu_pd(c + 2 * ldc, c4), _mm256_storeu_pd(c + 2 * ldc + 4, c5);
-    _mm256_storeu_pd(c + 3 * ldc, c6), _mm256_storeu_pd(c + 3 * ldc + 4, c7);
+    __m256d sv = _mm256_set1_pd(s);
+#pragma GCC unroll 4
+    for (int r = 0; r < 4; r++) {
+        double *cr = c + r * ldc;
+        _mm256_storeu_pd(cr, _mm256_fmadd_pd(sv, acc[2 * r], _mm256_loadu_pd(cr)));
+        _mm256_storeu_pd(cr + 4, _mm256_fmadd_pd(sv, acc[2 * r + 1], _mm256_loadu_pd(cr + 4)));
+    }
 }
 
 static void mk_f64_plain(size_t P, double s, const double *a, size_t lda, const double *b,
@@ -238,7 +239,8 @@ int qs_hessian_add(float *H, const float *X, size_t M, size_t K)
                              "calibration input [token %zu, channel %zu] is not finite (%g): "
                              "the batch would poison the Hessian; skip it",
                              i / K, i % K, (double)X[i]);
-    float *Xp = calloc(HM * Kp, sizeof *Xp);
+    size_t lx = Kp + 16; /* not a multiple of 1 KiB: see la in gptq_factor */
+    float *Xp = calloc(HM * lx, sizeof *Xp);
     if (!Xp)
         return qs_seterr(QS_ENOMEM, "out of memory for a %zu-token slice of the Hessian input",
                          (size_t)HM);
@@ -247,7 +249,7 @@ int qs_hessian_add(float *H, const float *X, size_t M, size_t K)
     for (size_t m0 = 0; m0 < M; m0 += HM) {
         size_t mc = M - m0 < HM ? M - m0 : HM;
         for (size_t m = 0; m < mc; m++) /* padded with zero channels to Kp */
-            memcpy(Xp + m * Kp, X + (m0 + m) * K, K * sizeof *Xp);
+            memcpy(Xp + m * lx, X + (m0 + m) * K, K * sizeof *Xp);
             /* Tiles on and above the diagonal; the lower half is the mirror. */
 #pragma omp parallel for schedule(dynamic, 1)
         for (size_t tt = 0; tt < nt * nt; tt++) {
@@ -256,7 +258,7 @@ int qs_hessian_add(float *H, const float *X, size_t M, size_t K)
                 continue;
             float C[HT * HT];
             memset(C, 0, sizeof C);
-            gemm_f32(HT, HT, mc, 1.0f, Xp + ti * HT, 1, Kp, Xp + tj * HT, Kp, C, HT, avx2);
+            gemm_f32(HT, HT, mc, 1.0f, Xp + ti * HT, 1, lx, Xp + tj * HT, lx, C, HT, avx2);
             for (size_t i = ti * HT; i < (ti + 1) * HT && i < K; i++)
                 for (size_t j = i > tj * HT ? i : tj * HT; j < (tj + 1) * HT && j < K; j++)
                     H[i * K + j] += C[(i - ti * HT) * HT + j - tj * HT];
@@ -272,22 +274,23 @@ int qs_hessian_add(float *H, const float *X, size_t M, size_t K)
 
 /* ---- Factorization: U, the upper Cholesky factor of Hp^-1 -------------------- */
 
-/* Lower Cholesky factor of A (n x n, n % NB == 0) in its lower triangle
- * (the upper is scratch), right-looking by blocks of NB. PT: NB x n scratch
- * for the panel transposed, so the trailing update reads both operands in
- * rows. Returns n, or the row where a pivot was not positive. */
-static size_t chol_lower(double *A, size_t n, double *PT, int avx2)
+/* Lower Cholesky factor of A (n x n, rows la apart, n % NB == 0) in its
+ * lower triangle (the upper is scratch), right-looking by blocks of NB. PT:
+ * NB x la scratch for the panel transposed, so the trailing update reads
+ * both operands in rows. Returns n, or the row where a pivot was not
+ * positive. */
+static size_t chol_lower(double *A, size_t n, size_t la, double *PT, int avx2)
 {
     for (size_t k0 = 0; k0 < n; k0 += NB) {
         size_t k1 = k0 + NB;
         for (size_t j = k0; j < k1; j++) {
-            double *Aj = A + j * n;
+            double *Aj = A + j * la;
             double d = Aj[j] - dot(Aj + k0, Aj + k0, j - k0, avx2);
             if (!(d > 0) || !isfinite(d))
                 return j;
             Aj[j] = sqrt(d);
             for (size_t i = j + 1; i < k1; i++) {
-                double *Ai = A + i * n;
+                double *Ai = A + i * la;
                 Ai[j] = (Ai[j] - dot(Ai + k0, Aj + k0, j - k0, avx2)) / Aj[j];
             }
         }
@@ -295,11 +298,11 @@ static size_t chol_lower(double *A, size_t n, double *PT, int avx2)
             break;
 #pragma omp parallel for schedule(static)
         for (size_t i = k1; i < n; i++) {
-            double *Ai = A + i * n;
+            double *Ai = A + i * la;
             for (size_t j = k0; j < k1; j++)
-                Ai[j] = (Ai[j] - dot(Ai + k0, A + j * n + k0, j - k0, avx2)) / A[j * n + j];
+                Ai[j] = (Ai[j] - dot(Ai + k0, A + j * la + k0, j - k0, avx2)) / A[j * la + j];
             for (size_t p = 0; p < NB; p++)
-                PT[p * n + i] = Ai[k0 + p];
+                PT[p * la + i] = Ai[k0 + p];
         }
         size_t nb = (n - k1) / NB;
 #pragma omp parallel for schedule(dynamic, 1)
@@ -308,30 +311,30 @@ static size_t chol_lower(double *A, size_t n, double *PT, int avx2)
             if (J > I)
                 continue;
             size_t i0 = k1 + I * NB, j0 = k1 + J * NB;
-            blk_f64(A + i0 * n + j0, n, A + i0 * n + k0, n, PT + j0, n, -1.0, avx2);
+            blk_f64(A + i0 * la + j0, la, A + i0 * la + k0, la, PT + j0, la, -1.0, avx2);
         }
     }
     return n;
 }
 
-/* L^-1 in place of the lower triangle of A (n x n, n % NB == 0), block row
+/* L^-1 in place of the lower triangle of A (n x n, rows la apart), block row
  * by block row: X[I,J] = -L[I,I]^-1 sum_{P=J..I-1} L[I,P] X[P,J]. The upper
  * triangles of the diagonal blocks come out zero (they are read as
- * operands); the blocks above them are never read. T: NB x n scratch, D:
+ * operands); the blocks above them are never read. T: NB x la scratch, D:
  * NB x NB. */
-static void trtri_lower(double *A, size_t n, double *T, double *D, int avx2)
+static void trtri_lower(double *A, size_t n, size_t la, double *T, double *D, int avx2)
 {
     for (size_t I = 0; I < n / NB; I++) {
         size_t i0 = I * NB;
-        const double *L = A + i0 * n + i0;
+        const double *L = A + i0 * la + i0;
         /* D = L[I,I]^-1 by forward substitution, zeros above the diagonal */
         memset(D, 0, NB * NB * sizeof *D);
         for (size_t i = 0; i < NB; i++) {
-            D[i * NB + i] = 1 / L[i * n + i];
+            D[i * NB + i] = 1 / L[i * la + i];
             for (size_t j = 0; j < i; j++) {
                 double s = 0;
                 for (size_t p = j; p < i; p++)
-                    s += L[i * n + p] * D[p * NB + j];
+                    s += L[i * la + p] * D[p * NB + j];
                 D[i * NB + j] = -s * D[i * NB + i];
             }
         }
@@ -341,19 +344,19 @@ static void trtri_lower(double *A, size_t n, double *T, double *D, int avx2)
         for (size_t J = 0; J < I; J++) {
             double *Tj = T + J * NB;
             for (size_t r = 0; r < NB; r++)
-                memset(Tj + r * n, 0, NB * sizeof *Tj);
+                memset(Tj + r * la, 0, NB * sizeof *Tj);
             for (size_t P = J; P < I; P++)
-                blk_f64(Tj, n, A + i0 * n + P * NB, n, A + P * NB * n + J * NB, n, 1.0, avx2);
+                blk_f64(Tj, la, A + i0 * la + P * NB, la, A + P * NB * la + J * NB, la, 1.0, avx2);
         }
 #pragma omp parallel for schedule(static)
         for (size_t J = 0; J < I; J++) {
-            double *X = A + i0 * n + J * NB;
+            double *X = A + i0 * la + J * NB;
             for (size_t r = 0; r < NB; r++)
-                memset(X + r * n, 0, NB * sizeof *X);
-            blk_f64(X, n, D, NB, T + J * NB, n, -1.0, avx2);
+                memset(X + r * la, 0, NB * sizeof *X);
+            blk_f64(X, la, D, NB, T + J * NB, la, -1.0, avx2);
         }
         for (size_t r = 0; r < NB; r++)
-            memcpy(A + (i0 + r) * n + i0, D + r * NB, NB * sizeof *D);
+            memcpy(A + (i0 + r) * la + i0, D + r * NB, NB * sizeof *D);
     }
 }
 
@@ -364,12 +367,15 @@ static int gptq_factor(const float *H, size_t K, const uint32_t *perm, double da
                        float **Uout, size_t *ldout, uint8_t **deadout)
 {
     *Uout = NULL, *deadout = NULL;
-    size_t n = round_up(K, NB), ld = round_up(K, 16) + 16, t;
-    if (__builtin_mul_overflow(n, n, &t) || __builtin_mul_overflow(t, sizeof(double), &t) ||
+    /* Rows la = n + 8 doubles apart: at n * 8 bytes (a multiple of 1 KiB)
+     * the 128 rows of a column strip fell into one L1 set and the
+     * factorization ran at a third of its speed. */
+    size_t n = round_up(K, NB), la = n + 8, ld = round_up(K, 16) + 16, t;
+    if (__builtin_mul_overflow(n, la, &t) || __builtin_mul_overflow(t, sizeof(double), &t) ||
         __builtin_mul_overflow(K, ld, &t) || __builtin_mul_overflow(t, sizeof(float), &t))
         return qs_seterr(QS_EOVERFLOW, "GPTQ's %zu x %zu inverse Hessian overflows size_t", K, K);
     uint8_t *dead = malloc(K);
-    double *A = malloc(n * n * sizeof *A), *T = malloc((NB * n + NB * NB) * sizeof *T);
+    double *A = malloc(n * la * sizeof *A), *T = malloc((NB * la + NB * NB) * sizeof *T);
     float *U = NULL;
     int err = QS_OK;
     if (!dead || !A || !T) {
@@ -402,7 +408,7 @@ static int gptq_factor(const float *H, size_t K, const uint32_t *perm, double da
     int bad = 0;
 #pragma omp parallel for schedule(dynamic, 16) reduction(| : bad)
     for (size_t i = 0; i < n; i++) {
-        double *Ai = A + i * n;
+        double *Ai = A + i * la;
         for (size_t j = 0; j <= i; j++) {
             double v = i == j;
             if (i < K) {
@@ -426,7 +432,7 @@ static int gptq_factor(const float *H, size_t K, const uint32_t *perm, double da
                     goto out;
                 }
     }
-    size_t piv = chol_lower(A, n, T, avx2);
+    size_t piv = chol_lower(A, n, la, T, avx2);
     if (piv < n) {
         size_t a = K - 1 - piv;
         err = qs_seterr(QS_EINVAL,
@@ -436,7 +442,7 @@ static int gptq_factor(const float *H, size_t K, const uint32_t *perm, double da
                         perm ? (size_t)perm[a] : a, damp);
         goto out;
     }
-    trtri_lower(A, n, T, T + NB * n, avx2);
+    trtri_lower(A, n, la, T, T + NB * la, avx2);
     U = calloc(K * ld, sizeof *U);
     if (!U) {
         err =
@@ -446,7 +452,7 @@ static int gptq_factor(const float *H, size_t K, const uint32_t *perm, double da
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < K; i++)
         for (size_t j = i; j < K; j++)
-            U[i * ld + j] = (float)A[(K - 1 - i) * n + (K - 1 - j)];
+            U[i * ld + j] = (float)A[(K - 1 - i) * la + (K - 1 - j)];
 out:
     free(A);
     free(T);
