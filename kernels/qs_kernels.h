@@ -229,44 +229,71 @@ int qs_quant_act_static(const float *X, size_t M, size_t K, float scale, int8_t 
  * position j, and the ko channels with the largest calibration activations
  * come last. Positions j < K4 = K - ko: INT4 weights and activations,
  * symmetric (codes -7..7), the weights with an fp32 scale per row and group of
- * G positions (a clipping search picks each scale), the activations quantized
- * dynamically per token and group (sx = max|x| / 7). Positions j >= K4 (the
- * outliers): INT8 weights per row and INT8 activations per token (-127..127):
+ * G positions (the last group ragged; a clipping search picks each scale:
+ * clip ratios 1.00, 0.99, ..., 0.70 of the group's max, the least squared
+ * error kept), the activations quantized dynamically per token and group.
+ * Positions j >= K4 (the outliers): INT8 weights per row (swo = max / 127,
+ * codes -127..127) and INT8 activations per token:
  *   Y[m,n] = sum_g sx[m,g] sw[n,g] sum_{j in g} xq[m,j] wq[n,j]
  *          + sxo[m] swo[n] sum_{j >= K4} xq[m,j] wq[n,j].
- * The codes' memory order is the kernels' (kernels/cpu/w4.h); qs_w4_codes
- * reads them out in a plain order. */
+ *
+ * Activation codes (the rule a GPU reproduces bit for bit), per token, for
+ * each INT4 group (qmax = 7) and for the outlier positions (qmax = 127),
+ * on x_j = X[m, perm[j]] in fp32:
+ *   max = the largest |x_j| (NaN skipped), scale = max / qmax (fp32 division),
+ *   inv = max > 0 ? qmax / max : 0 (an IEEE fp32 division, not a fast
+ *         reciprocal; Inf when max < qmax / FLT_MAX),
+ *   code = clamp(nearbyintf(x_j * inv), -qmax, qmax): the fp32 product
+ *         (CUDA __fmul_rn) rounded to an integer, ties to even (rintf); a
+ *         NaN product (0 * Inf) gives code 0.
+ * A token holding NaN or Inf: every code 0 and every scale (sx and sxo)
+ * NaN, so its outputs are NaN. A zero token: codes 0, scales 0, outputs 0.
+ * sxo is 0 when ko = 0 (unless NaN).
+ *
+ * The codes' memory order is the CPU kernel's (kernels/cpu/w4.h: 16-row
+ * tiles, INT4 codes as nibbles w + 8); qs_w4_codes reads them out in a plain
+ * order. s4 and s8 are plain arrays, readable as documented below; their
+ * rows past N (up to a multiple of 16) are zeros. */
 typedef struct qs_w4 {
-    size_t N, K, ko, group; /* K4 = K - ko; group: a multiple of 8 */
+    size_t N, K, ko, group; /* K4 = K - ko; group: G, a multiple of 8 */
     uint32_t *perm;         /* [K] */
-    uint8_t *w4;            /* INT4 codes, two per byte (kernel order) */
-    float *s4;              /* [N][ceil(K4 / group)] */
-    int8_t *w8;             /* outlier codes (kernel order) */
-    float *s8;              /* [N] */
-    int32_t *sum;           /* per row and group sums of codes (the VNNI offset trick) */
+    uint8_t *w4;            /* INT4 codes, two per byte (kernel order); NULL when K4 = 0 */
+    float *s4;              /* [N][ceil(K4 / group)]; NULL when K4 = 0 */
+    int8_t *w8;             /* outlier codes (kernel order); NULL when ko = 0 */
+    float *s8;              /* [N]; NULL when ko = 0 */
+    int32_t *sum;           /* [N] sums of each row's outlier codes (the VNNI offset
+                               of the outliers); NULL when ko = 0 */
 } qs_w4;
 
 /* W (N x K, original channel order) quantized as above. perm NULL = identity;
- * ko 0 = no outliers; group 0 = 128 (clamped to K4 rounded up to 8). */
+ * ko 0 = no outliers; group 0 = 128; a group is clamped to K4 rounded up to 8
+ * (at least 8), which changes nothing but the value stored. NaN or Inf
+ * weights: QS_EINVAL. */
 int qs_w4_quantize(qs_w4 *out, const float *W, size_t N, size_t K, const uint32_t *perm, size_t ko,
                    size_t group);
 /* From codes chosen elsewhere (GPTQ, a checkpoint): codes N x K in position
- * order (int4 range before K4, int8 after), s4 [N][ceil(K4/G)], s8 [N]. */
+ * order (-7..7 before K4, -127..127 after), s4 [N][ceil(K4/G)] (may be NULL
+ * when ko = K), s8 [N] (may be NULL when ko = 0), scales finite and >= 0.
+ * Everything is checked: QS_EINVAL names the first bad value. */
 int qs_w4_from_codes(qs_w4 *out, const int8_t *codes, const float *s4, const float *s8, size_t N,
                      size_t K, const uint32_t *perm, size_t ko, size_t group);
 /* The codes N x K in position order (the inverse of qs_w4_from_codes). */
 int qs_w4_codes(const qs_w4 *w, int8_t *codes);
+/* Frees the arrays; safe on a zeroed or closed struct. */
 void qs_w4_close(qs_w4 *w);
-/* Bytes of the format (codes, scales, sums, perm); 0 on overflow. */
+/* Bytes of the format as allocated (codes, scales, sums, perm; rows padded
+ * to 16, K4 to 8, ko to 4); 0 on overflow or a bad shape. */
 size_t qs_w4_bytes(size_t N, size_t K, size_t ko, size_t group);
 /* N x K fp32 in the original channel order. */
 int qs_w4_dequant(const qs_w4 *w, float *W);
-/* Activation codes (the rule the GPU reproduces bit for bit): X (M x K,
- * original order) read through perm into xq (M x K, position order), sx
- * [M][ceil(K4/G)], sxo [M] (0 when ko = 0; NaN for a token holding NaN/Inf). */
+/* Activation codes by the rule above: X (M x K, original order) read
+ * through perm into xq (M x K, position order: K4 INT4 codes, then ko INT8
+ * codes), sx [M][ceil(K4/G)] (may be NULL when ko = K), sxo [M]. */
 int qs_w4_quant_act(const qs_w4 *w, const float *X, size_t M, int8_t *xq, float *sx, float *sxo);
 /* Y (M x N) = X (M x K, original order) W^T with the activation quantization
- * fused; and its float64 reference on the same activation codes. */
+ * fused (kernels/cpu/w4a4.c); and its float64 reference on the same
+ * activation codes (qs_w4_quant_act's and qs_w4_codes's, exact integer
+ * sums, the scales applied in double). */
 int qs_w4a4_gemm(const qs_w4 *w, const float *X, size_t M, float *Y);
 int qs_w4a4_gemm_ref_f64(const qs_w4 *w, const float *X, size_t M, double *Y);
 
@@ -334,7 +361,8 @@ int qs_w8a8_gemm(const qs_w8 *w, const float *X, size_t M, float act_scale, floa
 int qs_w8a8_gemm_ref_f64(const qs_w8 *w, const float *X, size_t M, float act_scale, double *Y);
 
 /* Which SIMD path the kernels take: "avx512" (LUT-GEMM with AVX-512 BW and
- * VBMI, W8A8 as avxvnni), "avxvnni", "avx2" or "scalar". force:
+ * VBMI, W4A4 with AVX-512 VNNI where the CPU has it, else as avxvnni; W8A8
+ * as avxvnni), "avxvnni", "avx2" or "scalar". force:
  * NULL = best available, else one of those names (for tests and qbench;
  * process-wide, not to be called while kernels run on other threads). */
 const char *qs_cpu_path(void);

@@ -21,7 +21,15 @@ static int has_avxvnni(void)
     return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 4 & 1);
 }
 
-static int forced = -1, best = -1, vnni, avx512;
+/* AVX-512 VNNI: leaf 7 subleaf 0, ECX bit 11 (the OS's zmm state is what
+ * __builtin_cpu_supports("avx512f") checks). */
+static int has_avx512vnni(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c >> 11 & 1);
+}
+
+static int forced = -1, best = -1, vnni, avx512, avx512vnni;
 
 static void detect(void)
 {
@@ -32,6 +40,7 @@ static void detect(void)
     vnni = avx2 && has_avxvnni();
     avx512 = avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
              __builtin_cpu_supports("avx512vbmi");
+    avx512vnni = avx512 && has_avx512vnni();
     best = !avx2 ? QS_PATH_SCALAR : avx512 ? QS_PATH_AVX512 : vnni ? QS_PATH_AVXVNNI : QS_PATH_AVX2;
 }
 
@@ -45,6 +54,12 @@ int qs_cpu_has_vnni(void)
 {
     detect();
     return vnni;
+}
+
+int qs_cpu_has_avx512vnni(void)
+{
+    detect();
+    return avx512vnni;
 }
 
 const char *qs_cpu_path(void)
