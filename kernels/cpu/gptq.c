@@ -391,7 +391,8 @@ static int gptq_factor(const float *H, size_t K, const uint32_t *perm, double da
         if (!isfinite(h) || h < 0) {
             err = qs_seterr(QS_EINVAL,
                             "Hessian diagonal [%zu] is %g: H must be X^T X of finite "
-                            "calibration inputs (qs_hessian_add), which is never negative",
+                            "calibration inputs (qs_hessian_add), finite and never negative; "
+                            "record it again",
                             c, (double)h);
             goto out;
         }
