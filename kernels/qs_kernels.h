@@ -336,6 +336,15 @@ int qs_gptq_bcq(qs_bcq *out, const float *W, size_t N, size_t K, const float *H,
  * later columns at once), the same grids; Wq (N x K) the weights chosen. */
 int qs_gptq_bcq_ref_f64(const float *W, size_t N, size_t K, const float *H, unsigned q, size_t g,
                         unsigned iters, int uniform, double damp, float *Wq);
+/* GPTQ onto W4A4 (the qs_w4 format, out initialized here; perm, ko and
+ * group as qs_w4_quantize): columns in position order; each INT4 group's
+ * scale per row by qs_w4_quantize's clipping search on the updated weights,
+ * the outliers' INT8 scale per row (max / 127) set once from the original
+ * weights. H in the original channel order. */
+int qs_gptq_w4(qs_w4 *out, const float *W, size_t N, size_t K, const float *H, const uint32_t *perm,
+               size_t ko, size_t group, const qs_gptq_opts *opts);
+int qs_gptq_w4_ref_f64(const float *W, size_t N, size_t K, const float *H, const uint32_t *perm,
+                       size_t ko, size_t group, double damp, float *Wq);
 
 /* ---- Kernels (CPU, fp32 activations; OpenMP over output rows) -------------
  * All GEMMs: X is M x K row-major, Y is M x N row-major, Y = X W^T. */

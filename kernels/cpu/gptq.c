@@ -17,6 +17,9 @@
  *   Wc  R x ld  float32, R rows of W in position order, updated as columns
  *               are rounded (one thread's; the paper's W)
  *   E   R x BLK float32, the current block's scaled errors (w - q) / U[j][j]
+ *   codes N x K, position order: BCQ's (bit i = plane i) or W4's (int8),
+ *       packed at the end by qs_bcq_pack_codes or qs_w4_from_codes;
+ *       W4's scales s4 [N][ceil(K4 / G)] and s8 [N] beside them
  *
  * The algorithm (the paper's Algorithm 1): for each column j in position
  * order, q = the nearest level of its row's grid, e = (w - q) / U[j][j],
@@ -41,6 +44,7 @@
  * over chunks of R rows, each thread running its rows through every
  * column: rows never interact). Memory: 8 n^2 + 4 K ld bytes, plus
  * R x ld floats per thread. */
+#include <float.h>
 #include <immintrin.h>
 #include <math.h>
 #include <omp.h>
@@ -49,6 +53,7 @@
 
 #include "cpu.h"
 #include "quant.h"
+#include "w4.h"
 
 #define NB  128 /* factorization block */
 #define BLK 128 /* lazy-batch block of columns */
@@ -467,30 +472,38 @@ out:
 
 /* ---- Grids ------------------------------------------------------------------ */
 
-enum { GRID_BCQ, GRID_RTN };
+enum { GRID_BCQ, GRID_RTN, GRID_W4 };
 
+/* Groups in position order: of gs positions up to K4 (the last one ragged
+ * for W4), then the W4 outliers [K4, K) as one group whose int8 scale per
+ * row is set up front from the original weights. */
 typedef struct grid {
     int kind;
     unsigned q, iters;
     size_t gs; /* group size in positions (K for one group per row) */
+    size_t K4; /* W4: the first outlier position; K otherwise */
+    size_t K;
 } grid;
 
-/* One row's grid for its current group: the 2^q levels, ascending, each as
- * the dequantizer computes it (so the values chosen are the stored ones). */
+/* One row's grid for its current group. BCQ and RTN (lim 0): the 2^q levels,
+ * ascending, each as the dequantizer computes it, so the values chosen are
+ * the stored ones. W4: s * c for the codes c in -lim..lim. */
 typedef struct rowgrid {
     unsigned nl;
+    int lim;
+    float s;
     float lv[256];
     uint8_t code[256];
 } rowgrid;
 
 static size_t group_start(const grid *g, size_t j)
 {
-    return j / g->gs * g->gs;
+    return j >= g->K4 ? g->K4 : j / g->gs * g->gs;
 }
 
 static size_t group_end(const grid *g, size_t j0)
 {
-    return j0 + g->gs;
+    return j0 >= g->K4 ? g->K : (j0 + g->gs < g->K4 ? j0 + g->gs : g->K4);
 }
 
 /* The block from b0: BLK columns, cut at the last group start inside when
@@ -508,7 +521,7 @@ static void bcq_levels(const uint16_t *alpha, uint16_t z, unsigned q, rowgrid *r
     double a[8], z0 = qs_fp16_to_fp32(z);
     for (unsigned i = 0; i < q; i++)
         a[i] = qs_fp16_to_fp32(alpha[i]);
-    rg->nl = 1u << q;
+    rg->nl = 1u << q, rg->lim = 0;
     for (unsigned c = 0; c < rg->nl; c++) {
         double v = z0;
         for (unsigned i = 0; i < q; i++)
@@ -521,9 +534,17 @@ static void bcq_levels(const uint16_t *alpha, uint16_t z, unsigned q, rowgrid *r
     }
 }
 
-/* The nearest level to w (the lower of two as near). */
-static float rg_round(const rowgrid *rg, float w, unsigned *code)
+/* The nearest level to w (the lower of two as near); W4: s * (float)c as
+ * qs_w4_dequant computes it, c = w / s rounded to even and clamped (an
+ * exact midpoint may round to the farther level by the division's rounding). */
+static float rg_round(const rowgrid *rg, float w, int *code)
 {
+    if (rg->lim) {
+        float c = rg->s > 0 ? nearbyintf(w / rg->s) : 0, m = (float)rg->lim;
+        c = c > m ? m : (c < -m ? -m : c);
+        *code = (int)c;
+        return rg->s * (float)*code; /* (float)(int): -0.0 codes are 0, as stored */
+    }
     unsigned lo = 0, hi = rg->nl;
     while (lo < hi) {
         unsigned mid = (lo + hi) / 2;
@@ -538,12 +559,16 @@ static float rg_round(const rowgrid *rg, float w, unsigned *code)
     return rg->lv[lo];
 }
 
-/* Outputs: BCQ alpha and z go to bcq as groups are fitted, codes (N x K,
- * position order) and the values chosen (Wq, original order) as columns are
- * rounded. */
+/* Outputs, written as groups are fitted (BCQ alpha and z into bcq, W4 s4
+ * [N][ng]; W4 s8 [N] up front) and as columns are rounded (codes N x K in
+ * position order, BCQ's into codes, W4's into codes8; the values chosen into
+ * Wq, original order). */
 typedef struct gptq_out {
     qs_bcq *bcq;
     uint8_t *codes;
+    int8_t *codes8;
+    float *s4, *s8;
+    size_t ng;
     float *Wq;
 } gptq_out;
 
@@ -552,10 +577,22 @@ typedef struct row_ws {
     uint8_t *fit_codes; /* gs */
 } row_ws;
 
-/* Fits row n's grid for the group gi from its len current weights w. */
-static void fit_row(const grid *g, row_ws *ws, const float *w, size_t len, size_t n, size_t gi,
+/* Row n's grid for the group starting at position j0, from its current
+ * weights w (group_end - j0 of them). */
+static void fit_row(const grid *g, row_ws *ws, const float *w, size_t j0, size_t n,
                     const gptq_out *o, rowgrid *rg)
 {
+    size_t len = group_end(g, j0) - j0, gi = j0 / g->gs;
+    if (g->kind == GRID_W4) {
+        rg->nl = 0;
+        if (j0 >= g->K4) {
+            rg->s = o->s8[n], rg->lim = 127;
+        } else {
+            rg->s = o->s4[n * o->ng + gi] = qs_w4_fit_group(w, len, (int8_t *)ws->fit_codes);
+            rg->lim = 7;
+        }
+        return;
+    }
     uint16_t a[8], z;
     if (g->kind == GRID_BCQ)
         qs_bcq_fit_group(ws->ft, w, len, g->q, g->iters, ws->fit_codes, a, &z);
@@ -567,11 +604,23 @@ static void fit_row(const grid *g, row_ws *ws, const float *w, size_t len, size_
     bcq_levels(a, z, g->q, rg);
 }
 
-static void put(const gptq_out *o, size_t n, size_t K, size_t j, size_t col, unsigned code, float v)
+static void put(const gptq_out *o, size_t n, size_t K, size_t j, size_t col, int code, float v)
 {
-    o->codes[n * K + j] = (uint8_t)code;
+    if (o->codes8)
+        o->codes8[n * K + j] = (int8_t)code;
+    else
+        o->codes[n * K + j] = (uint8_t)code;
     if (o->Wq)
         o->Wq[n * K + col] = v;
+}
+
+/* The outliers' int8 scale of one row, as qs_w4_quantize sets it. */
+static float w4_s8(const float *v, size_t n)
+{
+    float mx = 0;
+    for (size_t k = 0; k < n; k++)
+        mx = fmaxf(mx, fabsf(v[k]));
+    return mx >= FLT_MIN ? mx / 127.0f : 0;
 }
 
 /* ---- The column loop ---------------------------------------------------------- */
@@ -588,20 +637,21 @@ static void gptq_rows(const grid *g, const float *W, size_t K, const uint32_t *p
         if (r < rows)
             for (size_t j = 0; j < K; j++)
                 wr[j] = dead[j] ? 0 : W[(n0 + r) * K + (perm ? perm[j] : j)];
+        if (r < rows && g->kind == GRID_W4 && g->K4 < K)
+            o->s8[n0 + r] = w4_s8(wr + g->K4, K - g->K4);
     }
     for (size_t b0 = 0, b1; b0 < K; b0 = b1) {
         b1 = block_end(g, b0, K);
         for (size_t j = b0; j < b1; j++) {
             if (group_start(g, j) == j)
                 for (size_t r = 0; r < rows; r++)
-                    fit_row(g, ws, Wc + r * ld + j, group_end(g, j) - j, n0 + r, j / g->gs, o,
-                            &rg[r]);
+                    fit_row(g, ws, Wc + r * ld + j, j, n0 + r, o, &rg[r]);
             const float *uj = U + j * ld;
             float d = uj[j];
             for (size_t r = 0; r < R; r++) {
                 float *wr = Wc + r * ld, e = 0;
                 if (r < rows) {
-                    unsigned code;
+                    int code;
                     float v = rg_round(&rg[r], wr[j], &code);
                     put(o, n0 + r, K, j, perm ? perm[j] : j, code, v);
                     e = (wr[j] - v) / d;
@@ -633,11 +683,10 @@ static int gptq_run(const grid *g, const float *W, size_t N, size_t K, const uin
         float *Wc = malloc(R * ld * sizeof *Wc), *E = malloc(R * BLK * sizeof *E);
         rowgrid *rg = malloc(R * sizeof *rg);
         row_ws ws = {NULL, NULL};
-        if (g->kind == GRID_BCQ) {
+        if (g->kind == GRID_BCQ)
             ws.ft = qs_bcq_fitter_new(g->gs);
-            ws.fit_codes = malloc(g->gs);
-        }
-        nomem = !Wc || !E || !rg || (g->kind == GRID_BCQ && (!ws.ft || !ws.fit_codes));
+        ws.fit_codes = malloc(g->gs);
+        nomem = !Wc || !E || !rg || !ws.fit_codes || (g->kind == GRID_BCQ && !ws.ft);
 #pragma omp for schedule(dynamic, 1)
         for (size_t c = 0; c < chunks; c++) {
             if (nomem)
@@ -679,7 +728,7 @@ int qs_gptq_bcq(qs_bcq *out, const float *W, size_t N, size_t K, const float *H,
     int err = qs_bcq_check(N, K, q, g);
     if (err || (err = check_damp(opts, &damp)) || (err = qs_check_weights(W, N, K)))
         return err;
-    grid gr = {uniform ? GRID_RTN : GRID_BCQ, q, iters ? iters : 20, g ? g : K};
+    grid gr = {uniform ? GRID_RTN : GRID_BCQ, q, iters ? iters : 20, g ? g : K, K, K};
     float *U = NULL;
     size_t ld = 0;
     uint8_t *dead = NULL, *codes = NULL;
@@ -691,7 +740,7 @@ int qs_gptq_bcq(qs_bcq *out, const float *W, size_t N, size_t K, const float *H,
     }
     if ((err = qs_bcq_init(out, N, K, q, g)))
         goto out;
-    gptq_out o = {out, codes, opts ? opts->Wq : NULL};
+    gptq_out o = {out, codes, NULL, NULL, NULL, 0, opts ? opts->Wq : NULL};
     if ((err = gptq_run(&gr, W, N, K, NULL, dead, U, ld, &o)))
         goto out;
     qs_bcq_pack_codes(out, codes);
@@ -701,6 +750,64 @@ out:
     free(U);
     free(dead);
     free(codes);
+    return err;
+}
+
+/* W4's shape, and perm a permutation (GPTQ reads H and W through it before
+ * qs_w4_from_codes would check it). */
+static int w4_args(size_t N, size_t K, const uint32_t *perm, size_t ko, size_t group, qs_w4_dims *d)
+{
+    int err = qs_w4_shape(N, K, ko, group, d);
+    if (err || !perm)
+        return err;
+    uint8_t *seen = calloc(K, 1);
+    if (!seen)
+        return qs_seterr(QS_ENOMEM, "out of memory checking a W4 permutation of %zu", K);
+    for (size_t j = 0; j < K && !err; j++) {
+        if (perm[j] >= K || seen[perm[j]])
+            err = qs_seterr(QS_EINVAL,
+                            "perm is not a permutation of 0..%zu: perm[%zu] = %u %s; list every "
+                            "input channel exactly once (outliers last)",
+                            K - 1, j, (unsigned)perm[j],
+                            perm[j] < K ? "appears twice" : "is out of range");
+        else
+            seen[perm[j]] = 1;
+    }
+    free(seen);
+    return err;
+}
+
+int qs_gptq_w4(qs_w4 *out, const float *W, size_t N, size_t K, const float *H, const uint32_t *perm,
+               size_t ko, size_t group, const qs_gptq_opts *opts)
+{
+    if (!out || !W || !H)
+        return qs_seterr(QS_EINVAL, "qs_gptq_w4 got a NULL pointer: pass the output struct, the "
+                                    "N x K weights and the K x K Hessian");
+    memset(out, 0, sizeof *out);
+    double damp;
+    qs_w4_dims d;
+    int err = w4_args(N, K, perm, ko, group, &d);
+    if (err || (err = check_damp(opts, &damp)) || (err = qs_check_weights(W, N, K)))
+        return err;
+    grid gr = {GRID_W4, 4, 0, d.G, d.K4, K};
+    float *U = NULL, *s4 = NULL, *s8 = NULL;
+    size_t ld = 0;
+    uint8_t *dead = NULL;
+    int8_t *codes = NULL;
+    if ((err = gptq_factor(H, K, perm, damp, qs_cpu_path_id() >= QS_PATH_AVX2, &U, &ld, &dead)))
+        return err;
+    codes = malloc(N * K);
+    s4 = calloc(N * (d.ng ? d.ng : 1), sizeof *s4);
+    s8 = calloc(N, sizeof *s8);
+    if (!codes || !s4 || !s8) {
+        err = qs_seterr(QS_ENOMEM, "out of memory for GPTQ codes of a %zu x %zu matrix", N, K);
+        goto out;
+    }
+    gptq_out o = {NULL, NULL, codes, s4, s8, d.ng, opts ? opts->Wq : NULL};
+    if (!(err = gptq_run(&gr, W, N, K, perm, dead, U, ld, &o)))
+        err = qs_w4_from_codes(out, codes, s4, s8, N, K, perm, ko, group);
+out:
+    free(U), free(dead), free(codes), free(s4), free(s8);
     return err;
 }
 
@@ -794,6 +901,53 @@ static int ref_hessian(const float *H, size_t K, const uint32_t *perm, double da
     return QS_OK;
 }
 
+/* The unblocked column loop in float64 over the paper's U, the same grids
+ * and outputs as gptq_rows. */
+static int ref_run(const grid *gr, const float *W, size_t N, size_t K, const float *H,
+                   const uint32_t *perm, double damp, const gptq_out *o)
+{
+    double *Hd = malloc(K * K * sizeof *Hd), *U = malloc(K * K * sizeof *U),
+           *w = malloc(K * sizeof *w);
+    uint8_t *dead = malloc(K);
+    float *wf = malloc(K * sizeof *wf);
+    row_ws ws = {gr->kind == GRID_BCQ ? qs_bcq_fitter_new(gr->gs) : NULL, malloc(gr->gs)};
+    int err = QS_OK;
+    if (!Hd || !U || !w || !dead || !wf || !ws.fit_codes || (gr->kind == GRID_BCQ && !ws.ft)) {
+        err = qs_seterr(QS_ENOMEM, "out of memory for the GPTQ reference");
+        goto out;
+    }
+    if ((err = ref_hessian(H, K, perm, damp, Hd, dead)) || (err = ref_uinv(Hd, K, U)))
+        goto out;
+    rowgrid rg;
+    for (size_t n = 0; n < N; n++) {
+        for (size_t j = 0; j < K; j++)
+            w[j] = dead[j] ? 0 : W[n * K + (perm ? perm[j] : j)];
+        if (gr->kind == GRID_W4 && gr->K4 < K) {
+            for (size_t j = gr->K4; j < K; j++)
+                wf[j] = (float)w[j];
+            o->s8[n] = w4_s8(wf + gr->K4, K - gr->K4);
+        }
+        for (size_t j = 0; j < K; j++) {
+            if (group_start(gr, j) == j) {
+                for (size_t k = j; k < group_end(gr, j); k++)
+                    wf[k] = (float)w[k];
+                fit_row(gr, &ws, wf + j, j, n, o, &rg);
+            }
+            int code;
+            float v = rg_round(&rg, (float)w[j], &code);
+            put(o, n, K, j, perm ? perm[j] : j, code, v);
+            double e = (w[j] - v) / U[j * K + j];
+            for (size_t k = j + 1; k < K; k++)
+                w[k] -= e * U[j * K + k];
+        }
+    }
+out:
+    qs_bcq_fitter_free(ws.ft);
+    free(ws.fit_codes);
+    free(Hd), free(U), free(w), free(dead), free(wf);
+    return err;
+}
+
 int qs_gptq_bcq_ref_f64(const float *W, size_t N, size_t K, const float *H, unsigned q, size_t g,
                         unsigned iters, int uniform, double damp, float *Wq)
 {
@@ -804,46 +958,40 @@ int qs_gptq_bcq_ref_f64(const float *W, size_t N, size_t K, const float *H, unsi
     int err = qs_bcq_check(N, K, q, g);
     if (err || (err = check_damp(&opts, &damp)) || (err = qs_check_weights(W, N, K)))
         return err;
-    grid gr = {uniform ? GRID_RTN : GRID_BCQ, q, iters ? iters : 20, g ? g : K};
-    double *Hd = malloc(K * K * sizeof *Hd), *U = malloc(K * K * sizeof *U),
-           *w = malloc(K * sizeof *w);
-    uint8_t *dead = malloc(K), *codes = malloc(N * K);
-    float *wf = malloc(K * sizeof *wf);
+    grid gr = {uniform ? GRID_RTN : GRID_BCQ, q, iters ? iters : 20, g ? g : K, K, K};
     qs_bcq tmp; /* holds the alphas and offsets the fits write */
-    memset(&tmp, 0, sizeof tmp);
-    row_ws ws = {gr.kind == GRID_BCQ ? qs_bcq_fitter_new(gr.gs) : NULL, malloc(gr.gs)};
-    if (!Hd || !U || !w || !dead || !codes || !wf || !ws.fit_codes ||
-        (gr.kind == GRID_BCQ && !ws.ft)) {
-        err = qs_seterr(QS_ENOMEM, "out of memory for the GPTQ reference");
-        goto out;
+    uint8_t *codes = malloc(N * K);
+    if (!codes)
+        return qs_seterr(QS_ENOMEM, "out of memory for the GPTQ reference");
+    if (!(err = qs_bcq_init(&tmp, N, K, q, g))) {
+        gptq_out o = {&tmp, codes, NULL, NULL, NULL, 0, Wq};
+        err = ref_run(&gr, W, N, K, H, NULL, damp, &o);
     }
-    if ((err = ref_hessian(H, K, NULL, damp, Hd, dead)) || (err = ref_uinv(Hd, K, U)) ||
-        (err = qs_bcq_init(&tmp, N, K, q, g)))
-        goto out;
-    gptq_out o = {&tmp, codes, Wq};
-    rowgrid rg;
-    for (size_t n = 0; n < N; n++) {
-        for (size_t j = 0; j < K; j++)
-            w[j] = dead[j] ? 0 : W[n * K + j];
-        for (size_t j = 0; j < K; j++) {
-            if (group_start(&gr, j) == j) {
-                size_t len = group_end(&gr, j) - j;
-                for (size_t k = 0; k < len; k++)
-                    wf[k] = (float)w[j + k];
-                fit_row(&gr, &ws, wf, len, n, j / gr.gs, &o, &rg);
-            }
-            unsigned code;
-            float v = rg_round(&rg, (float)w[j], &code);
-            put(&o, n, K, j, j, code, v);
-            double e = (w[j] - v) / U[j * K + j];
-            for (size_t k = j + 1; k < K; k++)
-                w[k] -= e * U[j * K + k];
-        }
-    }
-out:
     qs_bcq_close(&tmp);
-    qs_bcq_fitter_free(ws.ft);
-    free(ws.fit_codes);
-    free(Hd), free(U), free(w), free(dead), free(codes), free(wf);
+    free(codes);
+    return err;
+}
+
+int qs_gptq_w4_ref_f64(const float *W, size_t N, size_t K, const float *H, const uint32_t *perm,
+                       size_t ko, size_t group, double damp, float *Wq)
+{
+    if (!W || !H || !Wq)
+        return qs_seterr(QS_EINVAL, "qs_gptq_w4_ref_f64 got a NULL pointer: pass the weights, "
+                                    "the Hessian and an N x K output");
+    qs_gptq_opts opts = {damp, NULL};
+    qs_w4_dims d;
+    int err = w4_args(N, K, perm, ko, group, &d);
+    if (err || (err = check_damp(&opts, &damp)) || (err = qs_check_weights(W, N, K)))
+        return err;
+    grid gr = {GRID_W4, 4, 0, d.G, d.K4, K};
+    int8_t *codes = malloc(N * K);
+    float *s4 = calloc(N * (d.ng ? d.ng : 1), sizeof *s4), *s8 = calloc(N, sizeof *s8);
+    if (!codes || !s4 || !s8)
+        err = qs_seterr(QS_ENOMEM, "out of memory for the GPTQ reference");
+    else {
+        gptq_out o = {NULL, NULL, codes, s4, s8, d.ng, Wq};
+        err = ref_run(&gr, W, N, K, H, perm, damp, &o);
+    }
+    free(codes), free(s4), free(s8);
     return err;
 }

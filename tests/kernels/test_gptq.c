@@ -164,6 +164,72 @@ static void test_gptq_beats_plain(void **state)
     }
 }
 
+/* The ko channels with the largest calibration activations (H's diagonal)
+ * last: Atom's reordering; the rest shuffled (so that positions and
+ * channels differ) or in place. */
+static uint32_t *atom_perm(const float *H, size_t K, size_t ko, int shuffle)
+{
+    uint32_t *p = malloc(K * sizeof *p);
+    for (size_t j = 0; j < K; j++)
+        p[j] = (uint32_t)j;
+    for (size_t j = K - 1; shuffle && j > 0; j--) {
+        size_t i = tu_u64() % (j + 1);
+        uint32_t t = p[i];
+        p[i] = p[j], p[j] = t;
+    }
+    for (size_t o = 0; o < ko; o++) { /* selection: the largest go to K-1, K-2, ... */
+        size_t best = 0, end = K - o;
+        for (size_t j = 1; j < end; j++)
+            if (H[p[j] * K + p[j]] > H[p[best] * K + p[best]])
+                best = j;
+        uint32_t t = p[best];
+        p[best] = p[end - 1], p[end - 1] = t;
+    }
+    return p;
+}
+
+/* GPTQ onto W4A4 against qs_w4_quantize with the same perm, outliers and
+ * groups: ragged groups (K4 not a multiple of G), no outliers (perm NULL),
+ * only outliers; exact dequantization; the float64 reference. Atom puts the
+ * largest channels last, where GPTQ can move their error nowhere: with 8
+ * outliers they all are (3 here), as INT8; with 2 the third stays INT4 at
+ * its place. */
+static void test_gptq_w4(void **state)
+{
+    (void)state;
+    const size_t sc[][5] = {
+        {67, 200, 8, 48, 1}, {40, 288, 0, 128, 0}, {33, 130, 2, 64, 0}, {9, 96, 96, 0, 1}};
+    for (size_t s = 0; s < sizeof sc / sizeof *sc; s++) {
+        size_t N = sc[s][0], K = sc[s][1], ko = sc[s][2], G = sc[s][3], M = 2 * K;
+        float *X = calib(M, K), *W = weights(N, K), *H = calloc(K * K, sizeof *H);
+        float *Wq = malloc(N * K * sizeof *Wq), *D = malloc(N * K * sizeof *D),
+              *Wr = malloc(N * K * sizeof *Wr);
+        assert_int_equal(qs_hessian_add(H, X, M, K), QS_OK);
+        double *Hd = hessian_f64(X, M, K);
+        uint32_t *perm = ko ? atom_perm(H, K, ko, (int)sc[s][4]) : NULL;
+        qs_w4 plain, gq;
+        assert_int_equal(qs_w4_quantize(&plain, W, N, K, perm, ko, G), QS_OK);
+        qs_gptq_opts o = {0, Wq};
+        assert_int_equal(qs_gptq_w4(&gq, W, N, K, H, perm, ko, G, &o), QS_OK);
+        assert_int_equal(qs_w4_dequant(&gq, D), QS_OK);
+        assert_memory_equal(D, Wq, N * K * sizeof *D);
+        assert_int_equal(qs_w4_dequant(&plain, D), QS_OK);
+        double ep = out_err(Hd, W, D, N, K), eg = out_err(Hd, W, Wq, N, K);
+        assert_int_equal(qs_gptq_w4_ref_f64(W, N, K, H, perm, ko, G, 0, Wr), QS_OK);
+        double er = out_err(Hd, W, Wr, N, K);
+        printf("# w4 %zux%zu ko=%zu G=%zu: output error GPTQ/plain %.3f, GPTQ/ref %.6f\n", N, K, ko,
+               G, eg / ep, eg / er);
+        /* 40 seeds: 0.08 to 0.41 with INT4 positions; all INT8 with the
+         * largest channels last, 0.80 to 1.05 (little to gain at 8 bits
+         * there); the reference within 0.4% */
+        assert_true(eg < (ko < K ? 0.6 : 1.15) * ep);
+        assert_true(fabs(eg / er - 1) < 0.01);
+        qs_w4_close(&plain);
+        qs_w4_close(&gq);
+        free(X), free(W), free(H), free(Wq), free(D), free(Wr), free(Hd), free(perm);
+    }
+}
+
 /* Without correlation GPTQ has nothing to move errors onto: H = I gives the
  * plain quantizer's weights (RTN up to the nearest fp16 level, BCQ exactly
  * the fit's codes), and white calibration inputs nearly its error. */
@@ -282,6 +348,21 @@ static void test_bad_inputs(void **state)
     REFUSED(qs_gptq_bcq_ref_f64(W, N, K, Hbad, 3, 32, 0, 1, 0, X));
     memset(Hbad, 0, K * K * sizeof *Hbad);
     REFUSED(qs_gptq_bcq(&b, W, N, K, Hbad, 3, 32, 0, 1, NULL));
+    qs_w4 w4;
+    uint32_t *perm = malloc(K * sizeof *perm);
+    for (size_t j = 0; j < K; j++)
+        perm[j] = (uint32_t)j;
+    perm[3] = 5; /* twice */
+    REFUSED(qs_gptq_w4(&w4, W, N, K, H, perm, 4, 16, NULL));
+    perm[3] = (uint32_t)K; /* out of range */
+    REFUSED(qs_gptq_w4(&w4, W, N, K, H, perm, 4, 16, NULL));
+    REFUSED(qs_gptq_w4(&w4, W, N, K, H, NULL, K + 1, 16, NULL));
+    REFUSED(qs_gptq_w4(&w4, W, N, K, H, NULL, 4, 12, NULL));
+    REFUSED(qs_gptq_w4(&w4, W, N, K, Hbad, NULL, 4, 16, NULL));
+    REFUSED(qs_gptq_w4(NULL, W, N, K, H, NULL, 4, 16, NULL));
+    REFUSED(qs_gptq_w4_ref_f64(W, N, K, H, perm, 4, 16, 0, X));
+    assert_null(w4.perm);
+    free(perm);
     REFUSED(qs_hessian_add(NULL, X, K, K));
     REFUSED(qs_hessian_add(H, X, 0, K));
     X[5] = INFINITY;
@@ -298,8 +379,8 @@ int main(void)
     tu_seed("test_gptq");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_hessian),        cmocka_unit_test(test_gptq_beats_plain),
-        cmocka_unit_test(test_no_correlation), cmocka_unit_test(test_dead_and_paths),
-        cmocka_unit_test(test_bad_inputs),
+        cmocka_unit_test(test_gptq_w4),        cmocka_unit_test(test_no_correlation),
+        cmocka_unit_test(test_dead_and_paths), cmocka_unit_test(test_bad_inputs),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
