@@ -6,8 +6,9 @@
  * Default shapes: SmolLM2-135M's two linear shapes (1536x576: up/gate,
  * 576x1536: down) and 2048x8192. H comes from M random tokens (default
  * 1024; rank-deficient past K = M, which the damping covers, and the
- * timing does not depend on H's values). Prints the median over R runs
- * (default 3) of each step. */
+ * timing does not depend on H's values). BCQ and RTN groups of 128 (96
+ * where 128 does not divide K), W4 groups of 128 and 128 outlier channels.
+ * Prints the median over R runs (default 3) of each step. */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime */
 #include <math.h>
 #include <omp.h>
@@ -43,9 +44,10 @@ static float gauss(void)
     return (float)(sqrt(-2 * log(u[0])) * cos(6.283185307179586 * u[1]));
 }
 
-enum { S_HESS, S_RTN4, S_GRTN4, S_BCQ3, S_GBCQ3, S_N };
-static const char *names[S_N] = {"qs_hessian_add", "qs_bcq_from_rtn q4", "qs_gptq_bcq rtn q4",
-                                 "qs_bcq_quantize q3", "qs_gptq_bcq bcq q3"};
+enum { S_HESS, S_RTN4, S_GRTN4, S_BCQ3, S_GBCQ3, S_W4, S_GW4, S_N };
+static const char *names[S_N] = {"qs_hessian_add",     "qs_bcq_from_rtn q4", "qs_gptq_bcq rtn q4",
+                                 "qs_bcq_quantize q3", "qs_gptq_bcq bcq q3", "qs_w4_quantize",
+                                 "qs_gptq_w4"};
 
 static int bench(size_t N, size_t K, size_t M, int reps)
 {
@@ -58,9 +60,10 @@ static int bench(size_t N, size_t K, size_t M, int reps)
         W[i] = 0.02f * gauss();
     for (size_t i = 0; i < M * K; i++)
         X[i] = gauss();
-    size_t g = K % 128 == 0 ? 128 : 96;
+    size_t g = K % 128 == 0 ? 128 : 96, ko = K >= 512 ? 128 : 0; /* W4: Atom's 128 outliers */
     for (int r = 0; r < reps; r++) {
         qs_bcq b;
+        qs_w4 w4;
         double t0 = now();
         memset(H, 0, K * K * sizeof *H);
         if (qs_hessian_add(H, X, M, K))
@@ -71,11 +74,16 @@ static int bench(size_t N, size_t K, size_t M, int reps)
             int err = s == S_RTN4    ? qs_bcq_from_rtn(&b, W, N, K, 4, g)
                       : s == S_GRTN4 ? qs_gptq_bcq(&b, W, N, K, H, 4, g, 0, 1, NULL)
                       : s == S_BCQ3  ? qs_bcq_quantize(&b, W, N, K, 3, g, 0)
-                                     : qs_gptq_bcq(&b, W, N, K, H, 3, g, 0, 0, NULL);
+                      : s == S_GBCQ3 ? qs_gptq_bcq(&b, W, N, K, H, 3, g, 0, 0, NULL)
+                      : s == S_W4    ? qs_w4_quantize(&w4, W, N, K, NULL, ko, 128)
+                                     : qs_gptq_w4(&w4, W, N, K, H, NULL, ko, 128, NULL);
             if (err)
                 goto fail;
             t[s * reps + r] = now() - t0;
-            qs_bcq_close(&b);
+            if (s >= S_W4)
+                qs_w4_close(&w4);
+            else
+                qs_bcq_close(&b);
         }
     }
     for (int s = 0; s < S_N; s++) {
