@@ -297,6 +297,55 @@ int qs_w4_quant_act(const qs_w4 *w, const float *X, size_t M, int8_t *xq, float 
 int qs_w4a4_gemm(const qs_w4 *w, const float *X, size_t M, float *Y);
 int qs_w4a4_gemm_ref_f64(const qs_w4 *w, const float *X, size_t M, double *Y);
 
+/* ---- GPTQ -----------------------------------------------------------------
+ * The calibration-aware quantizer of GPTQ (Frantar et al., 2022): input
+ * columns are rounded one at a time, each to the nearest level of its row's
+ * grid, and the rounding error of each is moved onto the columns not yet
+ * rounded so as to minimise the layer's output error ||X W^T - X Wq^T||_F
+ * over calibration inputs X, through H = X^T X. Any weight grid: the grid
+ * of a group of columns is fitted when the group's first column comes up,
+ * from its columns' weights as updated by then (kernels/cpu/gptq.c has the
+ * algorithm, its shapes and costs).
+ *
+ * H: K x K fp32, symmetric; only its upper triangle (H[i][j], j >= i) is
+ * read. Before factoring, a channel with H[j][j] == 0 (never active in the
+ * calibration) gets weight 0 and H[j][j] = 1, and damp * mean(diag H) is
+ * added to the diagonal. A non-finite entry, a negative or all-zero
+ * diagonal, or an H not positive definite after damping is QS_EINVAL. */
+
+/* H (K x K) += X^T X over the M tokens of X (M x K row-major), sums in fp32;
+ * call once per calibration batch on the same H (start from zeros). Writes
+ * the whole of H (its lower triangle as the mirror of the upper). */
+int qs_hessian_add(float *H, const float *X, size_t M, size_t K);
+
+typedef struct qs_gptq_opts {
+    double damp; /* fraction of the mean diagonal added to it; 0 = 0.01 (the paper's) */
+    float *Wq;   /* NULL, or N x K: the quantized weights chosen (original column
+                  * order), equal to the output format's dequantization bit for bit */
+} qs_gptq_opts;
+
+/* GPTQ onto BCQ with offset (the qs_bcq layout, out initialized here):
+ * uniform 0: q alphas and an offset per row and group of g columns, fitted
+ * as qs_bcq_quantize fits them (iters as its max_iters, 0: 20); uniform 1:
+ * RTN's asymmetric grid (qs_rtn_quantize's scale and zero point) written as
+ * qs_bcq_from_rtn writes it. q, g as qs_bcq_check; opts NULL: defaults. */
+int qs_gptq_bcq(qs_bcq *out, const float *W, size_t N, size_t K, const float *H, unsigned q,
+                size_t g, unsigned iters, int uniform, const qs_gptq_opts *opts);
+/* The float64 reference: the paper's steps unblocked (Cholesky of H,
+ * inverse, Cholesky of the inverse; every column's error applied to all
+ * later columns at once), the same grids; Wq (N x K) the weights chosen. */
+int qs_gptq_bcq_ref_f64(const float *W, size_t N, size_t K, const float *H, unsigned q, size_t g,
+                        unsigned iters, int uniform, double damp, float *Wq);
+/* GPTQ onto W4A4 (the qs_w4 format, out initialized here; perm, ko and
+ * group as qs_w4_quantize): columns in position order; each INT4 group's
+ * scale per row by qs_w4_quantize's clipping search on the updated weights,
+ * the outliers' INT8 scale per row (max / 127) set once from the original
+ * weights. H in the original channel order. */
+int qs_gptq_w4(qs_w4 *out, const float *W, size_t N, size_t K, const float *H, const uint32_t *perm,
+               size_t ko, size_t group, const qs_gptq_opts *opts);
+int qs_gptq_w4_ref_f64(const float *W, size_t N, size_t K, const float *H, const uint32_t *perm,
+                       size_t ko, size_t group, double damp, float *Wq);
+
 /* ---- Kernels (CPU, fp32 activations; OpenMP over output rows) -------------
  * All GEMMs: X is M x K row-major, Y is M x N row-major, Y = X W^T. */
 

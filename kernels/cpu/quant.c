@@ -7,8 +7,9 @@
 #include <string.h>
 
 #include "qs_kernels.h"
+#include "quant.h"
 
-static int check_weights(const float *W, size_t N, size_t K)
+int qs_check_weights(const float *W, size_t N, size_t K)
 {
     for (size_t i = 0, n = N * K; i < n; i++)
         if (!isfinite(W[i]))
@@ -51,7 +52,7 @@ int qs_rtn_quantize(qs_rtn *out, const float *W, size_t N, size_t K, unsigned q,
                                     "struct and the N x K weights");
     memset(out, 0, sizeof(*out));
     int err = qs_bcq_check(N, K, q, g);
-    if (err || (err = check_weights(W, N, K)))
+    if (err || (err = qs_check_weights(W, N, K)))
         return err;
     size_t ng = qs_bcq_ngroups(K, g), gs = g ? g : K;
     out->codes = malloc(N * K);
@@ -109,9 +110,16 @@ static void rtn_as_bcq(float s, float zp, unsigned q, uint16_t *alpha, uint16_t 
     *z = qs_fp32_to_fp16(s * ((float)((1u << q) - 1) * 0.5f - zp));
 }
 
+void qs_rtn_grid(const float *w, size_t gs, unsigned q, uint16_t *alpha, uint16_t *z)
+{
+    float s, zp;
+    rtn_params(w, gs, q, &s, &zp);
+    rtn_as_bcq(s, zp, q, alpha, z);
+}
+
 /* Writes per-element codes (bit i = plane i, 1 = +1) of rows [0, N) into the
  * bit-planes of w in its word order. */
-static void pack_codes(qs_bcq *w, const uint8_t *codes)
+void qs_bcq_pack_codes(qs_bcq *w, const uint8_t *codes)
 {
     size_t nw = (w->K + 31) / 32;
 #pragma omp parallel for schedule(static)
@@ -146,7 +154,7 @@ int qs_bcq_from_rtn(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q,
                 out->alpha[qs_bcq_alpha_index(out, i, n, gi)] = a[i];
             out->z[qs_bcq_z_index(out, n, gi)] = z;
         }
-    pack_codes(out, r.codes);
+    qs_bcq_pack_codes(out, r.codes);
     qs_rtn_close(&r);
     return QS_OK;
 }
@@ -365,6 +373,128 @@ static double refine(const double *w, const double *h, size_t G, unsigned q, uns
     return assign_codes(w, h, f->order, G, a, *z, q, codes, f->rank, f->L, &f->hs, &changed);
 }
 
+/* One thread's scratch for groups of up to gs weights. */
+struct qs_bcq_fitter {
+    size_t gs;
+    double *w, *h;
+    uint8_t *c2, *c3; /* refined RTN codes, plain RTN codes */
+    uint32_t *order;
+    wix *tmp; /* 2 gs */
+    fit_ws f;
+};
+
+qs_bcq_fitter *qs_bcq_fitter_new(size_t gs)
+{
+    qs_bcq_fitter *ft = calloc(1, sizeof *ft);
+    if (!ft)
+        return NULL;
+    ft->gs = gs;
+    ft->w = malloc(gs * sizeof(double));
+    ft->h = malloc(gs * sizeof(double));
+    ft->c2 = malloc(2 * gs);
+    ft->c3 = ft->c2 ? ft->c2 + gs : NULL;
+    ft->order = malloc(gs * sizeof *ft->order);
+    ft->tmp = malloc(2 * gs * sizeof *ft->tmp);
+    ft->f.order = ft->order;
+    ft->f.rank = malloc(gs);
+    ft->f.L = malloc(256 * sizeof(lvl));
+    if (!ft->w || !ft->h || !ft->c2 || !ft->order || !ft->tmp || !ft->f.rank || !ft->f.L) {
+        qs_bcq_fitter_free(ft);
+        return NULL;
+    }
+    return ft;
+}
+
+void qs_bcq_fitter_free(qs_bcq_fitter *ft)
+{
+    if (!ft)
+        return;
+    free(ft->w);
+    free(ft->h);
+    free(ft->c2);
+    free(ft->order);
+    free(ft->tmp);
+    free(ft->f.rank);
+    free(ft->f.L);
+    free(ft);
+}
+
+void qs_bcq_fit_group(qs_bcq_fitter *ft, const float *wf, size_t gs, unsigned q, unsigned iters,
+                      uint8_t *c1, uint16_t *alpha, uint16_t *z)
+{
+    double *w = ft->w, *h = ft->h;
+    uint8_t *c2 = ft->c2, *c3 = ft->c3;
+    fit_ws *f = &ft->f;
+    double a1[8], z1, a2[8], z2;
+    for (size_t k = 0; k < gs; k++)
+        w[k] = wf[k];
+    sort_weights(w, gs, ft->tmp, ft->tmp + gs, ft->order);
+    /* Greedy: z = mean, then each plane takes the sign of the residual and
+     * its mean magnitude. */
+    double mean = 0;
+    for (size_t k = 0; k < gs; k++)
+        mean += w[k];
+    mean /= (double)gs;
+    /* Weights of the squared error: 1 + d^2 / var, d = w - mean. At 3 bits
+     * and fewer the plain least-squares fit clips the tail (on SmolLM2-135M
+     * row-wise it cut blk.11.ffn_down's 6.07 to 1.74), and those few large
+     * weights carry the large outputs: perplexity went from 22 to 1.6e6. At
+     * 4 bits it clips little and plain MSE measured slightly better. */
+    double var = 0;
+    for (size_t k = 0; k < gs; k++)
+        var += (w[k] - mean) * (w[k] - mean);
+    var /= (double)gs;
+    for (size_t k = 0; k < gs; k++)
+        h[k] = q <= 3 && var > 0 ? 1 + (w[k] - mean) * (w[k] - mean) / var : 1;
+    memset(c1, 0, gs);
+    for (unsigned i = 0; i < q; i++) {
+        double m = 0;
+        for (size_t k = 0; k < gs; k++) {
+            double r = w[k] - level(a1, mean, i, c1[k]);
+            m += fabs(r);
+            if (r >= 0)
+                c1[k] |= (uint8_t)(1u << i);
+        }
+        a1[i] = m / (double)gs;
+    }
+    double e1 = refine(w, h, gs, q, iters, c1, a1, &z1, f);
+    /* RTN seed: its levels are a BCQ point too; refining it makes the result
+     * never worse than RTN in the weighted error (ALS only finds a local
+     * optimum, and for large q the uniform grid is often near one). */
+    float s, zp;
+    rtn_params(wf, gs, q, &s, &zp);
+    for (size_t k = 0; k < gs; k++)
+        c2[k] = c3[k] = rtn_code(wf[k], s, zp, q);
+    double e2 = refine(w, h, gs, q, iters, c2, a2, &z2, f);
+    if (e2 < e1) {
+        memcpy(c1, c2, gs);
+        memcpy(a1, a2, sizeof(a1));
+        z1 = z2;
+    }
+    /* The weighted fit may lose to plain RTN in plain squared error (q = 1
+     * on heavy tails); RTN then, which clips nothing. */
+    uint16_t ra[8], rz;
+    rtn_as_bcq(s, zp, q, ra, &rz);
+    for (unsigned i = 0; i < q; i++)
+        a2[i] = qs_fp16_to_fp32(ra[i]);
+    z2 = qs_fp16_to_fp32(rz);
+    double p1 = 0, p2 = 0, lv1[256], lv2[256];
+    for (unsigned c = 0; c < 1u << q; c++)
+        lv1[c] = level(a1, z1, q, c), lv2[c] = level(a2, z2, q, c);
+    for (size_t k = 0; k < gs; k++) {
+        double d1 = w[k] - lv1[c1[k]], d2 = w[k] - lv2[c3[k]];
+        p1 += d1 * d1, p2 += d2 * d2;
+    }
+    if (p2 < p1) {
+        memcpy(c1, c3, gs);
+        memcpy(a1, a2, sizeof(a1));
+        z1 = z2;
+    }
+    for (unsigned i = 0; i < q; i++)
+        alpha[i] = qs_fp32_to_fp16((float)a1[i]);
+    *z = qs_fp32_to_fp16((float)z1);
+}
+
 int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q, size_t g,
                     unsigned max_iters)
 {
@@ -373,7 +503,7 @@ int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q,
                                     "struct and the N x K weights");
     memset(out, 0, sizeof(*out));
     int err = qs_bcq_check(N, K, q, g);
-    if (err || (err = check_weights(W, N, K)))
+    if (err || (err = qs_check_weights(W, N, K)))
         return err;
     if (max_iters == 0)
         max_iters = 20;
@@ -388,109 +518,28 @@ int qs_bcq_quantize(qs_bcq *out, const float *W, size_t N, size_t K, unsigned q,
     int nomem = 0;
 #pragma omp parallel reduction(| : nomem)
     {
-        double *w = malloc(gs * sizeof(double)), *h = malloc(gs * sizeof(double));
-        uint8_t *c2 = malloc(2 * gs); /* refined RTN codes, then plain RTN codes */
-        uint8_t *c3 = c2 ? c2 + gs : NULL;
-        lvl *L = malloc(256 * sizeof(lvl));
-        uint32_t *order = malloc(gs * sizeof *order);
-        wix *tmp = malloc(2 * gs * sizeof *tmp);
-        uint8_t *rank = malloc(gs);
-        fit_ws *f = malloc(sizeof *f);
-        nomem = !w || !h || !c2 || !L || !order || !tmp || !rank || !f;
-        if (f)
-            f->order = order, f->rank = rank, f->L = L;
+        qs_bcq_fitter *ft = qs_bcq_fitter_new(gs);
+        nomem = !ft;
 #pragma omp for schedule(dynamic, 4)
         for (size_t t = 0; t < N * ng; t++) {
             if (nomem)
                 continue;
             size_t n = t / ng, gi = t % ng;
-            uint8_t *c1 = codes + n * K + gi * gs;
-            double a1[8], z1, a2[8], z2;
-            for (size_t k = 0; k < gs; k++)
-                w[k] = W[n * K + gi * gs + k];
-            sort_weights(w, gs, tmp, tmp + gs, order);
-            /* Greedy: z = mean, then each plane takes the sign of the
-             * residual and its mean magnitude. */
-            double mean = 0;
-            for (size_t k = 0; k < gs; k++)
-                mean += w[k];
-            mean /= (double)gs;
-            /* Weights of the squared error: 1 + d^2 / var, d = w - mean. At
-             * 3 bits and fewer the plain least-squares fit clips the tail
-             * (on SmolLM2-135M row-wise it cut blk.11.ffn_down's 6.07 to
-             * 1.74), and those few large weights carry the large outputs:
-             * perplexity went from 22 to 1.6e6. At 4 bits it clips little
-             * and plain MSE measured slightly better. */
-            double var = 0;
-            for (size_t k = 0; k < gs; k++)
-                var += (w[k] - mean) * (w[k] - mean);
-            var /= (double)gs;
-            for (size_t k = 0; k < gs; k++)
-                h[k] = q <= 3 && var > 0 ? 1 + (w[k] - mean) * (w[k] - mean) / var : 1;
-            memset(c1, 0, gs);
-            for (unsigned i = 0; i < q; i++) {
-                double m = 0;
-                for (size_t k = 0; k < gs; k++) {
-                    double r = w[k] - level(a1, mean, i, c1[k]);
-                    m += fabs(r);
-                    if (r >= 0)
-                        c1[k] |= (uint8_t)(1u << i);
-                }
-                a1[i] = m / (double)gs;
-            }
-            double e1 = refine(w, h, gs, q, max_iters, c1, a1, &z1, f);
-            /* RTN seed: its levels are a BCQ point too; refining it makes
-             * the result never worse than RTN in the weighted error (ALS
-             * only finds a local optimum, and for large q the uniform grid
-             * is often near one). */
-            float s, zp;
-            rtn_params(W + n * K + gi * gs, gs, q, &s, &zp);
-            for (size_t k = 0; k < gs; k++)
-                c2[k] = c3[k] = rtn_code(W[n * K + gi * gs + k], s, zp, q);
-            double e2 = refine(w, h, gs, q, max_iters, c2, a2, &z2, f);
-            if (e2 < e1) {
-                memcpy(c1, c2, gs);
-                memcpy(a1, a2, sizeof(a1));
-                z1 = z2;
-            }
-            /* The weighted fit may lose to plain RTN in plain squared error
-             * (q = 1 on heavy tails); RTN then, which clips nothing. */
-            uint16_t ra[8], rz;
-            rtn_as_bcq(s, zp, q, ra, &rz);
+            uint16_t a[8], z;
+            qs_bcq_fit_group(ft, W + n * K + gi * gs, gs, q, max_iters, codes + n * K + gi * gs, a,
+                             &z);
             for (unsigned i = 0; i < q; i++)
-                a2[i] = qs_fp16_to_fp32(ra[i]);
-            z2 = qs_fp16_to_fp32(rz);
-            double p1 = 0, p2 = 0, lv1[256], lv2[256];
-            for (unsigned c = 0; c < 1u << q; c++)
-                lv1[c] = level(a1, z1, q, c), lv2[c] = level(a2, z2, q, c);
-            for (size_t k = 0; k < gs; k++) {
-                double d1 = w[k] - lv1[c1[k]], d2 = w[k] - lv2[c3[k]];
-                p1 += d1 * d1, p2 += d2 * d2;
-            }
-            if (p2 < p1) {
-                memcpy(c1, c3, gs);
-                memcpy(a1, a2, sizeof(a1));
-                z1 = z2;
-            }
-            for (unsigned i = 0; i < q; i++)
-                out->alpha[qs_bcq_alpha_index(out, i, n, gi)] = qs_fp32_to_fp16((float)a1[i]);
-            out->z[qs_bcq_z_index(out, n, gi)] = qs_fp32_to_fp16((float)z1);
+                out->alpha[qs_bcq_alpha_index(out, i, n, gi)] = a[i];
+            out->z[qs_bcq_z_index(out, n, gi)] = z;
         }
-        free(w);
-        free(h);
-        free(c2);
-        free(L);
-        free(order);
-        free(tmp);
-        free(rank);
-        free(f);
+        qs_bcq_fitter_free(ft);
     }
     if (nomem) {
         free(codes);
         qs_bcq_close(out);
         return qs_seterr(QS_ENOMEM, "out of memory for BCQ quantizer scratch");
     }
-    pack_codes(out, codes);
+    qs_bcq_pack_codes(out, codes);
     free(codes);
     return QS_OK;
 }

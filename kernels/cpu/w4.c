@@ -236,6 +236,11 @@ static float quant_group(const float *v, size_t n, int8_t *c)
     return bs;
 }
 
+float qs_w4_fit_group(const float *v, size_t n, int8_t *c)
+{
+    return quant_group(v, n, c);
+}
+
 int qs_w4_quantize(qs_w4 *out, const float *W, size_t N, size_t K, const uint32_t *perm, size_t ko,
                    size_t group)
 {

@@ -37,6 +37,10 @@ typedef struct qs_w4_dims {
 size_t qs_w4_group(size_t K4, size_t group);
 /* Dimensions of a shape; QS_OK or QS_EINVAL/QS_EOVERFLOW with a message. */
 int qs_w4_shape(size_t N, size_t K, size_t ko, size_t group, qs_w4_dims *d);
+/* The scale of one (row, group) of n INT4 weights v by qs_w4_quantize's
+ * clipping search, and their codes into c (n); 0 for a group of zeros.
+ * GPTQ (gptq.c) fits its groups with it. */
+float qs_w4_fit_group(const float *v, size_t n, int8_t *c);
 /* Checks a quantized struct handed to a kernel and fills d. */
 int qs_w4_check(const qs_w4 *w, const char *who, qs_w4_dims *d);
 
