@@ -801,8 +801,11 @@ static const char load_help[] =
     "  --max-seq N       KV-cache tokens per sequence (default: context, at most 2048)\n"
     "  --max-batch N     sequences generated together, each with max-seq tokens of\n"
     "                    KV cache (default 8, fewer when the device cannot hold them)\n"
-    "  --calib PATH      W8A8: SmoothQuant calibration text on the daemon's host\n"
-    "                    (default /usr/share/common-licenses/GPL-3; 'none': no smoothing)\n"
+    "  --calib PATH      calibration text on the daemon's host, for W8A8's SmoothQuant,\n"
+    "                    W4A4's outliers and GPTQ (default\n"
+    "                    /usr/share/common-licenses/GPL-3; 'none': no calibration)\n"
+    "  --gptq            bcq, rtn, w4a4: quantize with GPTQ (each column's error\n"
+    "                    compensated through the calibration's input Hessians)\n"
     "  --alpha A         W8A8: SmoothQuant migration strength (default 0.5)\n"
     "  --tokenizer GGUF  the tokenizer of a checkpoint's model\n"
     "  --bcq-iters N     BCQ refinement iterations (default 20)\n"
@@ -906,6 +909,8 @@ int qs_ctl_load(qs_ctl_global *g, int argc, char **argv)
             parse_u32(&a, "--bcq-iters", v, &req.bcq_iters);
         else if (opt_flag(&a, "--no-cache"))
             req.no_cache = 1;
+        else if (opt_flag(&a, "--gptq"))
+            req.gptq = 1;
         else if (opt_val(&a, "--alpha", &v)) {
             double al = 0;
             if (!parse_double(&a, "--alpha", v, &al) && (al <= 0 || al >= 1))

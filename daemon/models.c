@@ -423,7 +423,7 @@ static int cache_lookup(qs_daemon *d, qs_served *s, const Qshard__V1__LoadReques
     int on = !d->opts.no_cache && !r->no_cache && o->weights && *d->opts.cache_dir;
     int device_quant = o->on_gpu && o->quantize_on == QS_QUANTIZE_ON_AUTO && !qs_cuda_emulated();
     char calib[1200] = "none";
-    if (on && (s->quant.scheme == QS_SCHEME_W8A8 || s->quant.scheme == QS_SCHEME_W4A4) &&
+    if (on && (s->quant.scheme == QS_SCHEME_W8A8 || s->quant.scheme == QS_SCHEME_W4A4 || r->gptq) &&
         s->cfg.final_norm) {
         const char *path = *r->calib_path ? r->calib_path : DEFAULT_CALIB;
         if (strcmp(path, "none") != 0 && s->tok &&
@@ -431,9 +431,9 @@ static int cache_lookup(qs_daemon *d, qs_served *s, const Qshard__V1__LoadReques
             on = 0;
     }
     snprintf(cu->options, sizeof cu->options,
-             "scheme=%s bits=%d group=%u outliers=%u iters=%u alpha=%g calib=%s tp=%u",
+             "scheme=%s bits=%d group=%u outliers=%u gptq=%d iters=%u alpha=%g calib=%s tp=%u",
              qs_scheme_name(s->quant.scheme), s->quant.bits, s->quant.group_size, s->quant.outliers,
-             r->bcq_iters, (double)r->smooth_alpha, calib, s->tp);
+             r->gptq, r->bcq_iters, (double)r->smooth_alpha, calib, s->tp);
     if (on && qs_cache_key(o->weights, cu->options, cu->key) != QS_OK) {
         qs_log(QS_LOG_WARN, "cache: %s: not cached", qs_errmsg());
         qs_clearerr();
@@ -476,6 +476,11 @@ static void cache_store(qs_daemon *d, qs_served *s, cache_use *cu)
         qs_cache_evict(d, cu->key);
 }
 
+static int uses_hessians(qs_scheme s)
+{
+    return s == QS_SCHEME_BCQ || s == QS_SCHEME_RTN || s == QS_SCHEME_W4A4;
+}
+
 /* A model without a tokenizer (synthetic weights) has no text to read: W4A4
  * ranks its outlier channels on seeded random tokens instead, which still
  * show which channels run large. */
@@ -501,7 +506,7 @@ static int calibrate(qs_served *s, const Qshard__V1__LoadRequest *r, const qs_mo
     int32_t *ids = NULL;
     size_t n = 0;
     int err;
-    if (!s->tok && s->quant.scheme == QS_SCHEME_W4A4 && !*r->calib_path) {
+    if (!s->tok && (s->quant.scheme == QS_SCHEME_W4A4 || r->gptq) && !*r->calib_path) {
         /* one window (below): enough to rank channels whose maxima run 10x */
         path = "random tokens";
         n = o->max_seq && o->max_seq < 512 ? o->max_seq : 512;
@@ -525,7 +530,9 @@ static int calibrate(qs_served *s, const Qshard__V1__LoadRequest *r, const qs_mo
     qs_model_opts fo = *o;
     fo.quant = (qs_quant){QS_SCHEME_FP16, 16, 0, 0};
     qs_model *fp = NULL;
-    if (!(err = qs_calib_init(cal, &s->cfg)) && !(err = qs_model_init(&s->cfg, &fo, s->comm, &fp)))
+    if (!(err = qs_calib_init(cal, &s->cfg)) &&
+        !(err = qs_model_init(&s->cfg, &fo, s->comm, &fp)) &&
+        !(err = r->gptq ? qs_calib_hessians(cal, fp) : QS_OK))
         err = qs_model_record(fp, cal);
     /* Windows of the model's KV cache, up to CALIB_TOKENS tokens in all. */
     uint32_t win = fo.max_seq ? fo.max_seq : 512;
@@ -730,7 +737,8 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
                        .max_slots = s->max_batch,
                        .max_seq = max_seq,
                        .bcq_iters = r->bcq_iters,
-                       .smooth_alpha = r->smooth_alpha};
+                       .smooth_alpha = r->smooth_alpha,
+                       .gptq = r->gptq};
     qs_calib cal = {0};
     int32_t gpus = 0;
     cache_use cu = {0};
@@ -791,16 +799,24 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
                             "w4a4 chooses its %u outlier channels by calibration: "
                             "drop --calib none, or pass --outliers 0",
                             s->quant.outliers);
-        if (w4 && !*r->calib_path)
+        /* GPTQ: the input Hessians of the same calibration. */
+        int gptq = r->gptq && uses_hessians(s->quant.scheme);
+        if (r->gptq && !err && !gptq)
+            err = qs_seterr(QS_EINVAL, "--gptq is for bcq, rtn and w4a4, not %s: drop it",
+                            qs_scheme_name(s->quant.scheme));
+        if (gptq && !err && !strcmp(r->calib_path, "none"))
+            err = qs_seterr(QS_EINVAL, "GPTQ needs a calibration text: drop --calib none or "
+                                       "--gptq");
+        if ((w4 || gptq) && !*r->calib_path)
             calib = 1;
         if (cu.use)
             o.on_gpu = 0; /* the cache is written from the host copies, then moved */
-        if (!err && !checkpoint && (s->quant.scheme == QS_SCHEME_W8A8 || w4) && calib &&
+        if (!err && !checkpoint && (s->quant.scheme == QS_SCHEME_W8A8 || w4 || gptq) && calib &&
             s->cfg.final_norm) {
             progress(d, cmd, "calibrating", s->cfg.layers, s->plan.rank.total, t0);
             if (!(err = calibrate(s, r, &o, &cal))) {
                 o.calib = &cal;
-                if (!w4)
+                if (s->quant.scheme == QS_SCHEME_W8A8)
                     s->smoothing = o.smooth_alpha > 0 ? o.smooth_alpha : 0.5f;
             }
         }

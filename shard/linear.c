@@ -56,6 +56,28 @@ int qs_linear_set(linear *l, float *W, size_t N, size_t K, const qs_quant *q, un
     return err;
 }
 
+int qs_linear_set_gptq(linear *l, float *W, size_t N, size_t K, const qs_quant *q, unsigned iters,
+                       const uint32_t *perm, size_t ko, const float *H)
+{
+    int err;
+    switch (q->scheme) {
+    case QS_SCHEME_BCQ:
+    case QS_SCHEME_RTN:
+        err = qs_gptq_bcq(&l->bcq, W, N, K, H, (unsigned)q->bits, q->group_size, iters,
+                          q->scheme == QS_SCHEME_RTN, NULL);
+        break;
+    case QS_SCHEME_W4A4:
+        err = qs_gptq_w4(&l->w4, W, N, K, H, perm, perm ? ko : 0,
+                         q->group_size ? q->group_size : (K + 7) / 8 * 8, NULL);
+        break;
+    default:
+        return qs_linear_set(l, W, N, K, q, iters, perm, ko);
+    }
+    l->N = N, l->K = K, l->scheme = q->scheme;
+    free(W);
+    return err;
+}
+
 void qs_linear_close(linear *l)
 {
     free(l->w32);

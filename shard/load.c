@@ -195,9 +195,10 @@ static int read_linear(qs_model *m, const source *s, role r, int l, linear *lin,
 }
 
 static int finish_linear(qs_model *m, linear *lin, float *W, unsigned iters, const uint32_t *perm,
-                         size_t ko)
+                         size_t ko, const float *H)
 {
-    int err = qs_linear_set(lin, W, lin->N, lin->K, &m->quant, iters, perm, ko);
+    int err = H ? qs_linear_set_gptq(lin, W, lin->N, lin->K, &m->quant, iters, perm, ko, H)
+                : qs_linear_set(lin, W, lin->N, lin->K, &m->quant, iters, perm, ko);
     if (!err)
         m->bytes.linear += qs_linear_bytes(lin);
     return err;
@@ -313,7 +314,7 @@ static int load_layer(qs_model *m, const source *s, int l, const qs_model_opts *
          (err = read_linear(m, s, R_GATE, l, &L->gate, F, H, f0, m->fr, 0, H, 0, &Wg))))
         goto out;
     int w4 = m->quant.scheme == QS_SCHEME_W4A4;
-    if (calib && !w4) {
+    if (calib && m->quant.scheme == QS_SCHEME_W8A8) {
         m->smooth_alpha = o->smooth_alpha > 0 ? o->smooth_alpha : 0.5f;
         if ((err = qs_smooth_layer(m, (uint32_t)l, calib, m->smooth_alpha, Wq, Wk, Wv, Wo, Wu, Wg,
                                    Wd)))
@@ -336,13 +337,15 @@ static int load_layer(qs_model *m, const source *s, int l, const qs_model_opts *
     float **ws[] = {&Wq, &Wk, &Wv, &Wo, &Wu, &Wg, &Wd};
     static const int site_of[] = {QS_CALIB_QKV, QS_CALIB_QKV, QS_CALIB_QKV, QS_CALIB_O,
                                   QS_CALIB_UP,  QS_CALIB_UP,  QS_CALIB_DOWN};
-    /* W4A4 quantizes on the host: its outlier choice needs the statistics. */
-    int dev = m->dev && quantize_on_device(o) && !w4;
+    /* W4A4 and GPTQ quantize on the host: they need the statistics. */
+    int gptq = o->gptq && calib && calib->hess;
+    int dev = m->dev && quantize_on_device(o) && !w4 && !gptq;
     for (size_t i = 0; i < sizeof lins / sizeof lins[0] && !err; i++) {
         int site = site_of[i];
+        const float *Hs = gptq ? qs_calib_hessian(calib, (uint32_t)l, site) : NULL;
         if (*ws[i])
             err = dev ? gpu_quantize_linear(m, (uint32_t)l, (int)i, lins[i], *ws[i], o->bcq_iters)
-                      : finish_linear(m, lins[i], *ws[i], o->bcq_iters, perm[site], ko[site]);
+                      : finish_linear(m, lins[i], *ws[i], o->bcq_iters, perm[site], ko[site], Hs);
         *ws[i] = NULL;
     }
 out:

@@ -76,6 +76,9 @@ uint64_t qs_linear_bytes(const linear *l);
  * NULL: the channels' own order, no outliers). */
 int qs_linear_set(linear *l, float *W, size_t N, size_t K, const qs_quant *q, unsigned iters,
                   const uint32_t *perm, size_t ko);
+/* The same by GPTQ with H (K x K, the layer's input Hessian): bcq, rtn, w4a4. */
+int qs_linear_set_gptq(linear *l, float *W, size_t N, size_t K, const qs_quant *q, unsigned iters,
+                       const uint32_t *perm, size_t ko, const float *H);
 
 /* ---- Atom's outlier channels (outliers.c) --------------------------------- */
 /* The input order of a W4A4 linear that reads columns [first, first + K) of
@@ -92,6 +95,8 @@ void qs_norm_close(norm *n);
 /* Where site's statistics of layer l start in a qs_calib (layout in qs_shard.h). */
 size_t qs_calib_at(const qs_calib *c, uint32_t l, int site);
 int qs_calib_check(const qs_calib *c, const qs_model_config *cfg);
+/* Layer l's Hessian at site (hk[site] x hk[site]), or NULL without them. */
+float *qs_calib_hessian(const qs_calib *c, uint32_t l, int site);
 /* Each rank's recorded columns merged over the group; out->absmax is the caller's. */
 int qs_calib_merge(qs_model *m, const qs_calib *c, qs_calib *out);
 /* Folds layer l's smoothing factors into its norms and fp32 weights. */

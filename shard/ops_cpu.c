@@ -335,7 +335,8 @@ out:
 static int cpu_record(qs_fwd *f, uint32_t l, int site, const void *buf, size_t first, size_t width)
 {
     record_absmax(f->m, l, site, buf, f->n, first, width);
-    return QS_OK;
+    float *H = qs_calib_hessian(f->m->record, l, site);
+    return H ? qs_hessian_add(H, buf, f->n, width) : QS_OK;
 }
 
 static int cpu_sample(qs_fwd *f, const void *in, qs_sampler *s, int32_t *next)

@@ -757,6 +757,16 @@ static int cuda_record(qs_fwd *f, uint32_t l, int site, const void *buf, size_t 
                 mx[j] = v > mx[j] ? v : mx[j];
             }
     }
+    float *H = qs_calib_hessian(m->record, l, site), *x = NULL;
+    if (!err && H) {
+        if (!(x = malloc(count * sizeof *x + 1)))
+            err = qs_seterr(QS_ENOMEM, "out of memory for calibration statistics");
+        for (size_t i = 0; !err && i < count; i++)
+            x[i] = qs_fp16_to_fp32(h[i]);
+        if (!err)
+            err = qs_hessian_add(H, x, f->n, width);
+    }
+    free(x);
     free(h);
     return err;
 }

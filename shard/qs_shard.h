@@ -284,8 +284,18 @@ enum { QS_CALIB_QKV, QS_CALIB_O, QS_CALIB_UP, QS_CALIB_DOWN, QS_CALIB_SITES };
 typedef struct qs_calib {
     uint32_t layers, hidden, attn, ffn;
     float *absmax;
+    /* GPTQ: per layer and site, the Hessian X^T X of the inputs of this
+     * rank's own linears (hk[site] wide: the whole hidden state at q/k/v and
+     * up/gate, the rank's columns at o and down), [layer][site][hk][hk];
+     * NULL unless qs_calib_hessians asked for it. A merged copy borrows it. */
+    float *hess;
+    uint32_t hk[4];
+    int hess_borrowed;
 } qs_calib;
 int qs_calib_init(qs_calib *c, const qs_model_config *cfg);
+/* Asks c to record GPTQ's Hessians too, for model m's split (before
+ * qs_model_record); QS_ENOMEM with a sentence where they would not fit. */
+int qs_calib_hessians(qs_calib *c, const qs_model *m);
 void qs_calib_close(qs_calib *c);
 
 /* Where a GPU model's file weights are quantized. AUTO: on the GPU (the
@@ -305,6 +315,7 @@ typedef struct qs_model_opts {
     const qs_calib *calib;     /* smooth with these statistics (NULL: none); exact in fp32, it
                                 * is for W8A8 (pre-LN models only) */
     float smooth_alpha;        /* SmoothQuant migration strength (0: 0.5) */
+    int gptq;                  /* bcq, rtn, w4a4: GPTQ with calib's Hessians (which it needs) */
     int on_gpu;                /* 1: load onto GPU `gpu` layer by layer (collective, as
                                 * qs_model_use_device); the host never holds the whole shard */
     int gpu;

@@ -53,6 +53,7 @@ int qs_calib_merge(qs_model *m, const qs_calib *c, qs_calib *out)
     }
     *out = *c;
     out->absmax = mx;
+    out->hess_borrowed = 1; /* each rank's own, nothing to merge */
     return err;
 }
 
@@ -179,15 +180,55 @@ int qs_smooth_layer(qs_model *m, uint32_t l, const qs_calib *cal, float alpha, f
 
 int qs_calib_init(qs_calib *c, const qs_model_config *cfg)
 {
-    *c = (qs_calib){cfg->layers, cfg->hidden, cfg->heads * cfg->head_dim, cfg->ffn, NULL};
+    *c = (qs_calib){
+        cfg->layers, cfg->hidden, cfg->heads * cfg->head_dim, cfg->ffn, NULL, NULL, {0}, 0};
     c->absmax = calloc(calib_floats(c), sizeof(float));
     return c->absmax ? QS_OK : qs_seterr(QS_ENOMEM, "out of memory for calibration statistics");
+}
+
+/* A Hessian per layer and site of this rank's linear inputs: GPTQ needs
+ * the products of every pair of channels, not only their maxima. */
+int qs_calib_hessians(qs_calib *c, const qs_model *m)
+{
+    const uint32_t hk[QS_CALIB_SITES] = {c->hidden, m->hq * m->hd, c->hidden, m->fr};
+    uint64_t per = 0;
+    for (int s = 0; s < QS_CALIB_SITES; s++)
+        per += (uint64_t)hk[s] * hk[s];
+    uint64_t bytes = per * c->layers * sizeof(float);
+    if (bytes > (8ull << 30))
+        return qs_seterr(QS_ENOMEM,
+                         "GPTQ's calibration Hessians of %s take %.1f GiB on a rank (the limit is "
+                         "8): load it on more ranks, or without --gptq",
+                         m->cfg.name, bytes / 1073741824.0);
+    free(c->hess);
+    if (!(c->hess = calloc(per * c->layers, sizeof(float))))
+        return qs_seterr(QS_ENOMEM, "out of memory for %.1f GiB of GPTQ Hessians",
+                         bytes / 1073741824.0);
+    memcpy(c->hk, hk, sizeof hk);
+    c->hess_borrowed = 0;
+    return QS_OK;
+}
+
+float *qs_calib_hessian(const qs_calib *c, uint32_t l, int site)
+{
+    if (!c || !c->hess)
+        return NULL;
+    uint64_t per = 0, at = 0;
+    for (int s = 0; s < QS_CALIB_SITES; s++) {
+        if (s == site)
+            at = per;
+        per += (uint64_t)c->hk[s] * c->hk[s];
+    }
+    return c->hess + per * l + at;
 }
 
 void qs_calib_close(qs_calib *c)
 {
     free(c->absmax);
+    if (!c->hess_borrowed)
+        free(c->hess);
     c->absmax = NULL;
+    c->hess = NULL;
 }
 
 int qs_calib_check(const qs_calib *c, const qs_model_config *cfg)
