@@ -223,7 +223,7 @@ int qs_ctl_plan(int argc, char **argv)
     uint32_t gpus = 0, bits = 0, group = 0;
     const char *group_arg = NULL; /* as typed, for the messages */
     uint64_t dev = 80ull << 30;
-    qs_workload w = {1, 0, QS_PLAN_DEFAULT_RESERVE};
+    qs_workload w = {1, 0, QS_PLAN_DEFAULT_RESERVE, QS_KV_FP16};
 
     optind = 1;
     opterr = 0;

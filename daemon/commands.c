@@ -328,6 +328,7 @@ static int plan_inputs(const qs_daemon *d, const Qshard__V1__PlanRequest *r,
     w->batch = r->batch ? r->batch : 1;
     w->seq = r->seq ? r->seq : QS_PLAN_DEFAULT_SEQ;
     w->reserve = r->reserve ? r->reserve : QS_PLAN_DEFAULT_RESERVE;
+    w->kv = QS_KV_FP16; /* PlanRequest has no KV format: qctl plan --kv-cache plans others */
     return QS_OK;
 }
 
