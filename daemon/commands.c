@@ -442,6 +442,9 @@ static int validate_load(qs_daemon *d, const ProtobufCMessage *req)
         return err;
     if (*r->name && (err = check_name(r->name)))
         return err;
+    qs_kv_format kv;
+    if (*r->kv_cache && (err = qs_kv_parse(r->kv_cache, &kv)))
+        return err;
     return QS_OK;
 }
 
