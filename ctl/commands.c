@@ -555,6 +555,7 @@ static void json_model(cJSON *arr, const Qshard__V1__ModelInfo *m)
     cJSON_AddNumberToObject(j, "smoothing", m->smoothing);
     cJSON_AddNumberToObject(j, "max_seq", m->max_seq);
     cJSON_AddNumberToObject(j, "max_batch", m->max_batch);
+    cJSON_AddStringToObject(j, "kv_cache", *m->kv_cache ? m->kv_cache : "fp16");
     cJSON_AddNumberToObject(j, "running", m->running);
     cJSON_AddNumberToObject(j, "waiting", m->waiting);
     cJSON_AddNumberToObject(j, "tokens_generated", (double)m->tokens_generated);
@@ -649,8 +650,10 @@ int qs_ctl_stats(qs_ctl_global *g, int argc, char **argv)
                    fmt_bytes(m->planned_rank_bytes, pl, sizeof pl));
             if (m->smoothing > 0)
                 printf("; SmoothQuant alpha %.2f", (double)m->smoothing);
-            printf("\n  batch: %u running, %u waiting, room for %u sequences of %u tokens\n",
-                   m->running, m->waiting, m->max_batch, m->max_seq);
+            printf("\n  batch: %u running, %u waiting, room for %u sequences of %u tokens "
+                   "(%s KV cache)\n",
+                   m->running, m->waiting, m->max_batch, m->max_seq,
+                   *m->kv_cache ? m->kv_cache : "fp16");
             printf("  generated %llu tokens, %.1f tokens/s, per token p50 %.1f ms p99 %.1f ms\n",
                    (unsigned long long)m->tokens_generated, m->tokens_per_second, m->p50_token_ms,
                    m->p99_token_ms);
@@ -801,6 +804,8 @@ static const char load_help[] =
     "  --max-seq N       KV-cache tokens per sequence (default: context, at most 2048)\n"
     "  --max-batch N     sequences generated together, each with max-seq tokens of\n"
     "                    KV cache (default 8, fewer when the device cannot hold them)\n"
+    "  --kv-cache F      the KV cache's format: fp16 (default), int8 or int4 (an fp16\n"
+    "                    scale and minimum per 32 values: 56% or 31% of fp16's bytes)\n"
     "  --calib PATH      calibration text on the daemon's host, for W8A8's SmoothQuant,\n"
     "                    W4A4's outliers and GPTQ (default\n"
     "                    /usr/share/common-licenses/GPL-3; 'none': no calibration)\n"
@@ -901,6 +906,8 @@ int qs_ctl_load(qs_ctl_global *g, int argc, char **argv)
             parse_u32(&a, "--max-seq", v, &req.max_seq);
         else if (opt_val(&a, "--max-batch", &v))
             parse_u32(&a, "--max-batch", v, &req.max_batch);
+        else if (opt_val(&a, "--kv-cache", &v))
+            req.kv_cache = (char *)v; /* the daemon says which formats exist */
         else if (opt_val(&a, "--calib", &v))
             req.calib_path = (char *)v;
         else if (opt_val(&a, "--tokenizer", &v))
@@ -961,8 +968,9 @@ int qs_ctl_load(qs_ctl_global *g, int argc, char **argv)
                    fmt_bytes(m->planned_rank_bytes, p, sizeof p));
             if (m->actual) {
                 char w[32], k[32];
-                printf(" (weights %s, KV cache %s for %u sequences of %u tokens)",
+                printf(" (weights %s, %s KV cache %s for %u sequences of %u tokens)",
                        fmt_bytes(m->actual->linear + m->actual->fp16, w, sizeof w),
+                       *m->kv_cache ? m->kv_cache : "fp16",
                        fmt_bytes(m->actual->kv_cache, k, sizeof k), m->max_batch, m->max_seq);
             }
             printf("\n");

@@ -20,7 +20,7 @@
 static const char usage[] =
     "usage: qctl plan MODEL [--scheme fp16|w8a8|bcq|rtn|w4a4] [--bits N] [--group G] [--gpus N]\n"
     "                       [--outliers N] [--device-memory SIZE] [--batch B] [--seq S]\n"
-    "                       [--reserve SIZE] [--json] [--svg FILE]\n"
+    "                       [--reserve SIZE] [--kv-cache fp16|int8|int4] [--json] [--svg FILE]\n"
     "\n"
     "Plans the memory of MODEL per GPU, with no daemon. Without --scheme or --bits it\n"
     "compares fp16, W8A8 (SmoothQuant), 4-bit and 3-bit BCQ (LUT-GEMM): weight bytes,\n"
@@ -43,6 +43,9 @@ static const char usage[] =
     "  --seq S             tokens of KV cache per sequence (default 512, at most the model's\n"
     "                      context)\n"
     "  --reserve S         per-GPU runtime reserve: CUDA context, cuBLAS, NCCL (default 1GiB)\n"
+    "  --kv-cache F        the KV cache's format: fp16 (default), int8 or int4 (1 + 1/8 and\n"
+    "                      1/2 + 1/8 bytes per value); the detail says how many sequences\n"
+    "                      of --seq tokens fit, against an fp16 cache\n"
     "  --json              print one JSON object\n"
     "  --svg FILE          also draw the schemes as an SVG chart in FILE ('-': stdout, then\n"
     "                      nothing else is printed): weight bytes, and GPUs needed against\n"
@@ -75,6 +78,25 @@ static int parse_u32(const char *s, uint32_t lo, uint32_t hi, uint32_t *out)
 static double gib(uint64_t b)
 {
     return (double)b / (double)(1ull << 30);
+}
+
+/* The most sequences of w->seq tokens (up to 4096) that fit dev bytes on tp
+ * GPUs with w's KV cache format; 0 when not even one does. */
+static uint32_t fit_batch(const qs_model_config *m, const qs_quant *q, uint32_t tp,
+                          const qs_workload *w, uint64_t dev)
+{
+    uint32_t lo = 0, hi = 4096;
+    while (lo < hi) { /* the total grows with the batch */
+        uint32_t mid = lo + (hi - lo + 1) / 2;
+        qs_workload t = *w;
+        t.batch = mid;
+        qs_plan p;
+        if (qs_plan_make(m, q, tp, &t, &p) == QS_OK && p.rank.total <= dev)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return lo;
 }
 
 typedef struct plan_row {
@@ -114,7 +136,8 @@ static const char *quant_label(const qs_quant *q, char *buf, size_t n)
     return buf;
 }
 
-static cJSON *row_json(const plan_row *r, uint64_t dev)
+static cJSON *row_json(const qs_model_config *m, const plan_row *r, uint64_t dev,
+                       const qs_workload *w)
 {
     const qs_plan *p = &r->plan;
     cJSON *o = cJSON_CreateObject();
@@ -129,6 +152,7 @@ static cJSON *row_json(const plan_row *r, uint64_t dev)
     cJSON_AddNumberToObject(o, "free_bytes_per_gpu", r->fits ? (double)(dev - p->rank.total) : 0.0);
     cJSON_AddNumberToObject(o, "min_gpus", r->need.valid_tp);
     cJSON_AddNumberToObject(o, "min_gpus_memory", r->need.by_memory);
+    cJSON_AddNumberToObject(o, "max_batch", fit_batch(m, &p->quant, p->tp, w, dev));
     cJSON *pr = cJSON_AddObjectToObject(o, "per_gpu");
     cJSON_AddNumberToObject(pr, "quantized_linear", (double)p->rank.linear);
     cJSON_AddNumberToObject(pr, "fp16", (double)p->rank.fp16);
@@ -145,8 +169,8 @@ static void print_header(const qs_model_config *m, const qs_workload *w, uint64_
            m->name, m->arch == QS_ARCH_OPT ? "OPT" : "Llama", m->layers, m->hidden, m->heads,
            m->kv_heads, m->ffn, m->vocab, m->max_pos);
     printf("device %.2f GiB, %.2f GiB reserved per GPU; KV cache for batch %u x %u tokens "
-           "(fp16)\n\n",
-           gib(dev), gib(w->reserve), w->batch, w->seq);
+           "(%s)\n\n",
+           gib(dev), gib(w->reserve), w->batch, w->seq, qs_kv_name(w->kv));
 }
 
 static void print_need(const qs_min_gpus *n)
@@ -162,7 +186,8 @@ static void print_need(const qs_min_gpus *n)
         printf("no split up to %u GPUs fits\n", MAX_TP);
 }
 
-static void print_detail(const plan_row *r, uint64_t dev, const qs_workload *w)
+static void print_detail(const qs_model_config *m, const plan_row *r, uint64_t dev,
+                         const qs_workload *w)
 {
     const qs_rank_bytes *b = &r->plan.rank;
     char label[64];
@@ -171,13 +196,24 @@ static void print_detail(const plan_row *r, uint64_t dev, const qs_workload *w)
     printf("  %-44s %10.2f GiB\n", "quantized linear layers", gib(b->linear));
     printf("  %-44s %10.2f GiB\n", "fp16: embeddings, LM head, norms, biases", gib(b->fp16));
     char kv[64];
-    snprintf(kv, sizeof kv, "KV cache (batch %u x %u tokens)", w->batch, w->seq);
+    snprintf(kv, sizeof kv, "KV cache (batch %u x %u tokens, %s)", w->batch, w->seq,
+             qs_kv_name(w->kv));
     printf("  %-44s %10.2f GiB\n", kv, gib(b->kv_cache));
     printf("  %-44s %10.2f GiB\n", "workspace (prefill chunk, logits)", gib(b->workspace));
     printf("  %-44s %10.2f GiB\n", "runtime reserve", gib(b->reserve));
     printf("  %-44s %10.2f GiB of %.2f GiB: %s\n", "total", gib(b->total), gib(dev),
            r->fits ? "fits" : "DOES NOT FIT");
     printf("model weights, all GPUs: %.2f GiB\n", gib(r->plan.weight_bytes));
+    /* What the cache's format buys: sequences of --seq tokens that fit. */
+    uint32_t nb = fit_batch(m, &r->plan.quant, r->plan.tp, w, dev);
+    printf("sequences of %u tokens that fit on %u GPU%s: %u with the %s KV cache", w->seq,
+           r->plan.tp, r->plan.tp == 1 ? "" : "s", nb, qs_kv_name(w->kv));
+    if (w->kv != QS_KV_FP16) {
+        qs_workload f = *w;
+        f.kv = QS_KV_FP16;
+        printf(" (fp16: %u)", fit_batch(m, &r->plan.quant, r->plan.tp, &f, dev));
+    }
+    printf("\n");
     print_need(&r->need);
 }
 
@@ -209,21 +245,28 @@ static void suggest(const qs_model_config *m, const qs_workload *w, uint64_t dev
 
 int qs_ctl_plan(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"scheme", required_argument, 0, 's'},  {"bits", required_argument, 0, 'b'},
-        {"group", required_argument, 0, 'g'},   {"outliers", required_argument, 0, 'o'},
-        {"gpus", required_argument, 0, 'n'},    {"device-memory", required_argument, 0, 'm'},
-        {"batch", required_argument, 0, 'B'},   {"seq", required_argument, 0, 'S'},
-        {"reserve", required_argument, 0, 'r'}, {"json", no_argument, 0, 'j'},
-        {"svg", required_argument, 0, 'v'},     {"list", no_argument, 0, 'l'},
-        {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
+    static const struct option opts[] = {{"scheme", required_argument, 0, 's'},
+                                         {"bits", required_argument, 0, 'b'},
+                                         {"group", required_argument, 0, 'g'},
+                                         {"outliers", required_argument, 0, 'o'},
+                                         {"gpus", required_argument, 0, 'n'},
+                                         {"device-memory", required_argument, 0, 'm'},
+                                         {"batch", required_argument, 0, 'B'},
+                                         {"seq", required_argument, 0, 'S'},
+                                         {"reserve", required_argument, 0, 'r'},
+                                         {"kv-cache", required_argument, 0, 'k'},
+                                         {"json", no_argument, 0, 'j'},
+                                         {"svg", required_argument, 0, 'v'},
+                                         {"list", no_argument, 0, 'l'},
+                                         {"help", no_argument, 0, 'h'},
+                                         {0, 0, 0, 0}};
     qs_quant q = {QS_SCHEME_BCQ, 0, 0, 0};
     int have_scheme = 0, have_bits = 0, have_group = 0, have_outliers = 0, json = 0;
     const char *svg = NULL;
     uint32_t gpus = 0, bits = 0, group = 0, outliers = 0;
     const char *group_arg = NULL; /* as typed, for the messages */
     uint64_t dev = 80ull << 30;
-    qs_workload w = {1, 0, QS_PLAN_DEFAULT_RESERVE};
+    qs_workload w = {1, 0, QS_PLAN_DEFAULT_RESERVE, QS_KV_FP16};
 
     optind = 1;
     opterr = 0;
@@ -271,6 +314,10 @@ int qs_ctl_plan(int argc, char **argv)
             if (parse_u32(optarg, 1, 1u << 20, &w.seq))
                 return usage_error("--seq '%s' is out of range: use 1 to the model's context",
                                    optarg);
+            break;
+        case 'k':
+            if (qs_kv_parse(optarg, &w.kv))
+                return usage_error("--kv-cache: %s", qs_errmsg());
             break;
         case 'j':
             json = 1;
@@ -375,13 +422,14 @@ int qs_ctl_plan(int argc, char **argv)
         cJSON_AddNumberToObject(o, "batch", w.batch);
         cJSON_AddNumberToObject(o, "seq", w.seq);
         cJSON_AddNumberToObject(o, "reserve", (double)w.reserve);
+        cJSON_AddStringToObject(o, "kv_cache", qs_kv_name(w.kv));
         if (gpus)
             cJSON_AddNumberToObject(o, "gpus", gpus);
         else
             cJSON_AddNullToObject(o, "gpus");
         cJSON *arr = cJSON_AddArrayToObject(o, "schemes");
         for (size_t i = 0; i < nrows; i++)
-            cJSON_AddItemToArray(arr, row_json(&r[i], dev));
+            cJSON_AddItemToArray(arr, row_json(m, &r[i], dev, &w));
         char *s = cJSON_Print(o);
         puts(s);
         cJSON_free(s);
@@ -391,7 +439,7 @@ int qs_ctl_plan(int argc, char **argv)
 
     print_header(m, &w, dev);
     if (nrows == 1) {
-        print_detail(&r[0], dev, &w);
+        print_detail(m, &r[0], dev, &w);
         if (!r[0].fits)
             suggest(m, &w, dev, r[0].plan.tp, &r[0]);
         return 0;

@@ -336,6 +336,7 @@ static int plan_inputs(const qs_daemon *d, const Qshard__V1__PlanRequest *r,
     w->batch = r->batch ? r->batch : 1;
     w->seq = r->seq ? r->seq : QS_PLAN_DEFAULT_SEQ;
     w->reserve = r->reserve ? r->reserve : QS_PLAN_DEFAULT_RESERVE;
+    w->kv = QS_KV_FP16; /* PlanRequest has no KV format: qctl plan --kv-cache plans others */
     return QS_OK;
 }
 
@@ -448,6 +449,9 @@ static int validate_load(qs_daemon *d, const ProtobufCMessage *req)
     if (*r->save_path && (err = check_writable_dir_of("save path", r->save_path)))
         return err;
     if (*r->name && (err = check_name(r->name)))
+        return err;
+    qs_kv_format kv;
+    if (*r->kv_cache && (err = qs_kv_parse(r->kv_cache, &kv)))
         return err;
     return QS_OK;
 }

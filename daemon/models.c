@@ -51,6 +51,7 @@ struct qs_served {
     float smoothing;
     uint32_t max_seq;   /* KV-cache tokens per sequence it was loaded with */
     uint32_t max_batch; /* sequences generated together (KV-cache slots) */
+    qs_kv_format kv;    /* the KV cache's format */
     qs_batch *batch;    /* members: the sequences being generated (sched.c steps it) */
     qs_plan plan;
     qs_rank_bytes actual; /* this rank's (on rank 0: the leader's, from its reply) */
@@ -661,7 +662,10 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
     if (!err && max_seq > s->cfg.max_pos)
         err = qs_seterr(QS_EINVAL, "max_seq %u exceeds %s's context of %u", max_seq, s->cfg.name,
                         s->cfg.max_pos);
-    qs_workload w = {r->max_batch ? r->max_batch : DEFAULT_BATCH, max_seq, QS_PLAN_DEFAULT_RESERVE};
+    if (!err && *r->kv_cache)
+        err = qs_kv_parse(r->kv_cache, &s->kv);
+    qs_workload w = {r->max_batch ? r->max_batch : DEFAULT_BATCH, max_seq, QS_PLAN_DEFAULT_RESERVE,
+                     s->kv};
     s->max_seq = max_seq;
     if (!err)
         err = qs_plan_make(&s->cfg, &s->quant, s->tp, &w, &s->plan);
@@ -736,6 +740,7 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
                        .outlier_channels = 4,
                        .max_slots = s->max_batch,
                        .max_seq = max_seq,
+                       .kv_cache = s->kv,
                        .bcq_iters = r->bcq_iters,
                        .smooth_alpha = r->smooth_alpha,
                        .gptq = r->gptq};
@@ -870,9 +875,10 @@ int qs_model_run_load(qs_daemon *d, const qs_cmd *cmd, qs_buf *out)
     s->load_s = qs_now() - t0;
     s->created = (double)time(NULL);
     publish(d);
-    qs_log(QS_LOG_INFO, "loaded %s (%s %d-bit) on %u rank(s) in %.1f s, %u sequences of %u tokens",
+    qs_log(QS_LOG_INFO,
+           "loaded %s (%s %d-bit) on %u rank(s) in %.1f s, %u sequences of %u tokens, %s KV cache",
            s->name, qs_scheme_name(s->quant.scheme), s->quant.bits, s->tp, s->load_s, s->max_batch,
-           s->max_seq);
+           s->max_seq, qs_kv_name(s->kv));
     return s->member && s->ranks[0] == d->rank ? load_part(s, out) : QS_OK;
 }
 
@@ -907,6 +913,7 @@ static void info_fill(const qs_served *s, Qshard__V1__ModelInfo *mi, Qshard__V1_
     mi->quantize_seconds = s->quantize_s;
     mi->max_seq = s->max_seq;
     mi->max_batch = s->max_batch;
+    mi->kv_cache = (char *)qs_kv_name(s->kv);
     mi->cache = (char *)s->cache;
     mi->chat_template = s->chat == QS_CHAT_CHATML  ? "chatml"
                         : s->chat == QS_CHAT_OTHER ? "other"
@@ -960,7 +967,7 @@ int qs_models_info(const qs_daemon *d, uint64_t device_mem, Qshard__V1__ModelInf
                                  {QS_SCHEME_BCQ, 4, g, 0},
                                  {QS_SCHEME_BCQ, 3, g, 0}};
         /* Same workload as the model was loaded for. */
-        qs_workload w = {s->max_batch, s->max_seq, QS_PLAN_DEFAULT_RESERVE};
+        qs_workload w = {s->max_batch, s->max_seq, QS_PLAN_DEFAULT_RESERVE, s->kv};
         size_t nf = 0;
         for (int j = 0; j < 4; j++) {
             qs_min_gpus mg = {0, 0};

@@ -74,6 +74,37 @@ void qs_f16_to_f32_row(const uint16_t *h, size_t count, float *out);
 int qs_f16_gemm(const uint16_t *W, size_t N, size_t K, const float *X, size_t M, float *Y);
 int qs_f16_gemm_ref_f64(const uint16_t *W, size_t N, size_t K, const float *X, size_t M, double *Y);
 
+/* ---- KV cache quantization (kernels/cpu/kvquant.c) -------------------------
+ * The KV cache in int8 or int4 (qctl load --kv-cache): each token's key
+ * (after RoPE) and value vector of one KV head, hd values, is cut into groups
+ * of QS_KV_GROUP consecutive dimensions (the last one shorter when hd is
+ * ragged), each quantized asymmetrically with its own fp16 scale s and
+ * minimum m, qmax = 255 (int8) or 15 (int4):
+ *     m = fp16(min x),  s = fp16((max x - m) / qmax),
+ *     c = clamp(rint((x - m) / s), 0, qmax)  (0 where s is 0),  x^ = c s + m,
+ * each step one fp32 operation, so that the device's quantizer gives the
+ * same codes bit for bit. Why groups of 32 and not one scale per head: keys
+ * carry outlier channels, and at 4 bits one scale over 64 or 128 dimensions
+ * leaves the others a few codes (Atom and KIVI group the cache for the same
+ * reason); one layout for both widths keeps one kernel path. Bytes per value:
+ * 1 + 4/32 (int8), 0.5 + 4/32 (int4), against 2 in fp16.
+ * Layout of n vectors: codes [n][qs_kv_code_bytes(f, hd)], int8 one byte per
+ * value, int4 two per byte (value 2j in the low nibble of byte j, 2j + 1 in
+ * the high; an odd hd leaves the last high nibble 0); sm fp16
+ * [n][qs_kv_groups(hd)][2], (s, m) per group. */
+typedef enum qs_kv_format { QS_KV_FP16 = 0, QS_KV_INT8 = 1, QS_KV_INT4 = 2 } qs_kv_format;
+#define QS_KV_GROUP 32
+/* Code bytes of one vector (0 for fp16), and groups per vector. */
+size_t qs_kv_code_bytes(qs_kv_format f, size_t hd);
+size_t qs_kv_groups(size_t hd);
+int qs_kv_quantize(qs_kv_format f, const float *x, size_t n, size_t hd, uint8_t *codes,
+                   uint16_t *sm);
+/* x^ = c s + m in fp32, and in float64 (the tests' reference). */
+int qs_kv_dequant(qs_kv_format f, const uint8_t *codes, const uint16_t *sm, size_t n, size_t hd,
+                  float *out);
+int qs_kv_dequant_f64(qs_kv_format f, const uint8_t *codes, const uint16_t *sm, size_t n, size_t hd,
+                      double *out);
+
 /* ---- BCQ with offset (LUT-GEMM) ------------------------------------------
  * A weight matrix W of N rows (outputs) by K columns (inputs) is stored as
  *     W[n,k] ~= sum_{i=1..q} alpha[i,n,G(k)] * B_i[n,k] + z[n,G(k)],  B_i = +-1,
@@ -576,6 +607,23 @@ int qs_cuda_rope_kv(void *q, void *k, const void *v, size_t n, unsigned hq, unsi
                     unsigned hd, const float *cs, int adjacent, const uint32_t *slot,
                     const uint32_t *pos, void *kc, void *vc, unsigned max_seq, void *stream);
 
+/* One layer's KV cache in any format (qs_kv_format): fp16 rows, or int8/int4
+ * codes with their fp16 (scale, minimum) pairs in qs_kv_quantize's layout;
+ * row (slot, pos) holds the hkv heads' vectors one after another. Every
+ * array 16-byte aligned. */
+typedef struct qs_cuda_kv {
+    int format;    /* qs_kv_format */
+    void *k, *v;   /* fp16 [slots][max_seq][hkv*hd], or codes
+                    * [slots][max_seq][hkv][qs_kv_code_bytes(format, hd)] */
+    void *ks, *vs; /* int8/int4: fp16 [slots][max_seq][hkv][qs_kv_groups(hd)][2]; fp16: unused */
+} qs_cuda_kv;
+/* qs_cuda_rope_kv into a cache of any format: int8/int4 quantize the rotated
+ * k rows (as rounded to fp16) and v's rows with qs_kv_quantize's rule, the
+ * same codes bit for bit. */
+int qs_cuda_rope_kvq(void *q, void *k, const void *v, size_t n, unsigned hq, unsigned hkv,
+                     unsigned hd, const float *cs, int adjacent, const uint32_t *slot,
+                     const uint32_t *pos, const qs_cuda_kv *kv, unsigned max_seq, void *stream);
+
 /* Causal grouped-query attention over the KV cache: out (n x hq*hd fp16),
  * token i and local head h = softmax(q[i,h] . K^T / sqrt(hd)) V over
  * positions 0..pos[i] of slot[i]'s cache, read from KV head
@@ -598,6 +646,18 @@ int qs_cuda_attention_prefill(const void *q, const void *kc, const void *vc, siz
                               const uint32_t *slot, const uint32_t *pos, unsigned hq, unsigned hkv,
                               unsigned hd, unsigned group, unsigned q_first, unsigned kv_first,
                               unsigned max_seq, void *out, void *stream);
+/* Both over a cache of any format (qs_cuda_kv): int8/int4 rows are
+ * dequantized as they are read, x = c s + m in fp32 (the prefill kernel
+ * rounds them to fp16 in its shared-memory tiles, as the tensor cores take
+ * them). The fp16 entries above are these with an fp16 cache. */
+int qs_cuda_attention_kvq(const void *q, const qs_cuda_kv *kv, size_t n, const uint32_t *slot,
+                          const uint32_t *pos, unsigned hq, unsigned hkv, unsigned hd,
+                          unsigned group, unsigned q_first, unsigned kv_first, unsigned max_seq,
+                          void *ws, void *out, void *stream);
+int qs_cuda_attention_prefill_kvq(const void *q, const qs_cuda_kv *kv, size_t n,
+                                  const uint32_t *slot, const uint32_t *pos, unsigned hq,
+                                  unsigned hkv, unsigned hd, unsigned group, unsigned q_first,
+                                  unsigned kv_first, unsigned max_seq, void *out, void *stream);
 /* Positions per split of qs_cuda_attention (a multiple of 64; 0: the
  * default 128), process-wide; more where max_seq would need over 256
  * splits. For tests (small max_seq with several splits) and tuning: set it

@@ -474,6 +474,12 @@ int qs_model_init(const qs_model_config *cfg, const qs_model_opts *opts, qs_comm
     m->fr = cfg->ffn / size;
     m->vr = (cfg->vocab + size - 1) / size;
     m->v_first = (uint32_t)m->rank * m->vr;
+    if (!qs_kv_name(opts->kv_cache)) {
+        free(m);
+        return qs_seterr(QS_EINVAL, "KV cache format %d is unknown: use fp16, int8 or int4",
+                         (int)opts->kv_cache);
+    }
+    m->kv = opts->kv_cache;
     m->max_slots = opts->max_slots ? opts->max_slots : 1;
     m->max_seq = opts->max_seq ? opts->max_seq : (cfg->max_pos < 2048 ? cfg->max_pos : 2048);
     if (m->max_seq > cfg->max_pos || m->max_slots > 4096) {
@@ -568,17 +574,29 @@ cache:
     }
     if ((err = qs_model_tables_f16(m)))
         goto fail;
-    size_t kv = (size_t)cfg->layers * m->max_slots * m->max_seq * m->hkv * m->hd;
-    m->kcache = calloc(kv, sizeof(float));
-    m->vcache = calloc(kv, sizeof(float));
-    if (!m->kcache || !m->vcache) {
+    /* The cache in its format: fp32 vectors for fp16 (the CPU computes in
+     * fp32), else codes and their scales (qs_kv_quantize's layout). */
+    size_t rows = (size_t)cfg->layers * m->max_slots * m->max_seq * m->hkv;
+    size_t kvb = m->kv == QS_KV_FP16
+                     ? rows * m->hd * sizeof(float)
+                     : rows * (qs_kv_code_bytes(m->kv, m->hd) + qs_kv_groups(m->hd) * 4);
+    if (m->kv == QS_KV_FP16) {
+        m->kcache = calloc(rows * m->hd, sizeof(float));
+        m->vcache = calloc(rows * m->hd, sizeof(float));
+    } else {
+        m->kq = calloc(rows, qs_kv_code_bytes(m->kv, m->hd));
+        m->vq = calloc(rows, qs_kv_code_bytes(m->kv, m->hd));
+        m->ks = calloc(rows * qs_kv_groups(m->hd), 4);
+        m->vs = calloc(rows * qs_kv_groups(m->hd), 4);
+    }
+    if (m->kv == QS_KV_FP16 ? !m->kcache || !m->vcache : !m->kq || !m->vq || !m->ks || !m->vs) {
         err = qs_seterr(QS_ENOMEM,
                         "out of memory for a KV cache of %u slots x %u tokens: "
                         "lower --max-seq or --slots",
                         m->max_slots, m->max_seq);
         goto fail;
     }
-    m->bytes.kv_cache = 2 * kv * sizeof(float);
+    m->bytes.kv_cache = 2 * kvb;
     m->bytes.total = m->bytes.linear + m->bytes.fp16 + m->bytes.kv_cache;
     qs_weights_close(file);
     qs_calib_close(&merged);

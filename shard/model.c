@@ -20,6 +20,11 @@ uint32_t qs_model_max_seq(const qs_model *m)
     return m->max_seq;
 }
 
+qs_kv_format qs_model_kv(const qs_model *m)
+{
+    return m->kv;
+}
+
 double qs_model_comm_ms(const qs_model *m)
 {
     return m->comm_ms;
@@ -94,6 +99,7 @@ void qs_model_close(qs_model *m)
     qs_norm_close(&m->final_norm);
     free(m->kcache);
     free(m->vcache);
+    free(m->kq), free(m->vq), free(m->ks), free(m->vs);
     free(m->rope_cs);
     free(m);
 }

@@ -54,7 +54,10 @@ struct qs_model {
     float *proj_in, *proj_out; /* opt-350m: H x E, E x H */
     norm final_norm;
     uint32_t max_slots, max_seq;
-    float *kcache, *vcache; /* [layer][slot][pos][hkv * hd] */
+    qs_kv_format kv;        /* the cache's format, set at load (qs_model_opts.kv_cache) */
+    float *kcache, *vcache; /* fp16 format (fp32 on the CPU): [layer][slot][pos][hkv * hd] */
+    uint8_t *kq, *vq;       /* int8/int4: codes [layer][slot][pos][hkv][qs_kv_code_bytes] */
+    uint16_t *ks, *vs;      /* and their fp16 (scale, min) [layer][slot][pos][hkv][groups][2] */
     qs_calib *record;       /* SmoothQuant statistics being collected, or NULL */
     float smooth_alpha;     /* W8A8 smoothed with this strength; 0 = not smoothed */
     float *rope_cs;         /* RoPE cos, sin per position and pair; NULL without RoPE */

@@ -78,12 +78,34 @@ static void rope(const qs_model *m, float *v, uint32_t p)
     }
 }
 
-static size_t kv_index(const qs_model *m, uint32_t l, uint32_t slot, uint32_t p)
+/* Row-head index of (layer, slot, position), KV head 0: the fp16 cache's
+ * vectors and the int8/int4 caches' codes and scales are all [..][hkv][..]. */
+static size_t kv_row(const qs_model *m, uint32_t l, uint32_t slot, uint32_t p)
 {
-    return (((size_t)l * m->max_slots + slot) * m->max_seq + p) * m->hkv * m->hd;
+    return (((size_t)l * m->max_slots + slot) * m->max_seq + p) * m->hkv;
 }
 
-/* Causal attention of n tokens over their slots' caches; out is n x hq*hd. */
+static size_t kv_index(const qs_model *m, uint32_t l, uint32_t slot, uint32_t p)
+{
+    return kv_row(m, l, slot, p) * m->hd;
+}
+
+/* KV head kvh's key (k != 0) or value at (layer, slot, p): the fp16 cache's
+ * own row, or the int8/int4 codes dequantized into buf (hd floats). */
+static const float *kv_vec(const qs_model *m, int k, uint32_t l, uint32_t slot, uint32_t p,
+                           uint32_t kvh, float *buf)
+{
+    size_t rh = kv_row(m, l, slot, p) + kvh;
+    if (m->kv == QS_KV_FP16)
+        return (k ? m->kcache : m->vcache) + rh * m->hd;
+    size_t cb = qs_kv_code_bytes(m->kv, m->hd), ng = qs_kv_groups(m->hd);
+    qs_kv_dequant(m->kv, (k ? m->kq : m->vq) + rh * cb, (k ? m->ks : m->vs) + rh * ng * 2, 1, m->hd,
+                  buf);
+    return buf;
+}
+
+/* Causal attention of n tokens over their slots' caches; out is n x hq*hd.
+ * An int8/int4 cache is dequantized row by row as it is read. */
 static void attention(const qs_model *m, uint32_t l, size_t n, const float *q, const uint32_t *slot,
                       const uint32_t *pos, float *out)
 {
@@ -96,12 +118,13 @@ static void attention(const qs_model *m, uint32_t l, size_t n, const float *q, c
             const float *qi = q + i * hq * hd + (size_t)h * hd;
             float *o = out + i * hq * hd + (size_t)h * hd;
             uint32_t len = pos[i] + 1;
-            float *sc = malloc(len * sizeof *sc);
+            float *sc = malloc((len + hd) * sizeof *sc);
             if (!sc)
-                continue; /* leaves zeros; the caller checked the cache size */
+                continue;          /* leaves zeros; the caller checked the cache size */
+            float *buf = sc + len; /* a dequantized row */
             float mx = -INFINITY;
             for (uint32_t p = 0; p < len; p++) {
-                const float *k = m->kcache + kv_index(m, l, slot[i], p) + (size_t)kvh * hd;
+                const float *k = kv_vec(m, 1, l, slot[i], p, kvh, buf);
                 float d = 0;
 #pragma omp simd reduction(+ : d)
                 for (uint32_t j = 0; j < hd; j++)
@@ -114,7 +137,7 @@ static void attention(const qs_model *m, uint32_t l, size_t n, const float *q, c
                 sum += sc[p] = expf(sc[p] - mx);
             memset(o, 0, hd * sizeof *o);
             for (uint32_t p = 0; p < len; p++) {
-                const float *v = m->vcache + kv_index(m, l, slot[i], p) + (size_t)kvh * hd;
+                const float *v = kv_vec(m, 0, l, slot[i], p, kvh, buf);
                 float w = (float)(sc[p] / sum);
 #pragma omp simd
                 for (uint32_t j = 0; j < hd; j++)
@@ -255,9 +278,22 @@ static int cpu_rope_kv(qs_fwd *f, uint32_t l)
             for (uint32_t h = 0; h < m->hkv; h++)
                 rope(m, k + (i * m->hkv + h) * hd, f->pos[i]);
         }
-        size_t at = kv_index(m, l, f->slot[i], f->pos[i]);
-        memcpy(m->kcache + at, k + i * m->hkv * hd, m->hkv * hd * sizeof(float));
-        memcpy(m->vcache + at, v + i * m->hkv * hd, m->hkv * hd * sizeof(float));
+        if (m->kv == QS_KV_FP16) {
+            size_t at = kv_index(m, l, f->slot[i], f->pos[i]);
+            memcpy(m->kcache + at, k + i * m->hkv * hd, m->hkv * hd * sizeof(float));
+            memcpy(m->vcache + at, v + i * m->hkv * hd, m->hkv * hd * sizeof(float));
+            continue;
+        }
+        /* int8/int4: the keys as rotated, quantized per head and group. */
+        size_t rh = kv_row(m, l, f->slot[i], f->pos[i]);
+        size_t cb = qs_kv_code_bytes(m->kv, hd), ng = qs_kv_groups(hd);
+        int err = qs_kv_quantize(m->kv, k + i * m->hkv * hd, m->hkv, hd, m->kq + rh * cb,
+                                 m->ks + rh * ng * 2);
+        if (!err)
+            err = qs_kv_quantize(m->kv, v + i * m->hkv * hd, m->hkv, hd, m->vq + rh * cb,
+                                 m->vs + rh * ng * 2);
+        if (err)
+            return err;
     }
     return QS_OK;
 }

@@ -1,7 +1,8 @@
 /* The forward pass's operations on the rank's GPU (ops.h), through the
  * kernels of kernels/cuda: the residual stream in fp32, activations in fp16,
  * the linear layers in their device formats (fp16, BCQ/RTN for LUT-GEMM
- * and the tensor-core path, W8A8 int8, W4A4 int4 + int8), the KV cache in fp16, NCCL for the
+ * and the tensor-core path, W8A8 int8, W4A4 int4 + int8), the KV cache in fp16
+ * (or int8/int4 codes), NCCL for the
  * group's sums (collectives/, on the communicator's stream, which every
  * kernel here uses too). qs_model_use_device moves a loaded shard here:
  * weights, caches and a workspace for `chunk` tokens are allocated once,
@@ -34,7 +35,8 @@ typedef struct gpu_norm {
 typedef struct gpu {
     int device;
     void *stream;   /* the communicator's */
-    void *kc, *vc;  /* fp16 [layer][slot][pos][hkv * hd] */
+    void *kc, *vc;  /* fp16 [layer][slot][pos][hkv * hd], or int8/int4 codes (kv_layer) */
+    void *ks, *vs;  /* int8/int4: the codes' fp16 (scale, min) pairs; NULL for fp16 */
     float *cs;      /* RoPE cos, sin per position and pair; NULL without RoPE */
     void *embed;    /* fp16 vr x E */
     void *lm_head;  /* fp16 vr x H, or NULL when tied */
@@ -237,11 +239,11 @@ void qs_model_gpu_free(qs_model *m)
     for (uint32_t i = 0; g->norms && i < 2 * m->cfg.layers; i++)
         free_norm(&g->norms[i]);
     free_norm(&g->final_norm);
-    void *bufs[] = {g->kc,      g->vc,       g->cs,     g->embed, g->lm_head,  g->pos,
-                    g->proj_in, g->proj_out, g->x,      g->h,     g->q,        g->k,
-                    g->v,       g->att,      g->proj,   g->ff1,   g->ff2,      g->e16,
-                    g->att_ws,  g->lg_local, g->lg_all, g->lg,    g->tokens,   g->slot,
-                    g->posd,    g->params,   g->state,  g->next,  g->sample_ws};
+    void *bufs[] = {g->kc,       g->vc,      g->ks,       g->vs,     g->cs,   g->embed, g->lm_head,
+                    g->pos,      g->proj_in, g->proj_out, g->x,      g->h,    g->q,     g->k,
+                    g->v,        g->att,     g->proj,     g->ff1,    g->ff2,  g->e16,   g->att_ws,
+                    g->lg_local, g->lg_all,  g->lg,       g->tokens, g->slot, g->posd,  g->params,
+                    g->state,    g->next,    g->sample_ws};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         qs_cuda_free(bufs[i]);
     qs_cuda_host_free(g->io);
@@ -486,6 +488,32 @@ int qs_gpu_synth_table(qs_model *m, int lm_head, uint64_t key)
     return err;
 }
 
+/* Bytes of one layer's K (or V) cache, fp16 rows or int8/int4 codes, and
+ * of its codes' (scale, min) pairs (0 for fp16); each rounded up to 256 so
+ * that every layer's arrays start 16-byte aligned, as the kernels read them. */
+static size_t cache_layer(const qs_model *m)
+{
+    size_t rows = (size_t)m->max_slots * m->max_seq * m->hkv;
+    size_t b = m->kv == QS_KV_FP16 ? rows * m->hd * 2 : rows * qs_kv_code_bytes(m->kv, m->hd);
+    return (b + 255) / 256 * 256;
+}
+
+static size_t scale_layer(const qs_model *m)
+{
+    size_t rows = (size_t)m->max_slots * m->max_seq * m->hkv;
+    return m->kv == QS_KV_FP16 ? 0 : (rows * qs_kv_groups(m->hd) * 4 + 255) / 256 * 256;
+}
+
+/* Layer l's cache as the kernels take it. */
+static qs_cuda_kv layer_kv(const qs_model *m, const gpu *g, uint32_t l)
+{
+    size_t off = l * cache_layer(m), soff = l * scale_layer(m);
+    qs_cuda_kv kv = {m->kv, (char *)g->kc + off, (char *)g->vc + off, NULL, NULL};
+    if (m->kv != QS_KV_FP16)
+        kv.ks = (char *)g->ks + soff, kv.vs = (char *)g->vs + soff;
+    return kv;
+}
+
 /* The tables, the caches and the workspace; the model then runs here. */
 int qs_gpu_finish(qs_model *m)
 {
@@ -515,9 +543,12 @@ int qs_gpu_finish(qs_model *m)
             (err = qs_cuda_h2d(g->cs, m->rope_cs, bytes)))
             return err;
     }
-    size_t kv = (size_t)c->layers * m->max_slots * m->max_seq * m->hkv * m->hd;
-    if ((err = gpu_alloc(g, &g->kc, kv * 2)) || (err = gpu_alloc(g, &g->vc, kv * 2)) ||
-        (err = qs_cuda_memset(g->kc, 0, kv * 2)) || (err = qs_cuda_memset(g->vc, 0, kv * 2)))
+    size_t kv = c->layers * cache_layer(m), ksb = c->layers * scale_layer(m);
+    if ((err = gpu_alloc(g, &g->kc, kv)) || (err = gpu_alloc(g, &g->vc, kv)) ||
+        (err = qs_cuda_memset(g->kc, 0, kv)) || (err = qs_cuda_memset(g->vc, 0, kv)))
+        return err;
+    if (ksb && ((err = gpu_alloc(g, &g->ks, ksb)) || (err = gpu_alloc(g, &g->vs, ksb)) ||
+                (err = qs_cuda_memset(g->ks, 0, ksb)) || (err = qs_cuda_memset(g->vs, 0, ksb))))
         return err;
     /* One prefill chunk of up to 256 tokens (llama.cpp's default batch is
      * 512; 256 keeps a chunk's logits small) and at most the cache;
@@ -533,11 +564,13 @@ int qs_gpu_finish(qs_model *m)
     m->embed = m->lm_head = m->pos = m->proj_in = m->proj_out = NULL;
     free(m->embed16), free(m->lm_head16);
     m->embed16 = m->lm_head16 = NULL;
-    free(m->kcache), free(m->vcache);
+    free(m->kcache), free(m->vcache), free(m->kq), free(m->vq), free(m->ks), free(m->vs);
     m->kcache = m->vcache = NULL;
+    m->kq = m->vq = NULL;
+    m->ks = m->vs = NULL;
     m->ops = &qs_ops_cuda;
     m->chunk = rows;
-    m->bytes.kv_cache = kv * 2 * 2;
+    m->bytes.kv_cache = 2 * (kv + ksb);
     m->bytes.total = g->bytes;
     return QS_OK;
 }
@@ -678,38 +711,31 @@ static int cuda_linear(qs_fwd *f, const linear *l, const void *in, void *out)
     return err;
 }
 
-static size_t cache_layer(const qs_model *m)
-{
-    return (size_t)m->max_slots * m->max_seq * m->hkv * m->hd * 2;
-}
-
 static int cuda_rope_kv(qs_fwd *f, uint32_t l)
 {
     const qs_model *m = f->m;
     gpu *g = G(f);
-    size_t off = l * cache_layer(m);
-    return qs_cuda_rope_kv(g->q, g->k, g->v, f->n, m->hq, m->hkv, m->hd, g->cs, m->rope_adjacent,
-                           g->slot, g->posd, (char *)g->kc + off, (char *)g->vc + off, m->max_seq,
-                           g->stream);
+    qs_cuda_kv kv = layer_kv(m, g, l);
+    return qs_cuda_rope_kvq(g->q, g->k, g->v, f->n, m->hq, m->hkv, m->hd, g->cs, m->rope_adjacent,
+                            g->slot, g->posd, &kv, m->max_seq, g->stream);
 }
 
 static int cuda_attention(qs_fwd *f, uint32_t l)
 {
     const qs_model *m = f->m;
     gpu *g = G(f);
-    size_t off = l * cache_layer(m);
+    qs_cuda_kv kv = layer_kv(m, g, l);
     /* Tokens of one sequence (a prefill) take the tiled kernel. */
     int one_slot = f->n > 1;
     for (size_t i = 1; i < f->n && one_slot; i++)
         one_slot = f->slot[i] == f->slot[0];
     if (one_slot)
-        return qs_cuda_attention_prefill(g->q, (char *)g->kc + off, (char *)g->vc + off, f->n,
-                                         g->slot, g->posd, m->hq, m->hkv, m->hd,
-                                         m->cfg.heads / m->cfg.kv_heads, m->q_first, m->kv_first,
-                                         m->max_seq, g->att, g->stream);
-    return qs_cuda_attention(g->q, (char *)g->kc + off, (char *)g->vc + off, f->n, g->slot, g->posd,
-                             m->hq, m->hkv, m->hd, m->cfg.heads / m->cfg.kv_heads, m->q_first,
-                             m->kv_first, m->max_seq, g->att_ws, g->att, g->stream);
+        return qs_cuda_attention_prefill_kvq(g->q, &kv, f->n, g->slot, g->posd, m->hq, m->hkv,
+                                             m->hd, m->cfg.heads / m->cfg.kv_heads, m->q_first,
+                                             m->kv_first, m->max_seq, g->att, g->stream);
+    return qs_cuda_attention_kvq(g->q, &kv, f->n, g->slot, g->posd, m->hq, m->hkv, m->hd,
+                                 m->cfg.heads / m->cfg.kv_heads, m->q_first, m->kv_first,
+                                 m->max_seq, g->att_ws, g->att, g->stream);
 }
 
 static int cuda_ffn_act(qs_fwd *f, int gated)

@@ -319,9 +319,10 @@ static void rank_bytes(const qs_model_config *m, const qs_quant *q, uint32_t tp,
         fp16 += norm;
     r->fp16 = fp16 * FP16;
 
-    /* KV cache: K and V, fp16, for every layer, sequence and position. */
+    /* KV cache: K and V, in the workload's format, for every layer,
+     * sequence and position. */
     uint64_t tokens = (uint64_t)w->batch * w->seq;
-    r->kv_cache = 2 * m->layers * tokens * kv * hd * FP16;
+    r->kv_cache = 2 * m->layers * tokens * kv * qs_kv_vec_bytes(w->kv, hd);
 
     /* Workspace: activations of one prefill chunk plus the logits. The buffers
      * are counted side by side (not aliased), an upper bound. */
@@ -342,6 +343,48 @@ static void rank_bytes(const qs_model_config *m, const qs_quant *q, uint32_t tp,
 
     r->reserve = w->reserve;
     r->total = r->linear + r->fp16 + r->kv_cache + r->workspace + r->reserve;
+}
+
+const char *qs_kv_name(qs_kv_format f)
+{
+    switch (f) {
+    case QS_KV_FP16:
+        return "fp16";
+    case QS_KV_INT8:
+        return "int8";
+    case QS_KV_INT4:
+        return "int4";
+    }
+    return NULL;
+}
+
+int qs_kv_parse(const char *s, qs_kv_format *out)
+{
+    static const qs_kv_format all[] = {QS_KV_FP16, QS_KV_INT8, QS_KV_INT4};
+    for (size_t i = 0; s && i < sizeof all / sizeof all[0]; i++)
+        if (strcasecmp(s, qs_kv_name(all[i])) == 0) {
+            *out = all[i];
+            return QS_OK;
+        }
+    return qs_seterr(QS_EINVAL,
+                     "'%s' is not a KV cache format: use fp16 (the default), int8 (56%% of "
+                     "its bytes) or int4 (31%%)",
+                     s ? s : "");
+}
+
+/* Mirrors qs_kv_code_bytes and qs_kv_groups (kernels/cpu/kvquant.c), which
+ * the planner does not link. */
+uint64_t qs_kv_vec_bytes(qs_kv_format f, uint64_t hd)
+{
+    uint64_t sm = 4 * ((hd + QS_KV_GROUP - 1) / QS_KV_GROUP); /* fp16 scale + minimum */
+    switch (f) {
+    case QS_KV_INT8:
+        return hd + sm;
+    case QS_KV_INT4:
+        return (hd + 1) / 2 + sm;
+    default:
+        return hd * FP16;
+    }
 }
 
 static uint64_t linear_params(const qs_model_config *m)
@@ -365,6 +408,9 @@ int qs_plan_make(const qs_model_config *m, const qs_quant *q, uint32_t tp, const
         return qs_seterr(QS_EINVAL, "%u GPUs is out of range: use 1 to 4096", tp);
     if (w->batch == 0 || w->batch > MAX_BATCH)
         return qs_seterr(QS_EINVAL, "batch %u is out of range: use 1 to %u", w->batch, MAX_BATCH);
+    if (!qs_kv_name(w->kv))
+        return qs_seterr(QS_EINVAL, "KV cache format %d is unknown: use fp16, int8 or int4",
+                         (int)w->kv);
     if (w->seq == 0 || w->seq > m->max_pos)
         return qs_seterr(QS_EINVAL,
                          "sequence length %u is out of range for %s: use 1 to its "

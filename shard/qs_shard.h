@@ -130,7 +130,17 @@ typedef struct qs_workload {
     uint32_t batch;   /* sequences decoded together */
     uint32_t seq;     /* tokens of KV cache per sequence */
     uint64_t reserve; /* per-device bytes for the runtime: context, cuBLAS, NCCL */
+    qs_kv_format kv;  /* the KV cache's format (0: fp16) */
 } qs_workload;
+
+/* "fp16", "int8", "int4" (qs_kernels.h, "KV cache quantization"), and back. */
+const char *qs_kv_name(qs_kv_format f);
+int qs_kv_parse(const char *s, qs_kv_format *out);
+/* Bytes of one token's K (or V) vector of one KV head of hd values in a
+ * format: 2 hd (fp16), or the codes plus an fp16 scale and minimum per
+ * group of QS_KV_GROUP (int8 hd + 4 ceil(hd/32), int4 ceil(hd/2) + 4
+ * ceil(hd/32)). The planner's count, and what a GPU allocates. */
+uint64_t qs_kv_vec_bytes(qs_kv_format f, uint64_t hd);
 
 #define QS_PLAN_DEFAULT_SEQ     512u
 #define QS_PLAN_DEFAULT_RESERVE (1ull << 30)
@@ -141,7 +151,7 @@ typedef struct qs_workload {
 typedef struct qs_rank_bytes {
     uint64_t linear;    /* quantized linear layers: packed weights, alphas, offsets, scales */
     uint64_t fp16;      /* kept in fp16: embeddings, LM head, norms, biases */
-    uint64_t kv_cache;  /* K and V for batch x seq tokens, fp16 */
+    uint64_t kv_cache;  /* K and V for batch x seq tokens, in the workload's format */
     uint64_t workspace; /* activations of one prefill chunk and the logits */
     uint64_t reserve;   /* runtime context */
     uint64_t total;
@@ -311,6 +321,7 @@ typedef struct qs_model_opts {
     uint32_t outlier_channels; /* synthetic: hidden channels with 20x activations */
     uint32_t max_slots;        /* sequences the KV cache holds at once (default 1) */
     uint32_t max_seq;          /* tokens per sequence (default min(context, 2048)) */
+    qs_kv_format kv_cache;     /* the KV cache's format (0: fp16; fp32 on CPU ranks) */
     unsigned bcq_iters;        /* BCQ refinement iterations (0: the quantizer's default) */
     const qs_calib *calib;     /* smooth with these statistics (NULL: none); exact in fp32, it
                                 * is for W8A8 (pre-LN models only) */
@@ -335,6 +346,8 @@ const qs_model_config *qs_model_cfg(const qs_model *m);
 /* Sequences the KV cache holds at once, and tokens per sequence. */
 uint32_t qs_model_slots(const qs_model *m);
 uint32_t qs_model_max_seq(const qs_model *m);
+/* The KV cache's format it was loaded with. */
+qs_kv_format qs_model_kv(const qs_model *m);
 /* Milliseconds this rank has spent in collectives (all-reduce after the
  * row-parallel layers, the logits' all-gather) since it was loaded. */
 double qs_model_comm_ms(const qs_model *m);

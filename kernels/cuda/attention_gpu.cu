@@ -1,9 +1,9 @@
-/* attention_gpu.cu: causal grouped-query attention over the fp16 KV cache
+/* attention_gpu.cu: causal grouped-query attention over the KV cache (fp16, int8 or int4)
  * (qs_kernels.h, "The device forward pass"), the counterpart of attention()
  * in shard/model.c.
  *
  * Shapes: q, out fp16 [n][hq*hd]; kc, vc fp16 [slot][max_seq][hkv*hd] (one
- * layer); slot, pos uint32 [n] (device). Local head h reads local KV head
+ * layer; int8/int4 below); slot, pos uint32 [n] (device). Local head h reads local KV head
  * (q_first + h) / group - kv_first, and token i attends to positions
  * 0..pos[i] of slot[i]. Scores are fp32 in the log2 domain (q.k * log2(e) /
  * sqrt(hd), then exp2), sums and outputs fp32, out rounded to fp16 once.
@@ -52,13 +52,23 @@
  * different 4-bank groups per phase. In the decode kernel the score rows are
  * 68 floats (4 mod 32), so the G heads' scores of up to 4 positions written
  * at once fall in distinct banks. tests/gpu/test_gpu_attention.c prints the
- * harness's bank-model counts. */
+ * harness's bank-model counts.
+ *
+ * An int8/int4 cache (the _kvq entries, qs_cuda_kv): codes [slot][max_seq]
+ * [hkv][hd or hd/2 bytes] and per group of 32 dimensions an fp16 (scale,
+ * minimum) (kv_quant.cuh). Both kernels take the format as a template
+ * argument and change only how a lane reads its 8 dimensions of a row: 8
+ * code bytes (int8) or 4 (int4) and the group's (scale, minimum) in place of
+ * 16 fp16 bytes, dequantized c s + m in fp32 (decode: into the registers
+ * the fp16 path unpacks into; prefill: rounded to fp16 into the same shared
+ * tiles, what the tensor cores take). The rest is the fp16 kernels'. */
 #include <mma.h>
 
 #include <math.h>
 #include <stdint.h>
 
 #include "cuda_util.cuh"
+#include "kv_quant.cuh"
 
 #define ATT_THREADS    128 /* 4 warps, both kernels */
 #define ATT_TILE       64  /* positions per K/V tile */
@@ -135,6 +145,26 @@ __device__ __forceinline__ void att_unpack8(uint4 u, float *f)
     }
 }
 
+/* A lane's 8 values as 8 fp16 in one uint4, as the prefill kernel's tiles
+ * hold them: an fp16 cache's bits as they are, codes dequantized and rounded. */
+template <int F> __device__ __forceinline__ uint4 kvq_half8(const kvq_raw<F> &r)
+{
+    if constexpr (F == QS_KV_FP16) {
+        return r.u;
+    } else {
+        float f[8];
+        kvq_unpack<F>(r, f);
+        union {
+            uint4 u;
+            __half2 h[4];
+        } t;
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+            t.h[j] = __floats2half2_rn(f[2 * j], f[2 * j + 1]);
+        return t.u;
+    }
+}
+
 /* The local query heads [h0, h1) that read the jj-th KV head used by this
  * rank (local KV head kv_base + jj, global q_first / group + jj). */
 __device__ __forceinline__ void att_heads(int jj, int hq, int group, int q_first, int *h0, int *h1)
@@ -194,10 +224,11 @@ __device__ __forceinline__ float att_warp_sum(float v)
  * Lane layout: L = D/8 lanes per KV row (lane's dimensions 8*(lane%L) ..
  * +8), NG = 4 * 32/L lane groups, group lg takes positions lg + NG*k of a
  * tile. ml/po: the partials (NULL when splits == 1: out written here). */
-template <int D, int G>
+template <int D, int G, int F>
 __global__ void __launch_bounds__(ATT_THREADS)
-    attn_split_kernel(const __half *__restrict__ q, const __half *__restrict__ kc,
-                      const __half *__restrict__ vc, const uint32_t *__restrict__ slot,
+    attn_split_kernel(const __half *__restrict__ q, const void *__restrict__ kc,
+                      const void *__restrict__ vc, const __half2 *__restrict__ ks,
+                      const __half2 *__restrict__ vs, const uint32_t *__restrict__ slot,
                       const uint32_t *__restrict__ pos, int n, int hq, int hkv, int hd, int group,
                       int q_first, int kv_base, int nkvu, int max_seq, int chunk, int splits,
                       float qscale, float2 *__restrict__ ml, float *__restrict__ po,
@@ -232,9 +263,9 @@ __global__ void __launch_bounds__(ATT_THREADS)
         return;
     }
     const int c1 = min(c0 + chunk, p_i + 1);
-    const size_t rowe = (size_t)hkv * hd; /* elements per cache row */
-    const size_t cb = (size_t)slot[i] * max_seq * rowe + (size_t)(kv_base + jj) * hd;
-    const __half *kb = kc + cb, *vb = vc + cb;
+    /* Row-head index of position 0 of this slot and KV head; + p * hkv. */
+    const size_t rh0 = (size_t)slot[i] * max_seq * hkv + (size_t)(kv_base + jj);
+    const int ng = (hd + QS_KV_GROUP - 1) / QS_KV_GROUP;
 
     const int sub = lane % L, lg = warp * RW + lane / L, d0 = sub * 8;
     const bool dv = d0 < hd;
@@ -253,19 +284,18 @@ __global__ void __launch_bounds__(ATT_THREADS)
         s_m[tid] = -INFINITY, s_l[tid] = 0.0f;
 
     for (int t0 = c0; t0 < c1; t0 += ATT_TILE) {
-        uint4 kr[KSTEP], vr[KSTEP];
+        kvq_raw<F> kr[KSTEP], vr[KSTEP];
 #pragma unroll
         for (int k = 0; k < KSTEP; k++) {
             const int p = t0 + lg + NG * k;
-            kr[k] = p < c1 && dv
-                        ? __ldg(reinterpret_cast<const uint4 *>(kb + (size_t)p * rowe + d0))
-                        : make_uint4(0, 0, 0, 0);
+            kr[k] = p < c1 && dv ? kvq_load<F>(kc, ks, rh0 + (size_t)p * hkv, hd, ng, d0)
+                                 : kvq_zero<F>();
         }
 #pragma unroll
         for (int k = 0; k < KSTEP; k++) {
             const int r = lg + NG * k;
             float kf[8], dot[G];
-            att_unpack8(kr[k], kf);
+            kvq_unpack<F>(kr[k], kf);
 #pragma unroll
             for (int g = 0; g < G; g++) {
                 float a = 0.0f;
@@ -283,9 +313,8 @@ __global__ void __launch_bounds__(ATT_THREADS)
 #pragma unroll
         for (int k = 0; k < KSTEP; k++) {
             const int p = t0 + lg + NG * k;
-            vr[k] = p < c1 && dv
-                        ? __ldg(reinterpret_cast<const uint4 *>(vb + (size_t)p * rowe + d0))
-                        : make_uint4(0, 0, 0, 0);
+            vr[k] = p < c1 && dv ? kvq_load<F>(vc, vs, rh0 + (size_t)p * hkv, hd, ng, d0)
+                                 : kvq_zero<F>();
         }
         __syncthreads();
         /* Online softmax, one warp per head: the tile's max, p = exp2(s - m). */
@@ -312,7 +341,7 @@ __global__ void __launch_bounds__(ATT_THREADS)
         for (int k = 0; k < KSTEP; k++) {
             const int r = lg + NG * k;
             float vf[8];
-            att_unpack8(vr[k], vf);
+            kvq_unpack<F>(vr[k], vf);
 #pragma unroll
             for (int g = 0; g < G; g++) {
                 const float pg = s_p[g][r];
@@ -403,10 +432,11 @@ template <int D> struct pf_smem {
     static_assert(SCR >= ATT_TILE + 4, "scratch rows hold S");
 };
 
-template <int D>
+template <int D, int F>
 __global__ void __launch_bounds__(ATT_THREADS)
-    attn_prefill_kernel(const __half *__restrict__ q, const __half *__restrict__ kc,
-                        const __half *__restrict__ vc, const uint32_t *__restrict__ slot,
+    attn_prefill_kernel(const __half *__restrict__ q, const void *__restrict__ kc,
+                        const void *__restrict__ vc, const __half2 *__restrict__ ks,
+                        const __half2 *__restrict__ vs, const uint32_t *__restrict__ slot,
                         const uint32_t *__restrict__ pos, int n, int hq, int hkv, int hd, int group,
                         int q_first, int kv_base, int max_seq, float qscale,
                         __half *__restrict__ out)
@@ -430,9 +460,8 @@ __global__ void __launch_bounds__(ATT_THREADS)
     const long long rows = (long long)n * nh, r0 = (long long)blockIdx.x * PF_ROWS;
     if (r0 >= rows)
         return; /* the whole block: this KV head has fewer rows */
-    const size_t rowe = (size_t)hkv * hd;
-    const size_t cb = (size_t)slot[r0 / nh] * max_seq * rowe + (size_t)(kv_base + jj) * hd;
-    const __half *kb = kc + cb, *vb = vc + cb;
+    const size_t rh0 = (size_t)slot[r0 / nh] * max_seq * hkv + (size_t)(kv_base + jj);
+    const int ng = (hd + QS_KV_GROUP - 1) / QS_KV_GROUP;
 
     if (tid < PF_ROWS) { /* rows past the end take position 0: finite, never written */
         const long long r = r0 + tid;
@@ -468,8 +497,9 @@ __global__ void __launch_bounds__(ATT_THREADS)
             const int r = u / CH, c = u % CH, p = t0 + r;
             uint4 kv = make_uint4(0, 0, 0, 0), vv = kv;
             if (p <= maxp && c * 8 < hd) { /* maxp: the tile's last position, in the cache */
-                kv = __ldg(reinterpret_cast<const uint4 *>(kb + (size_t)p * rowe + c * 8));
-                vv = __ldg(reinterpret_cast<const uint4 *>(vb + (size_t)p * rowe + c * 8));
+                const size_t rh = rh0 + (size_t)p * hkv;
+                kv = kvq_half8<F>(kvq_load<F>(kc, ks, rh, hd, ng, c * 8));
+                vv = kvq_half8<F>(kvq_load<F>(vc, vs, rh, hd, ng, c * 8));
             }
             *reinterpret_cast<uint4 *>(Ks + r * LDK + c * 8) = kv;
             *reinterpret_cast<uint4 *>(Vs + r * LDK + c * 8) = vv;
@@ -603,13 +633,18 @@ typedef struct att_shape {
     int kv_base, nkvu, nhmax;
 } att_shape;
 
-static int att_check(const char *who, const void *q, const void *kc, const void *vc, size_t n,
+static int att_check(const char *who, const void *q, const qs_cuda_kv *kv, size_t n,
                      const uint32_t *slot, const uint32_t *pos, unsigned hq, unsigned hkv,
                      unsigned hd, unsigned group, unsigned q_first, unsigned kv_first,
                      unsigned max_seq, const void *out, att_shape *sh)
 {
-    if (!q || !kc || !vc || !slot || !pos || !out)
+    if (!q || !kv || !kv->k || !kv->v || !slot || !pos || !out)
         return qs_seterr(QS_EINVAL, "%s: NULL q, cache, slot, position or output array", who);
+    if (kv->format != QS_KV_FP16 && kv->format != QS_KV_INT8 && kv->format != QS_KV_INT4)
+        return qs_seterr(QS_EINVAL, "%s: KV cache format %d: use fp16 (0), int8 (1) or int4 (2)",
+                         who, kv->format);
+    if (kv->format != QS_KV_FP16 && (!kv->ks || !kv->vs))
+        return qs_seterr(QS_EINVAL, "%s: an int8/int4 cache needs its scale arrays", who);
     if (n > (1u << 24))
         return qs_seterr(QS_EINVAL, "%s: %zu tokens in one call; split the batch below 2^24", who,
                          n);
@@ -636,7 +671,9 @@ static int att_check(const char *who, const void *q, const void *kc, const void 
                          "cache holds KV heads %u..%u: check q_first, kv_first and hkv",
                          who, q_first, q_first + hq - 1, lo, hi, group, kv_first,
                          kv_first + hkv - 1);
-    if (((uintptr_t)q | (uintptr_t)kc | (uintptr_t)vc | (uintptr_t)out) & 15)
+    if (((uintptr_t)q | (uintptr_t)kv->k | (uintptr_t)kv->v | (uintptr_t)kv->ks |
+         (uintptr_t)kv->vs | (uintptr_t)out) &
+        15)
         return qs_seterr(QS_EINVAL,
                          "%s: q, the caches and out must be 16-byte aligned (the kernels read "
                          "rows with 16-byte loads)",
@@ -652,50 +689,56 @@ static float att_qscale(unsigned hd)
     return (float)(1.4426950408889634 / sqrt((double)hd)); /* log2(e) / sqrt(hd) */
 }
 
-template <int D, int G>
-static int split_launch(const void *q, const void *kc, const void *vc, size_t n,
-                        const uint32_t *slot, const uint32_t *pos, unsigned hq, unsigned hkv,
-                        unsigned hd, unsigned group, unsigned q_first, const att_shape &sh,
-                        unsigned max_seq, unsigned chunk, unsigned splits, float2 *ml, float *po,
-                        void *out, cudaStream_t st)
+/* What every decode launch takes besides the kernel's template arguments. */
+typedef struct att_args {
+    const void *q;
+    const qs_cuda_kv *kv;
+    size_t n;
+    const uint32_t *slot, *pos;
+    unsigned hq, hkv, hd, group, q_first, max_seq, chunk, splits;
+    att_shape sh;
+    float2 *ml;
+    float *po;
+    void *out;
+    cudaStream_t st;
+} att_args;
+
+template <int D, int G, int F> static int split_launch(const att_args &a)
 {
-    dim3 grid((unsigned)(n * sh.nkvu), splits, (unsigned)((sh.nhmax + G - 1) / G));
-    QS_LAUNCH(grid, ATT_THREADS, 0, st, attn_split_kernel<D, G>)
-    ((const __half *)q, (const __half *)kc, (const __half *)vc, slot, pos, (int)n, (int)hq,
-     (int)hkv, (int)hd, (int)group, (int)q_first, sh.kv_base, sh.nkvu, (int)max_seq, (int)chunk,
-     (int)splits, att_qscale(hd), ml, po, (__half *)out);
+    dim3 grid((unsigned)(a.n * a.sh.nkvu), a.splits, (unsigned)((a.sh.nhmax + G - 1) / G));
+    QS_LAUNCH(grid, ATT_THREADS, 0, a.st, attn_split_kernel<D, G, F>)
+    ((const __half *)a.q, a.kv->k, a.kv->v, (const __half2 *)a.kv->ks, (const __half2 *)a.kv->vs,
+     a.slot, a.pos, (int)a.n, (int)a.hq, (int)a.hkv, (int)a.hd, (int)a.group, (int)a.q_first,
+     a.sh.kv_base, a.sh.nkvu, (int)a.max_seq, (int)a.chunk, (int)a.splits, att_qscale(a.hd), a.ml,
+     a.po, (__half *)a.out);
     QS_CU_LAUNCH("attn_split_kernel");
     return QS_OK;
 }
 
-template <int D>
-static int split_launch_g(int g, const void *q, const void *kc, const void *vc, size_t n,
-                          const uint32_t *slot, const uint32_t *pos, unsigned hq, unsigned hkv,
-                          unsigned hd, unsigned group, unsigned q_first, const att_shape &sh,
-                          unsigned max_seq, unsigned chunk, unsigned splits, float2 *ml, float *po,
-                          void *out, cudaStream_t st)
+template <int D, int F> static int split_launch_g(int g, const att_args &a)
 {
-#define QS_ATT_SPLIT(G)                                                                            \
-    split_launch<D, G>(q, kc, vc, n, slot, pos, hq, hkv, hd, group, q_first, sh, max_seq, chunk,   \
-                       splits, ml, po, out, st)
     if (g <= 1)
-        return QS_ATT_SPLIT(1);
+        return split_launch<D, 1, F>(a);
     if (g <= 2)
-        return QS_ATT_SPLIT(2);
+        return split_launch<D, 2, F>(a);
     if (g <= 4)
-        return QS_ATT_SPLIT(4);
-    return QS_ATT_SPLIT(8);
-#undef QS_ATT_SPLIT
+        return split_launch<D, 4, F>(a);
+    return split_launch<D, 8, F>(a);
 }
 
-extern "C" int qs_cuda_attention(const void *q, const void *kc, const void *vc, size_t n,
-                                 const uint32_t *slot, const uint32_t *pos, unsigned hq,
-                                 unsigned hkv, unsigned hd, unsigned group, unsigned q_first,
-                                 unsigned kv_first, unsigned max_seq, void *ws, void *out,
-                                 void *stream)
+template <int F> static int split_launch_d(int g, const att_args &a)
+{
+    return a.hd <= 64 ? split_launch_g<64, F>(g, a) : split_launch_g<128, F>(g, a);
+}
+
+extern "C" int qs_cuda_attention_kvq(const void *q, const qs_cuda_kv *kv, size_t n,
+                                     const uint32_t *slot, const uint32_t *pos, unsigned hq,
+                                     unsigned hkv, unsigned hd, unsigned group, unsigned q_first,
+                                     unsigned kv_first, unsigned max_seq, void *ws, void *out,
+                                     void *stream)
 {
     att_shape sh;
-    int err = att_check("qs_cuda_attention", q, kc, vc, n, slot, pos, hq, hkv, hd, group, q_first,
+    int err = att_check("qs_cuda_attention", q, kv, n, slot, pos, hq, hkv, hd, group, q_first,
                         kv_first, max_seq, out, &sh);
     if (err)
         return err;
@@ -711,10 +754,11 @@ extern "C" int qs_cuda_attention(const void *q, const void *kc, const void *vc, 
     float *po = splits > 1 ? (float *)((char *)ws + att_ml_bytes(splits, n, hq)) : NULL;
     cudaStream_t st = QS_CU_STREAM(stream);
     const int g = sh.nhmax < ATT_GMAX ? sh.nhmax : ATT_GMAX;
-    err = hd <= 64 ? split_launch_g<64>(g, q, kc, vc, n, slot, pos, hq, hkv, hd, group, q_first, sh,
-                                        max_seq, chunk, splits, ml, po, out, st)
-                   : split_launch_g<128>(g, q, kc, vc, n, slot, pos, hq, hkv, hd, group, q_first,
-                                         sh, max_seq, chunk, splits, ml, po, out, st);
+    const att_args a = {q,       kv,      n,     slot,   pos, hq, hkv, hd,  group,
+                        q_first, max_seq, chunk, splits, sh,  ml, po,  out, st};
+    err = kv->format == QS_KV_INT8   ? split_launch_d<QS_KV_INT8>(g, a)
+          : kv->format == QS_KV_INT4 ? split_launch_d<QS_KV_INT4>(g, a)
+                                     : split_launch_d<QS_KV_FP16>(g, a);
     if (err || splits == 1)
         return err;
     QS_LAUNCH(dim3((unsigned)(n * hq)), ATT_THREADS, 0, st, attn_combine_kernel)
@@ -723,23 +767,69 @@ extern "C" int qs_cuda_attention(const void *q, const void *kc, const void *vc, 
     return QS_OK;
 }
 
-template <int D>
-static int prefill_launch(const void *q, const void *kc, const void *vc, size_t n,
-                          const uint32_t *slot, const uint32_t *pos, unsigned hq, unsigned hkv,
-                          unsigned hd, unsigned group, unsigned q_first, const att_shape &sh,
-                          unsigned max_seq, void *out, cudaStream_t st)
+extern "C" int qs_cuda_attention(const void *q, const void *kc, const void *vc, size_t n,
+                                 const uint32_t *slot, const uint32_t *pos, unsigned hq,
+                                 unsigned hkv, unsigned hd, unsigned group, unsigned q_first,
+                                 unsigned kv_first, unsigned max_seq, void *ws, void *out,
+                                 void *stream)
+{
+    const qs_cuda_kv kv = {QS_KV_FP16, (void *)kc, (void *)vc, NULL, NULL};
+    return qs_cuda_attention_kvq(q, &kv, n, slot, pos, hq, hkv, hd, group, q_first, kv_first,
+                                 max_seq, ws, out, stream);
+}
+
+template <int D, int F>
+static int prefill_launch(const void *q, const qs_cuda_kv *kv, size_t n, const uint32_t *slot,
+                          const uint32_t *pos, unsigned hq, unsigned hkv, unsigned hd,
+                          unsigned group, unsigned q_first, const att_shape &sh, unsigned max_seq,
+                          void *out, cudaStream_t st)
 {
     const size_t smem = pf_smem<D>::bytes;
     if (smem > 48 * 1024)
-        QS_CU(cudaFuncSetAttribute(attn_prefill_kernel<D>,
+        QS_CU(cudaFuncSetAttribute(attn_prefill_kernel<D, F>,
                                    cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((unsigned)((n * sh.nhmax + PF_ROWS - 1) / PF_ROWS), (unsigned)sh.nkvu);
-    QS_LAUNCH(grid, ATT_THREADS, smem, st, attn_prefill_kernel<D>)
-    ((const __half *)q, (const __half *)kc, (const __half *)vc, slot, pos, (int)n, (int)hq,
-     (int)hkv, (int)hd, (int)group, (int)q_first, sh.kv_base, (int)max_seq, att_qscale(hd),
-     (__half *)out);
+    QS_LAUNCH(grid, ATT_THREADS, smem, st, attn_prefill_kernel<D, F>)
+    ((const __half *)q, kv->k, kv->v, (const __half2 *)kv->ks, (const __half2 *)kv->vs, slot, pos,
+     (int)n, (int)hq, (int)hkv, (int)hd, (int)group, (int)q_first, sh.kv_base, (int)max_seq,
+     att_qscale(hd), (__half *)out);
     QS_CU_LAUNCH("attn_prefill_kernel");
     return QS_OK;
+}
+
+template <int F>
+static int prefill_launch_d(const void *q, const qs_cuda_kv *kv, size_t n, const uint32_t *slot,
+                            const uint32_t *pos, unsigned hq, unsigned hkv, unsigned hd,
+                            unsigned group, unsigned q_first, const att_shape &sh, unsigned max_seq,
+                            void *out, cudaStream_t st)
+{
+    if (hd <= 64)
+        return prefill_launch<64, F>(q, kv, n, slot, pos, hq, hkv, hd, group, q_first, sh, max_seq,
+                                     out, st);
+    return prefill_launch<128, F>(q, kv, n, slot, pos, hq, hkv, hd, group, q_first, sh, max_seq,
+                                  out, st);
+}
+
+extern "C" int qs_cuda_attention_prefill_kvq(const void *q, const qs_cuda_kv *kv, size_t n,
+                                             const uint32_t *slot, const uint32_t *pos, unsigned hq,
+                                             unsigned hkv, unsigned hd, unsigned group,
+                                             unsigned q_first, unsigned kv_first, unsigned max_seq,
+                                             void *out, void *stream)
+{
+    att_shape sh;
+    int err = att_check("qs_cuda_attention_prefill", q, kv, n, slot, pos, hq, hkv, hd, group,
+                        q_first, kv_first, max_seq, out, &sh);
+    if (err || n == 0)
+        return err;
+    cudaStream_t st = QS_CU_STREAM(stream);
+    if (kv->format == QS_KV_INT8)
+        return prefill_launch_d<QS_KV_INT8>(q, kv, n, slot, pos, hq, hkv, hd, group, q_first, sh,
+                                            max_seq, out, st);
+    if (kv->format == QS_KV_INT4)
+        return prefill_launch_d<QS_KV_INT4>(q, kv, n, slot, pos, hq, hkv, hd, group, q_first, sh,
+                                            max_seq, out, st);
+    return prefill_launch_d<QS_KV_FP16>(q, kv, n, slot, pos, hq, hkv, hd, group, q_first, sh,
+                                        max_seq, out, st);
 }
 
 extern "C" int qs_cuda_attention_prefill(const void *q, const void *kc, const void *vc, size_t n,
@@ -748,15 +838,7 @@ extern "C" int qs_cuda_attention_prefill(const void *q, const void *kc, const vo
                                          unsigned q_first, unsigned kv_first, unsigned max_seq,
                                          void *out, void *stream)
 {
-    att_shape sh;
-    int err = att_check("qs_cuda_attention_prefill", q, kc, vc, n, slot, pos, hq, hkv, hd, group,
-                        q_first, kv_first, max_seq, out, &sh);
-    if (err || n == 0)
-        return err;
-    cudaStream_t st = QS_CU_STREAM(stream);
-    if (hd <= 64)
-        return prefill_launch<64>(q, kc, vc, n, slot, pos, hq, hkv, hd, group, q_first, sh, max_seq,
-                                  out, st);
-    return prefill_launch<128>(q, kc, vc, n, slot, pos, hq, hkv, hd, group, q_first, sh, max_seq,
-                               out, st);
+    const qs_cuda_kv kv = {QS_KV_FP16, (void *)kc, (void *)vc, NULL, NULL};
+    return qs_cuda_attention_prefill_kvq(q, &kv, n, slot, pos, hq, hkv, hd, group, q_first,
+                                         kv_first, max_seq, out, stream);
 }

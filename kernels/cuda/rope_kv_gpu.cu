@@ -17,7 +17,19 @@
  * piece of k also stores it in the cache, so no barrier is needed. Tokens at
  * a position past max_seq are skipped (the host checks them, see
  * qs_model_forward; this only keeps a bad index from writing out of the
- * cache). Slots are not known here and are the caller's to check. */
+ * cache). Slots are not known here and are the caller's to check.
+ *
+ * An int8/int4 cache (qs_cuda_rope_kvq): the rotation writes k back as
+ * above but not to the cache; after a barrier, one thread per (k or v, KV
+ * head, group of QS_KV_GROUP dimensions) reads the group's fp16 values (k's
+ * as rotated and rounded, the values an fp16 cache would hold), quantizes
+ * them (kv_quant.cuh, the CPU's codes bit for bit) and writes the codes
+ * (8-value runs as one 8- or 4-byte store where aligned) and the group's
+ * (scale, minimum). A token has only 2 * hkv * ceil(hd / 32) groups (12 for
+ * SmolLM2), so a thread per group needs no shuffles and costs nothing that
+ * matters beside the layer's GEMMs. Codes [slots][max_seq][hkv][code bytes],
+ * scales [slots][max_seq][hkv][groups]. */
+#include "kv_quant.cuh"
 #include "rowops.cuh"
 
 #define ROPE_THREADS 128
@@ -33,23 +45,84 @@ template <int G> __device__ __forceinline__ void rotate(float *a, float *b, cons
     }
 }
 
-/* VEC: 0 scalar (one pair per unit), 1 adjacent (4 pairs), 2 halves (8 pairs). */
-template <int VEC>
+/* One token's rows of k and v (fp16, hkv * hd each) quantized into the
+ * cache's row-head rh0.. (F: QS_KV_INT8 or QS_KV_INT4); VEC: 16-byte loads
+ * and 8-value code stores (hd % 8 == 0, arrays aligned). */
+template <int VEC, int F>
+__device__ __forceinline__ void quantize_rows(const __half *kr, const __half *vr, int hkv, int hd,
+                                              size_t rh0, uint8_t *kq, uint8_t *vq, __half2 *ks,
+                                              __half2 *vs)
+{
+    constexpr float qmax = F == QS_KV_INT8 ? 255.0f : 15.0f;
+    const int ng = (hd + QS_KV_GROUP - 1) / QS_KV_GROUP, per = hkv * ng;
+    const size_t cb = F == QS_KV_INT8 ? (size_t)hd : (size_t)(hd + 1) / 2; /* bytes per head */
+    for (int u = threadIdx.x; u < 2 * per; u += blockDim.x) {
+        const bool isv = u >= per;
+        const int h = (u % per) / ng, g = (u % per) % ng, j0 = g * QS_KV_GROUP;
+        const int len = min(QS_KV_GROUP, hd - j0);
+        const __half *src = (isv ? vr : kr) + (size_t)h * hd + j0;
+        const size_t rh = rh0 + (size_t)h;
+        uint8_t *dst = (isv ? vq : kq) + rh * cb;
+        float x[QS_KV_GROUP];
+        uint8_t c[QS_KV_GROUP];
+        if (VEC) {
+            for (int j = 0; j < len; j += 8)
+                qs_ld_h8(src + j, x + j);
+        } else {
+            for (int j = 0; j < len; j++)
+                x[j] = __half2float(src[j]);
+        }
+        kvq_group(x, len, qmax, c, (isv ? vs : ks) + rh * ng + g);
+        if constexpr (F == QS_KV_INT8) {
+            if (VEC) {
+                for (int j = 0; j < len; j += 8) {
+                    uint2 w = make_uint2(0, 0);
+                    for (int e = 0; e < 4; e++)
+                        w.x |= (uint32_t)c[j + e] << (8 * e),
+                            w.y |= (uint32_t)c[j + 4 + e] << (8 * e);
+                    *reinterpret_cast<uint2 *>(dst + j0 + j) = w;
+                }
+            } else {
+                for (int j = 0; j < len; j++)
+                    dst[j0 + j] = c[j];
+            }
+        } else {
+            if (VEC) {
+                for (int j = 0; j < len; j += 8) {
+                    uint32_t w = 0;
+                    for (int e = 0; e < 8; e++)
+                        w |= (uint32_t)c[j + e] << (4 * e);
+                    *reinterpret_cast<uint32_t *>(dst + (j0 + j) / 2) = w;
+                }
+            } else { /* groups start at even values: a byte never straddles two */
+                for (int j = 0; j < len; j += 2)
+                    dst[(j0 + j) / 2] = (uint8_t)(c[j] | (j + 1 < len ? c[j + 1] << 4 : 0));
+            }
+        }
+    }
+}
+
+/* VEC: 0 scalar (one pair per unit), 1 adjacent (4 pairs), 2 halves (8 pairs).
+ * F: the cache's format (qs_kv_format); int8/int4 take kc, vc as codes. */
+template <int VEC, int F>
 __global__ void __launch_bounds__(ROPE_THREADS)
     rope_kv_kernel(__half *__restrict__ q, __half *__restrict__ k, const __half *__restrict__ v,
                    int hq, int hkv, int hd, const float *__restrict__ cs, int adjacent,
                    const uint32_t *__restrict__ slot, const uint32_t *__restrict__ pos,
-                   __half *__restrict__ kc, __half *__restrict__ vc, unsigned max_seq)
+                   void *__restrict__ kc, void *__restrict__ vc, __half2 *__restrict__ ks,
+                   __half2 *__restrict__ vs, unsigned max_seq)
 {
+    constexpr bool f16 = F == QS_KV_FP16;
     const size_t i = blockIdx.x;
     const uint32_t p = pos[i];
     if (p >= max_seq)
-        return; /* the whole block: there is no barrier in this kernel */
+        return; /* the whole block, before its one barrier */
     const size_t kw = (size_t)hkv * hd;
     __half *qr = q + i * hq * hd, *kr = k + i * kw;
     const __half *vr = v + i * kw;
-    const size_t at = ((size_t)slot[i] * max_seq + p) * kw;
-    __half *kd = kc + at, *vd = vc + at;
+    const size_t rh0 = ((size_t)slot[i] * max_seq + p) * hkv, at = rh0 * hd;
+    __half *kd = f16 ? static_cast<__half *>(kc) + at : nullptr;
+    __half *vd = f16 ? static_cast<__half *>(vc) + at : nullptr;
 
     if (cs) {
         const int half = hd / 2;
@@ -76,7 +149,7 @@ __global__ void __launch_bounds__(ROPE_THREADS)
                 for (int g = 0; g < G; g++)
                     e[2 * g] = a[g], e[2 * g + 1] = b[g];
                 qs_st_h8(row + 2 * j0, e);
-                if (isk)
+                if (f16 && isk)
                     qs_st_h8(dst + 2 * j0, e);
             } else if constexpr (VEC == 2) { /* j0..j0+7 with j0+half..: two runs of 8 */
                 qs_ld_h8(row + j0, a);
@@ -87,7 +160,7 @@ __global__ void __launch_bounds__(ROPE_THREADS)
                 rotate<G>(a, b, t);
                 qs_st_h8(row + j0, a);
                 qs_st_h8(row + j0 + half, b);
-                if (isk) {
+                if (f16 && isk) {
                     qs_st_h8(dst + j0, a);
                     qs_st_h8(dst + j0 + half, b);
                 }
@@ -98,11 +171,11 @@ __global__ void __launch_bounds__(ROPE_THREADS)
                 rotate<1>(a, b, t);
                 const __half ha = __float2half_rn(a[0]), hb = __float2half_rn(b[0]);
                 row[ia] = ha, row[ib] = hb;
-                if (isk)
+                if (f16 && isk)
                     dst[ia] = ha, dst[ib] = hb;
             }
         }
-    } else { /* no rotation (OPT): k's row to the cache as it is */
+    } else if (f16) { /* no rotation (OPT): k's row to the cache as it is */
         if (VEC) {
             for (size_t e = 8 * threadIdx.x; e < kw; e += 8 * blockDim.x)
                 *reinterpret_cast<uint4 *>(kd + e) = *reinterpret_cast<const uint4 *>(kr + e);
@@ -111,7 +184,11 @@ __global__ void __launch_bounds__(ROPE_THREADS)
                 kd[e] = kr[e];
         }
     }
-    if (VEC) {
+    if constexpr (!f16) {
+        __syncthreads(); /* k's rotated rows, written above by other threads */
+        quantize_rows<VEC, F>(kr, vr, hkv, hd, rh0, static_cast<uint8_t *>(kc),
+                              static_cast<uint8_t *>(vc), ks, vs);
+    } else if (VEC) {
         for (size_t e = 8 * threadIdx.x; e < kw; e += 8 * blockDim.x)
             *reinterpret_cast<uint4 *>(vd + e) = *reinterpret_cast<const uint4 *>(vr + e);
     } else {
@@ -120,13 +197,40 @@ __global__ void __launch_bounds__(ROPE_THREADS)
     }
 }
 
-extern "C" int qs_cuda_rope_kv(void *q, void *k, const void *v, size_t n, unsigned hq, unsigned hkv,
-                               unsigned hd, const float *cs, int adjacent, const uint32_t *slot,
-                               const uint32_t *pos, void *kc, void *vc, unsigned max_seq,
-                               void *stream)
+template <int F>
+static void rope_launch(int vec, unsigned g, cudaStream_t st, __half *qh, __half *kh,
+                        const __half *vh, int Hq, int Hkv, int Hd, const float *cs, int a,
+                        const uint32_t *slot, const uint32_t *pos, const qs_cuda_kv *kv,
+                        unsigned max_seq)
 {
-    if (!q || !k || !v || !slot || !pos || !kc || !vc)
-        return qs_seterr(QS_EINVAL, "qs_cuda_rope_kv: q, k, v, slot, pos, kc and vc are required");
+    __half2 *ks = (__half2 *)kv->ks, *vs = (__half2 *)kv->vs;
+    if (vec == 1) {
+        QS_LAUNCH(g, ROPE_THREADS, 0, st, rope_kv_kernel<1, F>)
+        (qh, kh, vh, Hq, Hkv, Hd, cs, a, slot, pos, kv->k, kv->v, ks, vs, max_seq);
+    } else if (vec == 2) {
+        QS_LAUNCH(g, ROPE_THREADS, 0, st, rope_kv_kernel<2, F>)
+        (qh, kh, vh, Hq, Hkv, Hd, cs, a, slot, pos, kv->k, kv->v, ks, vs, max_seq);
+    } else {
+        QS_LAUNCH(g, ROPE_THREADS, 0, st, rope_kv_kernel<0, F>)
+        (qh, kh, vh, Hq, Hkv, Hd, cs, a, slot, pos, kv->k, kv->v, ks, vs, max_seq);
+    }
+}
+
+extern "C" int qs_cuda_rope_kvq(void *q, void *k, const void *v, size_t n, unsigned hq,
+                                unsigned hkv, unsigned hd, const float *cs, int adjacent,
+                                const uint32_t *slot, const uint32_t *pos, const qs_cuda_kv *kv,
+                                unsigned max_seq, void *stream)
+{
+    if (!q || !k || !v || !slot || !pos || !kv || !kv->k || !kv->v)
+        return qs_seterr(QS_EINVAL, "qs_cuda_rope_kv: q, k, v, slot, pos and the caches are "
+                                    "required");
+    const int f = kv->format;
+    if (f != QS_KV_FP16 && f != QS_KV_INT8 && f != QS_KV_INT4)
+        return qs_seterr(QS_EINVAL,
+                         "qs_cuda_rope_kv: KV cache format %d: use fp16 (0), int8 (1) or int4 (2)",
+                         f);
+    if (f != QS_KV_FP16 && (!kv->ks || !kv->vs))
+        return qs_seterr(QS_EINVAL, "qs_cuda_rope_kv: an int8/int4 cache needs its scale arrays");
     if (hq < 1 || hkv < 1 || hd < 1 || max_seq < 1 || (cs && hd % 2) ||
         (uint64_t)(hq + (uint64_t)hkv) * hd > 0x7fffffff || n > 0x7fffffff)
         return qs_seterr(QS_EINVAL,
@@ -135,8 +239,8 @@ extern "C" int qs_cuda_rope_kv(void *q, void *k, const void *v, size_t n, unsign
                          hq, hkv, hd, max_seq, n);
     if (n == 0)
         return QS_OK;
-    const bool al = qs_al16(q) && qs_al16(k) && qs_al16(v) && qs_al16(kc) && qs_al16(vc) &&
-                    qs_al16(cs) && hd % 8 == 0;
+    const bool al = qs_al16(q) && qs_al16(k) && qs_al16(v) && qs_al16(kv->k) && qs_al16(kv->v) &&
+                    qs_al16(kv->ks) && qs_al16(kv->vs) && qs_al16(cs) && hd % 8 == 0;
     /* Without RoPE any vector layout copies 8 halves at a time. */
     int vec = 0;
     if (al && (!cs || adjacent))
@@ -144,20 +248,25 @@ extern "C" int qs_cuda_rope_kv(void *q, void *k, const void *v, size_t n, unsign
     else if (al && hd % 16 == 0)
         vec = 2;
     cudaStream_t st = QS_CU_STREAM(stream);
-    __half *qh = (__half *)q, *kh = (__half *)k, *kch = (__half *)kc, *vch = (__half *)vc;
+    __half *qh = (__half *)q, *kh = (__half *)k;
     const __half *vh = (const __half *)v;
     const int a = adjacent != 0, Hq = (int)hq, Hkv = (int)hkv, Hd = (int)hd;
     const unsigned g = (unsigned)n;
-    if (vec == 1) {
-        QS_LAUNCH(g, ROPE_THREADS, 0, st, rope_kv_kernel<1>)
-        (qh, kh, vh, Hq, Hkv, Hd, cs, a, slot, pos, kch, vch, max_seq);
-    } else if (vec == 2) {
-        QS_LAUNCH(g, ROPE_THREADS, 0, st, rope_kv_kernel<2>)
-        (qh, kh, vh, Hq, Hkv, Hd, cs, a, slot, pos, kch, vch, max_seq);
-    } else {
-        QS_LAUNCH(g, ROPE_THREADS, 0, st, rope_kv_kernel<0>)
-        (qh, kh, vh, Hq, Hkv, Hd, cs, a, slot, pos, kch, vch, max_seq);
-    }
+    if (f == QS_KV_INT8)
+        rope_launch<QS_KV_INT8>(vec, g, st, qh, kh, vh, Hq, Hkv, Hd, cs, a, slot, pos, kv, max_seq);
+    else if (f == QS_KV_INT4)
+        rope_launch<QS_KV_INT4>(vec, g, st, qh, kh, vh, Hq, Hkv, Hd, cs, a, slot, pos, kv, max_seq);
+    else
+        rope_launch<QS_KV_FP16>(vec, g, st, qh, kh, vh, Hq, Hkv, Hd, cs, a, slot, pos, kv, max_seq);
     QS_CU_LAUNCH("rope_kv_kernel");
     return QS_OK;
+}
+
+extern "C" int qs_cuda_rope_kv(void *q, void *k, const void *v, size_t n, unsigned hq, unsigned hkv,
+                               unsigned hd, const float *cs, int adjacent, const uint32_t *slot,
+                               const uint32_t *pos, void *kc, void *vc, unsigned max_seq,
+                               void *stream)
+{
+    const qs_cuda_kv kv = {QS_KV_FP16, kc, vc, NULL, NULL};
+    return qs_cuda_rope_kvq(q, k, v, n, hq, hkv, hd, cs, adjacent, slot, pos, &kv, max_seq, stream);
 }

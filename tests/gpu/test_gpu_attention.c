@@ -20,12 +20,21 @@
  * 4 query heads), q_first not a multiple of the group, group 12 (two CTAs
  * per KV head), hd 32 and 80 (lanes and columns past hd).
  *
+ * Every case runs three times: over an fp16 cache, and over int8 and int4
+ * caches (qs_kv_quantize's codes of N(0, 1) rows, quantized on the host;
+ * the reference reads their dequantized values, as the CPU's attention does;
+ * rows never to be read hold codes 255 with NaN scales).
+ *
  * Bound: relative L2 over all outputs <= 1e-3 and over each (token, head)
  * row <= 4e-3. The output is rounded to fp16 once (relative error <= 2^-11,
  * about 2e-4 in L2); the prefill kernel rounds P to fp16 for the tensor
  * cores (<= 2^-11 per weight, ~2e-4 in L2); fp32 sums over <= 300
  * positions and exp2f's few ulps are far below that. One position too many
- * or too few changes a row by ~1/sqrt(len) relative (>= 0.05 here).
+ * or too few changes a row by ~1/sqrt(len) relative (>= 0.05 here). A
+ * quantized cache adds nothing in the decode kernel (c s + m in fp32, as
+ * the reference takes it) and one fp16 rounding of K and V in the prefill
+ * kernel's tiles (2^-11 relative, as an fp16 cache's own rounding). A wrong
+ * code, nibble or group's scale moves a row by far more than the bounds.
  *
  * Under the harness, the bank model's counts for the kernels' shared
  * accesses are printed (counts, not time); the decode kernel's must be
@@ -102,6 +111,14 @@ static void at_check(const char *what, const uint16_t *Yh, const double *R, size
            worst);
 }
 
+/* The cache's format of the cases run (main runs every case in each). */
+static qs_kv_format at_fmt = QS_KV_FP16;
+
+static const char *at_fmt_tag(void)
+{
+    return at_fmt == QS_KV_INT8 ? " int8" : at_fmt == QS_KV_INT4 ? " int4" : "";
+}
+
 /* One case: n tokens with host slot/pos; `runs`: which entries to call.
  * pos2 (or NULL): a second step on the same buffers with these positions
  * and the workspace left as the first step left it, as a replayed graph
@@ -111,11 +128,18 @@ static void at_case(const char *name, const at_shape *s, size_t n, const uint32_
 {
     size_t rowe = (size_t)s->hkv * s->hd, cache = (size_t)s->slots * s->max_seq * rowe;
     size_t qn = n * s->hq * s->hd, wsb = qs_cuda_attention_ws_bytes(n, s->hq, s->hd, s->max_seq);
-    uint16_t *qh = gt_alloc(qn * 2), *kh = gt_alloc(cache * 2), *vh = gt_alloc(cache * 2);
+    /* The device's cache: fp16 rows, or codes (cb bytes per vector) and
+     * (scale, min) pairs (ng per vector). */
+    const int quant = at_fmt != QS_KV_FP16;
+    size_t nvec = (size_t)s->slots * s->max_seq * s->hkv, cb = qs_kv_code_bytes(at_fmt, s->hd);
+    size_t ng = qs_kv_groups(s->hd), cbytes = quant ? nvec * cb : cache * 2;
+    uint16_t *qh = gt_alloc(qn * 2), *kh = gt_alloc(cbytes), *vh = gt_alloc(cbytes);
+    uint16_t *ksm = gt_alloc(nvec * ng * 4), *vsm = gt_alloc(nvec * ng * 4);
     uint16_t *Yh = gt_alloc(qn * 2);
     float *qf = gt_alloc(qn * 4), *kf = gt_alloc(cache * 4), *vf = gt_alloc(cache * 4);
     double *R = gt_alloc(qn * 8);
     void *dq = NULL, *dk = NULL, *dv = NULL, *dout = NULL, *dws = NULL, *dslot = NULL, *dpos = NULL;
+    void *dks = NULL, *dvs = NULL;
     long *ext = gt_alloc(s->slots * sizeof(long));
     char what[160];
 
@@ -133,64 +157,96 @@ static void at_case(const char *name, const at_shape *s, size_t n, const uint32_
     }
     for (unsigned sl = 0; sl < s->slots; sl++)
         for (unsigned p = 0; p < s->max_seq; p++) {
-            size_t o = ((size_t)sl * s->max_seq + p) * rowe;
-            if ((long)p <= ext[sl]) {
+            size_t o = ((size_t)sl * s->max_seq + p) * rowe, r = o / s->hd;
+            if ((long)p <= ext[sl] && !quant) {
                 gt_random_x(rowe, kh + o, kf + o);
                 gt_random_x(rowe, vh + o, vf + o);
-            } else {
+            } else if ((long)p <= ext[sl]) {
+                /* N(0, 1) rows quantized on the host; the reference reads
+                 * their dequantized values, as the CPU's attention does. */
+                uint8_t *kc = (uint8_t *)kh + r * cb, *vc = (uint8_t *)vh + r * cb;
+                tu_fill_gauss(kf + o, rowe, 1.0);
+                tu_fill_gauss(vf + o, rowe, 1.0);
+                GT_OK(qs_kv_quantize(at_fmt, kf + o, s->hkv, s->hd, kc, ksm + r * ng * 2));
+                GT_OK(qs_kv_quantize(at_fmt, vf + o, s->hkv, s->hd, vc, vsm + r * ng * 2));
+                GT_OK(qs_kv_dequant(at_fmt, kc, ksm + r * ng * 2, s->hkv, s->hd, kf + o));
+                GT_OK(qs_kv_dequant(at_fmt, vc, vsm + r * ng * 2, s->hkv, s->hd, vf + o));
+            } else if (!quant) {
                 memset(kh + o, 0xFF, rowe * 2); /* NaN: must never be read */
                 memset(vh + o, 0xFF, rowe * 2);
+            } else { /* codes 255, scale and min NaN: must never be read */
+                memset((uint8_t *)kh + r * cb, 0xFF, s->hkv * cb);
+                memset((uint8_t *)vh + r * cb, 0xFF, s->hkv * cb);
+                memset(ksm + r * ng * 2, 0xFF, s->hkv * ng * 4);
+                memset(vsm + r * ng * 2, 0xFF, s->hkv * ng * 4);
             }
         }
     at_reference(s, n, slot, pos, qf, kf, vf, R);
 
     GT_OK(qs_cuda_malloc(&dq, qn * 2));
-    GT_OK(qs_cuda_malloc(&dk, cache * 2));
-    GT_OK(qs_cuda_malloc(&dv, cache * 2));
+    GT_OK(qs_cuda_malloc(&dk, cbytes));
+    GT_OK(qs_cuda_malloc(&dv, cbytes));
+    if (quant) {
+        GT_OK(qs_cuda_malloc(&dks, nvec * ng * 4));
+        GT_OK(qs_cuda_malloc(&dvs, nvec * ng * 4));
+        GT_OK(qs_cuda_h2d(dks, ksm, nvec * ng * 4));
+        GT_OK(qs_cuda_h2d(dvs, vsm, nvec * ng * 4));
+    }
+    const qs_cuda_kv kv = {at_fmt, dk, dv, dks, dvs};
     GT_OK(qs_cuda_malloc(&dout, qn * 2));
     GT_OK(qs_cuda_malloc(&dslot, n * 4));
     GT_OK(qs_cuda_malloc(&dpos, n * 4));
     if (wsb)
         GT_OK(qs_cuda_malloc(&dws, wsb));
     GT_OK(qs_cuda_h2d(dq, qh, qn * 2));
-    GT_OK(qs_cuda_h2d(dk, kh, cache * 2));
-    GT_OK(qs_cuda_h2d(dv, vh, cache * 2));
+    GT_OK(qs_cuda_h2d(dk, kh, cbytes));
+    GT_OK(qs_cuda_h2d(dv, vh, cbytes));
     GT_OK(qs_cuda_h2d(dslot, slot, n * 4));
     GT_OK(qs_cuda_h2d(dpos, pos, n * 4));
     for (int run = AT_SPLIT; run <= AT_PREFILL; run <<= 1) {
         if (!(runs & run))
             continue;
-        snprintf(what, sizeof what, "%s %s hq=%u/%u hd=%u g=%u n=%zu",
-                 run == AT_SPLIT ? "split" : "tiled", name, s->hq, s->hkv, s->hd, s->group, n);
+        snprintf(what, sizeof what, "%s%s %s hq=%u/%u hd=%u g=%u n=%zu",
+                 run == AT_SPLIT ? "split" : "tiled", at_fmt_tag(), name, s->hq, s->hkv, s->hd,
+                 s->group, n);
         GT_OK(qs_cuda_memset(dout, 0xFF, qn * 2));
         if (dws && !qs_cuda_emulated())
             GT_OK(qs_cuda_memset(dws, 0xFF, wsb));
-        if (run == AT_SPLIT)
+        if (run == AT_SPLIT && !quant)
             GT_OK(qs_cuda_attention(dq, dk, dv, n, dslot, dpos, s->hq, s->hkv, s->hd, s->group,
                                     s->q_first, s->kv_first, s->max_seq, dws, dout, NULL));
-        else
+        else if (run == AT_SPLIT)
+            GT_OK(qs_cuda_attention_kvq(dq, &kv, n, dslot, dpos, s->hq, s->hkv, s->hd, s->group,
+                                        s->q_first, s->kv_first, s->max_seq, dws, dout, NULL));
+        else if (!quant)
             GT_OK(qs_cuda_attention_prefill(dq, dk, dv, n, dslot, dpos, s->hq, s->hkv, s->hd,
                                             s->group, s->q_first, s->kv_first, s->max_seq, dout,
                                             NULL));
+        else
+            GT_OK(qs_cuda_attention_prefill_kvq(dq, &kv, n, dslot, dpos, s->hq, s->hkv, s->hd,
+                                                s->group, s->q_first, s->kv_first, s->max_seq, dout,
+                                                NULL));
         GT_OK(qs_cuda_sync());
         GT_OK(qs_cuda_d2h(Yh, dout, qn * 2));
         at_check(what, Yh, R, n * s->hq, s->hd);
     }
     if (pos2) {
-        snprintf(what, sizeof what, "split %s next step", name);
+        snprintf(what, sizeof what, "split%s %s next step", at_fmt_tag(), name);
         at_reference(s, n, slot, pos2, qf, kf, vf, R);
         GT_OK(qs_cuda_h2d(dpos, pos2, n * 4));
         GT_OK(qs_cuda_memset(dout, 0xFF, qn * 2));
-        GT_OK(qs_cuda_attention(dq, dk, dv, n, dslot, dpos, s->hq, s->hkv, s->hd, s->group,
-                                s->q_first, s->kv_first, s->max_seq, dws, dout, NULL));
+        GT_OK(qs_cuda_attention_kvq(dq, &kv, n, dslot, dpos, s->hq, s->hkv, s->hd, s->group,
+                                    s->q_first, s->kv_first, s->max_seq, dws, dout, NULL));
         GT_OK(qs_cuda_sync());
         GT_OK(qs_cuda_d2h(Yh, dout, qn * 2));
         at_check(what, Yh, R, n * s->hq, s->hd);
     }
 out:
     qs_cuda_free(dq), qs_cuda_free(dk), qs_cuda_free(dv), qs_cuda_free(dout);
-    qs_cuda_free(dws), qs_cuda_free(dslot), qs_cuda_free(dpos);
+    qs_cuda_free(dws), qs_cuda_free(dslot), qs_cuda_free(dpos), qs_cuda_free(dks);
+    qs_cuda_free(dvs);
     free(qh), free(kh), free(vh), free(Yh), free(qf), free(kf), free(vf), free(R), free(ext);
+    free(ksm), free(vsm);
 }
 
 /* A run of n consecutive positions p0.. of one slot: both entries. */
@@ -236,6 +292,16 @@ static void at_refusals(void)
     at_expect_einval("misaligned q", qs_cuda_attention(b + 2, b, b, 1, ds, ds, 3, 1, 64, 3, 0, 0,
                                                        64, NULL, b, NULL));
     at_expect_einval("chunk 100", qs_cuda_attention_set_chunk(100));
+    qs_cuda_kv kv = {QS_KV_INT8, b, b, NULL, NULL};
+    at_expect_einval(
+        "an int8 cache without scales",
+        qs_cuda_attention_kvq(b, &kv, 1, ds, ds, 3, 1, 64, 3, 0, 0, 64, NULL, b, NULL));
+    kv.format = 7, kv.ks = kv.vs = b;
+    at_expect_einval("cache format 7", qs_cuda_attention_prefill_kvq(b, &kv, 1, ds, ds, 3, 1, 64, 3,
+                                                                     0, 0, 64, b, NULL));
+    kv.format = QS_KV_INT4, kv.ks = b + 4;
+    at_expect_einval("misaligned scales", qs_cuda_attention_kvq(b, &kv, 1, ds, ds, 3, 1, 64, 3, 0,
+                                                                0, 64, NULL, b, NULL));
 out:
     qs_cuda_free(d);
     qs_cuda_free(ds);
@@ -285,14 +351,9 @@ static void at_banks(void)
 #endif
 }
 
-int main(void)
+/* Every case, in the cache format at_fmt. */
+static void at_all(void)
 {
-    gt_need_gpu();
-    tu_seed("test_gpu_attention");
-    if (qs_cuda_attention_set_chunk(AT_CHUNK)) {
-        printf("FAIL: qs_cuda_attention_set_chunk(%d): %s\n", AT_CHUNK, qs_errmsg());
-        return 1;
-    }
     /* hq, hkv, hd, group, q_first, kv_first, max_seq, slots */
     const at_shape smol = {9, 3, 64, 3, 0, 0, 200, 4};
     const at_shape smol_r0 = {6, 2, 64, 3, 0, 0, 200, 4};
@@ -371,7 +432,19 @@ int main(void)
     at_prefill("prefill q_first 2 of group 4", &offg, 1, 60, 20, 1.0);
     at_prefill("prefill group 12", &g12, 1, 50, 10, 1.0);
     at_prefill("prefill hd 32", &hd32, 1, 30, 45, 1.0);
+}
 
+int main(void)
+{
+    gt_need_gpu();
+    tu_seed("test_gpu_attention");
+    if (qs_cuda_attention_set_chunk(AT_CHUNK)) {
+        printf("FAIL: qs_cuda_attention_set_chunk(%d): %s\n", AT_CHUNK, qs_errmsg());
+        return 1;
+    }
+    for (at_fmt = QS_KV_FP16; at_fmt <= QS_KV_INT4; at_fmt++)
+        at_all();
+    at_fmt = QS_KV_FP16;
     at_refusals();
     at_banks();
     return gt_summary("test_gpu_attention");

@@ -8,7 +8,9 @@
  *
  * Tolerances, per element:
  *   exact (bit for bit): x += d, add_f16, the conversions, ReLU, embedding,
- *     learned positions, the logits gather, the KV cache copy of k and v;
+ *     learned positions, the logits gather, the KV cache copy of k and v,
+ *     and an int8/int4 cache's codes and scales (qs_kv_quantize's of the
+ *     fp16 rows);
  *   fp16 outputs: |y - ref| <= 2^-11 |ref| (half an fp16 ulp) + what fp32
  *     loses before the rounding: norms 1e-5 (1 + |ref|) (fp32 sums of a
  *     row, ~1e-6 of its scale), RoPE 1e-6 (|a| + |b|) (cancellation in
@@ -259,20 +261,36 @@ out:
 
 /* ---- RoPE and the KV cache --------------------------------------------------- */
 
+/* The format of the KV cache rope_case writes (main runs the cases in each). */
+static qs_kv_format rope_fmt = QS_KV_FP16;
+
 static void rope_case(size_t n, unsigned hq, unsigned hkv, unsigned hd, int rope, int adjacent,
                       size_t off_b)
 {
     const unsigned slots = 3, max_seq = 40, half = hd / 2;
     const size_t qw = (size_t)hq * hd, kw = (size_t)hkv * hd, cache = slots * max_seq * kw;
+    /* int8/int4: codes (cb bytes per vector) and (scale, min) pairs (ng). */
+    const int quant = rope_fmt != QS_KV_FP16;
+    const size_t nvec = (size_t)slots * max_seq * hkv, cb = qs_kv_code_bytes(rope_fmt, hd);
+    const size_t ng = qs_kv_groups(hd), cbytes = quant ? nvec * cb : cache * 2,
+                 sbytes = nvec * ng * 4;
     dbuf dq = {0}, dk = {0}, dv = {0}, dkc = {0}, dvc = {0}, dcs = {0}, dslot = {0}, dpos = {0};
+    dbuf dks = {0}, dvs = {0};
     uint16_t *q = gt_alloc(n * qw * 2), *k = gt_alloc(n * kw * 2), *v = gt_alloc(n * kw * 2);
     uint16_t *qo = gt_alloc(n * qw * 2), *ko = gt_alloc(n * kw * 2);
-    uint16_t *kc = gt_alloc(cache * 2), *vc = gt_alloc(cache * 2);
+    uint16_t *kc = gt_alloc(cbytes), *vc = gt_alloc(cbytes);
+    uint16_t *ks = gt_alloc(sbytes), *vs = gt_alloc(sbytes), *wsm = gt_alloc(hkv * ng * 4);
+    uint8_t *wc = gt_alloc(hkv * cb + 1);
+    float *xf = gt_alloc(kw * 4);
     float *cs = gt_alloc((size_t)max_seq * hd * 4);
     uint32_t *slot = gt_alloc(n * 4), *pos = gt_alloc(n * 4);
     char *used = gt_alloc(slots * max_seq);
     char what[160];
-    snprintf(what, sizeof what, "rope_kv n=%zu hq=%u hkv=%u hd=%u %s off=%zu", n, hq, hkv, hd,
+    snprintf(what, sizeof what, "rope_kv%s n=%zu hq=%u hkv=%u hd=%u %s off=%zu",
+             rope_fmt == QS_KV_INT8   ? " int8"
+             : rope_fmt == QS_KV_INT4 ? " int4"
+                                      : "",
+             n, hq, hkv, hd,
              !rope      ? "no-rope"
              : adjacent ? "adjacent"
                         : "halves",
@@ -296,8 +314,10 @@ static void rope_case(size_t n, unsigned hq, unsigned hkv, unsigned hd, int rope
     GT_OK(dalloc(&dq, n * qw * 2, 2 * off_b));
     GT_OK(dalloc(&dk, n * kw * 2, 2 * off_b));
     GT_OK(dalloc(&dv, n * kw * 2, 2 * off_b));
-    GT_OK(dalloc(&dkc, cache * 2, 2 * off_b));
-    GT_OK(dalloc(&dvc, cache * 2, 2 * off_b));
+    GT_OK(dalloc(&dkc, cbytes, 2 * off_b));
+    GT_OK(dalloc(&dvc, cbytes, 2 * off_b));
+    GT_OK(dalloc(&dks, sbytes, 4 * off_b));
+    GT_OK(dalloc(&dvs, sbytes, 4 * off_b));
     GT_OK(dalloc(&dcs, (size_t)max_seq * hd * 4, 4 * off_b));
     GT_OK(dalloc(&dslot, n * 4, 0));
     GT_OK(dalloc(&dpos, n * 4, 0));
@@ -307,15 +327,25 @@ static void rope_case(size_t n, unsigned hq, unsigned hkv, unsigned hd, int rope
     GT_OK(qs_cuda_h2d(dcs.p, cs, (size_t)max_seq * hd * 4));
     GT_OK(qs_cuda_h2d(dslot.p, slot, n * 4));
     GT_OK(qs_cuda_h2d(dpos.p, pos, n * 4));
-    GT_OK(qs_cuda_memset(dkc.p, 0xFF, cache * 2));
-    GT_OK(qs_cuda_memset(dvc.p, 0xFF, cache * 2));
-    GT_OK(qs_cuda_rope_kv(dq.p, dk.p, dv.p, n, hq, hkv, hd, rope ? dcs.p : NULL, adjacent, dslot.p,
-                          dpos.p, dkc.p, dvc.p, max_seq, NULL));
+    GT_OK(qs_cuda_memset(dkc.p, 0xFF, cbytes));
+    GT_OK(qs_cuda_memset(dvc.p, 0xFF, cbytes));
+    GT_OK(qs_cuda_memset(dks.p, 0xFF, sbytes));
+    GT_OK(qs_cuda_memset(dvs.p, 0xFF, sbytes));
+    if (quant) {
+        const qs_cuda_kv kv = {rope_fmt, dkc.p, dvc.p, dks.p, dvs.p};
+        GT_OK(qs_cuda_rope_kvq(dq.p, dk.p, dv.p, n, hq, hkv, hd, rope ? dcs.p : NULL, adjacent,
+                               dslot.p, dpos.p, &kv, max_seq, NULL));
+    } else {
+        GT_OK(qs_cuda_rope_kv(dq.p, dk.p, dv.p, n, hq, hkv, hd, rope ? dcs.p : NULL, adjacent,
+                              dslot.p, dpos.p, dkc.p, dvc.p, max_seq, NULL));
+    }
     GT_OK(qs_cuda_sync());
     GT_OK(qs_cuda_d2h(qo, dq.p, n * qw * 2));
     GT_OK(qs_cuda_d2h(ko, dk.p, n * kw * 2));
-    GT_OK(qs_cuda_d2h(kc, dkc.p, cache * 2));
-    GT_OK(qs_cuda_d2h(vc, dvc.p, cache * 2));
+    GT_OK(qs_cuda_d2h(kc, dkc.p, cbytes));
+    GT_OK(qs_cuda_d2h(vc, dvc.p, cbytes));
+    GT_OK(qs_cuda_d2h(ks, dks.p, sbytes));
+    GT_OK(qs_cuda_d2h(vs, dvs.p, sbytes));
     size_t bad = 0, checked = 0;
     double worst = 0;
     for (size_t i = 0; i < n; i++)
@@ -340,8 +370,35 @@ static void rope_case(size_t n, unsigned hq, unsigned hkv, unsigned hd, int rope
                 checked += 2;
             }
         }
+    /* int8/int4: the codes and scales at (slot, pos) are qs_kv_quantize's of
+     * k's rotated row and of v's row as fp16 holds them, bit for bit; the
+     * rows no token wrote keep their 0xFF poison. */
+    for (size_t s = 0; quant && s < slots; s++)
+        for (size_t p = 0; p < max_seq; p++) {
+            size_t r = (s * max_seq + p) * hkv, i = 0;
+            while (i < n && !(slot[i] == s && pos[i] == p))
+                i++;
+            for (int isv = 0; isv < 2; isv++) {
+                const uint8_t *gc = (const uint8_t *)(isv ? vc : kc) + r * cb;
+                const uint16_t *gs = (isv ? vs : ks) + r * ng * 2;
+                if (i == n) {
+                    for (size_t e = 0; e < hkv * cb; e++)
+                        bad += gc[e] != 0xFF;
+                    for (size_t e = 0; e < hkv * ng * 2; e++)
+                        bad += gs[e] != 0xFFFF;
+                    checked += hkv * (cb + ng * 2);
+                    continue;
+                }
+                for (size_t e = 0; e < kw; e++)
+                    xf[e] = qs_fp16_to_fp32((isv ? v : ko)[i * kw + e]);
+                GT_OK(qs_kv_quantize(rope_fmt, xf, hkv, hd, wc, wsm));
+                bad += memcmp(gc, wc, hkv * cb) != 0;
+                bad += memcmp(gs, wsm, hkv * ng * 4) != 0;
+                checked += 2;
+            }
+        }
     /* the caches: k's rotated row and v's row at (slot, pos), 0xFFFF elsewhere */
-    for (size_t s = 0; s < slots; s++)
+    for (size_t s = 0; !quant && s < slots; s++)
         for (size_t p = 0; p < max_seq; p++) {
             const uint16_t *kr = kc + (s * max_seq + p) * kw, *vr = vc + (s * max_seq + p) * kw;
             size_t i = 0;
@@ -356,7 +413,8 @@ static void rope_case(size_t n, unsigned hq, unsigned hkv, unsigned hd, int rope
     report(what, bad, checked, worst);
 out:
     dfree(&dq), dfree(&dk), dfree(&dv), dfree(&dkc), dfree(&dvc), dfree(&dcs), dfree(&dslot),
-        dfree(&dpos);
+        dfree(&dpos), dfree(&dks), dfree(&dvs);
+    free(ks), free(vs), free(wsm), free(wc), free(xf);
     free(q), free(k), free(v), free(qo), free(ko), free(kc), free(vc), free(cs), free(slot),
         free(pos), free(used);
 }
@@ -517,7 +575,10 @@ static void refusals(void)
     bad += qs_cuda_add_norm(NULL, NULL, &f, NULL, 1, 8, 1e-5f, 0, &f, NULL) != QS_EINVAL;
     bad += qs_cuda_add_norm(&f, NULL, &f, NULL, 1, 0, 1e-5f, 0, &f, NULL) != QS_EINVAL;
     bad += qs_cuda_rope_kv(&f, &f, &f, 1, 1, 1, 7, &f, 1, (uint32_t *)&f, (uint32_t *)&f, &f, &f, 8,
-                           NULL) != QS_EINVAL; /* odd head size with RoPE */
+                           NULL) != QS_EINVAL;        /* odd head size with RoPE */
+    qs_cuda_kv kv = {QS_KV_INT4, &f, &f, NULL, NULL}; /* no scale arrays */
+    bad += qs_cuda_rope_kvq(&f, &f, &f, 1, 1, 1, 8, NULL, 1, (uint32_t *)&f, (uint32_t *)&f, &kv, 8,
+                            NULL) != QS_EINVAL;
     bad += qs_cuda_gather_logits(&f, 2, 1, 3, 7, &f, NULL) != QS_EINVAL; /* 2 x 3 < 7 */
     bad += qs_cuda_linear_f16(&f, &f, 0, 1, 1, &f, 0, NULL) != QS_EINVAL;
     bad += qs_cuda_embed(NULL, 1, &f, 0, 1, 1, &f, NULL) != QS_EINVAL;
@@ -563,6 +624,19 @@ int main(void)
         rope_case(4, 4, 2, 128, rope, adj, 0);
         rope_case(3, 9, 3, 64, rope, adj, 1);
     }
+    /* The same into int8 and int4 caches: hd 6 and 24 (scalar, one short
+     * group), 80 (a group of 16), 64 and 128 (16-byte, whole groups). */
+    for (rope_fmt = QS_KV_INT8; rope_fmt <= QS_KV_INT4; rope_fmt++)
+        for (int layout = 0; layout < 3; layout++) {
+            int rope = layout < 2, adj = layout == 0;
+            rope_case(1, 3, 1, 64, rope, adj, 0);
+            rope_case(5, 5, 5, 6, rope, adj, 0);
+            rope_case(9, 7, 1, 24, rope, adj, 0);
+            rope_case(4, 4, 2, 128, rope, adj, 0);
+            rope_case(6, 2, 2, 80, rope, adj, 0);
+            rope_case(3, 9, 3, 64, rope, adj, 1);
+        }
+    rope_fmt = QS_KV_FP16;
 
     embed_case(1, 64, 0);
     embed_case(17, 13, 0);

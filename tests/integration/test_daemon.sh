@@ -163,8 +163,13 @@ PY
     grep -q 'allocated against .* planned' "$tmp/out" || fail "load (valid): $(cat "$tmp/out")"
     expect 1 "$qctl" load opt-125m --bits 4
     grep -q 'ALREADY_EXISTS' "$tmp/err" || fail "second load under one name: $(cat "$tmp/err")"
-    # A second model on one rank: disjoint groups are fine on a 2-rank daemon.
-    expect 0 "$qctl" load opt-125m --name small --scheme fp16 --gpus 1 --max-seq 64
+    # A second model on one rank: disjoint groups are fine on a 2-rank daemon
+    # (with an int8 KV cache; an unknown format is refused with the known ones).
+    expect 1 "$qctl" load opt-125m --name small --scheme fp16 --gpus 1 --kv-cache int2
+    grep -q 'INVALID_ARGUMENT' "$tmp/err" && grep -q 'int8' "$tmp/err" ||
+        fail "load --kv-cache int2: $(cat "$tmp/err")"
+    expect 0 "$qctl" load opt-125m --name small --scheme fp16 --gpus 1 --max-seq 64 --kv-cache int8
+    grep -q 'int8 KV cache' "$tmp/out" || fail "load --kv-cache int8: $(cat "$tmp/out")"
     expect 0 "$qctl" --json stats
     python3 - "$tmp/out" <<'PY' || fail "stats with models: $(cat "$tmp/out")"
 import json, sys
@@ -174,6 +179,9 @@ assert set(m) == {"opt-125m", "small"}, m
 a, s = m["opt-125m"], m["small"]
 assert a["tp"] == 2 and a["ranks"] == [0, 1] and a["quant"]["bits"] == 3, a
 assert s["tp"] == 1 and s["quant"]["scheme"] == "fp16", s
+assert (a["kv_cache"], s["kv_cache"]) == ("fp16", "int8"), (a["kv_cache"], s["kv_cache"])
+# opt-125m's 12 layers x 12 heads x 64 x 64 tokens x (64 + 8) bytes, K and V, on one rank
+assert s["actual"]["kv_cache"] == 2 * 12 * 12 * 64 * s["max_batch"] * 72, s["actual"]
 assert 0 < a["rank_bytes"] < s["rank_bytes"], (a["rank_bytes"], s["rank_bytes"])
 fp = [f for f in a["footprints"] if f["loaded"]]
 assert len(fp) == 1 and fp[0]["quant"]["bits"] == 3, a["footprints"]

@@ -12,7 +12,7 @@
 
 #define GiB (1ull << 30)
 
-static const qs_workload default_w = {1, 512, QS_PLAN_DEFAULT_RESERVE};
+static const qs_workload default_w = {1, 512, QS_PLAN_DEFAULT_RESERVE, QS_KV_FP16};
 
 static qs_plan plan(const char *name, qs_scheme s, int bits, uint32_t g, uint32_t tp,
                     const qs_workload *w)
@@ -87,7 +87,7 @@ static void test_opt175b_bytes_from_shapes(void **state)
 static void test_opt175b_split_and_kv_cache(void **state)
 {
     (void)state;
-    qs_workload w = {4, 2048, QS_PLAN_DEFAULT_RESERVE};
+    qs_workload w = {4, 2048, QS_PLAN_DEFAULT_RESERVE, QS_KV_FP16};
     qs_plan p = plan("opt-175b", QS_SCHEME_FP16, 16, 0, 8, &w);
     /* K and V, fp16, 96 layers, 4 x 2048 tokens, 12288 / 8 channels. */
     assert_int_equal(p.rank.kv_cache, 2ull * L * 4 * 2048 * (H / 8) * 2);
@@ -232,11 +232,11 @@ static void test_quant_and_workload_validation(void **state)
     const qs_model_config *m = qs_preset_find("opt-125m");
     qs_plan p;
     qs_quant f = {QS_SCHEME_FP16, 16, 0, 0};
-    qs_workload w = {1, 4096, 0};
+    qs_workload w = {1, 4096, 0, QS_KV_FP16};
     assert_int_equal(qs_plan_make(m, &f, 1, &w, &p), QS_EINVAL); /* past the context */
-    w = (qs_workload){0, 16, 0};
+    w = (qs_workload){0, 16, 0, QS_KV_FP16};
     assert_int_equal(qs_plan_make(m, &f, 1, &w, &p), QS_EINVAL);
-    w = (qs_workload){1, 16, 0};
+    w = (qs_workload){1, 16, 0, QS_KV_FP16};
     assert_int_equal(qs_plan_make(m, &f, 0, &w, &p), QS_EINVAL);
     assert_int_equal(qs_plan_make(NULL, &f, 1, &w, &p), QS_EINVAL);
     assert_null(qs_preset_find("gpt-5"));
@@ -261,6 +261,40 @@ static void test_w4a4_bytes(void **state)
     qs_plan none;
     assert_int_equal(qs_plan_make(m, &q, 1, &default_w, &none), QS_OK);
     assert_true(a.rank.linear > none.rank.linear);
+}
+
+/* The KV cache at 2, 1 + 4/32 and 0.5 + 4/32 bytes per value (an fp16
+ * scale and minimum per group of 32; a ragged head's last group counts
+ * whole), so the same memory holds 1.78x (int8) and 3.2x (int4) the tokens
+ * of fp16; everything else is the same. */
+static void test_kv_cache_formats(void **state)
+{
+    (void)state;
+    const qs_workload w8 = {1, 512, QS_PLAN_DEFAULT_RESERVE, QS_KV_INT8};
+    const qs_workload w4 = {1, 512, QS_PLAN_DEFAULT_RESERVE, QS_KV_INT4};
+    qs_plan f = plan("smollm2-135m", QS_SCHEME_FP16, 16, 0, 1, &default_w);
+    qs_plan p8 = plan("smollm2-135m", QS_SCHEME_FP16, 16, 0, 1, &w8);
+    qs_plan p4 = plan("smollm2-135m", QS_SCHEME_FP16, 16, 0, 1, &w4);
+    assert_int_equal(f.rank.kv_cache, 2ull * 30 * 512 * 3 * 64 * 2);
+    assert_int_equal(p8.rank.kv_cache, 2ull * 30 * 512 * 3 * (64 + 2 * 4));
+    assert_int_equal(p4.rank.kv_cache, 2ull * 30 * 512 * 3 * (32 + 2 * 4));
+    assert_int_equal(p8.rank.total - p8.rank.kv_cache, f.rank.total - f.rank.kv_cache);
+    assert_int_equal(p4.weight_bytes, f.weight_bytes);
+    assert_int_equal(qs_kv_vec_bytes(QS_KV_FP16, 80), 160);
+    assert_int_equal(qs_kv_vec_bytes(QS_KV_INT8, 80), 80 + 3 * 4);
+    assert_int_equal(qs_kv_vec_bytes(QS_KV_INT4, 80), 40 + 3 * 4);
+    assert_int_equal(qs_kv_vec_bytes(QS_KV_INT4, 7), 4 + 4);
+    assert_int_equal(qs_kv_vec_bytes(QS_KV_INT8, 128) * 16, 16 * 128 + 16 * 16); /* 1.125 B */
+    qs_workload bad = {1, 512, 0, (qs_kv_format)3};
+    qs_plan p;
+    qs_quant q = {QS_SCHEME_FP16, 16, 0, 0};
+    assert_int_equal(qs_plan_make(qs_preset_find("opt-125m"), &q, 1, &bad, &p), QS_EINVAL);
+    assert_string_equal(qs_kv_name(QS_KV_INT4), "int4");
+    qs_kv_format k;
+    assert_int_equal(qs_kv_parse("Int8", &k), QS_OK);
+    assert_int_equal(k, QS_KV_INT8);
+    assert_int_equal(qs_kv_parse("q8", &k), QS_EINVAL);
+    assert_non_null(strstr(qs_errmsg(), "int4"));
 }
 
 static void test_presets_are_valid_configs(void **state)
@@ -310,6 +344,7 @@ int main(void)
         cmocka_unit_test(test_tp_rules_name_the_valid_degrees),
         cmocka_unit_test(test_quant_and_workload_validation),
         cmocka_unit_test(test_w4a4_bytes),
+        cmocka_unit_test(test_kv_cache_formats),
         cmocka_unit_test(test_presets_are_valid_configs),
         cmocka_unit_test(test_parse_bytes),
     };

@@ -35,6 +35,10 @@ for s in 80GB "80 GiB" abc -1 99999999999999999999999999 ""; do
 done
 check "w8a8 with 4 bits" 2 "$qctl" plan opt-175b --scheme w8a8 --bits 4
 check "seq past context" 2 "$qctl" plan opt-175b --seq 4096
+check "kv cache int9" 2 "$qctl" plan opt-175b --kv-cache int9
+check "kv cache int8 detail" 0 "$qctl" plan llama-2-70b --bits 4 --gpus 1 --seq 4096 --kv-cache int8
+echo "$out" | grep -Eq "sequences of 4096 tokens that fit on 1 GPU: [0-9]+ with the int8 KV cache \(fp16: [0-9]+\)" ||
+    { echo "FAIL: the int8 detail does not say how many sequences fit against fp16"; fail=1; }
 check "no model" 2 "$qctl" plan
 check "unknown option" 2 "$qctl" plan opt-175b --frobnicate
 
@@ -57,4 +61,20 @@ print("ok: json numbers")
 PY
 json=$("$qctl" plan opt-175b --scheme fp16 --gpus 4 --json)
 python3 -c 'import json,sys; r=json.loads(sys.argv[1])["schemes"][0]; assert r["fits"] is False and r["tp"]==4 and r["bytes_per_gpu"] > 80*2**30, r; print("ok: fp16 not on 4")' "$json" || fail=1
+# The KV cache's formats: int8 and int4 hold more sequences than fp16 in the same memory.
+for kv in fp16 int8 int4; do
+    "$qctl" plan llama-2-70b --bits 4 --gpus 1 --seq 4096 --kv-cache $kv --json >"${TMPDIR:-/tmp}/qs-plan-kv-$$-$kv" || fail=1
+done
+python3 - "${TMPDIR:-/tmp}/qs-plan-kv-$$" <<'PY' || fail=1
+import json, sys
+r = {k: json.load(open(f"{sys.argv[1]}-{k}")) for k in ("fp16", "int8", "int4")}
+row = {k: v["schemes"][0] for k, v in r.items()}
+kv = {k: v["per_gpu"]["kv_cache"] for k, v in row.items()}
+assert r["int8"]["kv_cache"] == "int8", r["int8"]["kv_cache"]
+assert kv["fp16"] == 2 * 80 * 4096 * 8 * 128 * 2, kv
+assert kv["int8"] * 2 == kv["fp16"] * 9 // 8 and kv["int4"] * 16 == kv["fp16"] * 5, kv
+assert row["fp16"]["max_batch"] < row["int8"]["max_batch"] < row["int4"]["max_batch"], row
+print("ok: kv cache formats in the plan:", {k: v["max_batch"] for k, v in row.items()}, "sequences")
+PY
+rm -f "${TMPDIR:-/tmp}/qs-plan-kv-$$"-*
 exit $fail

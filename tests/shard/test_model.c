@@ -771,7 +771,7 @@ static void run_bigger_than_a_rank(qs_comm *all)
     qs_model_config c = *qs_preset_find("opt-2.7b");
     c.layers = 8;
     qs_quant q = {QS_SCHEME_FP16, 16, 0, 0};
-    qs_workload w = {1, 16, 0};
+    qs_workload w = {1, 16, 0, QS_KV_FP16};
     qs_plan whole;
     qs_plan_make(&c, &q, 1, &w, &whole);
     uint64_t fp32_bytes = whole.weight_bytes * 2; /* CPU ranks hold fp16 parts as fp32 */
