@@ -342,7 +342,8 @@ int qs_w4a4_gemm_ref_f64(const qs_w4 *w, const float *X, size_t M, double *Y);
  * read. Before factoring, a channel with H[j][j] == 0 (never active in the
  * calibration) gets weight 0 and H[j][j] = 1, and damp * mean(diag H) is
  * added to the diagonal. A non-finite entry, a negative or all-zero
- * diagonal, or an H not positive definite after damping is QS_EINVAL. */
+ * diagonal, or an H not positive definite after damping is QS_EINVAL; on
+ * any failure the output struct is left empty (closing it is safe). */
 
 /* H (K x K) += X^T X over the M tokens of X (M x K row-major), sums in fp32;
  * call once per calibration batch on the same H (start from zeros). Writes
@@ -374,6 +375,7 @@ int qs_gptq_bcq_ref_f64(const float *W, size_t N, size_t K, const float *H, unsi
  * weights. H in the original channel order. */
 int qs_gptq_w4(qs_w4 *out, const float *W, size_t N, size_t K, const float *H, const uint32_t *perm,
                size_t ko, size_t group, const qs_gptq_opts *opts);
+/* Its float64 reference, as qs_gptq_bcq_ref_f64's. */
 int qs_gptq_w4_ref_f64(const float *W, size_t N, size_t K, const float *H, const uint32_t *perm,
                        size_t ko, size_t group, double damp, float *Wq);
 

@@ -60,6 +60,13 @@
 #define HT  64  /* Hessian tile */
 #define HM  256 /* Hessian tokens per pass */
 
+/* A parallel region only for a step of at least this many multiply-adds
+ * (~2 ms on one core): on this 2-core machine shared with other builds,
+ * waking a sleeping OpenMP thread cost milliseconds, and K = 576 factored 15x
+ * slower on 2 threads (about 20 regions) than on 1. */
+#define PAR_FMA  (1u << 25)
+#define PAR(fma) if ((double)(fma) >= (double)PAR_FMA)
+
 #define ATTR_AVX2 __attribute__((target("avx2,fma")))
 
 static size_t round_up(size_t x, size_t m)
@@ -253,10 +260,11 @@ int qs_hessian_add(float *H, const float *X, size_t M, size_t K)
     size_t nt = Kp / HT;
     for (size_t m0 = 0; m0 < M; m0 += HM) {
         size_t mc = M - m0 < HM ? M - m0 : HM;
-        for (size_t m = 0; m < mc; m++) /* padded with zero channels to Kp */
+        for (size_t m = 0; m < mc; m++) { /* padded with zero channels to Kp */
             memcpy(Xp + m * lx, X + (m0 + m) * K, K * sizeof *Xp);
-            /* Tiles on and above the diagonal; the lower half is the mirror. */
-#pragma omp parallel for schedule(dynamic, 1)
+        }
+        /* Tiles on and above the diagonal; the lower half is the mirror. */
+#pragma omp parallel for schedule(dynamic, 1) PAR(nt *(nt + 1) / 2 * HT * HT * mc)
         for (size_t tt = 0; tt < nt * nt; tt++) {
             size_t ti = tt / nt, tj = tt % nt;
             if (tj < ti)
@@ -270,7 +278,7 @@ int qs_hessian_add(float *H, const float *X, size_t M, size_t K)
         }
     }
     free(Xp);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR(K *K * 4)
     for (size_t i = 1; i < K; i++)
         for (size_t j = 0; j < i; j++)
             H[i * K + j] = H[j * K + i];
@@ -301,7 +309,7 @@ static size_t chol_lower(double *A, size_t n, size_t la, double *PT, int avx2)
         }
         if (k1 == n)
             break;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR((n - k1) * NB * NB / 2)
         for (size_t i = k1; i < n; i++) {
             double *Ai = A + i * la;
             for (size_t j = k0; j < k1; j++)
@@ -310,7 +318,7 @@ static size_t chol_lower(double *A, size_t n, size_t la, double *PT, int avx2)
                 PT[p * la + i] = Ai[k0 + p];
         }
         size_t nb = (n - k1) / NB;
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) PAR(nb *(nb + 1) / 2 * NB * NB * NB)
         for (size_t t = 0; t < nb * nb; t++) {
             size_t I = t / nb, J = t % nb;
             if (J > I)
@@ -345,7 +353,7 @@ static void trtri_lower(double *A, size_t n, size_t la, double *T, double *D, in
         }
         /* All of row I's sums first: they read L[I,P], which the second
          * loop overwrites with X[I,P]. */
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) PAR(I *(I + 1) / 2 * NB * NB * NB)
         for (size_t J = 0; J < I; J++) {
             double *Tj = T + J * NB;
             for (size_t r = 0; r < NB; r++)
@@ -353,7 +361,7 @@ static void trtri_lower(double *A, size_t n, size_t la, double *T, double *D, in
             for (size_t P = J; P < I; P++)
                 blk_f64(Tj, la, A + i0 * la + P * NB, la, A + P * NB * la + J * NB, la, 1.0, avx2);
         }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR(I *NB *NB *NB)
         for (size_t J = 0; J < I; J++) {
             double *X = A + i0 * la + J * NB;
             for (size_t r = 0; r < NB; r++)
@@ -412,7 +420,7 @@ static int gptq_factor(const float *H, size_t K, const uint32_t *perm, double da
     }
     double add = damp * sum / (double)K;
     int bad = 0;
-#pragma omp parallel for schedule(dynamic, 16) reduction(| : bad)
+#pragma omp parallel for schedule(dynamic, 16) reduction(| : bad) PAR(n *n * 4)
     for (size_t i = 0; i < n; i++) {
         double *Ai = A + i * la;
         for (size_t j = 0; j <= i; j++) {
@@ -455,7 +463,7 @@ static int gptq_factor(const float *H, size_t K, const uint32_t *perm, double da
             qs_seterr(QS_ENOMEM, "out of memory for GPTQ's %zu x %zu inverse Hessian factor", K, K);
         goto out;
     }
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) PAR(K *K * 4)
     for (size_t i = 0; i < K; i++)
         for (size_t j = i; j < K; j++)
             U[i * ld + j] = (float)A[(K - 1 - i) * la + (K - 1 - j)];
