@@ -30,20 +30,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "mpi_check.h"
 #include "qs_collectives.h"
 #include "qs_shard.h"
-
-static int rank, world, failures;
-
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            printf("rank %d FAIL %s:%d: ", rank, __FILE__, __LINE__);                              \
-            printf(__VA_ARGS__);                                                                   \
-            printf(" [%s]\n", qs_errmsg());                                                        \
-            failures++;                                                                            \
-        }                                                                                          \
-    } while (0)
 
 enum { P = 24, STEPS = 8, SLOTS = 2, MAXSEQ = 96 };
 
